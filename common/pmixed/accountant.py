@@ -1,0 +1,179 @@
+r"""RDP accounting for PMixED: the per-query bound, the budget, and the β that meets it.
+
+Privacy unit: one ensemble member's whole shard. Neighbouring deployments differ in one member's
+next-token distribution (p_i replaced by any p_i', N fixed); the other N-1 members are arbitrary.
+
+Per-query bound (derived here; valid for every realised S)
+-----------------------------------------------------------
+Let α ≥ 2 be an integer, ρ = α·β, q ∈ (0, 1) the Poisson rate, N the number of members, and
+
+    κ  = (1 - (1-q)^N) / N          π0 = (1-q)^N = P(S = ∅)
+
+    ε_q(α) = 1/(α-1) · ln( 1 + Σ_{ℓ=2..α} C(α,ℓ) · 2^ℓ · κ^ℓ · π0^(1-ℓ) · (e^((ℓ-1)ρ) - 1) ).
+
+If every projected member p̄_j satisfies D_α(p̄_j||p0) ≤ ρ, one PMixED release satisfies
+(α, ε_q(α))-RDP (both orderings of the neighbouring pair). Proof:
+
+1. Split S = R ∪ ({i} if i ∈ S); R has the same law in both worlds. With m_S the average of p̄_j
+   over S (m_∅ = p0), the released token has law M = E_S[m_S] = H + κ p̄_i, where
+   H = (1-q) E[m_R] + q E[|R|/(|R|+1) m_R] does not involve member i and
+   κ = q E[1/(1+|R|)] = (1-(1-q)^N)/N (binomial identity for |R| ~ Bin(N-1, q)). Likewise
+   M' = H + κ p̄_i'. H contains the S = ∅ branch, so M' ≥ π0 p0 pointwise.
+2. For integer α, Σ M^α M'^(1-α) = Σ M' (1 + κ(P-P')/M')^α = 1 + Σ_{ℓ≥2} C(α,ℓ) κ^ℓ Σ (P-P')^ℓ M'^(1-ℓ)
+   (P = p̄_i, P' = p̄_i'; the ℓ = 1 term vanishes because both sum to 1).
+3. M' ≥ π0 p0 gives |Σ (P-P')^ℓ M'^(1-ℓ)| ≤ π0^(1-ℓ) E_p0|X-Y|^ℓ with X = P/p0, Y = P'/p0.
+4. Minkowski: E|X-Y|^ℓ ≤ ((E|X-1|^ℓ)^(1/ℓ) + (E|Y-1|^ℓ)^(1/ℓ))^ℓ, and |x-1|^ℓ ≤ x^ℓ - 1 - ℓ(x-1)
+   for x ≥ 0, ℓ ≥ 2, so E|X-1|^ℓ ≤ E X^ℓ - 1 = e^((ℓ-1) D_ℓ(P||p0)) - 1 ≤ e^((ℓ-1)ρ) - 1, using
+   D_ℓ ≤ D_α for ℓ ≤ α (monotonicity in the order; van Erven & Harremoës 2014, Thm 3).
+
+Only the forward half D_α(p̄||p0) ≤ αβ of DESIGN.md's two-sided constraint is used; the reverse
+half makes the projection more conservative and is kept as DESIGN.md states it.
+
+Why not the PMixED paper's bound (Flemings, Razaviyayn, Annavaram 2024, arXiv:2403.15638)
+---------------------------------------------------------------------------------------------
+The paper's theorem text could not be retrieved here. The original code applies Zhu & Wang's
+(ICML 2019) Poisson-subsampled RDP expansion to a per-|S| loss: αβ for |S| = 1 and
+ln((n-1)/n + e^((α-1)·4αβ)/n)/(α-1) for |S| = n ≥ 2, evaluated at the realised |S|. That per-|S|
+loss needs D_α(p̄_i||p̄_i') ≤ 4αβ for two members inside the ball, which order-α constraints
+around p0 do not give: the pairwise divergence is unbounded (tests build such a pair). Without a
+floor under M', no finite bound exists once another member can sit in S; the floor π0·p0 from the
+S = ∅ branch is what makes the guarantee finite, so the bound depends on N (it weakens roughly
+like e^(Nq)) and is conservative rather than tight.
+
+Conversion to (ε, δ)-DP: Balle et al. 2020 ("Hypothesis testing interpretations and Rényi
+differential privacy", Thm 21): (α, r)-RDP implies (r + ln((α-1)/α) - (ln δ + ln α)/(α-1), δ)-DP.
+This is the formula of DESIGN.md §5, and tighter than Mironov 2017 (Prop. 3), r + ln(1/δ)/(α-1).
+RDP composes additively over queries (Mironov 2017, Prop. 1), also adaptively.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from scipy.optimize import brentq
+
+from common.errors import PrivtuneError
+
+
+def _check_order(alpha: float) -> int:
+    if not (float(alpha).is_integer() and alpha >= 2):
+        raise PrivtuneError(f"PMixED accounting needs an integer Rényi order alpha >= 2, got {alpha}; use e.g. 3")
+    return int(alpha)
+
+
+def _check_rate(q: float, n_members: int) -> None:
+    if not 0.0 < q < 1.0:
+        raise PrivtuneError(
+            f"PMixED subsampling rate q must be in (0, 1), got {q}; q = 1 (no subsampling) has no finite "
+            "RDP bound because nothing then forces the public distribution into the output"
+        )
+    if int(n_members) != n_members or n_members < 1:
+        raise PrivtuneError(f"PMixED needs n_members >= 1 ensemble members, got {n_members}")
+
+
+def rdp_budget_total(epsilon: float, delta: float, alpha: float) -> float:
+    """Total RDP at order α whose Balle et al. (2020, Thm 21) conversion is exactly (ε, δ)-DP."""
+    return epsilon - math.log((alpha - 1) / alpha) + (math.log(delta) + math.log(alpha)) / (alpha - 1)
+
+
+def rdp_to_epsilon(rdp: float, alpha: float, delta: float) -> float:
+    """(α, rdp)-RDP -> ε of (ε, δ)-DP (Balle et al. 2020, Thm 21), never below 0."""
+    return max(0.0, rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
+
+
+def per_query_rdp(alpha: int, beta: float, q: float, n_members: int) -> float:
+    """ε_q(α) of one PMixED release (module docstring), evaluated in log space in float64."""
+    alpha = _check_order(alpha)
+    _check_rate(q, n_members)
+    if beta < 0:
+        raise PrivtuneError(f"beta must be >= 0, got {beta}")
+    if beta == 0:
+        return 0.0
+    log_pi0 = n_members * math.log1p(-q)
+    log_kappa = math.log(-math.expm1(log_pi0)) - math.log(n_members)
+    rho = alpha * beta
+    log_terms = [
+        math.log(math.comb(alpha, ell)) + ell * (math.log(2.0) + log_kappa) - (ell - 1) * log_pi0
+        + math.log(math.expm1((ell - 1) * rho))
+        for ell in range(2, alpha + 1)
+    ]
+    top = max(log_terms)
+    log_sum = top + math.log(math.fsum(math.exp(t - top) for t in log_terms))
+    log_f = log_sum + math.log1p(math.exp(-log_sum)) if log_sum > 0 else math.log1p(math.exp(log_sum))
+    return log_f / (alpha - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def solve_beta(rdp_per_query: float, alpha: int, q: float, n_members: int) -> float:
+    """Largest float64 β with per_query_rdp(α, β, q, N) ≤ rdp_per_query (brentq, then stepped down).
+
+    The bound does not look at the realised S, so one β serves every query of a deployment.
+    """
+    if not rdp_per_query > 0:
+        raise PrivtuneError(f"per-query RDP budget must be > 0, got {rdp_per_query}")
+
+    def excess(beta: float) -> float:
+        return per_query_rdp(alpha, beta, q, n_members) - rdp_per_query
+
+    hi = 1.0
+    while excess(hi) <= 0:
+        hi *= 2.0
+    beta = brentq(excess, 0.0, hi, xtol=1e-300, rtol=8.9e-16, maxiter=500)
+    while excess(beta) > 0:
+        beta = math.nextafter(beta, 0.0)
+    return beta
+
+
+def epsilon_spent(queries: int, alpha: int, beta: float, q: float, delta: float, n_members: int) -> float:
+    """ε of (ε, δ)-DP after ``queries`` PMixED releases at β (RDP composition + Balle et al. 2020)."""
+    if queries < 0:
+        raise PrivtuneError(f"queries must be >= 0, got {queries}")
+    return rdp_to_epsilon(queries * per_query_rdp(alpha, beta, q, n_members), alpha, delta)
+
+
+@dataclass(frozen=True)
+class PMixedBudget:
+    """A PMixED service budget: (ε, δ)-DP over T queries at Rényi order α, rate q, N members.
+
+    ``n_members`` is needed because the bound valid for every |S| depends on P(S = ∅) = (1-q)^N.
+    """
+
+    epsilon: float
+    delta: float
+    alpha: int
+    T: int
+    q: float
+    n_members: int
+
+    def __post_init__(self) -> None:
+        _check_order(self.alpha)
+        _check_rate(self.q, self.n_members)
+        if not self.epsilon > 0:
+            raise PrivtuneError(f"PMixED epsilon must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise PrivtuneError(f"PMixED delta must be in (0, 1), got {self.delta}")
+        if int(self.T) != self.T or self.T < 1:
+            raise PrivtuneError(f"PMixED query budget T must be a positive integer, got {self.T}")
+        if not self.rdp_total() > 0:
+            raise PrivtuneError(
+                f"epsilon={self.epsilon} is too small for delta={self.delta} at alpha={self.alpha}: the RDP budget "
+                f"{self.rdp_total():.4g} is not positive; raise epsilon or delta, or change alpha"
+            )
+
+    def rdp_total(self) -> float:
+        """RDP at order α available to the whole service."""
+        return rdp_budget_total(self.epsilon, self.delta, self.alpha)
+
+    def rdp_per_query(self) -> float:
+        """RDP at order α each query may spend: rdp_total / T."""
+        return self.rdp_total() / self.T
+
+    def beta(self) -> float:
+        """β whose per-query RDP bound equals rdp_per_query() (never exceeds it)."""
+        return solve_beta(self.rdp_per_query(), int(self.alpha), self.q, self.n_members)
+
+    def epsilon_after(self, queries: int) -> float:
+        """ε of (ε, δ)-DP after ``queries`` releases at beta(); equals epsilon at T."""
+        return epsilon_spent(queries, self.alpha, self.beta(), self.q, self.delta, self.n_members)

@@ -1,0 +1,63 @@
+"""One tokenizer interface for every text codec the models train on.
+
+Three kinds of token ids feed a causal LM here: a Hugging Face tokenizer's (SmolLM2, user models),
+raw UTF-8 bytes (tiny in-process test models) and ULT ids (``common.ult``). The rest of the code
+only needs ``encode``/``decode`` without special tokens plus the ids of pad/bos/eos, so each kind is
+wrapped to that small protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class TextTokenizer(Protocol):
+    vocab_size: int
+    pad_token_id: int
+    bos_token_id: int
+    eos_token_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 3..258, with pad=0, bos=1, eos=2. Lossless for every string."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = 2
+    offset = 3
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer seen through :class:`TextTokenizer` (no special tokens added)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.hf = tokenizer
+        self.vocab_size = len(tokenizer)
+        eos = tokenizer.eos_token_id
+        self.eos_token_id = int(eos if eos is not None else 0)
+        bos = tokenizer.bos_token_id
+        self.bos_token_id = int(bos if bos is not None else self.eos_token_id)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad if pad is not None else self.eos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, folder) -> None:
+        self.hf.save_pretrained(folder)

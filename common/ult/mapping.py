@@ -1,0 +1,145 @@
+"""Symbol streams <-> token ids: the table lookup, the keyed permutation and the escape path.
+
+A *stream* is an int64 array: entries >= 0 are symbol codes, negative entries are structure
+markers (:data:`SEP_MARK` between patches, :data:`BREAK_MARK` between sequences of a batch,
+:data:`INVALID_MARK` where model output held something undecodable). Codecs produce and consume
+streams; only this module knows ids.
+
+A symbol outside the table (never seen, or ranked past the capacity) is never mapped to a
+neighbour as the original did: it becomes the escape id followed by its code in base 16, most
+significant digit first, the last digit drawn from a separate "final digit" alphabet so the
+spelling ends unambiguously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from common.errors import PrivtuneError
+from common.ult.config import (
+    BOS_ID,
+    CONTINUE_DIGIT_ID,
+    DIGIT_BASE,
+    EOS_ID,
+    ESCAPE_ID,
+    FINAL_DIGIT_ID,
+    PAD_ID,
+    SEP_ID,
+)
+from common.ult.keys import UltKey, band_permutation, verify_key
+from common.ult.table import LookupTable
+
+SEP_MARK = -2
+INVALID_MARK = -3
+BREAK_MARK = -4
+_DROP = -5  # framing ids (pad/bos/eos): not part of the content
+_DIGIT = -6  # escape digit ids, meaningful only right after an escape id
+_ESCAPE = -7
+_MAX_DIGITS = 15  # 60 bits: any code a codec makes, and no int64 overflow from model output
+
+
+class SymbolMapper:
+    """Translate streams to ids and back under ``table`` and (optionally) ``key``."""
+
+    def __init__(self, table: LookupTable, key: UltKey | None = None) -> None:
+        verify_key(table, key)
+        config = table.config
+        self.vocab_size = config.vocab_size
+        symbols = table.symbol_array()
+        ids = config.base + band_permutation(key, config)[: symbols.size]
+        order = np.argsort(symbols)
+        self._sorted_codes = symbols[order]
+        self._sorted_ids = ids[order]
+        # Lookup by id; index vocab_size is a sentinel for "id out of range", +1 for batch breaks.
+        by_id = np.full(config.vocab_size + 2, INVALID_MARK, dtype=np.int64)
+        by_id[ids] = symbols
+        by_id[SEP_ID] = SEP_MARK
+        by_id[[PAD_ID, BOS_ID, EOS_ID]] = _DROP
+        by_id[ESCAPE_ID] = _ESCAPE
+        by_id[CONTINUE_DIGIT_ID : FINAL_DIGIT_ID + DIGIT_BASE] = _DIGIT
+        by_id[config.vocab_size + 1] = BREAK_MARK
+        self._by_id = by_id
+
+    def to_ids(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids for ``stream`` and, per stream entry, where its ids start (plus the total at the end)."""
+        stream = np.asarray(stream, dtype=np.int64)
+        is_symbol = stream >= 0
+        if (~is_symbol & (stream != SEP_MARK)).any():
+            raise ValueError("a stream to encode holds only symbol codes and SEP_MARK")
+        if self._sorted_codes.size:
+            slot = np.minimum(np.searchsorted(self._sorted_codes, stream), self._sorted_codes.size - 1)
+            found = is_symbol & (self._sorted_codes[slot] == stream)
+            ids = np.where(found, self._sorted_ids[slot], SEP_ID)
+        else:
+            found = np.zeros(stream.shape, dtype=bool)
+            ids = np.full(stream.shape, SEP_ID, dtype=np.int64)
+        escaped = is_symbol & ~found
+        lengths = np.ones(stream.size, dtype=np.int64)
+        starts = np.zeros(stream.size + 1, dtype=np.int64)
+        if not escaped.any():
+            starts[1:] = np.cumsum(lengths)
+            return ids, starts
+        codes = stream[escaped]
+        n_digits = np.ones(codes.size, dtype=np.int64)
+        for shift in range(1, _MAX_DIGITS):
+            n_digits += (codes >> (4 * shift)) > 0
+        lengths[escaped] += n_digits
+        np.cumsum(lengths, out=starts[1:])
+        out = np.empty(int(starts[-1]), dtype=np.int64)
+        out[starts[:-1][~escaped]] = ids[~escaped]
+        at = starts[:-1][escaped]
+        out[at] = ESCAPE_ID
+        for i in range(int(n_digits.max())):
+            has = n_digits > i
+            shift = 4 * (n_digits[has] - 1 - i)
+            digit = (codes[has] >> shift) & (DIGIT_BASE - 1)
+            out[at[has] + 1 + i] = np.where(shift == 0, FINAL_DIGIT_ID, CONTINUE_DIGIT_ID) + digit
+        return out, starts
+
+    def to_stream(self, sequences: Sequence[Sequence[int] | np.ndarray], strict: bool = False) -> np.ndarray:
+        """Stream for a batch of id sequences, :data:`BREAK_MARK` between sequences.
+
+        Pad/bos/eos are dropped. Anything undecodable (an id outside the vocabulary or the table,
+        a stray digit, an escape not ending in a final digit) becomes :data:`INVALID_MARK`, or
+        raises PrivtuneError when ``strict``.
+        """
+        arrays = [np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences]
+        lengths = np.array([a.size for a in arrays], dtype=np.int64)
+        seq_starts = np.cumsum(lengths + 1) - lengths - 1
+        joined = np.empty(int(lengths.sum()) + max(len(arrays) - 1, 0), dtype=np.int64)
+        for start, array in zip(seq_starts.tolist(), arrays):
+            joined[start : start + array.size] = array
+        joined[(joined < 0) | (joined >= self.vocab_size)] = self.vocab_size
+        joined[seq_starts[1:] - 1] = self.vocab_size + 1
+        stream = self._by_id[joined]
+        keep = stream != _DROP
+        if (stream <= _DIGIT).any():
+            self._parse_escapes(joined, stream, keep)
+        if strict and (bad := np.flatnonzero(keep & (stream == INVALID_MARK))).size:
+            seq = int(np.searchsorted(seq_starts, bad[0], side="right") - 1)
+            offset = int(bad[0] - seq_starts[seq])
+            raise PrivtuneError(
+                f"token {offset} of sequence {seq} (id {int(arrays[seq][offset])}) is not a symbol of "
+                "this table, or starts a broken escape sequence"
+            )
+        return stream[keep]
+
+    def _parse_escapes(self, ids: np.ndarray, stream: np.ndarray, keep: np.ndarray) -> None:
+        """Replace each escape id by the code its digits spell (in place); digits it used are dropped."""
+        is_digit = stream == _DIGIT
+        stream[is_digit] = INVALID_MARK  # stray digits, unless an escape claims them below
+        n = ids.size
+        ids = ids.tolist()
+        for at in np.flatnonzero(stream == _ESCAPE).tolist():
+            code, j, last = 0, at + 1, min(at + _MAX_DIGITS, n - 1)
+            while j < last and CONTINUE_DIGIT_ID <= ids[j] < FINAL_DIGIT_ID:
+                code = code * DIGIT_BASE + int(ids[j]) - CONTINUE_DIGIT_ID
+                j += 1
+            if j <= last and is_digit[j] and ids[j] >= FINAL_DIGIT_ID:
+                stream[at] = code * DIGIT_BASE + int(ids[j]) - FINAL_DIGIT_ID
+                keep[at + 1 : j + 1] = False
+            else:
+                stream[at] = INVALID_MARK
+                keep[at + 1 : j] = False
