@@ -19,7 +19,8 @@ If every projected member p̄_j satisfies D_α(p̄_j||p0) ≤ ρ, one PMixED rel
    H = (1-q) E[m_R] + q E[|R|/(|R|+1) m_R] does not involve member i and
    κ = q E[1/(1+|R|)] = (1-(1-q)^N)/N (binomial identity for |R| ~ Bin(N-1, q)). Likewise
    M' = H + κ p̄_i'. H contains the S = ∅ branch, so M' ≥ π0 p0 pointwise.
-2. For integer α, Σ M^α M'^(1-α) = Σ M' (1 + κ(P-P')/M')^α = 1 + Σ_{ℓ≥2} C(α,ℓ) κ^ℓ Σ (P-P')^ℓ M'^(1-ℓ)
+2. For integer α, Σ M^α M'^(1-α) = Σ M' (1 + κ(P-P')/M')^α
+                                 = 1 + Σ_{ℓ≥2} C(α,ℓ) κ^ℓ Σ (P-P')^ℓ M'^(1-ℓ)
    (P = p̄_i, P' = p̄_i'; the ℓ = 1 term vanishes because both sum to 1).
 3. M' ≥ π0 p0 gives |Σ (P-P')^ℓ M'^(1-ℓ)| ≤ π0^(1-ℓ) E_p0|X-Y|^ℓ with X = P/p0, Y = P'/p0.
 4. Minkowski: E|X-Y|^ℓ ≤ ((E|X-1|^ℓ)^(1/ℓ) + (E|Y-1|^ℓ)^(1/ℓ))^ℓ, and |x-1|^ℓ ≤ x^ℓ - 1 - ℓ(x-1)
@@ -37,8 +38,8 @@ ln((n-1)/n + e^((α-1)·4αβ)/n)/(α-1) for |S| = n ≥ 2, evaluated at the rea
 loss needs D_α(p̄_i||p̄_i') ≤ 4αβ for two members inside the ball, which order-α constraints
 around p0 do not give: the pairwise divergence is unbounded (tests build such a pair). Without a
 floor under M', no finite bound exists once another member can sit in S; the floor π0·p0 from the
-S = ∅ branch is what makes the guarantee finite, so the bound depends on N (it weakens roughly
-like e^(Nq)) and is conservative rather than tight.
+S = ∅ branch is what makes the guarantee finite, so the bound depends on N (its leading term grows
+like κ²/π0 ≈ e^(Nq)/N² once Nq is large) and is conservative rather than tight.
 
 Conversion to (ε, δ)-DP: Balle et al. 2020 ("Hypothesis testing interpretations and Rényi
 differential privacy", Thm 21): (α, r)-RDP implies (r + ln((α-1)/α) - (ln δ + ln α)/(α-1), δ)-DP.
@@ -83,6 +84,11 @@ def rdp_to_epsilon(rdp: float, alpha: float, delta: float) -> float:
     return max(0.0, rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
 
 
+def _log_expm1(x: float) -> float:
+    """ln(e^x - 1) for x > 0 without overflow (e^x overflows float64 past x ≈ 709)."""
+    return x + math.log1p(-math.exp(-x)) if x > 1.0 else math.log(math.expm1(x))
+
+
 def per_query_rdp(alpha: int, beta: float, q: float, n_members: int) -> float:
     """ε_q(α) of one PMixED release (module docstring), evaluated in log space in float64."""
     alpha = _check_order(alpha)
@@ -96,7 +102,7 @@ def per_query_rdp(alpha: int, beta: float, q: float, n_members: int) -> float:
     rho = alpha * beta
     log_terms = [
         math.log(math.comb(alpha, ell)) + ell * (math.log(2.0) + log_kappa) - (ell - 1) * log_pi0
-        + math.log(math.expm1((ell - 1) * rho))
+        + _log_expm1((ell - 1) * rho)
         for ell in range(2, alpha + 1)
     ]
     top = max(log_terms)

@@ -22,8 +22,7 @@ def renyi_divergence_from_logs(log_p: torch.Tensor, log_q: torch.Tensor, alpha: 
     """
     if not alpha > 1:
         raise ValueError(f"Rényi order must be > 1, got {alpha}")
-    terms = alpha * log_p + (1.0 - alpha) * log_q
-    terms = torch.where(torch.isneginf(log_p), torch.full_like(terms, -torch.inf), terms)
+    terms = (alpha * log_p + (1.0 - alpha) * log_q).masked_fill(torch.isneginf(log_p), -torch.inf)
     return torch.logsumexp(terms, dim=-1) / (alpha - 1.0)
 
 

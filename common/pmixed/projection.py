@@ -49,7 +49,11 @@ def mix(member_probs: torch.Tensor, public_probs: torch.Tensor, lambdas: torch.T
 
 
 def _constraint(
-    member_probs: torch.Tensor, public_probs: torch.Tensor, log_public: torch.Tensor, lambdas: torch.Tensor, alpha: float
+    member_probs: torch.Tensor,
+    public_probs: torch.Tensor,
+    log_public: torch.Tensor,
+    lambdas: torch.Tensor,
+    alpha: float,
 ) -> torch.Tensor:
     log_mixed = torch.log(mix(member_probs, public_probs, lambdas))
     return torch.maximum(
@@ -65,7 +69,9 @@ def project(
     p = as_distribution(member_probs, "member_probs")
     p0 = as_distribution(public_probs, "public_probs")
     if p.ndim != 2 or p0.ndim != 1 or p.shape[1] != p0.shape[0]:
-        raise ValueError(f"expected member_probs (k, V) and public_probs (V,), got {tuple(p.shape)} and {tuple(p0.shape)}")
+        raise ValueError(
+            f"expected member_probs (k, V) and public_probs (V,), got {tuple(p.shape)} and {tuple(p0.shape)}"
+        )
     if beta < 0 or not 0 < tol < 1:
         raise ValueError(f"need beta >= 0 and 0 < tol < 1, got beta={beta}, tol={tol}")
     bound = alpha * beta - FEASIBILITY_SLACK

@@ -22,11 +22,13 @@ def bwt_batch(patches: np.ndarray) -> np.ndarray:
     """Last column of the sorted rotations of ``patch + END`` for each row of ``patches``.
 
     ``patches`` is a ``(k, n)`` integer array of code points (>= 0). Returns ``(k, n + 1)`` int64
-    with exactly one :data:`END` per row. Rotations are sorted by packing each rotation's leading
-    characters (as dense ranks, END = 0) into one int64 key; when a whole rotation does not fit,
-    prefix doubling refines the ranks, so the cost is O(n log n) per patch either way.
+    with exactly one :data:`END` per row. Each rotation's leading characters (as dense ranks,
+    END = 0) are packed into one int64 key. When a whole rotation fits (patch 8 over an alphabet
+    below 128 does), a plain row sort of the keys is the BWT: a rotation's last character sits
+    in its key's lowest bits. Otherwise keys are argsorted and rows whose prefixes tie are
+    refined by prefix doubling, O(n log n) per patch either way.
     """
-    patches = np.asarray(patches, dtype=np.int64)
+    patches = np.asarray(patches)
     if patches.ndim != 2:
         raise ValueError(f"expected a (k, n) array of code points, got shape {patches.shape}")
     k, n = patches.shape
@@ -34,15 +36,19 @@ def bwt_batch(patches: np.ndarray) -> np.ndarray:
     if k == 0:
         return np.empty((0, m), dtype=np.int64)
     alphabet, dense = _dense_ranks(patches)
-    ranks = np.empty((k, m), dtype=np.int64)
+    bits = int(alphabet.size).bit_length()
+    ranks = np.zeros((k, m), dtype=np.int64)
     ranks[:, :n] = dense
-    ranks[:, n] = 0
-    order = _rotation_order(ranks, bits=int(alphabet.size).bit_length())
-    # The last character of the rotation starting at i is the one at i - 1 (cyclically).
-    previous = np.roll(ranks, 1, axis=1)
-    last = np.take_along_axis(previous, order, axis=1)
-    decode = np.concatenate(([END], alphabet))
-    return decode[last]
+    width = min(m, _KEY_BITS // bits)
+    key = _rotation_keys(ranks, width, bits)
+    if width == m:
+        last = np.sort(key, axis=1) & ((1 << bits) - 1)
+    else:
+        order = np.argsort(key, axis=1)
+        _break_ties(order, key, ranks, width)
+        # The last character of the rotation starting at i is the one at i - 1 (cyclically).
+        last = np.take_along_axis(np.roll(ranks, 1, axis=1), order, axis=1)
+    return np.concatenate(([END], alphabet))[last]
 
 
 def inverse_bwt_batch(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,28 +92,44 @@ def _dense_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alphabet, inverse.reshape(values.shape) + 1
 
 
-def _rotation_order(ranks: np.ndarray, bits: int) -> np.ndarray:
-    """Per row, the start positions of the rotations in sorted order (rotations are all distinct)."""
+def _rotation_keys(ranks: np.ndarray, width: int, bits: int) -> np.ndarray:
+    """``key[r, i]``: the ranks ``ranks[r, i : i + width]`` (cyclically) packed big-endian."""
     k, m = ranks.shape
-    doubled = np.concatenate([ranks, ranks], axis=1)
-    width = max(1, min(m, _KEY_BITS // bits))
-    key = np.zeros((k, m), dtype=np.int64)
+    key = np.empty((k, m), dtype=np.int64)
+    first = np.zeros(k, dtype=np.int64)
     for j in range(width):
-        key <<= bits
-        key |= doubled[:, j : j + m]
-    order = np.argsort(key, axis=1)
-    if width == m:
-        return order
-    # Prefix doubling: ranks of the first `width` characters, then of 2*width, 4*width, ...
-    span = width
+        first <<= bits
+        first |= ranks[:, j]
+    key[:, 0] = first
+    mask = (1 << (bits * width)) - 1
+    for i in range(1, m):
+        key[:, i] = ((key[:, i - 1] << bits) & mask) | ranks[:, (i + width - 1) % m]
+    return key
+
+
+def _break_ties(order: np.ndarray, key: np.ndarray, ranks: np.ndarray, width: int) -> None:
+    """Finish sorting (in place) the rows of ``order`` where rotations share a ``width`` prefix.
+
+    Few rows have such ties (only near-periodic patches), so prefix doubling runs on those only:
+    each round ranks rotations by their first ``span`` characters, then sorts pairs of ranks
+    ``(rank[i], rank[i + span])``, doubling ``span`` until all ranks differ. END is unique, so
+    rotations always end up distinct.
+    """
+    sorted_key = np.take_along_axis(key, order, axis=1)
+    rows = np.flatnonzero((sorted_key[:, 1:] == sorted_key[:, :-1]).any(axis=1))
+    if rows.size == 0:
+        return
+    m = ranks.shape[1]
+    sub_order, sub_sorted, span = order[rows], sorted_key[rows], width
     while True:
-        sorted_key = np.take_along_axis(key, order, axis=1)
-        new_sorted = np.zeros((k, m), dtype=np.int64)
-        np.cumsum(sorted_key[:, 1:] != sorted_key[:, :-1], axis=1, out=new_sorted[:, 1:])
-        if span >= m or bool((new_sorted[:, -1] == m - 1).all()):
-            return order
-        rank = np.empty_like(new_sorted)
-        np.put_along_axis(rank, order, new_sorted, axis=1)
-        key = rank * m + np.roll(rank, -span, axis=1)
-        order = np.argsort(key, axis=1)
+        rank_sorted = np.zeros(sub_sorted.shape, dtype=np.int64)
+        np.cumsum(sub_sorted[:, 1:] != sub_sorted[:, :-1], axis=1, out=rank_sorted[:, 1:])
+        if bool((rank_sorted[:, -1] == m - 1).all()):
+            break
+        rank = np.empty_like(rank_sorted)
+        np.put_along_axis(rank, sub_order, rank_sorted, axis=1)
+        pair = rank * m + np.roll(rank, -span, axis=1)
+        sub_order = np.argsort(pair, axis=1)
+        sub_sorted = np.take_along_axis(pair, sub_order, axis=1)
         span *= 2
+    order[rows] = sub_order

@@ -34,7 +34,8 @@ def test_feasible_and_maximal(alpha, beta):
         if lam < 1.0:  # λ + tol is already outside the ball (tiny margin: the module's own slack)
             assert _direct_constraint(min(1.0, lam + DEFAULT_TOL), row, p0, alpha) > radius - 2 * FEASIBILITY_SLACK
     assert (proj.lambdas < 1).any()
-    assert torch.allclose(proj.mixed, proj.lambdas[:, None] * torch.as_tensor(p) + (1 - proj.lambdas[:, None]) * torch.as_tensor(p0))
+    lam = proj.lambdas[:, None]
+    assert torch.allclose(proj.mixed, lam * torch.as_tensor(p) + (1 - lam) * torch.as_tensor(p0))
 
 
 def test_lambda_one_when_member_already_feasible():
@@ -65,8 +66,10 @@ def test_agrees_with_brute_force_grid():
     step = grid[1]
     proj = project(p, p0, alpha, beta)
     for lam, row in zip(proj.lambdas.tolist(), p):
-        feasible = [g for g in grid if _direct_constraint(g, row, p0, alpha) <= alpha * beta]
-        best = max(feasible)
+        mixes = grid[:, None] * row + (1 - grid[:, None]) * p0
+        fwd = np.log(np.sum(mixes**alpha * p0 ** (1 - alpha), axis=1)) / (alpha - 1)
+        rev = np.log(np.sum(p0**alpha * mixes ** (1 - alpha), axis=1)) / (alpha - 1)
+        best = grid[np.maximum(fwd, rev) <= alpha * beta].max()
         assert best - 1e-12 <= lam < best + step + DEFAULT_TOL
 
 

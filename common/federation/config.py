@@ -1,0 +1,84 @@
+"""The federated run's configuration, shared by the ServerApp and every ClientApp.
+
+Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pyproject.toml, plus
+``--run-config`` overrides). This dataclass is its typed form; field ``foo_bar`` is run-config key
+``foo-bar``. The defaults here and in pyproject.toml must agree (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from common.errors import PrivtuneError
+
+STRATEGIES = ("fedavg", "fedadam", "fedprox")
+ENCODINGS = ("raw", "ult")
+ADAPTERS = ("lora", "full")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    num_server_rounds: int = 3
+    model: str = "tiny-llama"
+    encoding: str = "raw"
+    k_bottom: int = 1
+    k_top: int = 1
+    n_emulator: int = 1
+    adapter: str = "lora"
+    lora_r: int = 8
+    distill_steps: int = 0
+    package: str = ""
+    local_steps: int = 20
+    batch_size: int = 8
+    block_size: int = 64
+    max_train_blocks: int = 256
+    learning_rate: float = 1e-3
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    update_clip: float = 100.0
+    ldp_epsilon: float = 0.0
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    round_timeout: float = 600.0
+    seed: int = 0
+    run_dir: str = "runs/flwr"
+    eval_ids: str = ""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
+            (self.encoding in ENCODINGS, f"encoding must be one of {ENCODINGS}"),
+            (self.adapter in ADAPTERS, f"adapter must be one of {ADAPTERS}"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
+            (self.local_steps >= 1 and self.batch_size >= 1, "local-steps and batch-size must be positive"),
+            (self.update_clip > 0, "update-clip must be positive"),
+            (self.ldp_epsilon >= 0 and self.dp_epsilon >= 0, "epsilons must be >= 0 (0 turns the mechanism off)"),
+            (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
+            (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PrivtuneError(f"invalid run config: {message}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise PrivtuneError(f"unknown run-config key {key!r}; known keys: {', '.join(n.replace('_', '-') for n in known)}")
+            kind = type(getattr(cls, name)) if hasattr(cls, name) else str
+            try:
+                values[name] = kind(value)
+            except (TypeError, ValueError):
+                raise PrivtuneError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}") from None
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}

@@ -1,0 +1,68 @@
+"""Names and shapes of what travels in Flower messages, in one place for both sides.
+
+Server -> client (train): ``arrays`` (the global adapter), ``config`` (round settings) and, the
+first time a node is addressed in a run, ``emulator`` + ``emulator-manifest`` (the emulator
+package; clients cache it by content hash). Client -> server: ``arrays`` (the trained adapter),
+``metrics`` (``num-examples``, ``train-loss``, privacy spent) or, when the owner declines to train
+(no data, budget exhausted), only ``status`` with the reason. Nothing else crosses; in particular
+no text and no ULT table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+STATUS = "status"
+EMULATOR = "emulator"
+EMULATOR_MANIFEST = "emulator-manifest"
+NUM_EXAMPLES = "num-examples"
+
+
+def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def manifest_record(manifest: dict[str, Any]) -> ConfigRecord:
+    return ConfigRecord({"json": json.dumps(manifest, sort_keys=True)})
+
+
+def manifest_from_record(record: ConfigRecord) -> dict[str, Any]:
+    return json.loads(str(record["json"]))
+
+
+def declined(reason: str, **metrics: float) -> RecordDict:
+    """Reply content for an owner that will not train this round, with the reason in words."""
+    content = RecordDict({STATUS: ConfigRecord({"state": "declined", "reason": reason})})
+    if metrics:
+        content[METRICS] = MetricRecord(dict(metrics))
+    return content
+
+
+def decline_reason(message: Message) -> str | None:
+    if message.has_error():
+        return f"error: {message.error.reason}"
+    status = message.content.config_records.get(STATUS)
+    if status is not None and status.get("state") == "declined":
+        return f"declined: {status.get('reason')}"
+    return None
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of the tensors and values a message carries (what the wire has to move, roughly)."""
+    total = 0
+    for record in content.array_records.values():
+        total += record.count_bytes()
+    for record in list(content.config_records.values()) + list(content.metric_records.values()):
+        total += record.count_bytes()
+    return total

@@ -1,0 +1,72 @@
+"""The tokenizer a causal LM trains on: text <-> ids under a ULT table and (optionally) a key."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from common.errors import PrivtuneError
+from common.ult.config import BOS_ID, EOS_ID, ESCAPE_ID, PAD_ID, SEP_ID
+from common.ult.keys import UltKey, key_from_passphrase, load_key_file
+from common.ult.mapping import SymbolMapper
+from common.ult.table import LookupTable, load_table
+from common.ult.text import TextCodec
+
+
+class UltTokenizer:
+    """Encode text to ids ``< vocab_size`` and decode ids (including a model's output) to text.
+
+    ``decode`` is tolerant by default: pad/bos/eos are ignored and whatever cannot be decoded
+    becomes U+FFFD, so sampling from a model never crashes it. ``strict=True`` raises on any flaw
+    instead and is what guarantees ``decode(encode(x)) == x``.
+    """
+
+    def __init__(self, table: LookupTable, key: UltKey | None = None) -> None:
+        if table.modality != "text":
+            raise PrivtuneError(f"a {table.modality} ULT table cannot tokenize text; build one with 'privtune ult build-table'")
+        self.table = table
+        self._codec = TextCodec(table.config.patch_size)
+        self._mapper = SymbolMapper(table, key)
+        self.vocab_size = table.config.vocab_size
+        self.pad_token_id = PAD_ID
+        self.bos_token_id = BOS_ID
+        self.eos_token_id = EOS_ID
+        self.sep_token_id = SEP_ID
+        self.escape_token_id = ESCAPE_ID
+
+    @classmethod
+    def from_files(
+        cls, table_path: str | os.PathLike[str], key_file: str | os.PathLike[str] | None = None, passphrase: str | None = None
+    ) -> UltTokenizer:
+        if key_file is not None and passphrase is not None:
+            raise PrivtuneError("give a ULT key file or a passphrase, not both")
+        key = load_key_file(key_file) if key_file is not None else key_from_passphrase(passphrase) if passphrase is not None else None
+        return cls(load_table(table_path), key)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.encode_batch([text], add_special_tokens)[0]
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a sequence of texts; use encode for one text")
+        stream, per_text = self._codec.encode_batch(texts)
+        ids, starts = self._mapper.to_ids(stream)
+        bounds = starts[np.cumsum(per_text) - per_text].tolist() + [int(starts[-1])]
+        flat = ids.tolist()
+        if add_special_tokens:
+            return [[BOS_ID, *flat[a:b], EOS_ID] for a, b in zip(bounds[:-1], bounds[1:])]
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, strict: bool = False) -> str:
+        return self.decode_batch([ids], strict)[0]
+
+    def decode_batch(self, sequences: Sequence[Sequence[int] | np.ndarray], strict: bool = False) -> list[str]:
+        if not len(sequences):
+            return []
+        stream = self._mapper.to_stream([np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences], strict)
+        return self._codec.decode_batch(stream, len(sequences), strict)

@@ -1,0 +1,111 @@
+"""Flower strategies for offsite-tuning: Flower's own FedAvg / FedAdam / FedProx, plus the model
+owner's duties around them.
+
+The mixin adds three things to whichever Flower strategy aggregates:
+- the emulator package rides along only the first time a node is addressed in a run (clients cache
+  it by content hash), so later rounds carry adapters only;
+- every reply passes :mod:`server.validation` before aggregation; rejected or declined replies are
+  logged and excluded, and the round goes on with the rest;
+- per-round bookkeeping (bytes each way, rejections, each owner's latest accepted adapter, which the
+  PMixED ensemble uses as its members).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from common.federation.config import FederationConfig
+from common.federation.records import (ARRAYS, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
+                                       from_arrays)
+from server.validation import Rejection, review
+
+
+@dataclass
+class RoundLog:
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sent_emulator_to: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+class OffsiteMixin:
+    """Wraps a Flower strategy's configure/aggregate with emulator delivery and update validation."""
+
+    def setup_offsite(self, emulator: tuple[ArrayRecord, ConfigRecord], update_clip: float) -> None:
+        self.emulator_records = emulator
+        self.update_clip = update_clip
+        self.nodes_with_emulator: set[int] = set()
+        self.latest_adapters: dict[int, dict[str, torch.Tensor]] = {}
+        self.rounds: dict[int, RoundLog] = {}
+        self._reference: dict[str, torch.Tensor] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._reference = from_arrays(arrays)
+        entry = self.rounds.setdefault(server_round, RoundLog())
+        personalised = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            content = RecordDict(dict(message.content.items()))
+            if node not in self.nodes_with_emulator:
+                content[EMULATOR], content[EMULATOR_MANIFEST] = self.emulator_records
+                entry.sent_emulator_to.append(node)
+            entry.bytes_down += content_bytes(content)
+            personalised.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
+        return personalised
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        entry = self.rounds.setdefault(server_round, RoundLog())
+        for message in replies:
+            if not message.has_error():
+                entry.bytes_up += content_bytes(message.content)
+                # Any reply the ClientApp produced itself means it processed (and cached) the emulator.
+                self.nodes_with_emulator.add(message.metadata.src_node_id)
+                if "metrics" in message.content.metric_records:
+                    entry.client_metrics[message.metadata.src_node_id] = dict(message.content.metric_records["metrics"])
+        accepted, rejected = review(replies, self._reference, self.update_clip)
+        entry.rejected.extend(rejected)
+        entry.accepted = [m.metadata.src_node_id for m in accepted]
+        for message in accepted:
+            self.latest_adapters[message.metadata.src_node_id] = from_arrays(message.content.array_records[ARRAYS])
+        if not accepted:
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        usable = [m for m in replies if decline_reason(m) is None and "metrics" in m.content.metric_records]
+        return super().aggregate_evaluate(server_round, usable) if usable else None
+
+
+class OffsiteFedAvg(OffsiteMixin, FedAvg):
+    pass
+
+
+class OffsiteFedAdam(OffsiteMixin, FedAdam):
+    pass
+
+
+class OffsiteFedProx(OffsiteMixin, FedProx):
+    pass
+
+
+def make_strategy(cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigRecord]) -> OffsiteMixin:
+    common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_train_nodes,
+                  min_evaluate_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+    if cfg.strategy == "fedadam":
+        strategy = OffsiteFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    elif cfg.strategy == "fedprox":
+        strategy = OffsiteFedProx(proximal_mu=cfg.proximal_mu, **common)
+    else:
+        strategy = OffsiteFedAvg(**common)
+    strategy.setup_offsite(emulator, cfg.update_clip)
+    return strategy
