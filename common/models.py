@@ -197,3 +197,14 @@ def smollm2_folder() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def load_tokenizer(source: str) -> TextTokenizer:
+    """The tokenizer of a model source, without loading the model's weights."""
+    if source.startswith(TINY_PREFIX):
+        family_by_name(source[len(TINY_PREFIX):])
+        return ByteTokenizer()
+    folder = smollm2_folder() if source == SMOLLM2 else Path(source).expanduser()
+    if folder.is_dir():
+        return _load_tokenizer(folder)
+    return load_model(source).tokenizer

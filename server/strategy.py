@@ -34,6 +34,7 @@ class RoundLog:
     accepted: list[int] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    eval_loss: float | None = None
 
 
 class OffsiteMixin:
@@ -83,7 +84,10 @@ class OffsiteMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = [m for m in replies if decline_reason(m) is None and "metrics" in m.content.metric_records]
-        return super().aggregate_evaluate(server_round, usable) if usable else None
+        metrics = super().aggregate_evaluate(server_round, usable) if usable else None
+        if metrics is not None and "eval-loss" in metrics:
+            self.rounds.setdefault(server_round, RoundLog()).eval_loss = float(metrics["eval-loss"])
+        return metrics
 
 
 class OffsiteFedAvg(OffsiteMixin, FedAvg):

@@ -41,6 +41,7 @@ class FederationConfig:
     server_learning_rate: float = 0.01
     update_clip: float = 100.0
     ldp_epsilon: float = 0.0
+    ldp_embedding: str = "smollm2"
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0

@@ -37,13 +37,15 @@ def bwt_batch(patches: np.ndarray) -> np.ndarray:
         return np.empty((0, m), dtype=np.int64)
     alphabet, dense = _dense_ranks(patches)
     bits = int(alphabet.size).bit_length()
-    ranks = np.zeros((k, m), dtype=np.int64)
-    ranks[:, :n] = dense
+    # Rotation-major layout (m, k): every step below is a contiguous whole-batch operation.
+    ranks = np.zeros((m, k), dtype=np.int64)
+    ranks[:n] = dense.T
     width = min(m, _KEY_BITS // bits)
     key = _rotation_keys(ranks, width, bits)
     if width == m:
-        last = np.sort(key, axis=1) & ((1 << bits) - 1)
+        last = (np.sort(key, axis=0) & ((1 << bits) - 1)).T
     else:
+        key, ranks = np.ascontiguousarray(key.T), np.ascontiguousarray(ranks.T)
         order = np.argsort(key, axis=1)
         _break_ties(order, key, ranks, width)
         # The last character of the rotation starting at i is the one at i - 1 (cyclically).
@@ -62,22 +64,19 @@ def inverse_bwt_batch(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k, m = last.shape
     if k == 0:
         return np.empty((0, max(m - 1, 0)), dtype=np.int64), np.zeros(0, dtype=bool)
-    cols = np.arange(m, dtype=np.int64)
     # Stable sort of each row = sort of the unique keys (char, position); END (-1) sorts first.
-    keys = (last + 1) * m + cols
-    first_to_last = np.argsort(keys, axis=1)
-    flat_next = (first_to_last + (np.arange(k, dtype=np.int64) * m)[:, None]).ravel()
+    first_to_last = np.argsort((last + 1) * m + np.arange(m), axis=1)
+    flat_next = (first_to_last + (np.arange(k) * m)[:, None]).ravel()
     flat_last = last.ravel()
     is_end = last == END
-    row_starts = np.arange(k, dtype=np.int64) * m
-    position = flat_next[row_starts + np.argmax(is_end, axis=1)]
-    out = np.empty((k, m), dtype=np.int64)
+    position = flat_next[np.arange(k) * m + np.argmax(is_end, axis=1)]
+    out = np.empty((m, k), dtype=np.int64)  # step-major: each step writes one contiguous row
     for step in range(m):
-        out[:, step] = flat_last[position]
+        out[step] = flat_last[position]
         position = flat_next[position]
     # A single cycle meets END only at its last step.
-    valid = (is_end.sum(axis=1) == 1) & (np.argmax(out == END, axis=1) == m - 1)
-    return out[:, : m - 1], valid
+    valid = (is_end.sum(axis=1) == 1) & (np.argmax(out == END, axis=0) == m - 1)
+    return out[: m - 1].T, valid
 
 
 def _dense_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,17 +92,19 @@ def _dense_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rotation_keys(ranks: np.ndarray, width: int, bits: int) -> np.ndarray:
-    """``key[r, i]``: the ranks ``ranks[r, i : i + width]`` (cyclically) packed big-endian."""
-    k, m = ranks.shape
-    key = np.empty((k, m), dtype=np.int64)
-    first = np.zeros(k, dtype=np.int64)
+    """``key[i, r]``: ranks ``ranks[i : i + width, r]`` (cyclically) packed big-endian."""
+    m, k = ranks.shape
+    key = np.empty((m, k), dtype=np.int64)
+    first = key[0]
+    first[:] = 0
     for j in range(width):
         first <<= bits
-        first |= ranks[:, j]
-    key[:, 0] = first
+        first |= ranks[j]
     mask = (1 << (bits * width)) - 1
     for i in range(1, m):
-        key[:, i] = ((key[:, i - 1] << bits) & mask) | ranks[:, (i + width - 1) % m]
+        np.left_shift(key[i - 1], bits, out=key[i])
+        key[i] &= mask
+        key[i] |= ranks[(i + width - 1) % m]
     return key
 
 

@@ -13,7 +13,7 @@ spelling ends unambiguously.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,18 +40,30 @@ _ESCAPE = -7
 _MAX_DIGITS = 15  # 60 bits: any code a codec makes, and no int64 overflow from model output
 
 
-class SymbolMapper:
-    """Translate streams to ids and back under ``table`` and (optionally) ``key``."""
+CodeCheck = Callable[[np.ndarray], np.ndarray]
 
-    def __init__(self, table: LookupTable, key: UltKey | None = None) -> None:
+
+class SymbolMapper:
+    """Translate streams to ids and back under ``table`` and (optionally) ``key``.
+
+    ``valid_codes`` is the codec's test of which codes it can decode: the table is checked with
+    it once here, and codes spelled by escapes (the only other source) when parsed, so codecs can
+    trust every code in a stream from :meth:`to_stream`.
+    """
+
+    def __init__(self, table: LookupTable, key: UltKey | None, valid_codes: CodeCheck) -> None:
         verify_key(table, key)
         config = table.config
         self.vocab_size = config.vocab_size
+        self._valid_codes = valid_codes
         symbols = table.symbol_array()
+        if symbols.size and not valid_codes(symbols).all():
+            raise PrivtuneError(f"this {table.modality} ULT table holds symbols its codec cannot decode; rebuild it")
         ids = config.base + band_permutation(key, config)[: symbols.size]
         order = np.argsort(symbols)
-        self._sorted_codes = symbols[order]
-        self._sorted_ids = ids[order]
+        # A final code above any real one keeps searchsorted in range, even for an empty table.
+        self._sorted_codes = np.append(symbols[order], np.iinfo(np.int64).max)
+        self._sorted_ids = np.append(ids[order], SEP_ID)
         # Lookup by id; index vocab_size is a sentinel for "id out of range", +1 for batch breaks.
         by_id = np.full(config.vocab_size + 2, INVALID_MARK, dtype=np.int64)
         by_id[ids] = symbols
@@ -65,22 +77,18 @@ class SymbolMapper:
     def to_ids(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids for ``stream`` and, per stream entry, where its ids start (plus the total at the end)."""
         stream = np.asarray(stream, dtype=np.int64)
-        is_symbol = stream >= 0
-        if (~is_symbol & (stream != SEP_MARK)).any():
+        separator = stream < 0
+        if (stream[separator] != SEP_MARK).any():
             raise ValueError("a stream to encode holds only symbol codes and SEP_MARK")
-        if self._sorted_codes.size:
-            slot = np.minimum(np.searchsorted(self._sorted_codes, stream), self._sorted_codes.size - 1)
-            found = is_symbol & (self._sorted_codes[slot] == stream)
-            ids = np.where(found, self._sorted_ids[slot], SEP_ID)
-        else:
-            found = np.zeros(stream.shape, dtype=bool)
-            ids = np.full(stream.shape, SEP_ID, dtype=np.int64)
-        escaped = is_symbol & ~found
+        slot = np.searchsorted(self._sorted_codes, stream)
+        ids = self._sorted_ids[slot]
+        ids[separator] = SEP_ID
+        escaped = self._sorted_codes[slot] != stream
+        escaped &= ~separator
+        if not escaped.any():
+            return ids, np.arange(stream.size + 1, dtype=np.int64)
         lengths = np.ones(stream.size, dtype=np.int64)
         starts = np.zeros(stream.size + 1, dtype=np.int64)
-        if not escaped.any():
-            starts[1:] = np.cumsum(lengths)
-            return ids, starts
         codes = stream[escaped]
         n_digits = np.ones(codes.size, dtype=np.int64)
         for shift in range(1, _MAX_DIGITS):
@@ -132,7 +140,8 @@ class SymbolMapper:
         stream[is_digit] = INVALID_MARK  # stray digits, unless an escape claims them below
         n = ids.size
         ids = ids.tolist()
-        for at in np.flatnonzero(stream == _ESCAPE).tolist():
+        escapes = np.flatnonzero(stream == _ESCAPE)
+        for at in escapes.tolist():
             code, j, last = 0, at + 1, min(at + _MAX_DIGITS, n - 1)
             while j < last and CONTINUE_DIGIT_ID <= ids[j] < FINAL_DIGIT_ID:
                 code = code * DIGIT_BASE + int(ids[j]) - CONTINUE_DIGIT_ID
@@ -143,3 +152,5 @@ class SymbolMapper:
             else:
                 stream[at] = INVALID_MARK
                 keep[at + 1 : j] = False
+        spelled = stream[escapes]
+        stream[escapes[(spelled >= 0) & ~self._valid_codes(np.maximum(spelled, 0))]] = INVALID_MARK

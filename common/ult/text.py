@@ -74,9 +74,16 @@ class TextCodec:
         per_text = np.bincount(text_of_patch, weights=per_patch, minlength=len(texts)).astype(np.int64)
         return stream, per_text
 
+    def valid_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Which codes are runs some text encoding produces (END only ever as a run of one)."""
+        count, char = codes >> CHAR_BITS, (codes & _CHAR_MASK) - 1
+        ok = (codes >= 0) & (count >= 1) & (count <= self.patch_size) & (char <= MAX_CODE_POINT)
+        return ok & ((char != END) | (count == 1))
+
     def decode_batch(self, stream: np.ndarray, n_texts: int, strict: bool = False) -> list[str]:
         """Texts of a stream holding ``n_texts`` texts separated by :data:`BREAK_MARK`.
 
+        Entries >= 0 must pass :meth:`valid_codes` (the :class:`SymbolMapper` guarantees it).
         Tolerant (default): an undecodable patch becomes one U+FFFD and empty patches are
         skipped, so any model output decodes. ``strict``: any such flaw, or a patch of the wrong
         length, raises PrivtuneError (an exact round trip is then guaranteed).
@@ -86,27 +93,28 @@ class TextCodec:
         boundary = is_break | (stream == SEP_MARK)
         if int(is_break.sum()) != n_texts - 1:
             raise ValueError(f"stream holds {int(is_break.sum()) + 1} texts, expected {n_texts}")
-        slot_of = np.cumsum(boundary)  # patch slot of each entry (boundaries start the next slot)
+        slot_of = np.cumsum(boundary)  # patch slot of each entry (a boundary starts the next slot)
         text_of_slot = np.concatenate(([0], np.cumsum(is_break[boundary])))
+        n_slots = text_of_slot.size
         symbols = ~boundary
         codes, slot = stream[symbols], slot_of[symbols]
-        count, char = codes >> CHAR_BITS, (codes & _CHAR_MASK) - 1
-        ok = (codes >= 0) & (count >= 1) & (count <= self.patch_size) & (char <= MAX_CODE_POINT)
-        ok &= (char != END) | (count == 1)
-        n_slots = text_of_slot.size
-        bad_slot = np.bincount(slot[~ok], minlength=n_slots) > 0
-        count = np.where(ok, count, 0)
+        invalid = codes == INVALID_MARK
+        bad_slot = np.zeros(n_slots, dtype=bool)
+        bad_slot[slot[invalid]] = True
+        count = codes >> CHAR_BITS
+        count[invalid] = 0
         slot_len = np.bincount(slot, weights=count, minlength=n_slots).astype(np.int64)
         if strict:
             self._check_layout(slot_len, bad_slot, text_of_slot, n_texts)
 
+        # All characters of all slots in order (END included); each length group gathers its rows.
+        chars = np.repeat((codes & _CHAR_MASK) - 1, count)
+        char_start = np.cumsum(slot_len) - slot_len
         decoded = []
         decodable = ~bad_slot & (slot_len > 0)
         for length in np.unique(slot_len[decodable]).tolist():
-            members = decodable & (slot_len == length)
-            take = members[slot]
-            patches, valid = inverse_bwt_batch(np.repeat(char[take], count[take]).reshape(-1, length))
-            where = np.flatnonzero(members)
+            where = np.flatnonzero(decodable & (slot_len == length))
+            patches, valid = inverse_bwt_batch(chars[char_start[where, None] + np.arange(length)])
             if strict and not valid.all():
                 raise PrivtuneError(f"patch {int(where[~valid][0])} is not the Burrows–Wheeler transform of any text")
             bad_slot[where[~valid]] = True

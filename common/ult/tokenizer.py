@@ -28,7 +28,7 @@ class UltTokenizer:
             raise PrivtuneError(f"a {table.modality} ULT table cannot tokenize text; build one with 'privtune ult build-table'")
         self.table = table
         self._codec = TextCodec(table.config.patch_size)
-        self._mapper = SymbolMapper(table, key)
+        self._mapper = SymbolMapper(table, key, self._codec.valid_codes)
         self.vocab_size = table.config.vocab_size
         self.pad_token_id = PAD_ID
         self.bos_token_id = BOS_ID

@@ -1,0 +1,83 @@
+"""The data owner's Flower ClientApp.
+
+``train``: receive the global adapter (and, once per run, the emulator package), train the adapter
+against the frozen emulator on locally perturbed and encoded text, reply with the adapter, the
+number of examples, the loss and the privacy spent. ``evaluate``: perplexity of emulator + global
+adapter on the owner's held-out text. Problems the owner can explain (no data, budget exhausted,
+missing emulator) become a *declined* reply with the reason, which the server logs; the round
+goes on without this owner.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteConfig
+from client.trainer import OwnerTrainer
+from common.errors import PrivtuneError
+from common.federation.config import FederationConfig
+from common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, declined, from_arrays, to_arrays
+
+log = logging.getLogger("privtune.client")
+
+_trainers: dict[tuple, OwnerTrainer] = {}
+
+
+def _trainer(context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> OwnerTrainer:
+    """One trainer per owner and run, kept across rounds (data is loaded and perturbed once)."""
+    cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
+    node_config = dict(context.node_config)
+    partition = node_config.get("partition-id")
+    if partition is not None:
+        node_config.update(node_overrides.get(int(partition), {}))
+    site = SiteConfig.from_node_config(node_config, cfg)
+    key = (context.run_id, site.workspace, tuple(sorted(cfg.to_run_config().items())))
+    if key not in _trainers:
+        _trainers[key] = OwnerTrainer(site, cfg)
+    return _trainers[key]
+
+
+def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> Message:
+    try:
+        trainer = _trainer(context, overrides, node_overrides)
+        trainer.receive_emulator(msg.content)
+        state, metrics = trainer.train_round(from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"]))
+    except PrivtuneError as err:
+        log.warning("declining to train: %s", err)
+        return Message(declined(str(err)), reply_to=msg)
+    return Message(RecordDict({ARRAYS: to_arrays(state), METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> Message:
+    try:
+        trainer = _trainer(context, overrides, node_overrides)
+        trainer.receive_emulator(msg.content)
+        metrics = trainer.evaluate(from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"]))
+    except PrivtuneError as err:
+        return Message(declined(str(err)), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def build_app(overrides: Mapping[str, Any] | None = None, node_overrides: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+    """A ClientApp whose run config is Flower's, updated with ``overrides`` (used by
+    ``privtune simulate``, whose Simulation Engine call carries no run config), and whose node
+    config for partition ``i`` is updated with ``node_overrides[i]``."""
+    overrides, node_overrides = dict(overrides or {}), dict(node_overrides or {})
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, context, overrides, node_overrides)
+
+    @client_app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, overrides, node_overrides)
+
+    return client_app
+
+
+app = build_app()

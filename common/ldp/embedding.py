@@ -1,0 +1,146 @@
+"""A token embedding seen as a finite metric space: the domain and range of the LDP mechanisms.
+
+The mechanisms perturb token ids of one tokenizer, with the Euclidean distance between rows of one
+embedding matrix as the metric. This module owns everything about that space: which ids it covers
+(out-of-vocabulary handling), the distances (computed in float64, with a rigorous bound on their
+rounding error so that the guarantees derived from them stay honest), and a content digest that
+keys the cached diameter and CusText partition.
+
+Out of vocabulary means a token id the tokenizer produces that has no row in the matrix (an id at or
+beyond the number of rows used). Such an id is either mapped to an explicit unknown-token row before
+perturbation (``unknown_id``), so the unknown token is perturbed like any other and the original id
+can never be emitted, or the text is refused. The Hugging Face loaders use the tokenizer's own
+unknown token when it has a row, and refuse otherwise; byte-level BPE (SmolLM2) and the byte
+tokenizer cover every input, so neither ever happens there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from common.errors import PrivtuneError
+from common.text_tokenizer import TextTokenizer
+
+UNIT_ROUNDOFF = 2.0 ** -53  # float64
+TINY_ALIAS = "tiny"
+
+
+@dataclass(frozen=True, eq=False)
+class EmbeddingSpace:
+    """Rows ``0..size-1`` of an embedding matrix, centred, in float64, with the tokenizer they index.
+
+    Centring changes no distance but makes the matrix-product form of the distance (which cancels
+    ``|x|^2 + |y|^2`` against ``2 x.y``) lose far less precision.
+    """
+
+    name: str
+    points: torch.Tensor
+    tokenizer: TextTokenizer
+    unknown_id: int | None = None
+    sq_norms: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.points.dim() != 2 or self.points.shape[0] < 2:
+            raise PrivtuneError(f"embedding {self.name!r} must be a matrix with at least 2 rows, got shape "
+                                f"{tuple(self.points.shape)}")
+        if not torch.isfinite(self.points).all():
+            raise PrivtuneError(f"embedding {self.name!r} contains NaN or infinite values; use a trained, finite matrix")
+        if self.unknown_id is not None and not 0 <= self.unknown_id < self.size:
+            raise PrivtuneError(f"unknown_id {self.unknown_id} is not a row of embedding {self.name!r} "
+                                f"(rows 0..{self.size - 1})")
+        object.__setattr__(self, "sq_norms", (self.points * self.points).sum(dim=1))
+
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor, tokenizer: TextTokenizer, name: str = "given",
+                    unknown_id: int | None = None) -> EmbeddingSpace:
+        """Use the first ``min(rows, tokenizer.vocab_size)`` rows of ``matrix`` as the space.
+
+        Rows beyond the tokenizer's vocabulary (padding rows of some models) are never produced by
+        the tokenizer and could not be decoded, so they are neither inputs nor outputs.
+        """
+        used = min(int(matrix.shape[0]), int(tokenizer.vocab_size))
+        points = matrix.detach()[:used].to(device="cpu", dtype=torch.float64)
+        return cls(name, points - points.mean(dim=0), tokenizer, unknown_id)
+
+    @property
+    def size(self) -> int:
+        return int(self.points.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.points.shape[1])
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the centred float64 matrix: identifies the metric space for caches."""
+        return hashlib.sha256(self.points.contiguous().numpy().tobytes()).hexdigest()
+
+    @cached_property
+    def radius(self) -> float:
+        """Largest distance of a row from the centroid."""
+        return float(self.sq_norms.max().sqrt())
+
+    @cached_property
+    def rounding_bound(self) -> float:
+        """An upper bound on |computed distance - exact distance| for every pair of rows.
+
+        Squared distances are computed as |x|^2 + |y|^2 - 2 x.y from dot products of length ``dim``;
+        each is accurate to gamma_{dim+2} (|x| + |y|)^2 <= gamma * 4 R^2 in any summation order
+        (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), and |sqrt(a) - sqrt(b)| <=
+        sqrt(|a - b|). The guarantees add this slack to every distance they use.
+        """
+        n_u = (self.dim + 2) * UNIT_ROUNDOFF
+        gamma = n_u / (1.0 - n_u)
+        return 2.0 * self.radius * math.sqrt(gamma)
+
+    def distances(self, rows: torch.Tensor) -> torch.Tensor:
+        """Distances from the given rows to every row, shape (len(rows), size), float64.
+
+        The distance of a row to itself is set to exactly 0 (the formula would leave rounding
+        noise of the order of ``rounding_bound`` there).
+        """
+        sq = torch.addmm(self.sq_norms[rows, None] + self.sq_norms[None, :], self.points[rows], self.points.T,
+                         beta=1.0, alpha=-2.0)
+        dist = sq.clamp_min_(0.0).sqrt_()
+        dist[torch.arange(len(rows)), rows] = 0.0
+        return dist
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids of ``text`` inside the space: out-of-vocabulary ids mapped to ``unknown_id`` or refused."""
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        outside = (ids < 0) | (ids >= self.size)
+        if bool(outside.any()):
+            if self.unknown_id is None:
+                position = int(outside.nonzero()[0, 0])
+                raise PrivtuneError(
+                    f"token id {int(ids[position])} at token position {position} has no row in embedding "
+                    f"{self.name!r} ({self.size} rows); such a token would pass through unperturbed, so the text "
+                    "is refused. Use an embedding that covers the tokenizer's vocabulary, or give an unknown_id row "
+                    "that out-of-vocabulary tokens are mapped to before perturbation"
+                )
+            ids = torch.where(outside, torch.tensor(self.unknown_id), ids)
+        return ids
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return self.tokenizer.decode(ids.tolist())
+
+
+def load_embedding(source: str = "smollm2") -> EmbeddingSpace:
+    """The input embeddings and tokenizer of a model: ``smollm2``, ``tiny`` (= ``tiny-llama``), ``tiny-*`` or a folder.
+
+    The embedding is public (the model owner's), independent of the text perturbed, which the
+    guarantee requires; it need not be the model being fine-tuned.
+    """
+    from common.models import load_model
+
+    loaded = load_model("tiny-llama" if source == TINY_ALIAS else source)
+    matrix = loaded.model.get_input_embeddings().weight
+    hf = getattr(loaded.tokenizer, "hf", None)
+    unk = getattr(hf, "unk_token_id", None)
+    unknown_id = int(unk) if unk is not None and 0 <= int(unk) < min(matrix.shape[0], loaded.tokenizer.vocab_size) else None
+    return EmbeddingSpace.from_matrix(matrix, loaded.tokenizer, name=source, unknown_id=unknown_id)

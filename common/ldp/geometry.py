@@ -1,0 +1,138 @@
+"""Geometric facts of an embedding space that the guarantees and CusText need, cached by digest.
+
+Both depend only on the public embedding, never on the text perturbed: a guarantee computed from
+the document's own tokens (the diameter of the tokens used, say) would itself leak the document.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common.errors import PrivtuneError
+from common.ldp.embedding import EmbeddingSpace
+from common.paths import cache_dir
+
+CACHE_VERSION = 1
+BYTES_PER_FLOAT64 = 8
+
+
+def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> float:
+    """An upper bound on the largest distance between two rows, exact up to ``space.rounding_bound``.
+
+    Cached per embedding digest (computing it for 49k x 576 takes well under a second when the
+    pruning below works, and ~30 s when it cannot, e.g. for a random Gaussian matrix).
+    """
+    path = _cache_path(space, "diameter", "json")
+    if path.exists():
+        return float(json.loads(path.read_text())["diameter_bound"])
+    start = time.perf_counter()
+    largest = _largest_distance(space, memory_cap_bytes)
+    figures = {"diameter_bound": largest + space.rounding_bound, "largest_computed_distance": largest,
+               "rounding_bound": space.rounding_bound, "rows": space.size, "dim": space.dim,
+               "seconds": time.perf_counter() - start}
+    _write_atomically(path, json.dumps(figures, indent=2).encode())
+    return figures["diameter_bound"]
+
+
+def _largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
+    """Largest computed pairwise distance, pruned by radius so that only candidate pairs are computed.
+
+    With rows sorted by distance r from the centroid, a pair farther apart than the best distance
+    L found so far needs r_a + r_b > L (triangle inequality through the centroid). A double sweep
+    (farthest point from the farthest point) gives a good L first; each row a then only needs the
+    rows with r_b >= L - r_a, a prefix of the sorted order, and once r_a + r_max < L no later row can
+    be in a better pair. A margin of a few rounding bounds keeps the pruning exact for computed distances.
+    """
+    radii, order = space.sq_norms.sqrt().sort(descending=True)
+    r_max = float(radii[0])
+    margin = 4.0 * space.rounding_bound + 1e-12 * max(r_max, 1.0)
+    far = int(space.distances(order[:1]).argmax())
+    best = float(space.distances(torch.tensor([far])).max())
+    block = max(1, memory_cap_bytes // (space.size * BYTES_PER_FLOAT64))
+    ascending = radii.flip(0)
+    for start in range(0, space.size, block):
+        if float(radii[start]) + r_max < best - margin:
+            break
+        smallest_in_block = float(radii[min(start + block, space.size) - 1])
+        threshold = best - smallest_in_block - margin
+        partners = space.size - int(torch.searchsorted(ascending, torch.tensor([threshold], dtype=ascending.dtype)))
+        rows = order[start:start + block]
+        dist = _distances_to(space, rows, order[:max(partners, 1)])
+        best = max(best, float(dist.max()))
+    return best
+
+
+def _distances_to(space: EmbeddingSpace, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    sq = torch.addmm(space.sq_norms[rows, None] + space.sq_norms[None, others], space.points[rows],
+                     space.points[others].T, beta=1.0, alpha=-2.0)
+    return sq.clamp_min_(0.0).sqrt_()
+
+
+def custext_partition(space: EmbeddingSpace, top_k: int) -> torch.Tensor:
+    """Cell index of every row, for CusText's shared output sets (cached per digest and k).
+
+    The construction follows CusText's (Chen et al., ACL Findings 2023) mapping that shares output
+    sets: take the smallest unassigned token id, make it and its k-1 nearest unassigned tokens one
+    cell, repeat. A final remainder smaller than k joins the last cell, so every cell has between k
+    and 2k-1 members and no token is alone in its cell (which would emit it unchanged). Token-id
+    order is public, so the partition depends on the embedding only.
+    """
+    if top_k < 2 or top_k > space.size:
+        raise PrivtuneError(f"CusText top-k must be between 2 and the vocabulary size {space.size}, got {top_k}")
+    path = _cache_path(space, f"custext-k{top_k}", "pt")
+    if path.exists():
+        return torch.load(path)
+    cells = _greedy_cells(space.points.to(torch.float32), top_k)
+    buffer = io.BytesIO()
+    torch.save(cells, buffer)
+    _write_atomically(path, buffer.getvalue())
+    return cells
+
+
+def _greedy_cells(points: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Greedy nearest-neighbour cells; float32 suffices here (the partition is structure, not a guarantee).
+
+    Assigned rows are masked with +inf and the working matrix is compacted whenever half of it is
+    assigned, so the total work stays about twice a single pass over the shrinking remainder.
+    """
+    n = points.shape[0]
+    cells = torch.full((n,), -1, dtype=torch.long)
+    remaining = torch.arange(n)
+    work = points
+    sq = (work * work).sum(dim=1)
+    assigned = torch.zeros(n, dtype=torch.bool)
+    free = n
+    cell = 0
+    while free >= 2 * top_k:
+        if int(assigned.sum()) * 2 > len(remaining):
+            keep = ~assigned
+            remaining, work, sq, assigned = remaining[keep], work[keep], sq[keep], assigned[keep]
+        seed = int((~assigned).nonzero()[0, 0])
+        dist = sq - 2.0 * (work @ work[seed]) + sq[seed]
+        dist[assigned] = float("inf")
+        dist[seed] = -1.0
+        members = dist.topk(top_k, largest=False).indices
+        assigned[members] = True
+        cells[remaining[members]] = cell
+        cell += 1
+        free -= top_k
+    cells[cells < 0] = cell
+    return cells
+
+
+def _cache_path(space: EmbeddingSpace, what: str, suffix: str) -> Path:
+    return cache_dir("ldp") / f"{what}-v{CACHE_VERSION}-{space.digest[:24]}.{suffix}"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    fd, staging = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(staging, path)

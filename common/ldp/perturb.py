@@ -1,0 +1,110 @@
+"""Perturbing a text document and accounting for it: text in, text plus an :class:`LdpRelease` out.
+
+The text is tokenised with the embedding's tokenizer, every token is replaced by the mechanism's
+draw, and the ids are decoded back to text, so the result composes with whatever encodes it next
+(ULT, another model's tokenizer): re-tokenising is post-processing and costs no privacy.
+
+Per document, the per-token guarantees compose additively: a document of n tokens is
+(n * token_epsilon)-LDP against any other document of n tokens (within the mechanism's scope,
+token by token). The number of tokens itself is released, i.e. not protected. Special tokens
+produced by the mechanism decode to nothing (the tokenizers skip them), which is post-processing too.
+
+When a ledger is given the release is recorded before anything is sampled, and a release that would
+exceed the ledger's per-document budget is refused with nothing perturbed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass
+
+import torch
+
+from common.errors import PrivtuneError
+from common.ldp.embedding import EmbeddingSpace, load_embedding
+from common.ldp.mechanisms import CusText, Mechanism, SanText
+
+MECHANISMS = ("santext", "custext")
+
+
+@dataclass(frozen=True)
+class LdpConfig:
+    """How to perturb: mechanism, its epsilon, the embedding (see ``load_embedding``) and memory cap."""
+
+    epsilon: float
+    mechanism: str = "santext"
+    embedding: str = "smollm2"
+    top_k: int = 20
+    memory_cap_mb: float = 256.0
+
+
+@dataclass(frozen=True)
+class LdpRelease:
+    """The guarantee of one perturbed document, as recorded in the ledger (kind ``ldp``, unit document)."""
+
+    mechanism: str
+    epsilon: float
+    embedding: str
+    n_tokens: int
+    token_epsilon: float
+    document_epsilon: float
+    scope: str
+    metric_epsilon: float | None
+    metric_slack: float
+    diameter: float | None
+    unit: str = "token"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lines = [f"mechanism: {self.mechanism} (epsilon parameter {self.epsilon:g}) over {self.embedding} embeddings"]
+        if self.metric_epsilon is not None:
+            lines.append(f"per token, metric: {self.metric_epsilon:g} * d(x, x') + {self.metric_slack:.2g}-LDP "
+                         f"(d = Euclidean distance of the token embeddings, diameter {self.diameter:.6g})")
+        lines.append(f"per token: {self.token_epsilon:.6g}-LDP (pure) for {self.scope}")
+        lines.append(f"per document: {self.document_epsilon:.6g}-LDP (pure) = {self.n_tokens} tokens x "
+                     f"{self.token_epsilon:.6g}; the number of tokens is not protected")
+        return "\n".join(lines)
+
+
+def build_mechanism(config: LdpConfig, space: EmbeddingSpace | None = None) -> Mechanism:
+    """The configured mechanism over ``space`` (loaded from ``config.embedding`` when not given)."""
+    if config.mechanism not in MECHANISMS:
+        raise PrivtuneError(f"unknown LDP mechanism {config.mechanism!r}; choose one of {', '.join(MECHANISMS)}")
+    space = space if space is not None else load_embedding(config.embedding)
+    if config.mechanism == "custext":
+        return CusText(space, config.epsilon, config.top_k, config.memory_cap_mb)
+    return SanText(space, config.epsilon, config.memory_cap_mb)
+
+
+def release_for(mechanism: Mechanism, n_tokens: int) -> LdpRelease:
+    """The guarantee of perturbing ``n_tokens`` tokens, known before any sampling."""
+    token = mechanism.guarantee
+    return LdpRelease(
+        mechanism=mechanism.name, epsilon=mechanism.epsilon,
+        embedding=f"{mechanism.space.name} (sha256 {mechanism.space.digest[:12]})", n_tokens=n_tokens,
+        token_epsilon=token.token_epsilon, document_epsilon=n_tokens * token.token_epsilon, scope=token.scope,
+        metric_epsilon=token.metric_epsilon, metric_slack=token.metric_slack, diameter=token.diameter,
+    )
+
+
+def make_generator(seed: int | None = None) -> torch.Generator:
+    """A generator seeded from ``secrets`` unless an explicit seed (tests, reproducible demos) is given."""
+    return torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
+
+
+def perturb_text(text: str, mechanism: Mechanism, *, seed: int | None = None, ledger=None,
+                 document_id: str = "") -> tuple[str, LdpRelease]:
+    """Perturb every token of ``text``; return the perturbed text and its guarantee.
+
+    ``ledger`` (a :class:`common.ledger.Ledger`) records the release under ``document_id`` before
+    sampling; releases that share an id add up against the per-document budget, so the default (one
+    shared id) is the conservative choice.
+    """
+    ids = mechanism.space.encode(text)
+    release = release_for(mechanism, len(ids))
+    if ledger is not None:
+        ledger.spend("ldp", release.document_epsilon, subject=document_id, details=release.to_dict())
+    perturbed = mechanism.sample(ids, make_generator(seed))
+    return mechanism.space.decode(perturbed), release

@@ -1,0 +1,30 @@
+"""Offsite-tuning: the model owner ships an emulator + adapter, data owners train the adapter, the owner plugs it in.
+
+Modules: ``config`` (the split), ``split`` (block indices, emulator model), ``package`` (what travels,
+hash-verified), ``adapter`` (trainable part, canonical names), ``plugin`` (back into the full model),
+``train`` / ``distill`` / ``evaluate`` (loops and the perplexity table).
+"""
+
+from common.offsite.adapter import (
+    AdapterManifest,
+    adapter_manifest,
+    adapter_state,
+    load_adapter,
+    load_adapter_state,
+    prepare_adapter,
+    save_adapter,
+)
+from common.offsite.config import OffsiteConfig
+from common.offsite.distill import DistillConfig, DistillResult, distill_emulator, middle_kd
+from common.offsite.evaluate import evaluation_table, perplexity
+from common.offsite.package import EmulatorPackage, cache_package, load_cached
+from common.offsite.plugin import plug_in
+from common.offsite.split import SplitIndices, build_emulator_model, split_indices
+from common.offsite.train import TrainConfig, TrainResult, train_adapter
+
+__all__ = [
+    "AdapterManifest", "DistillConfig", "DistillResult", "EmulatorPackage", "OffsiteConfig", "SplitIndices",
+    "TrainConfig", "TrainResult", "adapter_manifest", "adapter_state", "build_emulator_model", "cache_package",
+    "distill_emulator", "evaluation_table", "load_adapter", "load_adapter_state", "load_cached", "middle_kd",
+    "perplexity", "plug_in", "prepare_adapter", "save_adapter", "split_indices", "train_adapter",
+]

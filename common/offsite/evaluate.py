@@ -1,0 +1,74 @@
+"""Perplexity on held-out text, and the offsite-tuning comparison table.
+
+The table puts the plug-in next to emulator + adapter on the same text: plug-in close to full
+fine-tuning shows the adapter transfers; emulator + adapter clearly worse shows the emulator does
+not give the full model away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from common.offsite.lm import forward_logits, next_token_nll
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp of the token-weighted mean next-token NLL over all blocks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[start:start + batch_size]
+            total += next_token_nll(forward_logits(model, batch), batch, reduction="sum").item()
+            count += batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        model.train(was_training)
+    return math.exp(total / count)
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+
+
+ROWS = (
+    Row("zero_shot", "full model, zero-shot"),
+    Row("emulator", "emulator alone"),
+    Row("emulator_adapter", "emulator + trained adapter"),
+    Row("plugin", "plug-in: full model + trained adapter"),
+    Row("full_ft", "full fine-tuning (reference)"),
+)
+
+
+def evaluation_table(
+    heldout: torch.Tensor,
+    *,
+    full_model: nn.Module | None = None,
+    emulator: nn.Module | None = None,
+    emulator_adapter: nn.Module | None = None,
+    plugin: nn.Module | None = None,
+    full_ft: nn.Module | None = None,
+    batch_size: int = 8,
+    title: str = "perplexity on held-out text",
+) -> dict[str, float | None]:
+    """Perplexity of each given model on the same ``heldout`` blocks; prints and returns the table.
+
+    Keys follow :data:`ROWS`; a model not given is reported as None ("-").
+    """
+    models = {"zero_shot": full_model, "emulator": emulator, "emulator_adapter": emulator_adapter,
+              "plugin": plugin, "full_ft": full_ft}
+    results = {row.key: (perplexity(models[row.key], heldout, batch_size) if models[row.key] is not None else None)
+               for row in ROWS}
+    width = max(len(row.label) for row in ROWS)
+    print(f"\n{title} ({heldout.shape[0]} blocks x {heldout.shape[1]} tokens)")
+    for row in ROWS:
+        value = results[row.key]
+        print(f"  {row.label:<{width}}  {'-' if value is None else f'{value:10.2f}'}")
+    return results

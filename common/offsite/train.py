@@ -1,0 +1,144 @@
+"""The data owner's training loop over whatever parameters of a model are trainable.
+
+One loop serves plain training (AdamW, shuffled blocks), full fine-tuning as a reference, and DP-SGD:
+the DP helper passes Opacus' wrapped model, its ``DPOptimizer`` as ``optimizer`` and batches from its
+Poisson ``DPDataLoader`` as ``batches``, and the loop stays the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from common.errors import PrivtuneError
+from common.offsite.lm import lm_loss
+
+DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    dtype: str = "fp32"
+    seed: int | None = None
+    log_every: int = 10
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PrivtuneError(f"training dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise PrivtuneError(f"need steps >= 0, batch_size >= 1 and lr > 0 (got {self.steps}, {self.batch_size}, {self.lr})")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    last_loss: float
+    steps: int
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def autocast(dtype: str) -> contextlib.AbstractContextManager:
+    """bf16 mixed precision on CPU (weights stay fp32), or nothing for fp32."""
+    if dtype == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def shuffled_batches(blocks: torch.Tensor, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    """Endless batches, each epoch a fresh permutation; batch ``s`` depends only on (seed, s).
+
+    That makes a resumed run see exactly the batches an uninterrupted one would.
+    """
+    n = len(blocks)
+    position = start_step * batch_size
+    epoch, offset = divmod(position, n)
+    pending: list[torch.Tensor] = []
+    while True:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[offset:]
+        pending.append(order)
+        offset, epoch = 0, epoch + 1
+        available = torch.cat(pending)
+        while len(available) >= batch_size:
+            yield blocks[available[:batch_size]]
+            available = available[batch_size:]
+        pending = [available]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PrivtuneError("the model has no trainable parameters; prepare an adapter first")
+    return params
+
+
+def train_adapter(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    cfg: TrainConfig,
+    optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    progress: bool = True,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    batches: Iterable[torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train the model's trainable parameters for ``cfg.steps`` steps on next-token loss.
+
+    Defaults: AdamW(lr, weight_decay) over trainable parameters and shuffled batches of ``blocks``.
+    ``optimizer_factory`` replaces the optimizer's construction; ``optimizer`` (already built) and
+    ``batches`` (any iterable of ``[B, T]`` id tensors, or of 1-tuples as a DataLoader yields) replace
+    the optimizer and the data outright.
+    """
+    if blocks.dim() != 2 or len(blocks) == 0:
+        raise PrivtuneError(f"training data must be a non-empty [n_blocks, block_size] tensor, got shape {list(blocks.shape)}")
+    if optimizer is None:
+        params = trainable_parameters(model)
+        optimizer = (optimizer_factory(params) if optimizer_factory
+                     else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    if batches is None:
+        seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
+        batches = shuffled_batches(blocks, cfg.batch_size, seed)
+    stream = iter(batches)
+    was_training = model.training
+    model.train()
+    losses: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=not progress, leave=False)
+    try:
+        for step in range(cfg.steps):
+            batch = next(stream)
+            if isinstance(batch, (tuple, list)):
+                batch = batch[0]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(cfg.dtype):
+                loss = lm_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            tokens += batch.numel()
+            bar.update(1)
+            if (step + 1) % max(cfg.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if not losses:
+        return TrainResult(float("nan"), float("nan"), 0, 0, seconds)
+    return TrainResult(sum(losses) / len(losses), losses[-1], len(losses), tokens, seconds)

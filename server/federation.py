@@ -1,0 +1,142 @@
+"""The model owner's federated run: rounds, per-round plug-in evaluation, checkpoints, outputs.
+
+Flower's strategy drives the rounds (``Strategy.start``); its ``evaluate_fn`` hook, called before the
+first round and after every round, is where the model owner plugs the aggregate into the full model,
+measures perplexity, prints the round line and checkpoints. A restarted server finds the checkpoint
+and runs only the rounds that are left, starting from the last aggregate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from common.federation.config import FederationConfig
+from common.federation.records import from_arrays, manifest_record, to_arrays
+from common.offsite.evaluate import perplexity
+from common.offsite.plugin import plug_in
+from server.model_owner import ModelOwner
+from server.run_folder import Checkpoint, RunFolder
+from server.strategy import make_strategy
+
+log = logging.getLogger("privtune.server")
+
+EMULATOR_HASH = "emulator-hash"
+EMBEDDINGS_KEYED = "embeddings-keyed"
+
+
+def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+    folder = RunFolder(cfg.run_dir)
+    owner = ModelOwner.prepare(cfg)
+    manifest = owner.package.adapter_manifest
+    checkpoint = folder.load_checkpoint()
+    if checkpoint is not None and checkpoint.extra.get(EMULATOR_HASH) != owner.package.content_hash:
+        log.warning("checkpoint in %s belongs to another emulator package; starting over", folder.root)
+        checkpoint = None
+    done = checkpoint.round if checkpoint else 0
+    history: list[dict[str, Any]] = list(checkpoint.history) if checkpoint else []
+    keyed = bool(checkpoint.extra.get(EMBEDDINGS_KEYED)) if checkpoint else False
+    initial = checkpoint.adapter if checkpoint else owner.initial_adapter()
+    remaining = cfg.num_server_rounds - done
+    if done:
+        print(f"[privtune] resuming from round {done} checkpoint in {folder.checkpoint_dir}; {max(remaining, 0)} round(s) left")
+
+    tensors, package_manifest = owner.package.to_parts()
+    strategy = make_strategy(cfg, (to_arrays(tensors), manifest_record(package_manifest)))
+    train_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: keyed})
+    eval_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: True})
+    started = time.perf_counter()
+    zero_shot: dict[str, float] = {}
+
+    def plugin_ppl(state: dict[str, torch.Tensor]) -> float:
+        if owner.eval_blocks is None:
+            return float("nan")
+        return perplexity(plug_in(owner.full_model, state, manifest), owner.eval_blocks)
+
+    def evaluate(local_round: int, arrays: ArrayRecord) -> MetricRecord:
+        state = from_arrays(arrays)
+        if local_round == 0:
+            if not done:
+                zero_shot["ppl"] = perplexity(owner.full_model, owner.eval_blocks) if (owner.eval_blocks is not None and cfg.encoding == "raw") else float("nan")
+            return MetricRecord({"plugin-ppl": zero_shot.get("ppl", float("nan"))})
+        server_round = done + local_round
+        # From the first aggregate on, embedding rows (ULT mode) are in the key's order.
+        train_config[EMBEDDINGS_KEYED] = True
+        entry = strategy.rounds.get(local_round)
+        ppl = plugin_ppl(state)
+        row = round_row(server_round, entry, ppl, strategy)
+        history.append(row)
+        folder.save_checkpoint(Checkpoint(server_round, state, history, {EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: True}))
+        print(format_round(row, cfg.num_server_rounds), flush=True)
+        return MetricRecord({"plugin-ppl": ppl})
+
+    if remaining > 0:
+        result = strategy.start(grid, initial_arrays=to_arrays(initial), num_rounds=remaining, timeout=cfg.round_timeout,
+                                train_config=train_config, evaluate_config=eval_config, evaluate_fn=evaluate)
+        final = from_arrays(result.arrays) if result.arrays is not None else initial
+    else:
+        final = initial
+    return finish(folder, owner, cfg, final, history, zero_shot.get("ppl"), strategy, time.perf_counter() - started)
+
+
+def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
+    metrics = entry.client_metrics if entry else {}
+    accepted = entry.accepted if entry else []
+    losses = [metrics[n]["train-loss"] for n in accepted if n in metrics]
+    examples = sum(metrics[n].get("num-examples", 0.0) for n in accepted if n in metrics)
+    privacy = {str(node): {k: v for k, v in m.items() if "epsilon" in k} for node, m in metrics.items()}
+    return {
+        "round": server_round,
+        "loss": sum(losses) / len(losses) if losses else float("nan"),
+        "plugin_ppl": ppl,
+        "emulator_adapter_ppl": math.exp(entry.eval_loss) if entry and entry.eval_loss is not None else float("nan"),
+        "examples": examples,
+        "bytes_down": entry.bytes_down if entry else 0,
+        "bytes_up": entry.bytes_up if entry else 0,
+        "emulator_sent_to": len(entry.sent_emulator_to) if entry else 0,
+        "accepted": len(accepted),
+        "rejected": [{"node": r.node_id, "reason": r.reason} for r in (entry.rejected if entry else [])],
+        "privacy": privacy,
+    }
+
+
+def format_round(row: dict[str, Any], total: int) -> str:
+    spent = ", ".join(f"{node}: " + " ".join(f"{k}={v:.3g}" for k, v in p.items()) for node, p in row["privacy"].items() if p)
+    return (f"[round {row['round']}/{total}] loss {row['loss']:.4f}  plug-in ppl {row['plugin_ppl']:.2f}  "
+            f"examples {row['examples']:.0f}  sent {row['bytes_down'] / 1e6:.2f} MB  received {row['bytes_up'] / 1e6:.2f} MB  "
+            f"accepted {row['accepted']}  rejected {len(row['rejected'])}" + (f"  privacy [{spent}]" if spent else ""))
+
+
+def finish(folder: RunFolder, owner: ModelOwner, cfg: FederationConfig, final: dict[str, torch.Tensor],
+           history: list[dict[str, Any]], zero_shot_ppl: float | None, strategy, seconds: float) -> dict[str, Any]:
+    manifest = owner.package.adapter_manifest
+    plugged = plug_in(owner.full_model, final, manifest)
+    plugged.save_pretrained(folder.root / "model")
+    for node, adapter in strategy.latest_adapters.items():
+        folder.save_owner_adapter(f"node-{node}", adapter, manifest.to_dict())
+    folder.save_owner_adapter("aggregate", final, manifest.to_dict())
+    privacy_by_owner: dict[str, dict[str, float]] = {}
+    for row in history:
+        for node, spent in row["privacy"].items():
+            privacy_by_owner.setdefault(f"node-{node}", {}).update(spent)
+    metrics = {
+        "zero_shot_ppl": zero_shot_ppl,
+        "plugin_ppl": history[-1]["plugin_ppl"] if history else None,
+        "emulator_adapter_ppl": history[-1]["emulator_adapter_ppl"] if history else None,
+        "rounds": history,
+        "privacy_reported": privacy_by_owner,
+        "config": cfg.to_run_config(),
+        "emulator_hash": owner.package.content_hash,
+        "seconds": seconds,
+    }
+    folder.write_metrics(metrics)
+    folder.write_plots(history, privacy_by_owner)
+    (folder.root / "adapter_manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+    return metrics
