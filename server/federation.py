@@ -101,6 +101,7 @@ def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
         "bytes_down": entry.bytes_down if entry else 0,
         "bytes_up": entry.bytes_up if entry else 0,
         "emulator_sent_to": len(entry.sent_emulator_to) if entry else 0,
+        "records_down": sorted(entry.records_down) if entry else [],
         "accepted": len(accepted),
         "rejected": [{"node": r.node_id, "reason": r.reason} for r in (entry.rejected if entry else [])],
         "privacy": privacy,

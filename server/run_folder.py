@@ -107,6 +107,7 @@ class RunFolder:
         fig.savefig(plots / "training.png", dpi=110)
         plt.close(fig)
         written.append(plots / "training.png")
+        privacy_by_owner = {owner: spent for owner, spent in privacy_by_owner.items() if spent}
         if privacy_by_owner:
             owners = sorted(privacy_by_owner)
             kinds = sorted({k for v in privacy_by_owner.values() for k in v})

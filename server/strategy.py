@@ -31,6 +31,7 @@ class RoundLog:
     bytes_down: int = 0
     bytes_up: int = 0
     sent_emulator_to: list[int] = field(default_factory=list)
+    records_down: set[str] = field(default_factory=set)
     accepted: list[int] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -60,6 +61,7 @@ class OffsiteMixin:
                 content[EMULATOR], content[EMULATOR_MANIFEST] = self.emulator_records
                 entry.sent_emulator_to.append(node)
             entry.bytes_down += content_bytes(content)
+            entry.records_down.update(content.array_records)
             personalised.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
         return personalised
 

@@ -174,8 +174,9 @@ class CusText(Mechanism):
         for probs, _, positions, rows in self._chunks(everything):
             cell = self.cells[everything[positions]]
             logp = probs[rows].log()
-            highest.index_reduce_(0, cell, logp, "amax")
-            lowest.index_reduce_(0, cell, logp, "amin")
+            index = cell[:, None].expand_as(logp)
+            highest.scatter_reduce_(0, index, logp, "amax")
+            lowest.scatter_reduce_(0, index, logp, "amin")
         valid = self.members >= 0
         token_epsilon = float((highest - lowest)[valid].max())
         return TokenGuarantee(

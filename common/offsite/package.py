@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -245,8 +246,8 @@ def cache_package(package: EmulatorPackage, cache_root: Path | str | None = None
 def load_cached(content_hash: str, cache_root: Path | str | None = None) -> EmulatorPackage | None:
     """The cached package with this hash, or None if absent.
 
-    A cached copy that fails verification is reported and treated as absent, so the caller fetches
-    the package again instead of being stuck on a broken cache.
+    A cached copy that fails verification is reported and removed, so the caller fetches the
+    package again and caches it afresh instead of being stuck on a broken cache.
     """
     root = Path(cache_root) if cache_root is not None else cache_dir("emulators")
     folder = root / content_hash
@@ -254,10 +255,10 @@ def load_cached(content_hash: str, cache_root: Path | str | None = None) -> Emul
         return None
     try:
         package = EmulatorPackage.load(folder)
+        if package.content_hash != content_hash:
+            raise PrivtuneError(f"{folder} holds package {package.content_hash}, not {content_hash}")
     except PrivtuneError as err:
-        warnings.warn(f"ignoring broken cached emulator package: {err}", stacklevel=2)
-        return None
-    if package.content_hash != content_hash:
-        warnings.warn(f"ignoring cached emulator package in {folder}: it holds {package.content_hash}", stacklevel=2)
+        warnings.warn(f"removing broken cached emulator package: {err}", stacklevel=2)
+        shutil.rmtree(folder, ignore_errors=True)
         return None
     return package

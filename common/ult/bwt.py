@@ -43,7 +43,7 @@ def bwt_batch(patches: np.ndarray) -> np.ndarray:
     width = min(m, _KEY_BITS // bits)
     key = _rotation_keys(ranks, width, bits)
     if width == m:
-        last = (np.sort(key, axis=0) & ((1 << bits) - 1)).T
+        last = np.ascontiguousarray((np.sort(key, axis=0) & ((1 << bits) - 1)).T)
     else:
         key, ranks = np.ascontiguousarray(key.T), np.ascontiguousarray(ranks.T)
         order = np.argsort(key, axis=1)

@@ -133,3 +133,5 @@ def test_cache_by_hash(tmp_path):
     (folder / TENSORS_FILE).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="broken cached"):
         assert load_cached(package.content_hash, tmp_path) is None
+    cache_package(package, tmp_path)  # the broken copy was removed, so this caches afresh
+    assert_same_package(package, load_cached(package.content_hash, tmp_path))
