@@ -70,8 +70,10 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         # From the first aggregate on, embedding rows (ULT mode) are in the key's order.
         train_config[EMBEDDINGS_KEYED] = True
         entry = strategy.rounds.get(local_round)
+        began = time.perf_counter()
         ppl = plugin_ppl(state)
         row = round_row(server_round, entry, ppl, strategy)
+        row["timing"] = round_timing(entry, time.perf_counter() - began)
         history.append(row)
         folder.save_checkpoint(Checkpoint(server_round, state, history, {EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: True}))
         print(format_round(row, cfg.num_server_rounds), flush=True)
@@ -106,6 +108,18 @@ def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
         "rejected": [{"node": r.node_id, "reason": r.reason} for r in (entry.rejected if entry else [])],
         "privacy": privacy,
     }
+
+
+def round_timing(entry, evaluate_seconds: float) -> dict[str, float]:
+    """Wall time of the round split into its parts. Owners train in parallel, so "train" is the
+    slowest accepted owner's training time; "communicate" is what remains of the round's wall time
+    (message transport, (de)serialisation, client set-up and client-side evaluation)."""
+    if entry is None:
+        return {}
+    wall = time.perf_counter() - entry.started
+    train = max((m.get("train-seconds", 0.0) for m in entry.client_metrics.values()), default=0.0)
+    return {"wall_s": wall, "train_s": train, "aggregate_s": entry.aggregate_seconds, "evaluate_s": evaluate_seconds,
+            "communicate_s": max(0.0, wall - train - entry.aggregate_seconds - evaluate_seconds)}
 
 
 def format_round(row: dict[str, Any], total: int) -> str:

@@ -12,6 +12,7 @@ The mixin adds three things to whichever Flower strategy aggregates:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class RoundLog:
     rejected: list[Rejection] = field(default_factory=list)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     eval_loss: float | None = None
+    started: float = 0.0
+    aggregate_seconds: float = 0.0
 
 
 class OffsiteMixin:
@@ -53,6 +56,7 @@ class OffsiteMixin:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._reference = from_arrays(arrays)
         entry = self.rounds.setdefault(server_round, RoundLog())
+        entry.started = time.perf_counter()
         personalised = []
         for message in messages:
             node = message.metadata.dst_node_id
@@ -68,6 +72,7 @@ class OffsiteMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         entry = self.rounds.setdefault(server_round, RoundLog())
+        began = time.perf_counter()
         for message in replies:
             if not message.has_error():
                 entry.bytes_up += content_bytes(message.content)
@@ -80,9 +85,10 @@ class OffsiteMixin:
         entry.accepted = [m.metadata.src_node_id for m in accepted]
         for message in accepted:
             self.latest_adapters[message.metadata.src_node_id] = from_arrays(message.content.array_records[ARRAYS])
-        if not accepted:
-            return None, None
-        return super().aggregate_train(server_round, accepted)
+        try:
+            return super().aggregate_train(server_round, accepted) if accepted else (None, None)
+        finally:
+            entry.aggregate_seconds = time.perf_counter() - began
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = [m for m in replies if decline_reason(m) is None and "metrics" in m.content.metric_records]

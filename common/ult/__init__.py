@@ -1,0 +1,57 @@
+"""ULT (Unified Lookup Tables): compression as the modality tokenizer, a frequency-ranked lookup
+table into a common vocabulary, and a keyed permutation so only the key holder can read the ids.
+
+Typical use::
+
+    table = build_table(public_files, UltConfig(vocab_size=8192))      # model owner, public
+    key = new_key_file("federation.key")                                 # data owners, shared
+    tok = UltTokenizer(bind_key(table, key), key)                       # data owner, on site
+    ids = tok.encode(text); assert tok.decode(ids, strict=True) == text
+    keyed_embedding = public_embedding[permuted_rows(table, key)]       # warm start
+
+Modules: :mod:`.bwt` (batched BWT), :mod:`.text`, :mod:`.numeric`, :mod:`.image` (codecs),
+:mod:`.table` (ranking, files), :mod:`.keys` (key, permutation), :mod:`.mapping` (ids, escapes),
+:mod:`.tokenizer`, :mod:`.fingerprints`, :mod:`.cli`, :mod:`.pretrain`.
+"""
+
+from common.ult.config import UltConfig
+from common.ult.fingerprints import table_fingerprints
+from common.ult.image import DctImageCodec
+from common.ult.keys import (
+    UltKey,
+    band_permutation,
+    bind_key,
+    key_from_passphrase,
+    load_key_file,
+    new_key_file,
+    permuted_rows,
+    verify_key,
+)
+from common.ult.mapping import SymbolMapper
+from common.ult.numeric import MuLawCodec
+from common.ult.table import LookupTable, build_symbol_table, build_table, load_table, save_table
+from common.ult.text import TextCodec
+from common.ult.tokenizer import UltTokenizer
+
+__all__ = [
+    "DctImageCodec",
+    "LookupTable",
+    "MuLawCodec",
+    "SymbolMapper",
+    "TextCodec",
+    "UltConfig",
+    "UltKey",
+    "UltTokenizer",
+    "band_permutation",
+    "bind_key",
+    "build_symbol_table",
+    "build_table",
+    "key_from_passphrase",
+    "load_key_file",
+    "load_table",
+    "new_key_file",
+    "permuted_rows",
+    "save_table",
+    "table_fingerprints",
+    "verify_key",
+]
