@@ -25,8 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	for b in load offsite ult ldp federated pmixed; do $(PY) -m bench.$$b || exit 1; done
 
+# Stubs land in common/proto_gen/privtune/v1/ (protoc -Icommon/proto_gen=protos, so they import as common.proto_gen...).
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=common/proto_gen --grpc_python_out=common/proto_gen --pyi_out=common/proto_gen protos/privtune/v1/inference.proto
+	$(PY) -m common.proto_gen.generate
 
 clean-cache:
 	rm -rf $${PRIVTUNE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/privtune}

@@ -75,7 +75,7 @@ def _distances_to(space: EmbeddingSpace, rows: torch.Tensor, others: torch.Tenso
     return sq.clamp_min_(0.0).sqrt_()
 
 
-def custext_partition(space: EmbeddingSpace, top_k: int) -> torch.Tensor:
+def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int = 256 << 20) -> torch.Tensor:
     """Cell index of every row, for CusText's shared output sets (cached per digest and k).
 
     The construction follows CusText's (Chen et al., ACL Findings 2023) mapping that shares output
@@ -89,18 +89,21 @@ def custext_partition(space: EmbeddingSpace, top_k: int) -> torch.Tensor:
     path = _cache_path(space, f"custext-k{top_k}", "pt")
     if path.exists():
         return torch.load(path)
-    cells = _greedy_cells(space.points.to(torch.float32), top_k)
+    cells = _greedy_cells(space.points.to(torch.float32), top_k, memory_cap_bytes)
     buffer = io.BytesIO()
     torch.save(cells, buffer)
     _write_atomically(path, buffer.getvalue())
     return cells
 
 
-def _greedy_cells(points: torch.Tensor, top_k: int) -> torch.Tensor:
+def _greedy_cells(points: torch.Tensor, top_k: int, memory_cap_bytes: int) -> torch.Tensor:
     """Greedy nearest-neighbour cells; float32 suffices here (the partition is structure, not a guarantee).
 
-    Assigned rows are masked with +inf and the working matrix is compacted whenever half of it is
-    assigned, so the total work stays about twice a single pass over the shrinking remainder.
+    The seeds are the smallest unassigned ids, so the next seeds are known in advance up to those
+    that get assigned first: distances of a block of upcoming candidate seeds to all remaining rows
+    come from one matrix product, and the sequential part is only a masked top-k per seed. The
+    result is exactly that of the one-seed-at-a-time greedy. Rows are compacted once half of the
+    working set is assigned.
     """
     n = points.shape[0]
     cells = torch.full((n,), -1, dtype=torch.long)
@@ -108,21 +111,26 @@ def _greedy_cells(points: torch.Tensor, top_k: int) -> torch.Tensor:
     work = points
     sq = (work * work).sum(dim=1)
     assigned = torch.zeros(n, dtype=torch.bool)
-    free = n
-    cell = 0
+    free, cell = n, 0
     while free >= 2 * top_k:
         if int(assigned.sum()) * 2 > len(remaining):
             keep = ~assigned
             remaining, work, sq, assigned = remaining[keep], work[keep], sq[keep], assigned[keep]
-        seed = int((~assigned).nonzero()[0, 0])
-        dist = sq - 2.0 * (work @ work[seed]) + sq[seed]
-        dist[assigned] = float("inf")
-        dist[seed] = -1.0
-        members = dist.topk(top_k, largest=False).indices
-        assigned[members] = True
-        cells[remaining[members]] = cell
-        cell += 1
-        free -= top_k
+        block = max(1, memory_cap_bytes // (4 * len(remaining)))
+        seeds = (~assigned).nonzero().squeeze(1)[:block]
+        dist = torch.addmm(sq[seeds, None] + sq[None, :], work[seeds], work.T, beta=1.0, alpha=-2.0)
+        for row, seed in zip(dist, seeds.tolist()):
+            if free < 2 * top_k:
+                break
+            if assigned[seed]:
+                continue
+            row = torch.where(assigned, float("inf"), row)
+            row[seed] = -1.0
+            members = row.topk(top_k, largest=False).indices
+            assigned[members] = True
+            cells[remaining[members]] = cell
+            cell += 1
+            free -= top_k
     cells[cells < 0] = cell
     return cells
 

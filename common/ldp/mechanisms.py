@@ -31,7 +31,7 @@ from common.ldp.embedding import EmbeddingSpace
 from common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
 from common.ldp.sampling import sample_rows
 
-SANTEXT_ARRAYS_PER_ROW = 5  # distances, probabilities, CDF, ticks, search keys
+ARRAYS_PER_ROW = 5  # distances (then probabilities), softmax output, CDF, integer ticks, search keys
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class SanText(Mechanism):
     name = "santext"
 
     def _bytes_per_row(self) -> int:
-        return SANTEXT_ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.space.size
+        return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.space.size
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
         logits = self.space.distances(tokens).mul_(-self.epsilon / 2.0)
@@ -139,46 +139,54 @@ class CusText(Mechanism):
     def __init__(self, space: EmbeddingSpace, epsilon: float, top_k: int = 20, memory_cap_mb: float = 256.0) -> None:
         super().__init__(space, epsilon, memory_cap_mb)
         self.top_k = int(top_k)
-        self.cells = custext_partition(space, self.top_k)
+        self.cells = custext_partition(space, self.top_k, self.memory_cap_bytes)
         sizes = torch.bincount(self.cells)
         by_cell = torch.argsort(self.cells, stable=True)
         starts = torch.cumsum(sizes, 0) - sizes
         slot = torch.arange(space.size) - starts[self.cells[by_cell]]
         self.members = torch.full((len(sizes), int(sizes.max())), -1, dtype=torch.long)
         self.members[self.cells[by_cell], slot] = by_cell
+        self.table = self._token_table()
+
+    def _token_table(self) -> torch.Tensor:
+        """Row t: token t's output distribution over the members of its cell (in the cell's member order).
+
+        Distances are computed per cell (a small Gram matrix), in chunks of cells under the memory cap.
+        """
+        n_cells, width = self.members.shape
+        table = torch.zeros(self.space.size, width, dtype=torch.float64)
+        step = max(1, self.memory_cap_bytes // (BYTES_PER_FLOAT64 * width * (self.space.dim + 3 * width)))
+        eye = torch.eye(width, dtype=torch.bool)
+        for start in range(0, n_cells, step):
+            members = self.members[start:start + step]
+            valid = members >= 0
+            points = self.space.points[members.clamp_min(0)]
+            sq = self.space.sq_norms[members.clamp_min(0)]
+            dist = (sq[:, :, None] + sq[:, None, :] - 2.0 * points @ points.transpose(1, 2)).clamp_min_(0.0).sqrt_()
+            pair_valid = valid[:, :, None] & valid[:, None, :]
+            dist = dist.masked_fill_(eye, 0.0).masked_fill_(~pair_valid, 0.0)
+            scale = dist.amax(dim=2, keepdim=True)
+            normalised = dist / torch.where(scale > 0, scale, 1.0)
+            logits = (normalised * (-self.epsilon / 2.0)).masked_fill_(~pair_valid, -math.inf)
+            probs = torch.softmax(logits.masked_fill(~valid[:, :, None], 0.0), dim=2)
+            table[members[valid]] = probs[valid]
+        return table
 
     def _bytes_per_row(self) -> int:
-        return BYTES_PER_FLOAT64 * self.members.shape[1] * (self.space.dim + 4)
+        return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.members.shape[1]
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        candidates = self.members[self.cells[tokens]]
-        valid = candidates >= 0
-        safe = candidates.clamp_min(0)
-        space = self.space
-        dots = torch.einsum("ud,usd->us", space.points[tokens], space.points[safe])
-        dist = (space.sq_norms[tokens, None] + space.sq_norms[safe] - 2.0 * dots).clamp_min_(0.0).sqrt_()
-        dist[candidates == tokens[:, None]] = 0.0
-        dist[~valid] = 0.0
-        scale = dist.amax(dim=1, keepdim=True)
-        normalised = torch.where(scale > 0, dist / torch.where(scale > 0, scale, 1.0), 0.0)
-        logits = (normalised * (-self.epsilon / 2.0)).masked_fill_(~valid, -math.inf)
-        return torch.softmax(logits, dim=1), candidates
+        return self.table[tokens], self.members[self.cells[tokens]]
 
     @cached_property
     def guarantee(self) -> TokenGuarantee:
         """Largest |log P(y|x) - log P(y|x')| over x, x', y of one cell, from the probabilities used."""
         n_cells, width = self.members.shape
-        highest = torch.full((n_cells, width), -math.inf, dtype=torch.float64)
-        lowest = torch.full((n_cells, width), math.inf, dtype=torch.float64)
-        everything = torch.arange(self.space.size)
-        for probs, _, positions, rows in self._chunks(everything):
-            cell = self.cells[everything[positions]]
-            logp = probs[rows].log()
-            index = cell[:, None].expand_as(logp)
-            highest.scatter_reduce_(0, index, logp, "amax")
-            lowest.scatter_reduce_(0, index, logp, "amin")
-        valid = self.members >= 0
-        token_epsilon = float((highest - lowest)[valid].max())
+        logp = self.table.log()
+        index = self.cells[:, None].expand_as(logp)
+        highest = torch.full((n_cells, width), -math.inf, dtype=torch.float64).scatter_reduce_(0, index, logp, "amax")
+        lowest = torch.full((n_cells, width), math.inf, dtype=torch.float64).scatter_reduce_(0, index, logp, "amin")
+        token_epsilon = float((highest - lowest)[self.members >= 0].max())
         return TokenGuarantee(
             token_epsilon=token_epsilon,
             scope=f"two tokens in the same CusText cell ({self.top_k} to {width} tokens of the {self.space.name} "

@@ -1,0 +1,307 @@
+"""The PMixED ensemble forward: N members and the public model p0 in one pass over shared blocks.
+
+Members are the full model with one data owner's adapter plugged in, so they differ only in the
+adapter blocks (bottom k and top k); every other block, the embeddings, the final norm and the head
+are the same weights. One decoding step therefore runs:
+
+    embeddings once -> each row's own adapter blocks -> shared blocks ONCE over all rows
+                    -> each row's own top blocks -> final norm + head once, on the last positions
+
+where a "row" is p0 or one sampled member. Rows are *packed* along the sequence dimension rather
+than stacked along the batch: PMixED samples a fresh subset S every token, so a member's KV cache
+lags behind by however many tokens it sat out, and rows need different numbers of new tokens (p0
+always one; a member first sampled after 40 tokens, 40). Packing the new tokens of all rows into
+one sequence, with a block-diagonal causal mask that lets each token see only its own row's cache
+and tokens, processes exactly the tokens each row lacks: no padding, no recomputation. Each row
+keeps its own KV cache per block (caches of shared blocks differ per row too, since the hidden
+states do).
+
+Adapter blocks of one member run on that member's segment only; rows whose block is the base
+block (p0, and members that do not adapt that block) run together. LoRA adapters are merged into
+per-member copies of the adapter blocks by ``plug_in``, the same code path as full adapters, so
+the forward does not care which kind it serves.
+
+Family knowledge beyond where the blocks are (``common.families``) lives in ``_Stem``: how
+positions enter (GPT-2 and OPT add learned position embeddings, LLaMA rotates q/k), and what sits
+between the last block and the head (OPT's optional final norm and projection).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import PrivtuneError
+from common.families import family_of, get_blocks
+from common.offsite.adapter import AdapterManifest
+from common.offsite.plugin import plug_in
+from common.pmixed.accountant import PMixedBudget
+from common.pmixed.mechanism import mixture_distribution, sample_token
+from common.pmixed.projection import DEFAULT_TOL
+from common.pmixed.subsample import poisson_subsample, secure_rng
+
+PUBLIC = -1
+"""Row key of the public model p0; members are 0..N-1."""
+
+
+@dataclass(frozen=True)
+class MemberAdapter:
+    """One ensemble member: a data owner's adapter state and its manifest."""
+
+    name: str
+    state: Mapping[str, torch.Tensor]
+    manifest: AdapterManifest
+
+
+class _Stem:
+    """Embeddings with positions, per-token block arguments, and the head, for one family."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.family = family_of(model).name
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.embed_tokens = model.get_input_embeddings()
+        config = model.config
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(ids)
+        if self.family == "gpt2":
+            return hidden + self.model.transformer.wpe(positions)
+        if self.family == "opt":
+            decoder = self.model.model.decoder
+            if decoder.project_in is not None:
+                hidden = decoder.project_in(hidden)
+            return hidden + decoder.embed_positions(None, 0, position_ids=positions)
+        return hidden
+
+    def block_kwargs(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per-token tensors every block needs (sliced along dim 1 for a subset of rows)."""
+        if self.family == "llama":
+            return {"position_embeddings": self.model.model.rotary_emb(hidden, position_ids=positions)}
+        return {}
+
+    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        if self.family == "gpt2":
+            hidden = self.model.transformer.ln_f(last_hidden)
+        elif self.family == "opt":
+            decoder = self.model.model.decoder
+            hidden = last_hidden if decoder.final_layer_norm is None else decoder.final_layer_norm(last_hidden)
+            if decoder.project_out is not None:
+                hidden = decoder.project_out(hidden)
+        else:
+            hidden = self.model.model.norm(last_hidden)
+        return self.head(hidden)
+
+
+class _PackedCache:
+    """What an attention layer sees as its KV cache for one group of rows in one step.
+
+    HF attention calls ``update(k, v, layer_idx)`` and attends over what it returns; here that is
+    the group's past keys (rows concatenated along the sequence) followed by the new ones. The new
+    keys are kept so the session can append each row's part to that row's own cache.
+    """
+
+    def __init__(self, layer_idx: int, past: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.layer_idx = layer_idx
+        self.past = past
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *_args, **_kwargs):
+        if layer_idx != self.layer_idx:
+            raise AssertionError(f"block {self.layer_idx} asked for the cache of layer {layer_idx}")
+        self.new = (keys, values)
+        if self.past is None:
+            return keys, values
+        return torch.cat([self.past[0], keys], dim=2), torch.cat([self.past[1], values], dim=2)
+
+
+class Ensemble:
+    """A base model plus N members' adapter blocks; shared blocks are held once.
+
+    ``members`` are plugged in one at a time with ``plug_in`` (which checks each adapter fits this
+    model) and only their adapter blocks are kept. Members that carry their own embeddings (ULT
+    ``carry_embeddings`` mode) are refused: the public model has no embeddings for their token
+    ids, so there is no p0 to project onto.
+    """
+
+    def __init__(self, base_model: nn.Module, members: Sequence[MemberAdapter]) -> None:
+        if not members:
+            raise PrivtuneError("a PMixED ensemble needs at least one member adapter")
+        self.base = base_model.eval()
+        self.stem = _Stem(base_model)
+        self.base_blocks = list(get_blocks(base_model))
+        self.names = [m.name for m in members]
+        # own_blocks[member][block index] -> that member's copy of the block
+        self.own_blocks: list[dict[int, nn.Module]] = []
+        for member in members:
+            if member.manifest.carry_embeddings:
+                raise PrivtuneError(
+                    f"member {member.name!r} carries its own embeddings and head (ULT carry_embeddings mode); PMixED "
+                    "needs a public model p0 over the same token ids, which the base model is not. Serve members "
+                    "trained without carry_embeddings (raw encoding, or ULT ids inside the base vocabulary)"
+                )
+            plugged = plug_in(base_model, member.state, member.manifest)
+            blocks = get_blocks(plugged)
+            self.own_blocks.append({i: blocks[i].eval() for i in sorted(set(member.manifest.indices))})
+            del plugged
+        for module in [self.base, *(b for own in self.own_blocks for b in own.values())]:
+            module.requires_grad_(False)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.own_blocks)
+
+    @property
+    def max_positions(self) -> int:
+        return self.stem.max_positions
+
+    def block_for(self, row: int, index: int) -> nn.Module:
+        if row == PUBLIC:
+            return self.base_blocks[index]
+        return self.own_blocks[row].get(index, self.base_blocks[index])
+
+    def session(self, prompt: Sequence[int]) -> "EnsembleSession":
+        return EnsembleSession(self, prompt)
+
+
+class EnsembleSession:
+    """One token sequence being decoded: the tokens so far and every row's KV cache of them.
+
+    Caches fill lazily: a row processes the tokens it has not seen the next time it is asked for
+    logits, so members that Poisson subsampling leaves out cost nothing until they are sampled.
+    """
+
+    def __init__(self, ensemble: Ensemble, prompt: Sequence[int]) -> None:
+        if len(prompt) == 0:
+            raise PrivtuneError("the prompt is empty; give at least one token (e.g. the tokenizer's bos token)")
+        self.ensemble = ensemble
+        self.tokens: list[int] = []
+        self.extend(prompt)
+        # cache[row][block index] = (keys, values), each (1, kv_heads, cached length, head_dim)
+        self._cache: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._cached_len: dict[int, int] = {}
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        limit = self.ensemble.max_positions
+        if limit and len(self.tokens) + len(tokens) > limit:
+            raise PrivtuneError(
+                f"the sequence would reach {len(self.tokens) + len(tokens)} tokens, beyond the model's "
+                f"{limit} positions; use a shorter prompt or fewer new tokens"
+            )
+        self.tokens.extend(int(t) for t in tokens)
+
+    def cached_length(self, row: int) -> int:
+        return self._cached_len.get(row, 0)
+
+    @torch.no_grad()
+    def logits(self, members: Sequence[int]) -> torch.Tensor:
+        """Next-token logits ``(1 + len(members), V)``: row 0 is p0, then ``members`` in order."""
+        ens = self.ensemble
+        rows = [PUBLIC, *(int(m) for m in members)]
+        if len(set(rows)) != len(rows) or any(not 0 <= m < ens.n_members for m in rows[1:]):
+            raise ValueError(f"members must be distinct indices in 0..{ens.n_members - 1}, got {list(members)}")
+        n = len(self.tokens)
+        starts = [min(self.cached_length(r), n - 1) for r in rows]
+        for row, start in zip(rows, starts):
+            if start < self.cached_length(row):  # asked again at the same length: recompute the last token
+                self._crop(row, start)
+        segments = [(start, n) for start in starts]
+        seg_rows = torch.cat([torch.full((n - s,), i) for i, (s, _) in enumerate(segments)])
+        positions = torch.cat([torch.arange(s, n) for s, _ in segments]).unsqueeze(0)
+        ids = torch.tensor([self.tokens[p] for p in positions[0].tolist()]).unsqueeze(0)
+        hidden = ens.stem.embed(ids, positions)
+        extra = ens.stem.block_kwargs(hidden, positions)
+        token_slices = []
+        offset = 0
+        for s, e in segments:
+            token_slices.append(torch.arange(offset, offset + e - s))
+            offset += e - s
+        masks: dict[tuple[int, ...], torch.Tensor] = {}
+        for index in range(len(ens.base_blocks)):
+            groups: dict[int, list[int]] = {}
+            modules: dict[int, nn.Module] = {}
+            for i, row in enumerate(rows):
+                module = ens.block_for(row, index)
+                groups.setdefault(id(module), []).append(i)
+                modules[id(module)] = module
+            out = torch.empty_like(hidden)
+            for key, members_in_group in groups.items():
+                idx = torch.cat([token_slices[i] for i in members_in_group])
+                group = tuple(members_in_group)
+                if group not in masks:
+                    masks[group] = self._mask(group, rows, seg_rows, positions[0], idx, hidden.dtype)
+                cache = _PackedCache(index, self._past(index, [rows[i] for i in group]))
+                kwargs = {k: tuple(t.index_select(1, idx) for t in v) for k, v in extra.items()}
+                result = modules[key](
+                    hidden.index_select(1, idx), attention_mask=masks[group], past_key_values=cache, use_cache=True, **kwargs
+                )
+                out[:, idx] = result[0] if isinstance(result, tuple) else result
+                self._store(index, [rows[i] for i in group], [n - starts[i] for i in group], cache.new)
+            hidden = out
+        last = torch.tensor([int(sl[-1]) for sl in token_slices])
+        for row in rows:
+            self._cached_len[row] = n
+        return ens.stem.logits(hidden[0, last])
+
+    def _mask(self, group, rows, seg_rows, positions, idx, dtype) -> torch.Tensor:
+        """Additive mask (1, 1, new, past + new): a token sees its own row's earlier tokens only."""
+        q_row, q_pos = seg_rows[idx], positions[idx]
+        past_row = torch.cat([torch.full((self.cached_length(rows[i]),), i) for i in group])
+        past_pos = torch.cat([torch.arange(self.cached_length(rows[i])) for i in group])
+        k_row, k_pos = torch.cat([past_row, q_row]), torch.cat([past_pos, q_pos])
+        allowed = (q_row[:, None] == k_row[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return mask[None, None]
+
+    def _past(self, index: int, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        parts = [self._cache[r][index] for r in rows if self.cached_length(r) > 0]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([k for k, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+    def _store(self, index: int, rows: list[int], counts: list[int], new: tuple[torch.Tensor, torch.Tensor]) -> None:
+        keys, values = new
+        offset = 0
+        for row, count in zip(rows, counts):
+            k, v = keys[:, :, offset:offset + count], values[:, :, offset:offset + count]
+            offset += count
+            per_block = self._cache.setdefault(row, {})
+            if index in per_block:
+                old_k, old_v = per_block[index]
+                k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+            per_block[index] = (k, v)
+
+    def _crop(self, row: int, length: int) -> None:
+        self._cache[row] = {i: (k[:, :, :length], v[:, :, :length]) for i, (k, v) in self._cache.get(row, {}).items()}
+        self._cached_len[row] = length
+
+    def probs(self, members: Sequence[int]) -> torch.Tensor:
+        """Next-token distributions in float64, rows as in :meth:`logits`."""
+        return torch.softmax(self.logits(members).to(torch.float64), dim=-1)
+
+    def private_next_token(
+        self, budget: PMixedBudget, rng: np.random.Generator | None = None, tol: float = DEFAULT_TOL
+    ) -> int:
+        """One PMixED release (DESIGN.md §5 steps 1-3) over this session; does NOT append the token.
+
+        The same steps as ``common.pmixed.next_token``, reordered so p0 is computed in the same
+        batch as the sampled members instead of before S is known. Charging the ledger is the
+        caller's job and must happen before the token leaves the process.
+        """
+        if budget.n_members != self.ensemble.n_members:
+            raise PrivtuneError(
+                f"the budget was set up for {budget.n_members} members but the ensemble has {self.ensemble.n_members}"
+            )
+        rng = secure_rng() if rng is None else rng
+        chosen = poisson_subsample(budget.n_members, budget.q, rng)
+        probs = self.probs(chosen.tolist())
+        dist = mixture_distribution(probs[1:] if chosen.size else None, probs[0], budget.alpha, budget.beta(), tol)
+        return sample_token(dist, rng)
+

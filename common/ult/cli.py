@@ -1,0 +1,173 @@
+"""``privtune ult``: build tables, make keys, encode and decode text files."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from common.errors import PrivtuneError
+from common.ult.config import SEP_ID, UltConfig
+from common.ult.keys import UltKey, bind_key, key_from_passphrase, load_key_file, new_key_file
+from common.ult.table import build_table, load_table, save_table
+from common.ult.tokenizer import UltTokenizer
+
+_PATCHES_PER_LINE = 4096
+_DECODE_BATCH_IDS = 1 << 20
+_FORMAT_HELP = (
+    "Encoded files are text: the input file's token ids (the whole file is one text, encoded "
+    "exactly as the table was built), as decimal numbers separated by spaces, with a line break "
+    f"after the patch separator id ({SEP_ID}) every {_PATCHES_PER_LINE} patches. Decoding reproduces the "
+    "input byte for byte, bytes that are not UTF-8 included; files are streamed in both directions."
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "ULT: compress text, map symbols through a frequency-ranked table and a secret key."
+    parser.epilog = _FORMAT_HELP
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    build = sub.add_parser("build-table", help="rank the symbols of a corpus into a table (one pass)", epilog=_FORMAT_HELP)
+    build.add_argument("corpus", nargs="+", type=Path, metavar="CORPUS", help="text files or folders of them")
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE")
+    defaults = UltConfig()
+    build.add_argument("--patch-size", type=int, default=defaults.patch_size, help="characters per BWT patch (%(default)s)")
+    build.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="common vocabulary size V (%(default)s)")
+    build.add_argument("--band-width", type=int, default=defaults.band_width, help="keyed permutation band width (%(default)s)")
+    _key_options(build, "bind the table to this key, so that a wrong key is refused later")
+
+    bind = sub.add_parser("bind-key", help="copy a (public) table, recording a key's check value")
+    bind.add_argument("--table", type=Path, required=True)
+    bind.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE")
+    _key_options(bind, "the key to bind", required=True)
+
+    for action, summary in (("encode", "text file -> token ids"), ("decode", "token ids -> the original text file")):
+        cmd = sub.add_parser(action, help=summary, description=summary, epilog=_FORMAT_HELP)
+        cmd.add_argument("input", type=Path, metavar="IN")
+        cmd.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
+        cmd.add_argument("--table", type=Path, required=True)
+        _key_options(cmd, "the key the data is (to be) encoded with")
+        if action == "decode":
+            cmd.add_argument("--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD")
+
+    key = sub.add_parser("new-key", help="write a new random key file (owner-readable only)")
+    key.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
+    key.add_argument("--force", action="store_true", help="overwrite an existing key file")
+
+
+def _key_options(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--key-file", type=Path, metavar="KEY", help=f"{what}: a file from 'privtune ult new-key'")
+    group.add_argument("--passphrase-env", metavar="VAR", help=f"{what}: derived from the passphrase in environment variable VAR")
+
+
+def _key(args: argparse.Namespace) -> UltKey | None:
+    if args.key_file is not None:
+        return load_key_file(args.key_file)
+    if args.passphrase_env is not None:
+        if args.passphrase_env not in os.environ:
+            raise PrivtuneError(f"environment variable {args.passphrase_env} (the ULT passphrase) is not set")
+        return key_from_passphrase(os.environ[args.passphrase_env])
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"build-table": _build, "bind-key": _bind, "encode": _encode, "decode": _decode, "new-key": _new_key}[args.action](args)
+
+
+def _build(args: argparse.Namespace) -> int:
+    files = []
+    for item in args.corpus:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise PrivtuneError(f"corpus path {item} does not exist")
+    config = UltConfig(vocab_size=args.vocab_size, patch_size=args.patch_size, band_width=args.band_width)
+    table = build_table(files, config)
+    key = _key(args)
+    save_table(bind_key(table, key) if key else table, args.output)
+    print(f"{args.output}: {len(table.symbols)} symbols from {len(files)} files (capacity {config.capacity})", file=sys.stderr)
+    return 0
+
+
+def _bind(args: argparse.Namespace) -> int:
+    save_table(bind_key(load_table(args.table), _key(args)), args.output)
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> UltTokenizer:
+    table, key = load_table(args.table), _key(args)
+    if key is not None and table.key_check is None:
+        print(
+            f"privtune ult: note: {args.table} is not bound to a key, so a wrong key cannot be detected; "
+            "'privtune ult bind-key' records one",
+            file=sys.stderr,
+        )
+    return UltTokenizer(table, key)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer(args)
+    chunk = tokenizer.table.config.patch_size * _PATCHES_PER_LINE
+    # Chunks of whole patches encode exactly like the whole file, joined by a separator.
+    with _open(args.input, "r", encoding="utf-8", errors="surrogateescape", newline="") as src, _open(
+        args.output, "w", encoding="ascii", newline="\n"
+    ) as out:
+        line_end = ""
+        while piece := src.read(chunk):
+            out.write(line_end + " ".join(map(str, tokenizer.encode(piece))))
+            line_end = f" {SEP_ID}\n"
+        if line_end:
+            out.write("\n")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    tokenizer = _tokenizer(args)
+    strict = not args.tolerant
+    patch_size = tokenizer.table.config.patch_size
+    with _open(args.input, "r", encoding="ascii", errors="strict") as src, _open(args.output, "wb") as out:
+
+        def emit(ids: list[int], final: bool) -> None:
+            text = tokenizer.decode(ids, strict=strict)
+            if strict and not final and len(text) % patch_size:
+                raise PrivtuneError(f"{args.input}: a patch before the last one is shorter than {patch_size} characters")
+            out.write(_utf8(text, args))
+
+        pending: list[int] = []
+        try:
+            for line in src:
+                pending += map(int, line.split())
+                if len(pending) >= _DECODE_BATCH_IDS and SEP_ID in pending:
+                    cut = len(pending) - 1 - pending[::-1].index(SEP_ID)
+                    emit(pending[:cut], final=False)
+                    pending = pending[cut + 1 :]
+        except (ValueError, UnicodeDecodeError):
+            raise PrivtuneError(f"{args.input} is not an encoded file (expected token ids separated by spaces)") from None
+        emit(pending, final=True)
+    return 0
+
+
+def _utf8(text: str, args: argparse.Namespace) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        if not args.tolerant:
+            raise PrivtuneError(f"{args.input} decodes to lone surrogates, which a UTF-8 file cannot hold") from None
+        return text.encode("utf-8", "replace")
+
+
+def _new_key(args: argparse.Namespace) -> int:
+    new_key_file(args.output, overwrite=args.force)
+    print(f"{args.output}: new ULT key (keep it secret, and keep a copy: without it encoded data cannot be read)", file=sys.stderr)
+    return 0
+
+
+def _open(path: Path, mode: str, **kwargs):
+    try:
+        return path.open(mode, **kwargs)
+    except OSError as err:
+        raise PrivtuneError(f"cannot open {path}: {err.strerror or err}") from err

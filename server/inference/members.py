@@ -1,0 +1,90 @@
+"""What the service serves: the base model (the public p0) and the data owners' adapters (members).
+
+Two ways to name them:
+
+- a federated run folder (``--run RUN``): the base model is the run's ``config.model`` in
+  ``RUN/metrics.json`` and the members are ``RUN/adapters/*/`` except ``aggregate`` (the
+  aggregate was trained on every owner's data, so it is no member of an ensemble whose privacy
+  unit is one owner's shard);
+- explicitly (``--model SRC --adapters DIR ...``), each DIR holding ``adapter.safetensors`` and
+  a manifest (``manifest.json`` as the run folder writes it, or ``adapter.json`` as
+  ``common.offsite.save_adapter`` does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common.errors import PrivtuneError
+from common.offsite.adapter import ADAPTER_FILE, ADAPTER_MANIFEST_FILE, AdapterManifest
+from common.pmixed.ensemble import MemberAdapter
+
+RUN_MANIFEST_FILE = "manifest.json"
+AGGREGATE = "aggregate"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """Paths only (cheap to ship to Ray actors); :meth:`load_members` reads the tensors."""
+
+    model: str
+    adapters: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.adapters)
+
+    def load_members(self) -> list[MemberAdapter]:
+        return [load_member(Path(folder)) for folder in self.adapters]
+
+
+def load_member(folder: Path) -> MemberAdapter:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    manifests = [folder / name for name in (RUN_MANIFEST_FILE, ADAPTER_MANIFEST_FILE) if (folder / name).exists()]
+    if not (folder / ADAPTER_FILE).exists() or not manifests:
+        raise PrivtuneError(
+            f"{folder} is not an adapter folder: it needs {ADAPTER_FILE} and {RUN_MANIFEST_FILE} (or {ADAPTER_MANIFEST_FILE})"
+        )
+    try:
+        manifest = AdapterManifest.from_dict(json.loads(manifests[0].read_text()))
+        state = load_file(str(folder / ADAPTER_FILE))
+    except (json.JSONDecodeError, SafetensorError, TypeError) as err:
+        raise PrivtuneError(f"adapter in {folder} is corrupt ({err}); export it again") from None
+    manifest.validate_state(state)
+    return MemberAdapter(folder.name, state, manifest)
+
+
+def from_run_folder(run: Path, model: str | None = None) -> ServedModel:
+    """Members of a federated run; ``model`` overrides the base model recorded in the run."""
+    adapters_dir = run / "adapters"
+    if not adapters_dir.is_dir():
+        raise PrivtuneError(f"{run} has no adapters/ folder: is it a finished federated run (privtune simulate --out)?")
+    folders = sorted(str(p) for p in adapters_dir.iterdir() if p.is_dir() and p.name != AGGREGATE)
+    if not folders:
+        raise PrivtuneError(f"{adapters_dir} holds no data owner's adapter (only {AGGREGATE!r} or nothing)")
+    if model is None:
+        metrics = run / "metrics.json"
+        try:
+            model = json.loads(metrics.read_text())["config"]["model"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            raise PrivtuneError(
+                f"{metrics} does not name the run's base model (config.model); pass it with --model"
+            ) from None
+    return ServedModel(str(model), tuple(folders))
+
+
+def from_arguments(run: str | None, model: str | None, adapters: list[str] | None) -> ServedModel:
+    if run:
+        if adapters:
+            raise PrivtuneError("give --run RUN or --adapters DIR..., not both")
+        return from_run_folder(Path(run), model)
+    if not model or not adapters:
+        raise PrivtuneError("name what to serve: --run RUN, or --model SRC --adapters DIR [DIR ...]")
+    missing = [a for a in adapters if not Path(a).is_dir()]
+    if missing:
+        raise PrivtuneError(f"adapter folder(s) {', '.join(missing)} do not exist")
+    return ServedModel(model, tuple(str(Path(a)) for a in adapters))

@@ -1,0 +1,152 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from common.errors import PrivtuneError, WrongKeyError
+from common.ult import UltConfig, UltTokenizer, bind_key, build_table
+from common.ult.config import BOS_ID, CONTINUE_DIGIT_ID, EOS_ID, ESCAPE_ID, FINAL_DIGIT_ID, PAD_ID, SEP_ID
+
+from .conftest import ENGLISH, KEY, OTHER_KEY, english_table, tokenizer
+
+EXPLICIT = [
+    "", "\n", "\t", "\x00", "\r\n\r\n", "\U0010ffff", "\U0001f600", "a\x00b\n\tc\U0010ffff",
+    "aaaaaaaaaaaaaaaaaaaaaaaaa", "abababababababab", " " * 17, "\x00" * 9, "\U0010ffff\x00" * 8,
+    "日本語のテキスト🎉🎉", "\ufffd", ENGLISH,
+]
+
+
+@pytest.mark.parametrize("patch_size", range(1, 17))
+@pytest.mark.parametrize("keyed", [False, True])
+def test_explicit_round_trips(patch_size, keyed):
+    tok = tokenizer(patch_size, keyed)
+    for text in EXPLICIT:
+        ids = tok.encode(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids, strict=True) == text
+    assert tok.encode_batch(EXPLICIT) == [tok.encode(t) for t in EXPLICIT]
+    assert tok.decode_batch(tok.encode_batch(EXPLICIT), strict=True) == EXPLICIT
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(), patch_size=st.integers(1, 16), keyed=st.booleans())
+def test_round_trip_any_text(text, patch_size, keyed):
+    tok = tokenizer(patch_size, keyed)
+    assert tok.decode(tok.encode(text), strict=True) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts=st.lists(st.text(), max_size=6), patch_size=st.integers(1, 16))
+def test_batch_equals_one_by_one(texts, patch_size):
+    tok = tokenizer(patch_size, True)
+    batch = tok.encode_batch(texts, add_special_tokens=True)
+    assert batch == [tok.encode(t, add_special_tokens=True) for t in texts]
+    assert tok.decode_batch(batch, strict=True) == texts
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(st.characters(codec=None, categories=["Cs", "Co", "Cn", "Cc"])))
+def test_lone_surrogates_and_unassigned_code_points(text):
+    tok = tokenizer(8, True)
+    assert tok.decode(tok.encode(text), strict=True) == text
+
+
+def test_unseen_symbols_take_the_escape_path_and_decode_exactly():
+    tok = tokenizer(8, True)
+    text = "中文文本和表情符号 😀🚀 mixed with English"
+    ids = tok.encode(text)
+    assert ESCAPE_ID in ids
+    assert tok.decode(ids, strict=True) == text
+
+
+def test_symbols_past_capacity_are_escaped_not_mapped_to_a_neighbour():
+    config = UltConfig(vocab_size=UltConfig().base + 5, patch_size=8, band_width=2)
+    table = build_table([ENGLISH], config)
+    assert len(table.symbols) == 5
+    tok = UltTokenizer(table)
+    ids = tok.encode(ENGLISH)
+    assert ids.count(ESCAPE_ID) > 100
+    assert tok.decode(ids, strict=True) == ENGLISH
+
+
+def test_framing_tokens_are_ignored():
+    tok = tokenizer(8, True)
+    text = "To be, or not to be"
+    ids = tok.encode(text, add_special_tokens=True)
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    assert tok.decode([PAD_ID, *ids, PAD_ID, PAD_ID], strict=True) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(-3, 600), max_size=80))
+def test_tolerant_decode_never_crashes_on_model_output(ids):
+    assert isinstance(tokenizer(8, True).decode(ids), str)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_corrupting_one_patch_spoils_only_that_patch(data):
+    tok = tokenizer(8, True)
+    ids = tok.encode(ENGLISH[:64])  # 8 full patches
+    seps = [i for i, t in enumerate(ids) if t == SEP_ID]
+    bounds = list(zip([-1, *seps], [*seps, len(ids)]))
+    victim = data.draw(st.integers(0, len(bounds) - 1))
+    start, end = bounds[victim]
+    ids[start + 1 : end] = [ESCAPE_ID]  # a broken escape: undecodable
+    out = tok.decode(ids)
+    expected = ENGLISH[: 8 * victim] + "\ufffd" + ENGLISH[8 * (victim + 1) : 64]
+    assert out == expected
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [4000],  # outside the vocabulary
+        [500],  # inside, but no symbol has this rank
+        [CONTINUE_DIGIT_ID],  # stray digit
+        [ESCAPE_ID, CONTINUE_DIGIT_ID],  # escape without a final digit
+        [ESCAPE_ID, FINAL_DIGIT_ID + 1],  # spells a code that is no run of text
+        [SEP_ID, SEP_ID],  # empty patches
+    ],
+)
+def test_strict_decode_refuses_malformed_input(ids):
+    tok = tokenizer(8, True)
+    with pytest.raises(PrivtuneError):
+        tok.decode(ids, strict=True)
+    assert isinstance(tok.decode(ids), str)
+
+
+def test_strict_decode_refuses_a_short_patch_before_the_last():
+    tok = tokenizer(8, False)
+    ids = tok.encode("abc") + [SEP_ID] + tok.encode("defgh")
+    assert tok.decode(ids) == "abcdefgh"
+    with pytest.raises(PrivtuneError, match="patch 0"):
+        tok.decode(ids, strict=True)
+
+
+def test_key_changes_ids_but_not_their_band():
+    public, keyed = tokenizer(8, False), tokenizer(8, True)
+    a, b = public.encode(ENGLISH), keyed.encode(ENGLISH)
+    assert a != b and len(a) == len(b)
+    base, width = english_table().config.base, english_table().config.band_width
+    assert all((x - base) // width == (y - base) // width for x, y in zip(a, b) if x >= base)
+
+
+def test_wrong_key_is_refused_and_would_decode_to_garbage():
+    table = english_table()
+    with pytest.raises(WrongKeyError, match="wrong ULT key"):
+        UltTokenizer(bind_key(table, KEY), OTHER_KEY)
+    with pytest.raises(WrongKeyError, match="bound to a secret key"):
+        UltTokenizer(bind_key(table, KEY), None)
+    # Without a check value nothing stops the wrong key, and it reads garbage.
+    ids = UltTokenizer(table, KEY).encode(ENGLISH)
+    assert UltTokenizer(table, OTHER_KEY).decode(ids) != ENGLISH
+    assert UltTokenizer(table, None).decode(ids) != ENGLISH
+
+
+def test_tokenizer_refuses_non_text_tables():
+    from common.ult import MuLawCodec, build_symbol_table
+
+    codec = MuLawCodec()
+    table = build_symbol_table([codec.encode([0.1, 0.2])], UltConfig(vocab_size=512), "numeric", codec.params())
+    with pytest.raises(PrivtuneError, match="numeric"):
+        UltTokenizer(table)
