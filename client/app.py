@@ -13,14 +13,14 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import SiteConfig
 from client.trainer import OwnerTrainer
 from common.errors import PrivtuneError
 from common.federation.config import FederationConfig
-from common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, declined, from_arrays, to_arrays
+from common.federation.records import ARRAYS, METRICS, OWNER, declined, from_arrays, to_arrays
 
 log = logging.getLogger("privtune.client")
 
@@ -49,7 +49,8 @@ def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any], n
     except PrivtuneError as err:
         log.warning("declining to train: %s", err)
         return Message(declined(str(err)), reply_to=msg)
-    return Message(RecordDict({ARRAYS: to_arrays(state), METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: to_arrays(state), METRICS: MetricRecord(metrics),
+                               OWNER: ConfigRecord({"name": trainer.site.owner})}), reply_to=msg)
 
 
 def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> Message:

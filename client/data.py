@@ -9,6 +9,7 @@ round would compose and multiply the epsilon.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +50,27 @@ def perturbed_documents(site: SiteConfig, cfg: FederationConfig, documents: list
     """LDP-perturbed copies of the documents, made once and cached; records the release."""
     if cfg.ldp_epsilon <= 0:
         return documents, {}
-    from common.ldp.owner import perturb_documents_once
+    cache = site.workspace / "ldp" / f"{documents_fingerprint(documents, cfg.ldp_epsilon, cfg.ldp_embedding)}.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        return [Document(d["name"], d["text"]) for d in saved["documents"]], saved["privacy"]
+    from common.ldp.perturb import LdpConfig, build_mechanism, perturb_text
+    from common.ledger import Ledger
 
-    return perturb_documents_once(site.workspace, site.ledger_path, documents, cfg.ldp_epsilon, cfg.ldp_embedding,
-                                  documents_fingerprint(documents, cfg.ldp_epsilon, cfg.ldp_embedding), site.ldp_budget)
+    ledger = Ledger(site.ledger_path, site.owner)
+    if math.isfinite(site.ldp_budget) and ledger.budget("ldp") is None:
+        ledger.set_budget("ldp", site.ldp_budget)
+    mechanism = build_mechanism(LdpConfig(epsilon=cfg.ldp_epsilon, embedding=cfg.ldp_embedding))
+    perturbed, releases = [], []
+    for doc in documents:
+        text, release = perturb_text(doc.text, mechanism, ledger=ledger, document_id=doc.name)
+        perturbed.append(Document(doc.name, text))
+        releases.append(release)
+    privacy = {"ldp-epsilon-token": releases[0].token_epsilon,
+               "ldp-epsilon-document-max": max(r.document_epsilon for r in releases)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"documents": [{"name": d.name, "text": d.text} for d in perturbed], "privacy": privacy}))
+    return perturbed, privacy
 
 
 def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextTokenizer) -> OwnerData:

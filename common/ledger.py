@@ -266,7 +266,8 @@ class Ledger:
         whose = f"owner {self.owner!r}" if self.owner else "no owner"
         about = f", {spec.unit} {subject!r}" if subject else ""
         flags = f"--epsilon E --delta {budget.delta:g}" + (f" --alpha {budget.alpha:g}" if budget.alpha else "")
-        return (f"{spec.title} refused by ledger {self.path} ({whose}{about}): it needs {amount:.6g} {spec.currency}, "
+        currency = spec.currency.replace("order alpha", f"order {budget.alpha:g}") if budget.alpha else spec.currency
+        return (f"{spec.title} refused by ledger {self.path} ({whose}{about}): it needs {amount:.6g} {currency}, "
                 f"{spent:.6g} of the budget {budget.cap:.6g} ({budget.describe()}) is spent and {left:.6g} is left. "
                 f"Nothing was recorded or released. To allow it, raise the budget with "
                 f"'privtune ledger budget {self.path} {spec.name} {flags if spec.name != 'ldp' else '--epsilon E'}' "

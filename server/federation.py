@@ -93,7 +93,8 @@ def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
     accepted = entry.accepted if entry else []
     losses = [metrics[n]["train-loss"] for n in accepted if n in metrics]
     examples = sum(metrics[n].get("num-examples", 0.0) for n in accepted if n in metrics)
-    privacy = {str(node): {k: v for k, v in m.items() if "epsilon" in k} for node, m in metrics.items()}
+    names = entry.owner_names if entry else {}
+    privacy = {names.get(node, f"node-{node}"): {k: v for k, v in m.items() if "epsilon" in k} for node, m in metrics.items()}
     return {
         "round": server_round,
         "loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -105,7 +106,8 @@ def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
         "emulator_sent_to": len(entry.sent_emulator_to) if entry else 0,
         "records_down": sorted(entry.records_down) if entry else [],
         "accepted": len(accepted),
-        "rejected": [{"node": r.node_id, "reason": r.reason} for r in (entry.rejected if entry else [])],
+        "rejected": [{"node": r.node_id, "owner": names.get(r.node_id, f"node-{r.node_id}"), "reason": r.reason}
+                     for r in (entry.rejected if entry else [])],
         "privacy": privacy,
     }
 
@@ -134,13 +136,13 @@ def finish(folder: RunFolder, owner: ModelOwner, cfg: FederationConfig, final: d
     manifest = owner.package.adapter_manifest
     plugged = plug_in(owner.full_model, final, manifest)
     plugged.save_pretrained(folder.root / "model")
-    for node, adapter in strategy.latest_adapters.items():
-        folder.save_owner_adapter(f"node-{node}", adapter, manifest.to_dict())
+    for owner_name, adapter in strategy.latest_adapters.items():
+        folder.save_owner_adapter(owner_name, adapter, manifest.to_dict())
     folder.save_owner_adapter("aggregate", final, manifest.to_dict())
     privacy_by_owner: dict[str, dict[str, float]] = {}
     for row in history:
         for node, spent in row["privacy"].items():
-            privacy_by_owner.setdefault(f"node-{node}", {}).update(spent)
+            privacy_by_owner.setdefault(node, {}).update(spent)
     metrics = {
         "zero_shot_ppl": zero_shot_ppl,
         "plugin_ppl": history[-1]["plugin_ppl"] if history else None,

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.federation.config import FederationConfig
-from common.federation.records import (ARRAYS, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
+from common.federation.records import (ARRAYS, OWNER, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
                                        from_arrays)
 from server.validation import Rejection, review
 
@@ -37,6 +37,7 @@ class RoundLog:
     rejected: list[Rejection] = field(default_factory=list)
     client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
     eval_loss: float | None = None
+    owner_names: dict[int, str] = field(default_factory=dict)
     started: float = 0.0
     aggregate_seconds: float = 0.0
 
@@ -48,7 +49,7 @@ class OffsiteMixin:
         self.emulator_records = emulator
         self.update_clip = update_clip
         self.nodes_with_emulator: set[int] = set()
-        self.latest_adapters: dict[int, dict[str, torch.Tensor]] = {}
+        self.latest_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, RoundLog] = {}
         self._reference: dict[str, torch.Tensor] = {}
 
@@ -78,13 +79,16 @@ class OffsiteMixin:
                 entry.bytes_up += content_bytes(message.content)
                 # Any reply the ClientApp produced itself means it processed (and cached) the emulator.
                 self.nodes_with_emulator.add(message.metadata.src_node_id)
+                if OWNER in message.content.config_records:
+                    entry.owner_names[message.metadata.src_node_id] = str(message.content.config_records[OWNER]["name"])
                 if "metrics" in message.content.metric_records:
                     entry.client_metrics[message.metadata.src_node_id] = dict(message.content.metric_records["metrics"])
         accepted, rejected = review(replies, self._reference, self.update_clip)
         entry.rejected.extend(rejected)
         entry.accepted = [m.metadata.src_node_id for m in accepted]
         for message in accepted:
-            self.latest_adapters[message.metadata.src_node_id] = from_arrays(message.content.array_records[ARRAYS])
+            node = message.metadata.src_node_id
+            self.latest_adapters[entry.owner_names.get(node, f"node-{node}")] = from_arrays(message.content.array_records[ARRAYS])
         try:
             return super().aggregate_train(server_round, accepted) if accepted else (None, None)
         finally:

@@ -3,7 +3,7 @@
 Server -> client (train): ``arrays`` (the global adapter), ``config`` (round settings) and, the
 first time a node is addressed in a run, ``emulator`` + ``emulator-manifest`` (the emulator
 package; clients cache it by content hash). Client -> server: ``arrays`` (the trained adapter),
-``metrics`` (``num-examples``, ``train-loss``, privacy spent) or, when the owner declines to train
+``metrics`` (``num-examples``, ``train-loss``, privacy spent), ``owner`` (the owner's name) or, when the owner declines to train
 (no data, budget exhausted), only ``status`` with the reason. Nothing else crosses; in particular
 no text and no ULT table.
 """
@@ -23,6 +23,7 @@ STATUS = "status"
 EMULATOR = "emulator"
 EMULATOR_MANIFEST = "emulator-manifest"
 NUM_EXAMPLES = "num-examples"
+OWNER = "owner"
 
 
 def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:

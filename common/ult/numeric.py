@@ -9,7 +9,7 @@ Error bound (documented, tested): truncation moves ``|y|`` down by less than ``d
 and ``1 + mu|x|`` scales by ``(1 + mu)**|y|``, so for ``|x| <= max_abs``
 ``|x - x_hat| <= (max_abs / mu + |x|) * (1 - (1 + mu)**-d)``: relative error at most
 ``1 - (1 + mu)**-d`` (2.1 % for mu = 255, precision 8) plus an absolute floor near zero.
-Values beyond ``max_abs`` are clipped to it.
+Values beyond ``max_abs`` are clipped to it (their error grows by the excess).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ class MuLawCodec:
         return np.where(stream >= 0, x * self.max_abs, np.nan)
 
     def error_bound(self, values: np.ndarray) -> np.ndarray:
-        """The bound above on ``|x - decode(encode(x))|`` for each value (after clipping)."""
-        x = np.minimum(np.abs(np.asarray(values, dtype=np.float64)), self.max_abs)
-        return (self.max_abs / self.mu + x) * -np.expm1(-np.log1p(self.mu) * 2.0**-self.precision)
+        """The bound above on ``|x - decode(encode(x))|`` for each value, plus any clipped excess."""
+        magnitude = np.abs(np.asarray(values, dtype=np.float64))
+        x = np.minimum(magnitude, self.max_abs)
+        quantisation = (self.max_abs / self.mu + x) * -np.expm1(-np.log1p(self.mu) * 2.0**-self.precision)
+        return quantisation + (magnitude - x)

@@ -4,11 +4,15 @@ The replica, not the front end, charges the ledger: whatever reaches a replica (
 or anyone holding its Ray handle) gets a token only after a successful check-and-spend, and the
 spend happens before the token is computed, so a crash between the two can only waste budget,
 never release an unpaid token.
+
+Generate is driven one token per call (``open`` / ``step`` / ``close``) rather than as a Ray
+streaming generator: the front end then asks for a token only when its client is still there, so
+a client that hangs up stops the spending at once (a cancelled generator on a synchronous actor
+can neither be stopped between yields nor unblocked from back-pressure).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,8 +59,9 @@ class Replica:
             raise PrivtuneError(
                 f"the budget was computed for {config.budget.n_members} members, {self.ensemble.n_members} were loaded"
             )
-        self.eos_token_id = loaded.tokenizer.eos_token_id
         self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self._sessions: dict[int, EnsembleSession] = {}
+        self._next_id = 0
 
     def info(self) -> dict[str, int]:
         return {"n_members": self.ensemble.n_members, "vocab_size": self.vocab_size}
@@ -78,15 +83,24 @@ class Replica:
         remaining = self.ledger.spend()
         return Release(session.private_next_token(self.config.budget), remaining)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, stop_at_eos: bool) -> Iterator[Release]:
-        """Yield tokens one by one, each paid before it is computed; the caches persist across them."""
+    def open(self, prompt: list[int], max_new_tokens: int) -> int:
+        """Start a Generate session (no spend yet); tokens then come one :meth:`step` at a time."""
         if max_new_tokens < 1:
             raise PrivtuneError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         session = self._session(prompt, max_new_tokens)
-        for _ in range(max_new_tokens):
-            remaining = self.ledger.spend()
-            token = session.private_next_token(self.config.budget)
-            yield Release(token, remaining)
-            if stop_at_eos and token == self.eos_token_id:
-                return
-            session.extend([token])
+        self._next_id += 1
+        self._sessions[self._next_id] = session
+        return self._next_id
+
+    def step(self, session_id: int) -> Release:
+        """Pay for and release the session's next token, and keep it as context for the one after."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise PrivtuneError(f"no open generation session {session_id} on this replica")
+        remaining = self.ledger.spend()
+        token = session.private_next_token(self.config.budget)
+        session.extend([token])
+        return Release(token, remaining)
+
+    def close(self, session_id: int) -> None:
+        self._sessions.pop(session_id, None)

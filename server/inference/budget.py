@@ -1,0 +1,87 @@
+"""The service's privacy budget: one PMixED ledger entry, spent one query per released token.
+
+Each query costs the per-query RDP at order α that β was solved for (``PMixedBudget``); the ledger
+holds the (ε, δ, α) budget and refuses, atomically, the spend that would exceed it. Because what is
+added up is RDP at one order, a restart with another T or q is still accounted correctly: each
+query spends what it actually cost. A restart with another (ε, δ, α) is refused, so a budget
+cannot be reset by accident by changing flags; raising it is a deliberate ledger command.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from common.errors import BudgetExceededError, PrivtuneError
+from common.ledger import RELATIVE_TOLERANCE, Ledger
+from common.pmixed.accountant import PMixedBudget
+
+KIND = "pmixed"
+LEDGER_OWNER = "pmixed-service"
+
+
+class BudgetKeeper:
+    """Check-and-spend on the ledger file; ``service.BudgetActor`` is this class as one Ray actor."""
+
+    def __init__(self, ledger_path: str, budget: PMixedBudget) -> None:
+        self.budget = budget
+        self.ledger = Ledger(ledger_path, owner=LEDGER_OWNER)
+        stored = self.ledger.budget(KIND)
+        wanted = (float(budget.epsilon), float(budget.delta), float(budget.alpha))
+        if stored is None:
+            self.ledger.set_budget(KIND, budget.epsilon, delta=budget.delta, alpha=budget.alpha)
+        elif (stored.epsilon, stored.delta, stored.alpha) != wanted:
+            raise PrivtuneError(
+                f"ledger {self.ledger.path} holds a PMixED budget of {stored.describe()}, the service was started with "
+                f"epsilon={budget.epsilon:g} delta={budget.delta:g} alpha={budget.alpha}; start it with the ledger's "
+                f"values, change the budget deliberately with 'privtune ledger budget {self.ledger.path} pmixed ...', "
+                "or use another --ledger"
+            )
+        self.cap = self.ledger.budget(KIND).cap
+        self.per_query = budget.rdp_per_query()
+
+    def _queries_left(self, spent_rdp: float) -> int:
+        # The ledger accepts a spend while the total stays within cap * (1 + tolerance).
+        return max(0, math.floor((self.cap * (1 + RELATIVE_TOLERANCE) - spent_rdp) / self.per_query))
+
+    def spend(self) -> int:
+        """Charge one query; returns the queries left after it, or raises BudgetExceededError."""
+        try:
+            record = self.ledger.spend(KIND, self.per_query, alpha=float(self.budget.alpha), details={"queries": 1})
+        except BudgetExceededError:
+            raise BudgetExceededError(self._exhausted_message()) from None
+        return self._queries_left(record.total)
+
+    def _exhausted_message(self) -> str:
+        status = self.status()
+        b = self.budget
+        return (
+            f"privacy budget exhausted: {status['queries_spent']} of {status['queries_total']} queries spent "
+            f"(RDP {status['rdp_spent']:.6g} of {status['rdp_total']:.6g} at order {b.alpha}, i.e. "
+            f"({b.epsilon:g}, {b.delta:g})-DP for each member's data; ledger {self.ledger.path}). No token was "
+            "released. A new budget needs the model owner: either accept a larger total epsilon with "
+            f"'privtune ledger budget {self.ledger.path} pmixed --epsilon E --delta {b.delta:g} --alpha {b.alpha}' "
+            "and restart with --epsilon E, or serve members trained on fresh data with a new --ledger"
+        )
+
+    def status(self) -> dict[str, Any]:
+        """What was granted and what is spent; all of it is data-independent."""
+        records = self.ledger.records(KIND)
+        spent_rdp = records[-1].total if records else 0.0
+        spent_queries = sum(int(r.details.get("queries", 1)) for r in records)
+        left = self._queries_left(spent_rdp)
+        b = self.budget
+        return {
+            "epsilon": b.epsilon, "delta": b.delta, "alpha": int(b.alpha),
+            "queries_total": spent_queries + left, "queries_spent": spent_queries, "queries_left": left,
+            "rdp_total": self.cap, "rdp_spent": spent_rdp,
+            "epsilon_spent": b.epsilon_after(0) if not records else _epsilon(spent_rdp, b),
+            "n_members": b.n_members, "q": b.q, "beta": b.beta(),
+            "ledger": str(self.ledger.path), "exhausted": left == 0,
+        }
+
+
+def _epsilon(rdp: float, budget: PMixedBudget) -> float:
+    from common.pmixed.accountant import rdp_to_epsilon
+
+    return rdp_to_epsilon(rdp, budget.alpha, budget.delta)
