@@ -28,6 +28,8 @@ TINY_PREFIX = "tiny-"
 SMOLLM2 = "smollm2"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 BYTE_TOKENIZER_MARKER = "privtune_byte_tokenizer.json"
+ULT_TABLE_FILE = "ult_table.json"
+"""A ULT-ready model folder keeps its public (unkeyed) ULT table here; it is the model's tokenizer."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -123,6 +125,10 @@ def _load_tokenizer(path: Path) -> TextTokenizer:
     marker = path / BYTE_TOKENIZER_MARKER
     if marker.exists():
         return ByteTokenizer()
+    if (path / ULT_TABLE_FILE).exists():
+        from common.ult.tokenizer import UltTokenizer
+
+        return UltTokenizer.from_files(path / ULT_TABLE_FILE)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         raise PrivtuneError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
                             "into the folder with tokenizer.save_pretrained(folder)")
@@ -139,6 +145,10 @@ def save_model(loaded: LoadedModel, folder: Path | str) -> Path:
     loaded.model.save_pretrained(folder)
     if isinstance(loaded.tokenizer, ByteTokenizer):
         (folder / BYTE_TOKENIZER_MARKER).write_text('{"type": "utf-8 bytes"}\n')
+    elif hasattr(loaded.tokenizer, "table"):
+        from common.ult.table import save_table
+
+        save_table(loaded.tokenizer.table, folder / ULT_TABLE_FILE)
     elif isinstance(loaded.tokenizer, HFTokenizer):
         loaded.tokenizer.save(folder)
     return folder

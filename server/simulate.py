@@ -52,6 +52,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes: dict[int, dict[str, Any]]) -> FederationConfig:
+    """The data owners' out-of-band part of a ULT federation, done once for all simulated owners.
+
+    They agree on a federation key (the model owner never sees it) and use the public table that
+    ships with the ULT-ready model. As key holders they also encode held-out text into ids for the
+    model owner's per-round evaluation: ids only, which the model owner can score but not read.
+    """
+    import dataclasses
+
+    import torch
+
+    from client.data import HELDOUT_FRACTION, MAX_EVAL_BLOCKS
+    from client.site import cap_characters
+    from common.corpus import private_partitions
+    from common.errors import PrivtuneError
+    from common.models import ULT_TABLE_FILE
+    from common.packing import holdout_split, pack
+    from common.ult.keys import new_key_file
+    from common.ult.tokenizer import UltTokenizer
+
+    table = Path(cfg.model) / ULT_TABLE_FILE
+    if not table.exists():
+        raise PrivtuneError(f"encoding 'ult' needs a ULT-ready model folder with {ULT_TABLE_FILE}; {cfg.model} has none "
+                            "(make one with 'privtune demo' or common.ult.pretrain)")
+    key = out / "federation" / "federation.key"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        new_key_file(key)
+    for node in nodes.values():
+        node.setdefault("ult-table", str(table))
+        node.setdefault("ult-key", str(key))
+    tokenizer = UltTokenizer.from_files(table, key_file=key)
+    per_owner = max(1, MAX_EVAL_BLOCKS // owners)
+    heldout = [pack(cap_characters(holdout_split(part, HELDOUT_FRACTION).heldout, 2 * per_owner * cfg.block_size),
+                    tokenizer, cfg.block_size, per_owner) for part in private_partitions(owners, cfg.seed)]
+    eval_ids = out / "federation" / "eval_ids.pt"
+    torch.save(torch.cat(heldout), eval_ids)
+    return dataclasses.replace(cfg, eval_ids=str(eval_ids))
+
+
 def simulate(cfg: FederationConfig, owners: int, out: Path, node_overrides: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Run the federation in simulation; returns the metrics written to ``out/metrics.json``."""
     from flwr.simulation import run_simulation
@@ -61,8 +101,10 @@ def simulate(cfg: FederationConfig, owners: int, out: Path, node_overrides: dict
     from server.simulation_report import write_simulation_outputs
 
     out.mkdir(parents=True, exist_ok=True)
-    overrides = cfg.to_run_config()
     nodes = {i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)}
+    if cfg.encoding == "ult":
+        cfg = prepare_ult_federation(cfg, owners, out, nodes)
+    overrides = cfg.to_run_config()
     run_simulation(server_app=build_server(overrides), client_app=build_client(overrides, nodes), num_supernodes=owners,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})

@@ -1,0 +1,221 @@
+"""DP-SGD on the trainable (adapter) parameters, with Opacus, accounted in the privacy ledger.
+
+Only parameters with ``requires_grad`` are hooked, clipped and noised: Opacus' GradSampleModule
+hooks just the modules that own trainable parameters, and the optimizer holds only those, so the
+frozen emulator is neither hooked nor touched. Per-sample gradients use Opacus' hooks mode; layers
+it has no grad sampler for (GPT-2's ``Conv1D``, LLaMA's ``LlamaRMSNorm`` when whole adapter blocks
+are trained) fall back, inside hooks mode, to Opacus' per-layer functorch sampler (vmap over the
+layer), which needs no registration and is checked against per-example autograd in the tests. So
+norms inside adapter blocks are trained like everything else in the block, not silently frozen.
+
+Batches are Poisson samples (Opacus' DPDataLoader): every example joins each step independently
+with probability q = batch_size / n, which is what the RDP accountant assumes. An empty sample
+still takes a (noise-only) step, as the analysis requires.
+
+Accounting: epsilon comes from Opacus' RDP accountant for the actual (noise multiplier, sample
+rate, steps) of every round so far. The history lives in the ledger's DP-SGD records, so it
+survives restarts and rounds run by fresh processes; the cumulative epsilon is recomputed from it
+inside the ledger's transaction. A round is checked before training and recorded (atomically,
+against the budget) before its first step, so a client declines to train rather than overspend.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from common.errors import BudgetExceededError, PrivtuneError
+from common.ledger import Ledger, Record
+
+Step = tuple[float, float, int]  # the RDP accountant's history entry: (noise multiplier, sample rate, steps)
+TARGET_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class DpSgdConfig:
+    """Clipping norm, delta, and either a noise multiplier or a target epsilon over planned training.
+
+    With ``target_epsilon`` the noise multiplier is solved so that ``total_steps`` steps (or
+    ``total_epochs`` epochs, i.e. epochs / q steps) at the round's sample rate reach exactly the
+    target; every round then uses the same noise, and rounds beyond the plan are refused.
+    """
+
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    total_steps: int | None = None
+    total_epochs: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise PrivtuneError("DP-SGD needs exactly one of noise_multiplier and target_epsilon")
+        if self.target_epsilon is not None and (self.total_steps is None) == (self.total_epochs is None):
+            raise PrivtuneError("a DP-SGD target epsilon needs the planned training length: exactly one of "
+                                "total_steps and total_epochs")
+        if not self.max_grad_norm > 0:
+            raise PrivtuneError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise PrivtuneError(f"delta must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            raise PrivtuneError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    max_grad_norm: float
+    epsilon_before: float
+    epsilon_after: float
+
+    @property
+    def step(self) -> Step:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    plan: RoundPlan
+    epsilon: float
+    losses: list[float] = field(default_factory=list)
+    record: Record | None = None
+
+
+def epsilon_for(history: Sequence[Step], delta: float, orders: Sequence[float] | None = None) -> float:
+    """Epsilon at ``delta`` of composing the given DP-SGD steps, from Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta=delta, alphas=None if orders is None else list(orders)))
+
+
+def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
+    """The configured noise multiplier, or the one that reaches the target over the planned steps."""
+    if config.noise_multiplier is not None:
+        return float(config.noise_multiplier)
+    from opacus.accountants.utils import get_noise_multiplier
+
+    steps = config.total_steps if config.total_steps is not None else math.ceil(config.total_epochs / sample_rate)
+    return float(get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.delta,
+                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))
+
+
+def history_of(records: Sequence[Record]) -> list[Step]:
+    return [(r.details["noise_multiplier"], r.details["sample_rate"], r.details["steps"]) for r in records]
+
+
+def plan_round(config: DpSgdConfig, sample_rate: float, steps: int, ledger: Ledger | None = None,
+               subject: str = "") -> RoundPlan:
+    """What a round of ``steps`` steps at ``sample_rate`` would cost; refuses if it would exceed a budget.
+
+    Raises :class:`BudgetExceededError` when the cumulative epsilon after the round would exceed
+    the ledger's DP-SGD budget or the config's target. Records nothing.
+    """
+    if not 0 < sample_rate <= 1:
+        raise PrivtuneError(f"sample rate must be in (0, 1], got {sample_rate}; use a batch size <= the number of examples")
+    if steps < 1:
+        raise PrivtuneError(f"a DP-SGD round needs at least one step, got {steps}")
+    sigma = noise_multiplier_for(config, sample_rate)
+    history = history_of(ledger.records("dpsgd", subject)) if ledger is not None else []
+    plan = RoundPlan(sigma, sample_rate, int(steps), config.delta, config.max_grad_norm,
+                     epsilon_for(history, config.delta), epsilon_for([*history, (sigma, sample_rate, steps)], config.delta))
+    if config.target_epsilon is not None and plan.epsilon_after > config.target_epsilon * (1 + TARGET_TOLERANCE):
+        raise BudgetExceededError(
+            f"DP-SGD round refused: {steps} more steps would bring epsilon from {plan.epsilon_before:.4g} to "
+            f"{plan.epsilon_after:.4g} (delta {config.delta:g}), above the target {config.target_epsilon:g} planned "
+            "over the configured total steps/epochs; raise target_epsilon or the planned length, or stop training")
+    if ledger is not None:
+        ledger.set_cumulative("dpsgd", plan.epsilon_after, delta=config.delta, subject=subject, dry_run=True)
+    return plan
+
+
+def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "") -> Record:
+    """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction."""
+    return ledger.set_cumulative(
+        "dpsgd", lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
+        delta=plan.delta, subject=subject,
+        details={"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+                 "max_grad_norm": plan.max_grad_norm, "accountant": "rdp (opacus)"})
+
+
+def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of each example (equal-length token blocks), shape (batch,).
+
+    The loss must separate over examples (a mean over the batch of per-example losses): a token
+    mean over the whole batch would make each example's gradient depend on the others' lengths.
+    Position ids are passed expanded to the batch, which Opacus needs when position embeddings
+    are trained (GPT-2).
+    """
+    batch, length = input_ids.shape
+    positions = torch.arange(length, device=input_ids.device).expand(batch, length)
+    logits = model(input_ids=input_ids, position_ids=positions).logits[:, :-1]
+    per_token = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                            input_ids[:, 1:].reshape(-1), reduction="none")
+    return per_token.view(batch, length - 1).mean(dim=1)
+
+
+def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: torch.Tensor, *, batch_size: int,
+                steps: int, config: DpSgdConfig, ledger: Ledger | None = None, subject: str = "",
+                loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
+                seed: int | None = None) -> RoundResult:
+    """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids) with Poisson batches of expected size ``batch_size``.
+
+    ``optimizer`` must hold only trainable parameters. The round is planned and reserved in the
+    ledger before the first step (raising :class:`BudgetExceededError` without training when it
+    does not fit). The model is returned to a plain module (no hooks) afterwards.
+    """
+    from opacus import GradSampleModule
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    if not trainable or any(not p.requires_grad for p in trainable):
+        raise PrivtuneError("the optimizer must hold the trainable (adapter) parameters only, and at least one")
+    if examples.dim() != 2 or len(examples) == 0:
+        raise PrivtuneError(f"examples must be a non-empty (n, block) tensor of token ids, got shape {tuple(examples.shape)}")
+    sample_rate = batch_size / len(examples)
+    plan = plan_round(config, sample_rate, steps, ledger, subject)
+    record = reserve_round(ledger, plan, subject) if ledger is not None else None
+    generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
+    was_training = model.training
+    private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                               expected_batch_size=sample_rate * len(examples), generator=generator)
+    loader = DPDataLoader(TensorDataset(examples), sample_rate=sample_rate, generator=generator)
+    losses: list[float] = []
+    model.train()
+    try:
+        batches = _forever(loader)
+        for _ in range(steps):
+            (batch,) = next(batches)
+            dp_optimizer.zero_grad(set_to_none=True)
+            if len(batch) == 0:
+                for p in dp_optimizer.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            else:
+                loss = loss_fn(private, batch).mean()
+                loss.backward()
+                losses.append(float(loss.detach()))
+            dp_optimizer.step()
+    finally:
+        dp_optimizer.zero_grad(set_to_none=True)
+        private.to_standard_module()
+        model.train(was_training)
+    return RoundResult(plan, record.total if record is not None else plan.epsilon_after, losses, record)
+
+
+def _forever(loader) -> Iterator:
+    while True:
+        yield from loader
