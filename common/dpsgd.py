@@ -12,6 +12,12 @@ Batches are Poisson samples (Opacus' DPDataLoader): every example joins each ste
 with probability q = batch_size / n, which is what the RDP accountant assumes. An empty sample
 still takes a (noise-only) step, as the analysis requires.
 
+OPT's decoder layer flattens (batch, seq, features) to (batch*seq, features) before its MLP, so
+Opacus would see every token as an example: per-token clipping, an example's influence up to
+seq_len times the clipping norm, and no valid guarantee. While a round runs, its MLP modules are
+wrapped to see batch-first inputs again; and after every backward pass each trainable parameter's
+per-sample gradient must have exactly one row per example, or the round stops with an error.
+
 Accounting: epsilon comes from Opacus' RDP accountant for the actual (noise multiplier, sample
 rate, steps) of every round so far. The history lives in the ledger's DP-SGD records, so it
 survives restarts and rounds run by fresh processes; the cumulative epsilon is recomputed from it
@@ -24,6 +30,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -190,30 +197,86 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
     record = reserve_round(ledger, plan, subject) if ledger is not None else None
     generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
     was_training = model.training
-    private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                               expected_batch_size=sample_rate * len(examples), generator=generator)
     loader = DPDataLoader(TensorDataset(examples), sample_rate=sample_rate, generator=generator)
     losses: list[float] = []
-    model.train()
-    try:
-        batches = _forever(loader)
-        for _ in range(steps):
-            (batch,) = next(batches)
+    with _batch_first_opt_mlps(model):
+        private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                                   expected_batch_size=sample_rate * len(examples), generator=generator)
+        model.train()
+        try:
+            batches = _forever(loader)
+            for _ in range(steps):
+                (batch,) = next(batches)
+                dp_optimizer.zero_grad(set_to_none=True)
+                if len(batch) == 0:
+                    for p in dp_optimizer.params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                else:
+                    loss = loss_fn(private, batch).mean()
+                    loss.backward()
+                    _check_one_row_per_example(model, len(batch))
+                    losses.append(float(loss.detach()))
+                dp_optimizer.step()
+        finally:
             dp_optimizer.zero_grad(set_to_none=True)
-            if len(batch) == 0:
-                for p in dp_optimizer.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            else:
-                loss = loss_fn(private, batch).mean()
-                loss.backward()
-                losses.append(float(loss.detach()))
-            dp_optimizer.step()
-    finally:
-        dp_optimizer.zero_grad(set_to_none=True)
-        private.to_standard_module()
-        model.train(was_training)
+            private.to_standard_module()
+            model.train(was_training)
     return RoundResult(plan, record.total if record is not None else plan.epsilon_after, losses, record)
+
+
+def _check_one_row_per_example(model: nn.Module, batch_size: int) -> None:
+    for name, p in model.named_parameters():
+        rows = None if getattr(p, "grad_sample", None) is None else p.grad_sample.shape[0]
+        if p.requires_grad and rows != batch_size:
+            raise PrivtuneError(
+                f"DP-SGD: per-example gradients of {name} have {rows} rows for a batch of {batch_size} examples; the "
+                "layer sees inputs without a batch dimension (or is not reached), so clipping would not bound one "
+                "example's influence. Freeze that parameter or train a layer that keeps the batch dimension")
+
+
+class _BatchFirst(nn.Module):
+    """Runs a token-wise layer on (batch, seq, features) inputs that its caller flattened to (batch*seq, features)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batch_shape: tuple[int, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x.view(*self.batch_shape, x.shape[-1]))
+        return out.reshape(-1, out.shape[-1])
+
+
+@contextmanager
+def _batch_first_opt_mlps(model: nn.Module) -> Iterator[None]:
+    """Wrap the trainable MLP modules of OPT decoder layers in :class:`_BatchFirst` for the duration."""
+    from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+    restore: list[tuple[nn.Module, str, nn.Module]] = []
+    handles = []
+    for layer in (m for m in model.modules() if isinstance(m, OPTDecoderLayer)):
+        wrappers = []
+        for attr in ("final_layer_norm", "fc1", "fc2"):
+            inner = getattr(layer, attr)
+            if any(p.requires_grad for p in inner.parameters()):
+                wrapper = _BatchFirst(inner)
+                setattr(layer, attr, wrapper)
+                restore.append((layer, attr, inner))
+                wrappers.append(wrapper)
+        if wrappers:
+            def record_shape(_module, args, kwargs, wrappers=wrappers):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                for wrapper in wrappers:
+                    wrapper.batch_shape = tuple(hidden.shape[:-1])
+            handles.append(layer.register_forward_pre_hook(record_shape, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for layer, attr, inner in restore:
+            setattr(layer, attr, inner)
 
 
 def _forever(loader) -> Iterator:
