@@ -1,0 +1,101 @@
+"""What crosses the wire in a ULT + LDP federation: adapters and numbers, never text or tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from client.app import build_app as build_client
+from common.corpus import private_partitions
+from common.federation.config import FederationConfig
+from common.ledger import Ledger
+from common.models import LoadedModel, save_model, tiny_model
+from common.ult.config import UltConfig
+from common.ult.fingerprints import table_fingerprints
+from common.ult.keys import load_key_file
+from common.ult.table import build_table, load_table
+from common.ult.tokenizer import UltTokenizer
+from server.federation import run_federation
+from server.simulate import prepare_ult_federation
+
+pytestmark = pytest.mark.slow
+
+
+class RecordingGrid:
+    """The real grid, with every message content that goes out or comes back kept for inspection."""
+
+    def __init__(self, grid: Grid, sink: list[bytes]) -> None:
+        self._grid, self._sink = grid, sink
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for message in messages + [r for r in replies if not r.has_error()]:
+            self._sink.append(serialise(message.content))
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def serialise(content) -> bytes:
+    parts = []
+    for record in content.array_records.values():
+        parts += [array.data for array in record.values()]
+    for record in list(content.config_records.values()) + list(content.metric_records.values()):
+        parts.append(repr(dict(record)).encode())
+    return b"\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def ult_model(tmp_path_factory):
+    from common.corpus import public_corpus
+
+    folder = tmp_path_factory.mktemp("ult-model")
+    table = build_table([d.text[:100_000] for d in public_corpus()], UltConfig(vocab_size=768, patch_size=8, band_width=16))
+    save_model(LoadedModel(tiny_model("llama", vocab_size=768), UltTokenizer(table), "tiny-ult"), folder)
+    return folder
+
+
+def test_ult_ldp_run_sends_no_text_and_no_table(tmp_path, ult_model):
+    owners = 3
+    cfg = FederationConfig.from_run_config({
+        "model": str(ult_model), "encoding": "ult", "num-server-rounds": 2, "local-steps": 5, "max-train-blocks": 16,
+        "block-size": 64, "k-bottom": 1, "k-top": 1, "n-emulator": 2, "ldp-epsilon": 20.0, "ldp-embedding": "tiny",
+        "run-dir": str(tmp_path / "server")})
+    nodes = {i: {"workspace": str(tmp_path / "owners" / f"owner-{i}")} for i in range(owners)}
+    cfg = prepare_ult_federation(cfg, owners, tmp_path, nodes)
+    wire: list[bytes] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federation(RecordingGrid(grid, wire), cfg)
+
+    run_simulation(server_app=server, client_app=build_client(cfg.to_run_config(), nodes), num_supernodes=owners,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    metrics = json.loads((tmp_path / "server" / "metrics.json").read_text())
+    assert all(r["accepted"] == owners for r in metrics["rounds"])
+    assert wire, "nothing was recorded"
+    blob = b"\n".join(wire)
+    table = load_table(nodes[0]["ult-table"])
+    for secret in table_fingerprints(table, load_key_file(nodes[0]["ult-key"])):
+        assert secret not in blob
+    for part in private_partitions(owners, cfg.seed):
+        for doc in part:
+            for start in range(0, min(len(doc.text), 20_000), 2_000):
+                snippet = doc.text[start:start + 32].encode()
+                if len(snippet.strip()) >= 24:
+                    assert snippet not in blob
+    for i in range(owners):
+        report = Ledger(tmp_path / "owners" / f"owner-{i}" / "ledger.sqlite", create=False).report()
+        ldp = [g for g in report["guarantees"] if g["kind"] == "ldp"]
+        assert ldp and ldp[0]["releases"] > 0 and ldp[0]["max_token_epsilon"] > 0
+    privacy = metrics["privacy_reported"]
+    assert sorted(privacy) == [f"owner-{i}" for i in range(owners)]
+    assert all(v["ldp-epsilon-token"] > 0 for v in privacy.values())
