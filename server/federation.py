@@ -136,6 +136,7 @@ def finish(folder: RunFolder, owner: ModelOwner, cfg: FederationConfig, final: d
     manifest = owner.package.adapter_manifest
     plugged = plug_in(owner.full_model, final, manifest)
     plugged.save_pretrained(folder.root / "model")
+    owner.package.save(folder.root / "emulator")
     for owner_name, adapter in strategy.latest_adapters.items():
         folder.save_owner_adapter(owner_name, adapter, manifest.to_dict())
     folder.save_owner_adapter("aggregate", final, manifest.to_dict())

@@ -108,4 +108,27 @@ def simulate(cfg: FederationConfig, owners: int, out: Path, node_overrides: dict
     run_simulation(server_app=build_server(overrides), client_app=build_client(overrides, nodes), num_supernodes=owners,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
-    return write_simulation_outputs(cfg, out, owners)
+    metrics = write_simulation_outputs(cfg, out, owners)
+    if cfg.encoding == "ult":
+        metrics = key_holder_evaluation(cfg, out, nodes[0], metrics)
+    return metrics
+
+
+def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """Fill in what the model owner could not measure without the key: the zero-shot and untrained
+    emulator perplexities on the keyed held-out ids (see server.run_evaluation)."""
+    import torch
+
+    from common.models import load_model
+    from common.ult.keys import load_key_file, permuted_rows
+    from common.ult.table import load_table
+    from server.run_evaluation import evaluate_run
+
+    rows = torch.from_numpy(permuted_rows(load_table(node["ult-table"]), load_key_file(node["ult-key"])))
+    table = evaluate_run(Path(cfg.run_dir), load_model(cfg.model).model, torch.load(cfg.eval_ids, weights_only=True),
+                         cfg.seed, rows, title="key holder's evaluation on the owners' held-out text (ULT ids)")
+    metrics.update({"zero_shot_ppl": table["zero_shot"], "emulator_ppl": table["emulator"],
+                    "emulator_adapter_ppl": table["emulator_adapter"], "plugin_ppl": table["plugin"],
+                    "evaluated_by": "key holder (simulation harness)"})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics

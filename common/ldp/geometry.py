@@ -80,9 +80,9 @@ def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int =
 
     The construction follows CusText's (Chen et al., ACL Findings 2023) mapping that shares output
     sets: take the smallest unassigned token id, make it and its k-1 nearest unassigned tokens one
-    cell, repeat. A final remainder smaller than k joins the last cell, so every cell has between k
-    and 2k-1 members and no token is alone in its cell (which would emit it unchanged). Token-id
-    order is public, so the partition depends on the embedding only.
+    cell, repeat until fewer than 2k tokens are left; those form the last cell. So every cell has
+    between k and 2k-1 members and no token is alone in its cell (which would emit it unchanged).
+    Token-id order is public, so the partition depends on the embedding only.
     """
     if top_k < 2 or top_k > space.size:
         raise PrivtuneError(f"CusText top-k must be between 2 and the vocabulary size {space.size}, got {top_k}")
