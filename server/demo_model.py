@@ -1,0 +1,64 @@
+"""The quick demo's foundation model: a small LLaMA-style model the model owner pretrains on its
+public corpus (Milton) encoded with the public ULT table, so it is ULT-ready from the start.
+
+Built once and cached (``<cache>/demo/<settings hash>``); later demos load it in a second. The
+pretraining loop is the same next-token trainer the data owners use, with every weight trainable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.corpus import public_corpus
+from common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_model, tiny_model
+from common.offsite.train import TrainConfig, train_adapter
+from common.packing import pack
+from common.paths import cache_dir
+from common.ult.config import UltConfig
+from common.ult.table import build_table
+from common.ult.tokenizer import UltTokenizer
+
+
+@dataclass(frozen=True)
+class DemoModelSpec:
+    vocab_size: int = 2048
+    patch_size: int = 8
+    band_width: int = 32
+    n_layers: int = 6
+    hidden: int = 128
+    heads: int = 4
+    block_size: int = 128
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 2e-3
+    seed: int = 0
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def demo_model(spec: DemoModelSpec = DemoModelSpec()) -> Path:
+    """Folder of the ULT-ready demo model (weights + public ULT table), pretraining it if needed."""
+    folder = cache_dir("demo") / f"ult-llama-{spec.digest()}"
+    if (folder / ULT_TABLE_FILE).exists():
+        return folder
+    texts = [doc.text for doc in public_corpus()]
+    print(f"[demo] building the public ULT table from Milton ({sum(map(len, texts)) / 1e6:.1f} M characters)", flush=True)
+    table = build_table(texts, UltConfig(vocab_size=spec.vocab_size, patch_size=spec.patch_size, band_width=spec.band_width))
+    tokenizer = UltTokenizer(table)
+    blocks = pack(public_corpus(), tokenizer, spec.block_size)
+    model = tiny_model("llama", vocab_size=spec.vocab_size,
+                       spec=TinySpec(n_layers=spec.n_layers, hidden=spec.hidden, heads=spec.heads, max_positions=spec.block_size),
+                       seed=spec.seed)
+    print(f"[demo] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LLaMA on "
+          f"{len(blocks)} ULT-encoded blocks ({spec.steps} steps; cached afterwards)", flush=True)
+    result = train_adapter(model, blocks, TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed))
+    print(f"[demo] pretraining loss {result.last_loss:.3f} ({result.tokens_per_second:.0f} tokens/s)", flush=True)
+    model.eval()
+    staging = folder.with_name(folder.name + ".tmp")
+    save_model(LoadedModel(model, tokenizer, "demo"), staging)
+    staging.rename(folder)
+    return folder
