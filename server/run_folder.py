@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,17 @@ class Checkpoint:
     adapter: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def strict_json(value: Any) -> Any:
+    """NaN/inf become null: a figure that could not be measured is absent, and the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 class RunFolder:
@@ -77,7 +89,7 @@ class RunFolder:
         return folder
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
-        (self.root / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        (self.root / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, sort_keys=True) + "\n")
         rounds = metrics.get("rounds", [])
         if rounds:
             columns = [k for k in rounds[0] if not isinstance(rounds[0][k], (list, dict))]

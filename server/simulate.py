@@ -123,6 +123,7 @@ def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any]
     from common.ult.keys import load_key_file, permuted_rows
     from common.ult.table import load_table
     from server.run_evaluation import evaluate_run
+    from server.run_folder import strict_json
 
     rows = torch.from_numpy(permuted_rows(load_table(node["ult-table"]), load_key_file(node["ult-key"])))
     table = evaluate_run(Path(cfg.run_dir), load_model(cfg.model).model, torch.load(cfg.eval_ids, weights_only=True),
@@ -130,5 +131,5 @@ def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any]
     metrics.update({"zero_shot_ppl": table["zero_shot"], "emulator_ppl": table["emulator"],
                     "emulator_adapter_ppl": table["emulator_adapter"], "plugin_ppl": table["plugin"],
                     "evaluated_by": "key holder (simulation harness)"})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, sort_keys=True) + "\n")
     return metrics

@@ -104,9 +104,8 @@ class EmbeddingSpace:
         The distance of a row to itself is set to exactly 0 (the formula would leave rounding
         noise of the order of ``rounding_bound`` there).
         """
-        sq = torch.addmm(self.sq_norms[rows, None] + self.sq_norms[None, :], self.points[rows], self.points.T,
-                         beta=1.0, alpha=-2.0)
-        dist = sq.clamp_min_(0.0).sqrt_()
+        sq = torch.addmm(self.sq_norms[None, :], self.points[rows], self.points.T, beta=1.0, alpha=-2.0)
+        dist = sq.add_(self.sq_norms[rows, None]).clamp_min_(0.0).sqrt_()
         dist[torch.arange(len(rows)), rows] = 0.0
         return dist
 

@@ -31,7 +31,7 @@ from common.ldp.embedding import EmbeddingSpace
 from common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
 from common.ldp.sampling import sample_rows
 
-ARRAYS_PER_ROW = 5  # distances (then probabilities), softmax output, CDF, integer ticks, search keys
+ARRAYS_PER_ROW = 2  # distances (turned into weights in place) and their cumulative sums
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Mechanism(ABC):
 
     @abstractmethod
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Output distributions of distinct tokens: (probabilities, candidate ids or None for all ids)."""
+        """Output distributions of distinct tokens: (unnormalised weights, candidate ids or None for all ids)."""
 
     @abstractmethod
     def _bytes_per_row(self) -> int:
@@ -81,10 +81,10 @@ class Mechanism(ABC):
         return max(1, self.memory_cap_bytes // self._bytes_per_row())
 
     def _chunks(self, ids: torch.Tensor):
-        """Yield (distinct tokens' probabilities, candidates, positions in ids, row of each position)."""
-        tokens, inverse = torch.unique(ids, return_inverse=True)
-        order = inverse.argsort(stable=True)
-        grouped = inverse[order]
+        """Yield (distinct tokens' weights, candidates, positions in ids, row of each position)."""
+        sorted_ids, order = ids.sort(stable=True)
+        tokens, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        grouped = torch.repeat_interleave(torch.arange(len(tokens)), counts)
         step = self.rows_per_chunk
         for start in range(0, len(tokens), step):
             stop = min(start + step, len(tokens))
@@ -95,15 +95,16 @@ class Mechanism(ABC):
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One independent draw per position of ``ids`` (ids must lie in the space)."""
         out = torch.empty_like(ids)
-        for probs, candidates, positions, rows in self._chunks(ids):
-            columns = sample_rows(probs, rows, generator)
+        for weights, candidates, positions, rows in self._chunks(ids):
+            columns = sample_rows(weights, rows, generator)
             out[positions] = columns if candidates is None else candidates[rows, columns]
         return out
 
     def probabilities(self, ids: torch.Tensor) -> torch.Tensor:
         """Dense output distribution for each position, (len(ids), vocabulary size); for inspection and tests."""
         out = torch.zeros(len(ids), self.space.size, dtype=torch.float64)
-        for probs, candidates, positions, rows in self._chunks(ids):
+        for weights, candidates, positions, rows in self._chunks(ids):
+            probs = weights / weights.sum(dim=1, keepdim=True)
             if candidates is None:
                 out[positions] = probs[rows]
             else:
@@ -119,8 +120,9 @@ class SanText(Mechanism):
         return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.space.size
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
-        logits = self.space.distances(tokens).mul_(-self.epsilon / 2.0)
-        return torch.softmax(logits, dim=1), None
+        # every row holds its own token at distance 0, so the largest weight is exactly 1: no overflow,
+        # and the row total never underflows
+        return self.space.distances(tokens).mul_(-self.epsilon / 2.0).exp_(), None
 
     @cached_property
     def guarantee(self) -> TokenGuarantee:

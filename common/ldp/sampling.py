@@ -2,44 +2,45 @@
 
 The mechanisms need one draw per input token from that token's distribution over the vocabulary.
 Gumbel-max would need a vocabulary-sized noise vector per token, which costs as much as computing
-the distances; inverse-CDF sampling needs one random integer per token, so rows are computed once
-per distinct token and each occurrence costs a binary search.
+the distances; inverse-CDF sampling needs one random number per token, so the weights are computed
+once per distinct token and each occurrence costs a binary search in its row's cumulative sums.
 
-Every row's CDF is quantised to integer ticks of 2^-52 and all rows are searched at once by
-offsetting row r's ticks by r * (2^52 + 1) in int64: output j of a row is then drawn with probability
-exactly (tick_j - tick_{j-1}) / 2^52, i.e. its float64 probability to within 2^-52 (no float
-comparisons whose rounding depends on the row's position).
+The uniform draw is an integer i < 2^52 scaled to i / 2^52 of the row's total weight t, so output j
+is drawn with its float64 probability to within 2^-52, and an output of weight 0 never. The scaled
+target stays below t (t - t*2^-52 rounds below t), so the search always lands on a column.
 """
 
 from __future__ import annotations
 
 import torch
 
-TICK_BITS = 52
-TICKS = 1 << TICK_BITS
-ROWS_PER_SEARCH = 1 << (62 - TICK_BITS)  # keeps row * (TICKS + 1) + TICKS below 2^63
+UNIFORM_BITS = 52
+BATCHED_OCCURRENCES = 64  # rows with at most this many draws are searched together, padded to a rectangle
 
 
-def sample_rows(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each entry r of ``rows``, a column index drawn from the distribution ``probs[r]``.
+def sample_rows(weights: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each entry r of ``rows``, a column index drawn with probability proportional to ``weights[r]``.
 
-    ``probs`` is (m, k), non-negative, each row with a positive sum (it is normalised here).
+    ``weights`` is (m, k), non-negative, every row with a positive sum; it need not be normalised.
     """
+    cdf = weights.to(torch.float64).cumsum(dim=1)
+    draws = torch.randint(0, 1 << UNIFORM_BITS, (len(rows),), generator=generator, dtype=torch.long)
+    targets = draws.to(torch.float64).mul_(2.0 ** -UNIFORM_BITS).mul_(cdf[rows, -1])
     out = torch.empty(len(rows), dtype=torch.long)
-    for start in range(0, probs.shape[0], ROWS_PER_SEARCH):
-        block = probs[start:start + ROWS_PER_SEARCH].to(torch.float64)
-        selected = ((rows >= start) & (rows < start + len(block))).nonzero().squeeze(1)
-        if len(selected):
-            out[selected] = _search(block, rows[selected] - start, generator)
+    already_grouped = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+    order = torch.arange(len(rows)) if already_grouped else torch.argsort(rows, stable=True)
+    grouped = rows[order]
+    counts = torch.bincount(rows, minlength=len(cdf))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(rows)) - starts[grouped]
+    light = counts[grouped] <= BATCHED_OCCURRENCES
+    if bool(light.any()):
+        width = int(counts[counts <= BATCHED_OCCURRENCES].max())
+        padded = torch.zeros(len(cdf), width, dtype=torch.float64)
+        padded[grouped[light], rank[light]] = targets[order[light]]
+        found = torch.searchsorted(cdf, padded, right=True)
+        out[order[light]] = found[grouped[light], rank[light]]
+    for row in (counts > BATCHED_OCCURRENCES).nonzero().squeeze(1).tolist():
+        positions = order[int(starts[row]):int(starts[row] + counts[row])]
+        out[positions] = torch.searchsorted(cdf[row], targets[positions], right=True)
     return out
-
-
-def _search(probs: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    m, k = probs.shape
-    cdf = probs.cumsum(dim=1)
-    ticks = (cdf / cdf[:, -1:] * TICKS).floor_().to(torch.long)
-    ticks[:, -1] = TICKS
-    offsets = torch.arange(m, dtype=torch.long) * (TICKS + 1)
-    keys = (ticks + offsets[:, None]).reshape(-1)
-    draws = torch.randint(0, TICKS, (len(rows),), generator=generator, dtype=torch.long)
-    return torch.searchsorted(keys, offsets[rows] + draws, right=True) - rows * k

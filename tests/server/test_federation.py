@@ -82,3 +82,14 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
         assert "NaN" in reasons
         assert "budget" in reasons
     assert metrics["plugin_ppl"] < metrics["zero_shot_ppl"]
+
+
+def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
+    first = simulate(config(tmp_path, **{"num-server-rounds": 1}), owners=2, out=tmp_path)
+    assert [r["round"] for r in first["rounds"]] == [1]
+    # The same run folder with a longer plan: the server finds round 1's checkpoint and runs round 2 only.
+    second = simulate(config(tmp_path, **{"num-server-rounds": 2}), owners=2, out=tmp_path)
+    assert "resuming from round 1" in capsys.readouterr().out
+    assert [r["round"] for r in second["rounds"]] == [1, 2]
+    assert second["rounds"][0] == first["rounds"][0]
+    assert second["rounds"][1]["emulator_sent_to"] == 2  # a restarted server does not know who has the emulator

@@ -2,16 +2,28 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from common.ldp.sampling import ROWS_PER_SEARCH, sample_rows
+from common.ldp.sampling import BATCHED_OCCURRENCES, sample_rows
 
 
-def test_many_rows_each_draw_from_its_own_row():
-    """More rows than one int64 search can hold; each row's mass sits on one column (its own index mod k)."""
-    m, k = ROWS_PER_SEARCH * 2 + 5, 7
-    probs = torch.zeros(m, k, dtype=torch.float64)
-    probs[torch.arange(m), torch.arange(m) % k] = 1.0
-    rows = torch.randint(0, m, (5000,), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample_rows(probs, rows, torch.Generator().manual_seed(1)), rows % k)
+def test_every_draw_comes_from_its_own_row_for_rare_and_frequent_rows():
+    """Each row's mass sits on one column (its index mod k); rows 0 and 5 are drawn far more often than the
+    batched search takes, the others a few times, in shuffled order."""
+    m, k = 300, 7
+    weights = torch.zeros(m, k, dtype=torch.float64)
+    weights[torch.arange(m), torch.arange(m) % k] = 2.5
+    rows = torch.cat([torch.arange(m), torch.zeros(5 * BATCHED_OCCURRENCES, dtype=torch.long),
+                      torch.full((BATCHED_OCCURRENCES + 1,), 5)])
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    assert torch.equal(sample_rows(weights, rows, torch.Generator().manual_seed(1)), rows % k)
+
+
+def test_frequent_and_rare_rows_have_the_same_distribution():
+    p = np.array([0.1, 0.6, 0.3])
+    rows = torch.cat([torch.zeros(30_000, dtype=torch.long), torch.arange(1, 30_001)])
+    weights = torch.tensor(p).repeat(30_001, 1)
+    out = sample_rows(weights, rows, torch.Generator().manual_seed(2)).numpy()
+    for part in (out[:30_000], out[30_000:]):
+        assert chisquare(np.bincount(part, minlength=3), p * 30_000).pvalue > 1e-3
 
 
 def test_zero_probability_columns_are_never_drawn_and_frequencies_fit():
