@@ -42,7 +42,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         checkpoint = None
     done = checkpoint.round if checkpoint else 0
     history: list[dict[str, Any]] = list(checkpoint.history) if checkpoint else []
-    keyed = bool(checkpoint.extra.get(EMBEDDINGS_KEYED)) if checkpoint else False
+    extra: dict[str, Any] = dict(checkpoint.extra) if checkpoint else {EMULATOR_HASH: owner.package.content_hash}
     initial = checkpoint.adapter if checkpoint else owner.initial_adapter()
     remaining = cfg.num_server_rounds - done
     if done:
@@ -50,32 +50,27 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
 
     tensors, package_manifest = owner.package.to_parts()
     strategy = make_strategy(cfg, (to_arrays(tensors), manifest_record(package_manifest)))
-    train_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: keyed})
-    eval_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: True})
+    train_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
+    eval_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
     started = time.perf_counter()
-    zero_shot: dict[str, float] = {}
-
-    def plugin_ppl(state: dict[str, torch.Tensor]) -> float:
-        if owner.eval_blocks is None:
-            return float("nan")
-        return perplexity(plug_in(owner.full_model, state, manifest), owner.eval_blocks)
 
     def evaluate(local_round: int, arrays: ArrayRecord) -> MetricRecord:
-        state = from_arrays(arrays)
+        """Flower calls this before round 1 (local_round 0) and after every round."""
         if local_round == 0:
-            if not done:
-                zero_shot["ppl"] = perplexity(owner.full_model, owner.eval_blocks) if (owner.eval_blocks is not None and cfg.encoding == "raw") else float("nan")
-            return MetricRecord({"plugin-ppl": zero_shot.get("ppl", float("nan"))})
-        server_round = done + local_round
-        # From the first aggregate on, embedding rows (ULT mode) are in the key's order.
-        train_config[EMBEDDINGS_KEYED] = True
+            if "zero_shot_ppl" not in extra:
+                extra["zero_shot_ppl"] = zero_shot_ppl(owner, cfg)
+            return MetricRecord({"plugin-ppl": extra["zero_shot_ppl"]})
         entry = strategy.rounds.get(local_round)
+        if entry is not None and entry.accepted:
+            # From the first aggregate on, embedding rows (ULT mode) are in the federation key's order.
+            extra[EMBEDDINGS_KEYED] = train_config[EMBEDDINGS_KEYED] = eval_config[EMBEDDINGS_KEYED] = True
+        state = from_arrays(arrays)
         began = time.perf_counter()
-        ppl = plugin_ppl(state)
-        row = round_row(server_round, entry, ppl, strategy)
+        ppl = perplexity(plug_in(owner.full_model, state, manifest), owner.eval_blocks) if owner.eval_blocks is not None else math.nan
+        row = round_row(done + local_round, entry, ppl)
         row["timing"] = round_timing(entry, time.perf_counter() - began)
         history.append(row)
-        folder.save_checkpoint(Checkpoint(server_round, state, history, {EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: True}))
+        folder.save_checkpoint(Checkpoint(done + local_round, state, history, extra))
         print(format_round(row, cfg.num_server_rounds), flush=True)
         return MetricRecord({"plugin-ppl": ppl})
 
@@ -85,10 +80,17 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         final = from_arrays(result.arrays) if result.arrays is not None else initial
     else:
         final = initial
-    return finish(folder, owner, cfg, final, history, zero_shot.get("ppl"), strategy, time.perf_counter() - started)
+    return finish(folder, owner, cfg, final, history, extra.get("zero_shot_ppl"), strategy, time.perf_counter() - started)
 
 
-def round_row(server_round: int, entry, ppl: float, strategy) -> dict[str, Any]:
+def zero_shot_ppl(owner: ModelOwner, cfg: FederationConfig) -> float:
+    """The full model before any adapter; in ULT mode only a key holder can measure it (see simulate)."""
+    if owner.eval_blocks is None or cfg.encoding == "ult":
+        return math.nan
+    return perplexity(owner.full_model, owner.eval_blocks)
+
+
+def round_row(server_round: int, entry, ppl: float) -> dict[str, Any]:
     metrics = entry.client_metrics if entry else {}
     accepted = entry.accepted if entry else []
     losses = [metrics[n]["train-loss"] for n in accepted if n in metrics]
