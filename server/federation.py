@@ -127,7 +127,8 @@ def round_timing(entry, evaluate_seconds: float) -> dict[str, float]:
 
 
 def format_round(row: dict[str, Any], total: int) -> str:
-    spent = ", ".join(f"{node}: " + " ".join(f"{k}={v:.3g}" for k, v in p.items()) for node, p in row["privacy"].items() if p)
+    spent = ", ".join(f"{owner}: " + " ".join(f"{k}={v:.3g}" for k, v in sorted(p.items()))
+                      for owner, p in sorted(row["privacy"].items()) if p)
     return (f"[round {row['round']}/{total}] loss {row['loss']:.4f}  plug-in ppl {row['plugin_ppl']:.2f}  "
             f"examples {row['examples']:.0f}  sent {row['bytes_down'] / 1e6:.2f} MB  received {row['bytes_up'] / 1e6:.2f} MB  "
             f"accepted {row['accepted']}  rejected {len(row['rejected'])}" + (f"  privacy [{spent}]" if spent else ""))

@@ -103,6 +103,7 @@ class RunFolder:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         plots = self.root / "plots"
         plots.mkdir(exist_ok=True)
@@ -112,9 +113,11 @@ class RunFolder:
         ax_loss.plot(xs, [r.get("loss", float("nan")) for r in rounds], marker="o")
         ax_loss.set(title="mean train loss of accepted updates", xlabel="round", ylabel="loss")
         ax_ppl.plot(xs, [r.get("plugin_ppl", float("nan")) for r in rounds], marker="o", label="plug-in (server)")
-        ax_ppl.plot(xs, [r.get("emulator_adapter_ppl", float("nan")) for r in rounds], marker="s", label="emulator+adapter (owners)")
+        ax_ppl.plot(xs, [r.get("emulator_adapter_ppl", float("nan")) for r in rounds], marker="s", label="emulator+adapter (owners' own held-out)")
         ax_ppl.set(title="perplexity on held-out text", xlabel="round", ylabel="perplexity")
         ax_ppl.legend()
+        for ax in (ax_loss, ax_ppl):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(plots / "training.png", dpi=110)
         plt.close(fig)
