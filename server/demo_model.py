@@ -1,8 +1,8 @@
 """The quick demo's foundation model: a small LLaMA-style model the model owner pretrains on its
 public corpus (Milton) encoded with the public ULT table, so it is ULT-ready from the start.
 
-Built once and cached (``<cache>/demo/<settings hash>``); later demos load it in a second. The
-pretraining loop is the same next-token trainer the data owners use, with every weight trainable.
+Built once and cached (``<cache>/demo/<settings hash>``); later demos load it in a second. An
+interrupted pretraining resumes from its checkpoint (``common.ult.pretrain``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from common.corpus import public_corpus
 from common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_model, tiny_model
-from common.offsite.train import TrainConfig, train_adapter
-from common.packing import pack
 from common.paths import cache_dir
 from common.ult.config import UltConfig
+from common.ult.pretrain import PretrainConfig, pretrain_ult
 from common.ult.table import build_table
 from common.ult.tokenizer import UltTokenizer
 
@@ -45,20 +44,27 @@ def demo_model(spec: DemoModelSpec = DemoModelSpec()) -> Path:
     folder = cache_dir("demo") / f"ult-llama-{spec.digest()}"
     if (folder / ULT_TABLE_FILE).exists():
         return folder
-    texts = [doc.text for doc in public_corpus()]
-    print(f"[demo] building the public ULT table from Milton ({sum(map(len, texts)) / 1e6:.1f} M characters)", flush=True)
-    table = build_table(texts, UltConfig(vocab_size=spec.vocab_size, patch_size=spec.patch_size, band_width=spec.band_width))
+    documents = public_corpus()
+    checkpoint = folder.with_name(folder.name + ".checkpoint")
+    print(f"[demo] building the public ULT table from Milton ({sum(len(d.text) for d in documents) / 1e6:.1f} M characters)",
+          flush=True)
+    table = build_table([d.text for d in documents],
+                        UltConfig(vocab_size=spec.vocab_size, patch_size=spec.patch_size, band_width=spec.band_width))
     tokenizer = UltTokenizer(table)
-    blocks = pack(public_corpus(), tokenizer, spec.block_size)
     model = tiny_model("llama", vocab_size=spec.vocab_size,
                        spec=TinySpec(n_layers=spec.n_layers, hidden=spec.hidden, heads=spec.heads, max_positions=spec.block_size),
                        seed=spec.seed)
-    print(f"[demo] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LLaMA on "
-          f"{len(blocks)} ULT-encoded blocks ({spec.steps} steps; cached afterwards)", flush=True)
-    result = train_adapter(model, blocks, TrainConfig(steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed))
-    print(f"[demo] pretraining loss {result.last_loss:.3f} ({result.tokens_per_second:.0f} tokens/s)", flush=True)
+    print(f"[demo] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LLaMA on ULT-encoded "
+          f"Milton ({spec.steps} steps; resumable, cached afterwards)", flush=True)
+    result = pretrain_ult(model, tokenizer, documents,
+                          PretrainConfig(steps=spec.steps, batch_size=spec.batch_size, block_size=spec.block_size, lr=spec.lr,
+                                         seed=spec.seed),
+                          checkpoint=checkpoint)
+    if result.losses:
+        print(f"[demo] pretraining loss {result.losses[-1]:.3f} after {result.steps} steps", flush=True)
     model.eval()
     staging = folder.with_name(folder.name + ".tmp")
     save_model(LoadedModel(model, tokenizer, "demo"), staging)
     staging.rename(folder)
+    checkpoint.unlink(missing_ok=True)
     return folder
