@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -108,8 +110,12 @@ def epsilon_for(history: Sequence[Step], delta: float, orders: Sequence[float] |
     return float(accountant.get_epsilon(delta=delta, alphas=None if orders is None else list(orders)))
 
 
+@lru_cache(maxsize=64)
 def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
-    """The configured noise multiplier, or the one that reaches the target over the planned steps."""
+    """The configured noise multiplier, or the one that reaches the target over the planned steps.
+
+    Cached: the bisection evaluates the accountant dozens of times, and every round asks again.
+    """
     if config.noise_multiplier is not None:
         return float(config.noise_multiplier)
     from opacus.accountants.utils import get_noise_multiplier
@@ -179,7 +185,7 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
                 seed: int | None = None) -> RoundResult:
     """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids) with Poisson batches of expected size ``batch_size``.
 
-    ``optimizer`` must hold only trainable parameters. The round is planned and reserved in the
+    ``optimizer`` must hold exactly the trainable parameters. The round is planned and reserved in the
     ledger before the first step (raising :class:`BudgetExceededError` without training when it
     does not fit). The model is returned to a plain module (no hooks) afterwards.
     """
@@ -187,9 +193,12 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
     from opacus.data_loader import DPDataLoader
     from opacus.optimizers import DPOptimizer
 
-    trainable = [p for group in optimizer.param_groups for p in group["params"]]
-    if not trainable or any(not p.requires_grad for p in trainable):
-        raise PrivtuneError("the optimizer must hold the trainable (adapter) parameters only, and at least one")
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if not trainable or optimized != trainable:
+        raise PrivtuneError("the optimizer must hold exactly the model's trainable (adapter) parameters: "
+                            f"{len(optimized)} optimized vs {len(trainable)} with requires_grad; freeze the rest "
+                            "(requires_grad_(False)) and build the optimizer over the trainable ones")
     if examples.dim() != 2 or len(examples) == 0:
         raise PrivtuneError(f"examples must be a non-empty (n, block) tensor of token ids, got shape {tuple(examples.shape)}")
     sample_rate = batch_size / len(examples)
@@ -214,7 +223,11 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
                     loss = loss_fn(private, batch).mean()
-                    loss.backward()
+                    with warnings.catch_warnings():
+                        # expected: the first adapter layer's input comes from frozen layers; Opacus
+                        # needs only the gradient at the module's output, which the hook still receives
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     _check_one_row_per_example(model, len(batch))
                     losses.append(float(loss.detach()))
                 dp_optimizer.step()

@@ -256,7 +256,7 @@ class Ledger:
 
         ``total`` may be a function of the subject's existing records of this kind; it is evaluated
         inside the transaction, so two processes composing onto the same history cannot both use a
-        stale one (DP-SGD rebuilds its accountant from the records this way).
+        stale one (DP-SGD rebuilds its accountant from the records this way). It must not call the ledger.
         """
         spec = _kind(kind)
         if not spec.cumulative:

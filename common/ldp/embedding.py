@@ -98,15 +98,20 @@ class EmbeddingSpace:
         gamma = n_u / (1.0 - n_u)
         return 2.0 * self.radius * math.sqrt(gamma)
 
-    def distances(self, rows: torch.Tensor) -> torch.Tensor:
-        """Distances from the given rows to every row, shape (len(rows), size), float64.
+    def distances(self, rows: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
+        """Distances from the given rows to every row (or to ``others``), float64.
 
-        The distance of a row to itself is set to exactly 0 (the formula would leave rounding
-        noise of the order of ``rounding_bound`` there).
+        A row's distance to itself is set to exactly 0 (the formula would leave rounding noise of
+        the order of ``rounding_bound`` there).
         """
-        sq = torch.addmm(self.sq_norms[None, :], self.points[rows], self.points.T, beta=1.0, alpha=-2.0)
+        columns = self.points if others is None else self.points[others]
+        column_sq = self.sq_norms if others is None else self.sq_norms[others]
+        sq = torch.addmm(column_sq[None, :], self.points[rows], columns.T, beta=1.0, alpha=-2.0)
         dist = sq.add_(self.sq_norms[rows, None]).clamp_min_(0.0).sqrt_()
-        dist[torch.arange(len(rows)), rows] = 0.0
+        if others is None:
+            dist[torch.arange(len(rows)), rows] = 0.0
+        else:
+            dist[rows[:, None] == others[None, :]] = 0.0
         return dist
 
     def encode(self, text: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
     if path.exists():
         return float(json.loads(path.read_text())["diameter_bound"])
     start = time.perf_counter()
-    largest = _largest_distance(space, memory_cap_bytes)
+    largest = largest_distance(space, memory_cap_bytes)
     figures = {"diameter_bound": largest + space.rounding_bound, "largest_computed_distance": largest,
                "rounding_bound": space.rounding_bound, "rows": space.size, "dim": space.dim,
                "seconds": time.perf_counter() - start}
@@ -41,7 +41,7 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
     return figures["diameter_bound"]
 
 
-def _largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
+def largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
     """Largest computed pairwise distance, pruned by radius so that only candidate pairs are computed.
 
     With rows sorted by distance r from the centroid, a pair farther apart than the best distance
@@ -64,15 +64,9 @@ def _largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
         threshold = best - smallest_in_block - margin
         partners = space.size - int(torch.searchsorted(ascending, torch.tensor([threshold], dtype=ascending.dtype)))
         rows = order[start:start + block]
-        dist = _distances_to(space, rows, order[:max(partners, 1)])
+        dist = space.distances(rows, order[:max(partners, 1)])
         best = max(best, float(dist.max()))
     return best
-
-
-def _distances_to(space: EmbeddingSpace, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    sq = torch.addmm(space.sq_norms[rows, None] + space.sq_norms[None, others], space.points[rows],
-                     space.points[others].T, beta=1.0, alpha=-2.0)
-    return sq.clamp_min_(0.0).sqrt_()
 
 
 def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int = 256 << 20) -> torch.Tensor:
@@ -89,14 +83,14 @@ def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int =
     path = _cache_path(space, f"custext-k{top_k}", "pt")
     if path.exists():
         return torch.load(path)
-    cells = _greedy_cells(space.points.to(torch.float32), top_k, memory_cap_bytes)
+    cells = greedy_cells(space.points.to(torch.float32), top_k, memory_cap_bytes)
     buffer = io.BytesIO()
     torch.save(cells, buffer)
     _write_atomically(path, buffer.getvalue())
     return cells
 
 
-def _greedy_cells(points: torch.Tensor, top_k: int, memory_cap_bytes: int) -> torch.Tensor:
+def greedy_cells(points: torch.Tensor, top_k: int, memory_cap_bytes: int) -> torch.Tensor:
     """Greedy nearest-neighbour cells; float32 suffices here (the partition is structure, not a guarantee).
 
     The seeds are the smallest unassigned ids, so the next seeds are known in advance up to those

@@ -69,7 +69,7 @@ class Mechanism(ABC):
         """Output distributions of distinct tokens: (unnormalised weights, candidate ids or None for all ids)."""
 
     @abstractmethod
-    def _bytes_per_row(self) -> int:
+    def bytes_per_row(self) -> int:
         """Working memory one distinct token's distribution needs while it is sampled."""
 
     @property
@@ -78,7 +78,7 @@ class Mechanism(ABC):
 
     @property
     def rows_per_chunk(self) -> int:
-        return max(1, self.memory_cap_bytes // self._bytes_per_row())
+        return max(1, self.memory_cap_bytes // self.bytes_per_row())
 
     def _chunks(self, ids: torch.Tensor):
         """Yield (distinct tokens' weights, candidates, positions in ids, row of each position)."""
@@ -89,8 +89,8 @@ class Mechanism(ABC):
         for start in range(0, len(tokens), step):
             stop = min(start + step, len(tokens))
             lo, hi = torch.searchsorted(grouped, torch.tensor([start, stop])).tolist()
-            probs, candidates = self._rows(tokens[start:stop])
-            yield probs, candidates, order[lo:hi], grouped[lo:hi] - start
+            weights, candidates = self._rows(tokens[start:stop])
+            yield weights, candidates, order[lo:hi], grouped[lo:hi] - start
 
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One independent draw per position of ``ids`` (ids must lie in the space)."""
@@ -116,7 +116,7 @@ class Mechanism(ABC):
 class SanText(Mechanism):
     name = "santext"
 
-    def _bytes_per_row(self) -> int:
+    def bytes_per_row(self) -> int:
         return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.space.size
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -174,7 +174,7 @@ class CusText(Mechanism):
             table[members[valid]] = probs[valid]
         return table
 
-    def _bytes_per_row(self) -> int:
+    def bytes_per_row(self) -> int:
         return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.members.shape[1]
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

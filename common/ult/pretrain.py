@@ -2,9 +2,10 @@
 
 A ULT id means nothing in the model's own vocabulary (id 40 is a ranked BWT run, not the token the
 tokenizer numbered 40), so every row of the input embedding and of an untied LM head is
-re-initialised, not only rows past the old vocabulary: each row is the old rows' mean plus a little
-per-dimension noise at their scale. The head then starts out close to uniform over the ULT ids, the
-blocks see inputs of the size they were trained on, and the noise breaks the symmetry between ids.
+re-initialised, not only rows past the old vocabulary: each row is drawn around the old rows' mean
+with their per-dimension spread (times ``noise``). The blocks thus see inputs of the scale they were
+trained on, and ids are distinguishable from the first step; on the tiny test model, rows at a tenth
+of the spread took several times more steps to start learning.
 
 Pretraining uses the public, unkeyed table (the model owner never holds a federation key); a data
 owner later warm-starts from it with :func:`common.ult.keys.permuted_rows`.
@@ -60,7 +61,7 @@ class PretrainResult:
     seconds: float = 0.0
 
 
-def resize_for_ult(model: nn.Module, config: UltConfig, noise: float = 0.1, seed: int = 0) -> nn.Module:
+def resize_for_ult(model: nn.Module, config: UltConfig, noise: float = 1.0, seed: int = 0) -> nn.Module:
     """Give ``model`` (in place) an input embedding and LM head of ``config.vocab_size`` ULT ids."""
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()

@@ -14,7 +14,7 @@ from typing import Any
 
 from common.errors import BudgetExceededError, PrivtuneError
 from common.ledger import RELATIVE_TOLERANCE, Ledger
-from common.pmixed.accountant import PMixedBudget
+from common.pmixed.accountant import PMixedBudget, rdp_to_epsilon
 
 KIND = "pmixed"
 LEDGER_OWNER = "pmixed-service"
@@ -75,13 +75,8 @@ class BudgetKeeper:
             "epsilon": b.epsilon, "delta": b.delta, "alpha": int(b.alpha),
             "queries_total": spent_queries + left, "queries_spent": spent_queries, "queries_left": left,
             "rdp_total": self.cap, "rdp_spent": spent_rdp,
-            "epsilon_spent": b.epsilon_after(0) if not records else _epsilon(spent_rdp, b),
+            # RDP 0 is perfect privacy; the conversion's delta term would otherwise show as spent.
+            "epsilon_spent": rdp_to_epsilon(spent_rdp, b.alpha, b.delta) if spent_rdp > 0 else 0.0,
             "n_members": b.n_members, "q": b.q, "beta": b.beta(),
             "ledger": str(self.ledger.path), "exhausted": left == 0,
         }
-
-
-def _epsilon(rdp: float, budget: PMixedBudget) -> float:
-    from common.pmixed.accountant import rdp_to_epsilon
-
-    return rdp_to_epsilon(rdp, budget.alpha, budget.delta)

@@ -126,7 +126,7 @@ def test_49k_vocabulary_stays_within_the_memory_cap():
                                        name="random49k")
     cap_mb = 16
     mechanism = SanText(space, 1.0, memory_cap_mb=cap_mb)
-    assert mechanism.rows_per_chunk * mechanism._bytes_per_row() <= cap_mb << 20
+    assert mechanism.rows_per_chunk * mechanism.bytes_per_row() <= cap_mb << 20
     ids = torch.randperm(49152, generator=torch.Generator().manual_seed(1))[:128]
     try:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS counter (Linux >= 4.0)

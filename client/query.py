@@ -1,0 +1,159 @@
+"""``privtune query``: ask the PMixED service for privately sampled tokens over gRPC.
+
+With ``--table`` (and the key the table was made with) the prompt is ULT-encoded here and the
+returned ids are ULT-decoded here: the table and key never leave the user's machine, and the
+server only ever sees and returns token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from common.errors import BudgetExceededError, PrivtuneError
+from common.proto_gen.privtune.v1 import inference_pb2 as pb
+from common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+
+
+@dataclass(frozen=True)
+class Released:
+    id: int
+    text: str
+    queries_remaining: int
+
+
+class InferenceClient:
+    """A thin typed wrapper over the generated stub; gRPC errors become PrivtuneError subclasses."""
+
+    def __init__(self, address: str, timeout: float = 300.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.InferenceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "InferenceClient":
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    @staticmethod
+    def _prompt(prompt: str | list[int]) -> pb.Prompt:
+        if isinstance(prompt, str):
+            return pb.Prompt(text=prompt)
+        return pb.Prompt(token_ids=pb.TokenIds(ids=[int(t) for t in prompt]))
+
+    def next_token(self, prompt: str | list[int]) -> Released:
+        with _errors(self.address):
+            token = self.stub.NextToken(pb.NextTokenRequest(prompt=self._prompt(prompt)), timeout=self.timeout)
+        return Released(token.id, token.text, token.queries_remaining)
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int, stop_at_eos: bool = False) -> Iterator[Released]:
+        request = pb.GenerateRequest(prompt=self._prompt(prompt), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)
+        call = self.stub.Generate(request, timeout=self.timeout)
+        try:
+            with _errors(self.address):
+                for token in call:
+                    yield Released(token.id, token.text, token.queries_remaining)
+        finally:
+            call.cancel()  # a caller that stops early stops the server's spending too
+
+    def budget_status(self) -> dict:
+        with _errors(self.address):
+            status = self.stub.BudgetStatus(pb.BudgetStatusRequest(), timeout=self.timeout)
+        return {field.name: getattr(status, field.name) for field in status.DESCRIPTOR.fields}
+
+    def health(self) -> dict:
+        with _errors(self.address):
+            health = self.stub.Health(pb.HealthRequest(), timeout=self.timeout)
+        return {"status": pb.HealthResponse.Status.Name(health.status), "replicas": health.replicas,
+                "n_members": health.n_members, "model": health.model, "vocab_size": health.vocab_size}
+
+
+class _errors:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, _tb) -> bool:
+        if not isinstance(error, grpc.RpcError):
+            return False
+        code, details = error.code(), error.details()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise BudgetExceededError(details) from None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise PrivtuneError(details) from None
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise PrivtuneError(f"no privtune service at {self.address} ({details}); start one with 'privtune serve'") from None
+        raise PrivtuneError(f"the service at {self.address} failed: {code.name}: {details}") from None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port of 'privtune serve' (default 127.0.0.1:50051)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=16,
+                        help="tokens to sample; each is one query of the budget (default 16; 1 uses NextToken)")
+    parser.add_argument("--stop-at-eos", action="store_true", help="stop after the end-of-sequence token")
+    parser.add_argument("--status", action="store_true", help="show the service's budget and health, sample nothing")
+    parser.add_argument("--table", help="ULT table: encode the prompt and decode the output locally with it")
+    key = parser.add_mutually_exclusive_group()
+    key.add_argument("--key-file", help="the ULT key file the table was made with")
+    key.add_argument("--passphrase", help="the ULT passphrase the table was made with")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
+
+
+def run(args: argparse.Namespace) -> int:
+    with InferenceClient(args.address, args.timeout) as client:
+        if args.status:
+            print_status(client.health(), client.budget_status())
+            return 0
+        if args.max_new_tokens < 1:
+            raise PrivtuneError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        ult = None
+        if args.table:
+            from common.ult.tokenizer import UltTokenizer
+
+            ult = UltTokenizer.from_files(args.table, key_file=args.key_file, passphrase=args.passphrase)
+        elif args.key_file or args.passphrase:
+            raise PrivtuneError("--key-file/--passphrase need --table (the ULT table they belong to)")
+        prompt: str | list[int] = ult.encode(args.prompt) if ult else args.prompt
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        ids: list[int] = []
+        remaining = None
+        try:
+            tokens = ([client.next_token(prompt)] if args.max_new_tokens == 1
+                      else client.generate(prompt, args.max_new_tokens, args.stop_at_eos))
+            for token in tokens:
+                ids.append(token.id)
+                remaining = token.queries_remaining
+                if ult is None:
+                    sys.stdout.write(token.text)
+                    sys.stdout.flush()
+        finally:
+            if ult is not None:
+                sys.stdout.write(ult.decode(ids))
+            sys.stdout.write("\n")
+            if ids:
+                print(f"[{len(ids)} token(s) privately sampled; {remaining} queries left in the service's budget]",
+                      file=sys.stderr)
+    return 0
+
+
+def print_status(health: dict, budget: dict) -> None:
+    print(f"service: {health['status']}, {health['replicas']} replica(s), {health['n_members']} members of "
+          f"{health['model']} (vocabulary {health['vocab_size']})")
+    print(f"budget: {budget['queries_spent']} of {budget['queries_total']} queries spent; "
+          f"({budget['epsilon']:g}, {budget['delta']:g})-DP at alpha {budget['alpha']} "
+          f"(RDP {budget['rdp_spent']:.4g} of {budget['rdp_total']:.4g}, epsilon spent so far {budget['epsilon_spent']:.4g}); "
+          f"q={budget['q']:g}, beta={budget['beta']:.4g}; ledger {budget['ledger']}"
+          + ("; EXHAUSTED" if budget["exhausted"] else ""))

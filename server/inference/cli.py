@@ -1,0 +1,116 @@
+"""``privtune serve``: start Ray (or join a cluster), the PMixED replicas and the gRPC API."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from common.paths import cache_dir
+from common.pmixed.accountant import PMixedBudget
+from server.inference.members import from_arguments
+
+DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to serve")
+    what.add_argument("--run", help="a federated run folder (base model from its metrics.json, members from adapters/)")
+    what.add_argument("--model", help="base model (public p0): tiny-gpt2 | tiny-llama | tiny-opt | smollm2 | HF folder; "
+                                      "with --run it overrides the run's model")
+    what.add_argument("--adapters", nargs="+", metavar="DIR", help="member adapter folders (adapter.safetensors + manifest)")
+    budget = parser.add_argument_group("privacy budget (PMixED, DESIGN.md section 5)")
+    budget.add_argument("--epsilon", type=float, default=8.0, help="total epsilon over all queries (default 8)")
+    budget.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
+    budget.add_argument("--alpha", type=int, default=3, help="Renyi order of the accounting (default 3)")
+    budget.add_argument("--queries", "-T", dest="queries", type=int, default=1024,
+                        help="queries (= released tokens) the budget is split over (default 1024)")
+    budget.add_argument("--q", type=float, default=0.03, help="Poisson subsampling rate of members (default 0.03)")
+    budget.add_argument("--ledger", help=f"ledger file shared by all replicas (default RUN/{DEFAULT_LEDGER_NAME}, "
+                                         "or one in the privtune cache)")
+    ray_group = parser.add_argument_group("Ray and network")
+    ray_group.add_argument("--address", help="existing Ray cluster (e.g. ray://host:10001 or 'auto'); default: start one")
+    ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    ray_group.add_argument("--num-replicas", type=int, default=1, help="ensemble replicas (default 1)")
+    ray_group.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) per replica")
+    ray_group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ray_group.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+
+
+def ledger_path(args: argparse.Namespace) -> Path:
+    if args.ledger:
+        return Path(args.ledger).expanduser()
+    if args.run:
+        return Path(args.run) / DEFAULT_LEDGER_NAME
+    return cache_dir("ledgers") / DEFAULT_LEDGER_NAME
+
+
+def service_config(args: argparse.Namespace):
+    from server.inference.service import ServiceConfig
+
+    served = from_arguments(args.run, args.model, args.adapters)
+    budget = PMixedBudget(epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q,
+                          n_members=served.n_members)
+    return ServiceConfig(served, budget, str(ledger_path(args)), args.num_replicas, args.cpus_per_replica)
+
+
+@dataclass
+class Running:
+    """A started service; ``stop`` shuts down gRPC, the actors and (if it started it) Ray."""
+
+    server: grpc.Server
+    port: int
+    service: object
+    owns_ray: bool
+
+    def stop(self) -> None:
+        import ray
+
+        self.server.stop(grace=2).wait()
+        self.service.shutdown()
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def start(args: argparse.Namespace) -> Running:
+    import ray
+
+    from common.models import load_tokenizer
+    from server.inference.grpc_api import start_server
+    from server.inference.service import PMixedService
+
+    config = service_config(args)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
+                 include_dashboard=False, namespace="privtune", log_to_driver=False)
+    try:
+        service = PMixedService(config)
+        server, port = start_server(service, load_tokenizer(config.served.model), args.host, args.port)
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
+    return Running(server, port, service, owns_ray)
+
+
+def run(args: argparse.Namespace) -> int:
+    running = start(args)
+    budget = running.service.budget_status()
+    print(f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
+          f"{args.num_replicas} replica(s), gRPC on {args.host}:{running.port}; budget {budget['queries_left']} of "
+          f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
+          f"{budget['ledger']}); Ctrl-C stops", flush=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        while not stopped.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    running.stop()
+    return 0

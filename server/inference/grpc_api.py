@@ -1,0 +1,121 @@
+"""The gRPC face of the service (``protos/privtune/v1/inference.proto``).
+
+Status codes: an exhausted budget is RESOURCE_EXHAUSTED (the message says spent/total and how to get
+a new budget), a request the user can fix is INVALID_ARGUMENT, anything else INTERNAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from ray.exceptions import RayTaskError
+
+from common.errors import BudgetExceededError, PrivtuneError
+from common.proto_gen.privtune.v1 import inference_pb2 as pb
+from common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+from common.text_tokenizer import TextTokenizer
+from server.inference.service import PMixedService
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDecoder:
+    """Text of each new token, as the difference of decoding the whole continuation so far.
+
+    Byte-level and BPE tokens may split a character; text ending in U+FFFD is held back until
+    the character completes, so the streamed pieces concatenate to the decoded continuation.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith(REPLACEMENT) or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, service: PMixedService, tokenizer: TextTokenizer) -> None:
+        self.service = service
+        self.tokenizer = tokenizer
+
+    def _prompt(self, prompt: pb.Prompt) -> list[int]:
+        kind = prompt.WhichOneof("kind")
+        ids = list(prompt.token_ids.ids) if kind == "token_ids" else self.tokenizer.encode(prompt.text) if kind else []
+        return ids or [self.tokenizer.bos_token_id]
+
+    def NextToken(self, request: pb.NextTokenRequest, context: grpc.ServicerContext) -> pb.Token:
+        with _status(context):
+            release = self.service.next_token(self._prompt(request.prompt))
+            return pb.Token(id=release.token, text=self.tokenizer.decode([release.token]),
+                            queries_remaining=release.queries_remaining)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Token]:
+        with _status(context):
+            eos = self.tokenizer.eos_token_id if request.stop_at_eos else None
+            decoder = IncrementalDecoder(self.tokenizer)
+            for release in self.service.generate(self._prompt(request.prompt), request.max_new_tokens, eos):
+                if not context.is_active():
+                    return
+                yield pb.Token(id=release.token, text=decoder.push(release.token),
+                               queries_remaining=release.queries_remaining)
+
+    def BudgetStatus(self, request: pb.BudgetStatusRequest, context: grpc.ServicerContext) -> pb.BudgetStatusResponse:
+        with _status(context):
+            status = self.service.budget_status()
+            return pb.BudgetStatusResponse(**{f: status[f] for f in pb.BudgetStatusResponse.DESCRIPTOR.fields_by_name})
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
+        try:
+            health = self.service.health()
+        except Exception:  # a dead or hung replica is exactly what Health reports
+            return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING)
+        return pb.HealthResponse(status=pb.HealthResponse.SERVING, **health)
+
+
+class _status:
+    """Map exceptions to gRPC status codes (a context manager usable inside generators)."""
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, _tb) -> bool:
+        if error is None or isinstance(error, (GeneratorExit, grpc.RpcError)):
+            return False
+        error = _cause(error)
+        if isinstance(error, BudgetExceededError):
+            self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        if isinstance(error, PrivtuneError):
+            self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        self.context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        return False
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The exception a Ray actor raised, without Ray's wrapping (its str is a whole traceback)."""
+    while isinstance(error, RayTaskError) and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
+
+
+def start_server(service: PMixedService, tokenizer: TextTokenizer, host: str, port: int,
+                 max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start serving on ``host:port`` (port 0 picks a free one); returns the server and its port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(service, tokenizer), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise PrivtuneError(f"cannot listen on {host}:{port}; the port is taken or the address is not local")
+    server.start()
+    return server, bound

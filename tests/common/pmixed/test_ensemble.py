@@ -1,0 +1,129 @@
+"""The packed ensemble forward against each member's own full forward, and PMixED sampling over it."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from common.errors import PrivtuneError
+from common.models import TinySpec, tiny_model
+from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
+from common.pmixed import PMixedBudget, mixture_distribution
+from common.pmixed.ensemble import Ensemble, MemberAdapter
+
+
+def tiny(family: str) -> torch.nn.Module:
+    return tiny_model(family, spec=TinySpec(n_layers=5, hidden=32, heads=4, max_positions=64)).double()
+
+
+def member(base: torch.nn.Module, cfg: OffsiteConfig, seed: int) -> MemberAdapter:
+    """An adapter moved away from the base (LoRA's B starts at 0, so an untrained one changes nothing)."""
+    model = prepare_adapter(copy.deepcopy(base), cfg, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.1)
+    return MemberAdapter(f"owner-{seed}", adapter_state(model), adapter_manifest(model))
+
+
+def reference(models: list[torch.nn.Module], tokens: list[int]) -> torch.Tensor:
+    """Last-position logits of each model's own forward over the whole sequence, without any cache."""
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        return torch.stack([m(ids).logits[0, -1] for m in models])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_packed_forward_equals_separate_forwards_over_cached_steps(family, kind):
+    base = tiny(family)
+    cfg = OffsiteConfig(k_bottom=2, k_top=1, n_emulator=2, adapter=kind, lora_r=4, lora_alpha=8)
+    members = [member(base, cfg, seed) for seed in range(1, 5)]
+    ensemble = Ensemble(base, members)
+    full = [plug_in(base, m.state, m.manifest) for m in members]
+    rng = np.random.default_rng(0)
+    session = ensemble.session([5, 6, 7, 8, 9, 10])
+    # Subsets of every size, with members sitting out steps so their caches must catch up.
+    subsets = [[], [2], [0, 3], [0, 1, 2, 3], [1], [], [1, 3], [0, 2], [3], [0, 1, 2, 3]]
+    for chosen in subsets:
+        got = session.logits(chosen)
+        want = reference([base] + [full[c] for c in chosen], session.tokens)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        session.extend([int(rng.integers(3, 259))])
+    assert all(session.cached_length(m) == len(session.tokens) - 1 for m in range(4))
+    # Members really differ from p0 and from each other, so the equality is not trivial.
+    logits = session.logits([0, 1, 2, 3])
+    assert (logits[1:] - logits[0]).abs().amax(dim=1).min() > 1e-3
+    assert (logits[1] - logits[2]).abs().max() > 1e-3
+
+
+def test_members_with_different_adapter_blocks_share_the_rest():
+    base = tiny("llama")
+    a = member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="lora", lora_r=2, lora_alpha=4), 1)
+    b = member(base, OffsiteConfig(k_bottom=2, k_top=0, n_emulator=1, adapter="full"), 2)
+    ensemble = Ensemble(base, [a, b])
+    assert set(ensemble.own_blocks[0]) == {0, 4} and set(ensemble.own_blocks[1]) == {0, 1}
+    assert ensemble.block_for(0, 2) is ensemble.block_for(1, 2) is ensemble.base_blocks[2]
+    full = [plug_in(base, m.state, m.manifest) for m in (a, b)]
+    session = ensemble.session([3, 4, 5])
+    for chosen in ([1], [0, 1], [0]):
+        torch.testing.assert_close(session.logits(chosen), reference([base] + [full[c] for c in chosen], session.tokens),
+                                   rtol=0, atol=1e-10)
+        session.extend([42])
+
+
+def test_asking_twice_at_the_same_length_gives_the_same_logits():
+    base = tiny("gpt2")
+    ensemble = Ensemble(base, [member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1), 1)])
+    session = ensemble.session([7, 8, 9])
+    first = session.logits([0])
+    torch.testing.assert_close(session.logits([0]), first, rtol=0, atol=1e-12)
+    assert session.cached_length(0) == 3
+
+
+def test_private_next_token_follows_the_expected_mixture():
+    """Empirical token law of private_next_token == sum over S of P(S) * mixture(S), by chi-square."""
+    from scipy.stats import chisquare
+
+    base = tiny("llama")
+    cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="full")
+    ensemble = Ensemble(base, [member(base, cfg, 1), member(base, cfg, 2)])
+    budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=3, T=4, q=0.4, n_members=2)
+    session = ensemble.session([10, 11, 12])
+    probs = session.probs([0, 1])
+    expected = torch.zeros_like(probs[0])
+    for subset in itertools.chain.from_iterable(itertools.combinations(range(2), k) for k in range(3)):
+        weight = budget.q ** len(subset) * (1 - budget.q) ** (2 - len(subset))
+        rows = probs[[1 + i for i in subset]] if subset else None
+        expected += weight * mixture_distribution(rows, probs[0], budget.alpha, budget.beta())
+    rng = np.random.default_rng(7)
+    n = 3000
+    counts = np.bincount([session.private_next_token(budget, rng) for _ in range(n)], minlength=len(expected))
+    # Pool rare tokens so every expected cell count is at least 5.
+    order = np.argsort(-expected.numpy())
+    top = order[np.cumsum(expected.numpy()[order]) < 0.9][: 40]
+    observed = np.append(counts[top], n - counts[top].sum())
+    wanted = np.append(expected.numpy()[top], 1 - expected.numpy()[top].sum()) * n
+    assert wanted.min() >= 5
+    assert chisquare(observed, wanted).pvalue > 1e-3
+
+
+def test_carried_embeddings_are_refused():
+    base = tiny("gpt2")
+    carried = member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, carry_embeddings=True), 1)
+    with pytest.raises(PrivtuneError, match="carry_embeddings"):
+        Ensemble(base, [carried])
+
+
+def test_sequences_beyond_the_model_positions_are_refused():
+    base = tiny("gpt2")
+    session = Ensemble(base, [member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1), 1)]).session([5] * 60)
+    with pytest.raises(PrivtuneError, match="64 positions"):
+        session.extend([5] * 5)
+    with pytest.raises(PrivtuneError, match="prompt is empty"):
+        session.ensemble.session([])
