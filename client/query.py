@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -97,6 +97,41 @@ class _errors:
         raise PrivtuneError(f"the service at {self.address} failed: {code.name}: {details}") from None
 
 
+@dataclass(frozen=True)
+class Continuation:
+    ids: list[int]
+    text: str
+    queries_remaining: int
+
+
+def sample(client: InferenceClient, prompt: str, max_new_tokens: int, stop_at_eos: bool = False,
+           ult=None, echo: Callable[[str], None] | None = None) -> Continuation:
+    """Continue ``prompt``; with a ``UltTokenizer`` the prompt is encoded and the ids decoded here.
+
+    ``echo`` receives the server's text of each token as it arrives (not with ULT, whose patches
+    decode only as a whole).
+    """
+    if max_new_tokens < 1:
+        raise PrivtuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    request: str | list[int] = ult.encode(prompt) if ult is not None else prompt
+    tokens = ([client.next_token(request)] if max_new_tokens == 1
+              else client.generate(request, max_new_tokens, stop_at_eos))
+    ids, pieces, remaining = [], [], 0
+    for token in tokens:
+        ids.append(token.id)
+        remaining = token.queries_remaining
+        if ult is None:
+            pieces.append(token.text)
+            if echo is not None:
+                echo(token.text)
+    return Continuation(ids, ult.decode(ids) if ult is not None else "".join(pieces), remaining)
+
+
+def _echo(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default="127.0.0.1:50051", help="host:port of 'privtune serve' (default 127.0.0.1:50051)")
     parser.add_argument("--prompt", default="", help="text to continue")
@@ -116,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
         if args.status:
             print_status(client.health(), client.budget_status())
             return 0
-        if args.max_new_tokens < 1:
-            raise PrivtuneError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         ult = None
         if args.table:
             from common.ult.tokenizer import UltTokenizer
@@ -125,27 +158,14 @@ def run(args: argparse.Namespace) -> int:
             ult = UltTokenizer.from_files(args.table, key_file=args.key_file, passphrase=args.passphrase)
         elif args.key_file or args.passphrase:
             raise PrivtuneError("--key-file/--passphrase need --table (the ULT table they belong to)")
-        prompt: str | list[int] = ult.encode(args.prompt) if ult else args.prompt
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        ids: list[int] = []
-        remaining = None
-        try:
-            tokens = ([client.next_token(prompt)] if args.max_new_tokens == 1
-                      else client.generate(prompt, args.max_new_tokens, args.stop_at_eos))
-            for token in tokens:
-                ids.append(token.id)
-                remaining = token.queries_remaining
-                if ult is None:
-                    sys.stdout.write(token.text)
-                    sys.stdout.flush()
-        finally:
-            if ult is not None:
-                sys.stdout.write(ult.decode(ids))
-            sys.stdout.write("\n")
-            if ids:
-                print(f"[{len(ids)} token(s) privately sampled; {remaining} queries left in the service's budget]",
-                      file=sys.stderr)
+        result = sample(client, args.prompt, args.max_new_tokens, args.stop_at_eos, ult, echo=_echo)
+        if ult is not None:
+            sys.stdout.write(result.text)
+        sys.stdout.write("\n")
+        print(f"[{len(result.ids)} token(s) privately sampled; {result.queries_remaining} queries left in the "
+              "service's budget]", file=sys.stderr)
     return 0
 
 

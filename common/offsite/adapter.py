@@ -268,6 +268,8 @@ def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *
     if isinstance(spec, OffsiteConfig):
         cfg, emulator_hash, expected = spec, "", None
         split = split_of(model) or split_indices(num_blocks(model), cfg)
+        if split != split_indices(split.n_blocks, cfg):
+            raise PrivtuneError(f"the model was thinned with split {split}, which this config does not give; use its own config")
     else:
         cfg = OffsiteConfig.from_dict(spec["offsite"])
         split = SplitIndices.from_dict(spec["split"])
@@ -323,8 +325,6 @@ def adapter_manifest(model: nn.Module) -> AdapterManifest:
 
 def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The live adapter parameters under their canonical names."""
-    from peft.tuners.lora import LoraLayer
-
     manifest = adapter_manifest(model)
     split = split_of(model)
     positions = block_positions(model, split)
@@ -335,6 +335,8 @@ def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         if manifest.mode == "full":
             params.update({f"block.{orig}.{path}": p for path, p in block.named_parameters()})
         else:
+            from peft.tuners.lora import LoraLayer
+
             for path, layer in block.named_modules():
                 if isinstance(layer, LoraLayer):
                     params[f"block.{orig}.{path}.lora_A"] = layer.lora_A[PEFT_ADAPTER_NAME].weight

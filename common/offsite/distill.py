@@ -27,7 +27,7 @@ from common.errors import PrivtuneError
 from common.families import get_blocks
 from common.offsite.lm import forward_logits, next_token_nll
 from common.offsite.split import SplitIndices, split_of
-from common.offsite.train import autocast, shuffled_batches
+from common.offsite.train import DTYPES, autocast, shuffled_batches
 
 CHECKPOINT_FORMAT = "privtune-distill/1"
 
@@ -44,6 +44,12 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PrivtuneError(f"distillation dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
+            raise PrivtuneError("distillation needs steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1")
 
 
 @dataclass

@@ -8,6 +8,7 @@ Poisson ``DPDataLoader`` as ``batches``, and the loop stays the same.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import secrets
 import time
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def shuffled_batches(blocks: torch.Tensor, batch_size: int, seed: int, start_ste
     epoch, offset = divmod(position, n)
     pending: list[torch.Tensor] = []
     while True:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))[offset:]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch)))[offset:]
         pending.append(order)
         offset, epoch = 0, epoch + 1
         available = torch.cat(pending)
@@ -78,6 +79,11 @@ def shuffled_batches(blocks: torch.Tensor, batch_size: int, seed: int, start_ste
             yield blocks[available[:batch_size]]
             available = available[batch_size:]
         pending = [available]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -2,7 +2,8 @@
 
 Members are the full model with one data owner's adapter plugged in, so they differ only in the
 adapter blocks (bottom k and top k); every other block, the embeddings, the final norm and the head
-are the same weights. One decoding step therefore runs:
+are the same weights (in ULT ``carry_embeddings`` mode the embedding and head are per member too,
+applied per row: a lookup, and the head on one position per row). One decoding step therefore runs:
 
     embeddings once -> each row's own adapter blocks -> shared blocks ONCE over all rows
                     -> each row's own top blocks -> final norm + head once, on the last positions
@@ -63,13 +64,12 @@ class _Stem:
     def __init__(self, model: nn.Module) -> None:
         self.family = family_of(model).name
         self.model = model
-        self.head = model.get_output_embeddings()
-        self.embed_tokens = model.get_input_embeddings()
         config = model.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
 
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(ids)
+    def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Block input from the token embeddings (each row's own embedding table was applied already)."""
+        hidden = token_embeds
         if self.family == "gpt2":
             return hidden + self.model.transformer.wpe(positions)
         if self.family == "opt":
@@ -85,7 +85,7 @@ class _Stem:
             return {"position_embeddings": self.model.model.rotary_emb(hidden, position_ids=positions)}
         return {}
 
-    def logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, last_hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
         if self.family == "gpt2":
             hidden = self.model.transformer.ln_f(last_hidden)
         elif self.family == "opt":
@@ -95,7 +95,7 @@ class _Stem:
                 hidden = decoder.project_out(hidden)
         else:
             hidden = self.model.model.norm(last_hidden)
-        return self.head(hidden)
+        return head(hidden)
 
 
 class _PackedCache:
@@ -124,9 +124,11 @@ class Ensemble:
     """A base model plus N members' adapter blocks; shared blocks are held once.
 
     ``members`` are plugged in one at a time with ``plug_in`` (which checks each adapter fits this
-    model) and only their adapter blocks are kept. Members that carry their own embeddings (ULT
-    ``carry_embeddings`` mode) are refused: the public model has no embeddings for their token
-    ids, so there is no p0 to project onto.
+    model) and only their adapter blocks are kept, plus, for members that carry their own
+    embeddings (ULT ``carry_embeddings`` mode), their input embedding and head. Those are applied
+    per row (a lookup, and the head on one position per row), so the shared blocks still run once.
+    p0 then is the base model over the same token ids: meaningful when the base was made for that
+    id space (a ULT-ready model pretrained on text encoded with the federation's public table).
     """
 
     def __init__(self, base_model: nn.Module, members: Sequence[MemberAdapter]) -> None:
@@ -138,18 +140,19 @@ class Ensemble:
         self.names = [m.name for m in members]
         # own_blocks[member][block index] -> that member's copy of the block
         self.own_blocks: list[dict[int, nn.Module]] = []
+        # own_embeddings[member] -> (input embedding, head) of members that carry them
+        self.own_embeddings: dict[int, tuple[nn.Module, nn.Module]] = {}
         for member in members:
-            if member.manifest.carry_embeddings:
-                raise PrivtuneError(
-                    f"member {member.name!r} carries its own embeddings and head (ULT carry_embeddings mode); PMixED "
-                    "needs a public model p0 over the same token ids, which the base model is not. Serve members "
-                    "trained without carry_embeddings (raw encoding, or ULT ids inside the base vocabulary)"
-                )
             plugged = plug_in(base_model, member.state, member.manifest)
             blocks = get_blocks(plugged)
             self.own_blocks.append({i: blocks[i].eval() for i in sorted(set(member.manifest.indices))})
+            if member.manifest.carry_embeddings:
+                self.own_embeddings[len(self.own_blocks) - 1] = (plugged.get_input_embeddings(),
+                                                                  plugged.get_output_embeddings())
             del plugged
-        for module in [self.base, *(b for own in self.own_blocks for b in own.values())]:
+        modules = [self.base, *(b for own in self.own_blocks for b in own.values()),
+                   *(m for pair in self.own_embeddings.values() for m in pair)]
+        for module in modules:
             module.requires_grad_(False)
 
     @property
@@ -164,6 +167,12 @@ class Ensemble:
         if row == PUBLIC:
             return self.base_blocks[index]
         return self.own_blocks[row].get(index, self.base_blocks[index])
+
+    def embeddings_for(self, row: int) -> tuple[nn.Module, nn.Module]:
+        """(input embedding, head) of a row: the member's own if it carries them, else the base's."""
+        if row in self.own_embeddings:
+            return self.own_embeddings[row]
+        return self.base.get_input_embeddings(), self.base.get_output_embeddings()
 
     def session(self, prompt: Sequence[int]) -> "EnsembleSession":
         return EnsembleSession(self, prompt)
@@ -198,14 +207,36 @@ class EnsembleSession:
     def cached_length(self, row: int) -> int:
         return self._cached_len.get(row, 0)
 
+    def _rows(self, members: Sequence[int]) -> list[int]:
+        rows = [PUBLIC, *(int(m) for m in members)]
+        if len(set(rows)) != len(rows) or any(not 0 <= m < self.ensemble.n_members for m in rows[1:]):
+            raise ValueError(f"members must be distinct indices in 0..{self.ensemble.n_members - 1}, got {list(members)}")
+        return rows
+
     @torch.no_grad()
     def logits(self, members: Sequence[int]) -> torch.Tensor:
         """Next-token logits ``(1 + len(members), V)``: row 0 is p0, then ``members`` in order."""
+        rows = self._rows(members)
+        last_hidden = self._advance(rows, len(self.tokens))
         ens = self.ensemble
-        rows = [PUBLIC, *(int(m) for m in members)]
-        if len(set(rows)) != len(rows) or any(not 0 <= m < ens.n_members for m in rows[1:]):
-            raise ValueError(f"members must be distinct indices in 0..{ens.n_members - 1}, got {list(members)}")
-        n = len(self.tokens)
+        if not ens.own_embeddings:
+            return ens.stem.logits(last_hidden, ens.embeddings_for(PUBLIC)[1])
+        return torch.cat([ens.stem.logits(last_hidden[i:i + 1], ens.embeddings_for(row)[1]) for i, row in enumerate(rows)])
+
+    @torch.no_grad()
+    def prefill(self, members: Sequence[int]) -> None:
+        """Cache all but the last token for p0 and ``members`` in ONE packed pass; releases nothing.
+
+        Worth it before a long generation, when most members will be sampled at some point: one
+        pass over (1 + N) x prompt tokens instead of a catch-up pass each time a member first joins S.
+        """
+        rows = [r for r in self._rows(members) if self.cached_length(r) < len(self.tokens) - 1]
+        if rows:
+            self._advance(rows, len(self.tokens) - 1)
+
+    def _advance(self, rows: list[int], n: int) -> torch.Tensor:
+        """Feed each row the tokens it lacks of ``tokens[:n]``; returns each row's last hidden state."""
+        ens = self.ensemble
         starts = [min(self.cached_length(r), n - 1) for r in rows]
         for row, start in zip(rows, starts):
             if start < self.cached_length(row):  # asked again at the same length: recompute the last token
@@ -214,13 +245,14 @@ class EnsembleSession:
         seg_rows = torch.cat([torch.full((n - s,), i) for i, (s, _) in enumerate(segments)])
         positions = torch.cat([torch.arange(s, n) for s, _ in segments]).unsqueeze(0)
         ids = torch.tensor([self.tokens[p] for p in positions[0].tolist()]).unsqueeze(0)
-        hidden = ens.stem.embed(ids, positions)
-        extra = ens.stem.block_kwargs(hidden, positions)
         token_slices = []
         offset = 0
         for s, e in segments:
             token_slices.append(torch.arange(offset, offset + e - s))
             offset += e - s
+        token_embeds = torch.cat([ens.embeddings_for(row)[0](ids[:, sl]) for row, sl in zip(rows, token_slices)], dim=1)
+        hidden = ens.stem.embed(token_embeds, positions)
+        extra = ens.stem.block_kwargs(hidden, positions)
         masks: dict[tuple[int, ...], torch.Tensor] = {}
         for index in range(len(ens.base_blocks)):
             groups: dict[int, list[int]] = {}
@@ -246,7 +278,7 @@ class EnsembleSession:
         last = torch.tensor([int(sl[-1]) for sl in token_slices])
         for row in rows:
             self._cached_len[row] = n
-        return ens.stem.logits(hidden[0, last])
+        return hidden[0, last]
 
     def _mask(self, group, rows, seg_rows, positions, idx, dtype) -> torch.Tensor:
         """Additive mask (1, 1, new, past + new): a token sees its own row's earlier tokens only."""

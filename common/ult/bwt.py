@@ -64,9 +64,13 @@ def inverse_bwt_batch(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k, m = last.shape
     if k == 0:
         return np.empty((0, max(m - 1, 0)), dtype=np.int64), np.zeros(0, dtype=bool)
-    # Stable sort of each row = sort of the unique keys (char, position); END (-1) sorts first.
-    first_to_last = np.argsort((last + 1) * m + np.arange(m), axis=1)
-    flat_next = (first_to_last + (np.arange(k) * m)[:, None]).ravel()
+    # Stable sort of each row = plain sort of keys (char, position), END (-1) first; the position
+    # rides in the low bits, so the sorted keys themselves are the first-to-last mapping.
+    bits = (m - 1).bit_length()
+    flat_next = np.sort(((last + 1) << bits) | np.arange(m), axis=1)
+    flat_next &= (1 << bits) - 1
+    flat_next += (np.arange(k) * m)[:, None]
+    flat_next = flat_next.ravel()
     flat_last = last.ravel()
     is_end = last == END
     position = flat_next[np.arange(k) * m + np.argmax(is_end, axis=1)]
@@ -75,7 +79,7 @@ def inverse_bwt_batch(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out[step] = flat_last[position]
         position = flat_next[position]
     # A single cycle meets END only at its last step.
-    valid = (is_end.sum(axis=1) == 1) & (np.argmax(out == END, axis=0) == m - 1)
+    valid = (is_end.sum(axis=1) == 1) & (out[m - 1] == END) & ~(out[: m - 1] == END).any(axis=0)
     return out[: m - 1].T, valid
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from common.errors import PrivtuneError
 from common.ult.config import SEP_ID, UltConfig
@@ -30,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     build = sub.add_parser("build-table", help="rank the symbols of a corpus into a table (one pass)", epilog=_FORMAT_HELP)
     build.add_argument("corpus", nargs="+", type=Path, metavar="CORPUS", help="text files or folders of them")
-    build.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE")
+    build.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE", help="the table file to write (JSON)")
     defaults = UltConfig()
     build.add_argument("--patch-size", type=int, default=defaults.patch_size, help="characters per BWT patch (%(default)s)")
     build.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="common vocabulary size V (%(default)s)")
@@ -38,15 +41,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _key_options(build, "bind the table to this key, so that a wrong key is refused later")
 
     bind = sub.add_parser("bind-key", help="copy a (public) table, recording a key's check value")
-    bind.add_argument("--table", type=Path, required=True)
-    bind.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE")
+    bind.add_argument("--table", type=Path, required=True, help="the table to copy")
+    bind.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE", help="the key-bound table to write")
     _key_options(bind, "the key to bind", required=True)
 
     for action, summary in (("encode", "text file -> token ids"), ("decode", "token ids -> the original text file")):
         cmd = sub.add_parser(action, help=summary, description=summary, epilog=_FORMAT_HELP)
-        cmd.add_argument("input", type=Path, metavar="IN")
-        cmd.add_argument("-o", "--output", type=Path, required=True, metavar="OUT")
-        cmd.add_argument("--table", type=Path, required=True)
+        source, target = ("text file", "encoded file") if action == "encode" else ("encoded file", "text file")
+        cmd.add_argument("input", type=Path, metavar="IN", help=f"the {source} to read")
+        cmd.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=f"the {target} to write")
+        cmd.add_argument("--table", type=Path, required=True, help="a table from 'privtune ult build-table' (or bind-key)")
         _key_options(cmd, "the key the data is (to be) encoded with")
         if action == "decode":
             cmd.add_argument("--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD")
@@ -113,15 +117,13 @@ def _encode(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args)
     chunk = tokenizer.table.config.patch_size * _PATCHES_PER_LINE
     # Chunks of whole patches encode exactly like the whole file, joined by a separator.
-    with _open(args.input, "r", encoding="utf-8", errors="surrogateescape", newline="") as src, _open(
-        args.output, "w", encoding="ascii", newline="\n"
-    ) as out:
-        line_end = ""
+    with _open(args.input, "r", encoding="utf-8", errors="surrogateescape", newline="") as src, _output(args.output) as out:
+        line_end = b""
         while piece := src.read(chunk):
-            out.write(line_end + " ".join(map(str, tokenizer.encode(piece))))
-            line_end = f" {SEP_ID}\n"
+            out.write(line_end + " ".join(map(str, tokenizer.encode(piece))).encode("ascii"))
+            line_end = f" {SEP_ID}\n".encode("ascii")
         if line_end:
-            out.write("\n")
+            out.write(b"\n")
     return 0
 
 
@@ -129,7 +131,7 @@ def _decode(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args)
     strict = not args.tolerant
     patch_size = tokenizer.table.config.patch_size
-    with _open(args.input, "r", encoding="ascii", errors="strict") as src, _open(args.output, "wb") as out:
+    with _open(args.input, "rb") as src, _output(args.output) as out:
 
         def emit(ids: list[int], final: bool) -> None:
             text = tokenizer.decode(ids, strict=strict)
@@ -138,15 +140,15 @@ def _decode(args: argparse.Namespace) -> int:
             out.write(_utf8(text, args))
 
         pending: list[int] = []
-        try:
-            for line in src:
+        for line in src:
+            try:
                 pending += map(int, line.split())
-                if len(pending) >= _DECODE_BATCH_IDS and SEP_ID in pending:
-                    cut = len(pending) - 1 - pending[::-1].index(SEP_ID)
-                    emit(pending[:cut], final=False)
-                    pending = pending[cut + 1 :]
-        except (ValueError, UnicodeDecodeError):
-            raise PrivtuneError(f"{args.input} is not an encoded file (expected token ids separated by spaces)") from None
+            except ValueError:
+                raise PrivtuneError(f"{args.input} is not an encoded file (expected token ids separated by spaces)") from None
+            if len(pending) >= _DECODE_BATCH_IDS and SEP_ID in pending:
+                cut = len(pending) - 1 - pending[::-1].index(SEP_ID)
+                emit(pending[:cut], final=False)
+                pending = pending[cut + 1 :]
         emit(pending, final=True)
     return 0
 
@@ -171,3 +173,17 @@ def _open(path: Path, mode: str, **kwargs):
         return path.open(mode, **kwargs)
     except OSError as err:
         raise PrivtuneError(f"cannot open {path}: {err.strerror or err}") from err
+
+
+@contextlib.contextmanager
+def _output(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at ``path`` only once it is complete (no half output on errors)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with _open(tmp, "wb") as handle:
+        try:
+            yield handle
+        except BaseException:
+            handle.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, path)

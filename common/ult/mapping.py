@@ -61,14 +61,15 @@ class SymbolMapper:
             raise PrivtuneError(f"this {table.modality} ULT table holds symbols its codec cannot decode; rebuild it")
         ids = config.base + band_permutation(key, config)[: symbols.size]
         self._index = _CodeIndex(symbols, ids)
-        # Lookup by id; index vocab_size is a sentinel for "id out of range", +1 for batch breaks.
-        by_id = np.full(config.vocab_size + 2, INVALID_MARK, dtype=np.int64)
-        by_id[ids] = symbols
-        by_id[SEP_ID] = SEP_MARK
-        by_id[[PAD_ID, BOS_ID, EOS_ID]] = _DROP
-        by_id[ESCAPE_ID] = _ESCAPE
-        by_id[CONTINUE_DIGIT_ID : FINAL_DIGIT_ID + DIGIT_BASE] = _DIGIT
-        by_id[config.vocab_size + 1] = BREAK_MARK
+        # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary,
+        # vocab_size + 2 marks the break between two sequences of a batch.
+        by_id = np.full(config.vocab_size + 3, INVALID_MARK, dtype=np.int64)
+        by_id[ids + 1] = symbols
+        by_id[SEP_ID + 1] = SEP_MARK
+        by_id[[PAD_ID + 1, BOS_ID + 1, EOS_ID + 1]] = _DROP
+        by_id[ESCAPE_ID + 1] = _ESCAPE
+        by_id[CONTINUE_DIGIT_ID + 1 : FINAL_DIGIT_ID + DIGIT_BASE + 1] = _DIGIT
+        by_id[config.vocab_size + 2] = BREAK_MARK
         self._by_id = by_id
 
     def to_ids(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +87,8 @@ class SymbolMapper:
         lengths = np.ones(stream.size, dtype=np.int64)
         starts = np.zeros(stream.size + 1, dtype=np.int64)
         codes = stream[escaped]
+        if codes.max() >> (4 * _MAX_DIGITS):
+            raise ValueError(f"symbol code {int(codes.max())} is too large to escape ({4 * _MAX_DIGITS} bits at most)")
         n_digits = np.ones(codes.size, dtype=np.int64)
         for shift in range(1, _MAX_DIGITS):
             n_digits += (codes >> (4 * shift)) > 0
@@ -112,23 +115,35 @@ class SymbolMapper:
         arrays = [np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
         seq_starts = np.cumsum(lengths + 1) - lengths - 1
-        joined = np.empty(int(lengths.sum()) + max(len(arrays) - 1, 0), dtype=np.int64)
-        for start, array in zip(seq_starts.tolist(), arrays):
-            joined[start : start + array.size] = array
-        joined[(joined < 0) | (joined >= self.vocab_size)] = self.vocab_size
-        joined[seq_starts[1:] - 1] = self.vocab_size + 1
-        stream = self._by_id[joined]
-        keep = stream != _DROP
+        if len(arrays) == 1:
+            joined = arrays[0]
+        else:
+            joined = np.empty(int(lengths.sum()) + len(arrays) - 1, dtype=np.int64)
+            for start, array in zip(seq_starts.tolist(), arrays):
+                joined[start : start + array.size] = array
+        index = np.clip(joined, -1, self.vocab_size)
+        index += 1
+        index[seq_starts[1:] - 1] = self.vocab_size + 2
+        stream = self._by_id[index]
+        framing = stream == _DROP
+        keep = ~framing if framing.any() else None
         if (stream <= _DIGIT).any():
-            self._parse_escapes(joined, stream, keep)
-        if strict and (bad := np.flatnonzero(keep & (stream == INVALID_MARK))).size:
+            keep = np.ones(stream.size, dtype=bool) if keep is None else keep
+            self._parse_escapes(index - 1, stream, keep)
+        if strict:
+            self._refuse_invalid(stream if keep is None else np.where(keep, stream, 0), arrays, seq_starts)
+        return stream if keep is None else stream[keep]
+
+    @staticmethod
+    def _refuse_invalid(stream: np.ndarray, arrays: list[np.ndarray], seq_starts: np.ndarray) -> None:
+        bad = np.flatnonzero(stream == INVALID_MARK)
+        if bad.size:
             seq = int(np.searchsorted(seq_starts, bad[0], side="right") - 1)
             offset = int(bad[0] - seq_starts[seq])
             raise PrivtuneError(
                 f"token {offset} of sequence {seq} (id {int(arrays[seq][offset])}) is not a symbol of "
                 "this table, or starts a broken escape sequence"
             )
-        return stream[keep]
 
     def _parse_escapes(self, ids: np.ndarray, stream: np.ndarray, keep: np.ndarray) -> None:
         """Replace each escape id by the code its digits spell (in place); digits it used are dropped."""
@@ -140,10 +155,10 @@ class SymbolMapper:
         for at in escapes.tolist():
             code, j, last = 0, at + 1, min(at + _MAX_DIGITS, n - 1)
             while j < last and CONTINUE_DIGIT_ID <= ids[j] < FINAL_DIGIT_ID:
-                code = code * DIGIT_BASE + int(ids[j]) - CONTINUE_DIGIT_ID
+                code = code * DIGIT_BASE + ids[j] - CONTINUE_DIGIT_ID
                 j += 1
             if j <= last and is_digit[j] and ids[j] >= FINAL_DIGIT_ID:
-                stream[at] = code * DIGIT_BASE + int(ids[j]) - FINAL_DIGIT_ID
+                stream[at] = code * DIGIT_BASE + ids[j] - FINAL_DIGIT_ID
                 keep[at + 1 : j + 1] = False
             else:
                 stream[at] = INVALID_MARK

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.corpus import Document
+from common.corpus import Document, public_corpus
 from common.errors import PrivtuneError
 from common.offsite.lm import lm_loss
 from common.offsite.train import DTYPES, autocast, shuffled_batches
@@ -90,7 +90,7 @@ def _row_stats(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pretrain_ult(
     model: nn.Module,
     tokenizer: UltTokenizer,
-    documents: list[Document],
+    documents: list[Document] | None,
     cfg: PretrainConfig,
     *,
     checkpoint: Path | str | None = None,
@@ -98,6 +98,8 @@ def pretrain_ult(
     on_step: Callable[[int, float], None] | None = None,
 ) -> PretrainResult:
     """Continue pretraining all of ``model`` on ``documents`` encoded by ``tokenizer``.
+
+    ``documents=None`` means the embedded public corpus (:func:`common.corpus.public_corpus`).
 
     With ``checkpoint``, model, optimizer, schedule and RNG are saved every ``cfg.checkpoint_every``
     steps and at the end; a later call with the same arguments resumes where the last one stopped
@@ -109,7 +111,7 @@ def pretrain_ult(
             f"the model has {vocab} embedding rows but the ULT vocabulary has {tokenizer.vocab_size}; "
             "call resize_for_ult(model, table.config) first"
         )
-    blocks = pack(documents, tokenizer, cfg.block_size)
+    blocks = pack(public_corpus() if documents is None else documents, tokenizer, cfg.block_size)
     fingerprint = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")},
         "table": hashlib.sha256(repr((tokenizer.table.config, tokenizer.table.symbols)).encode()).hexdigest(),

@@ -90,25 +90,23 @@ class TextCodec:
         """
         stream = np.asarray(stream, dtype=np.int64)
         is_break = stream == BREAK_MARK
-        boundary = is_break | (stream == SEP_MARK)
-        if int(is_break.sum()) != n_texts - 1:
-            raise ValueError(f"stream holds {int(is_break.sum()) + 1} texts, expected {n_texts}")
-        slot_of = np.cumsum(boundary)  # patch slot of each entry (a boundary starts the next slot)
-        text_of_slot = np.concatenate(([0], np.cumsum(is_break[boundary])))
-        n_slots = text_of_slot.size
-        symbols = ~boundary
-        codes, slot = stream[symbols], slot_of[symbols]
-        invalid = codes == INVALID_MARK
-        bad_slot = np.zeros(n_slots, dtype=bool)
-        bad_slot[slot[invalid]] = True
-        count = codes >> CHAR_BITS
-        count[invalid] = 0
-        slot_len = np.bincount(slot, weights=count, minlength=n_slots).astype(np.int64)
+        bounds = np.flatnonzero(is_break | (stream == SEP_MARK))
+        if (n_breaks := int(is_break.sum())) != n_texts - 1:
+            raise ValueError(f"stream holds {n_breaks + 1} texts, expected {n_texts}")
+        # Slot i (a patch, maybe empty) spans stream[slot_start[i] : slot_start[i + 1]], its closing
+        # boundary included; markers count zero characters.
+        slot_start = np.concatenate(([0], bounds + 1))
+        text_of_slot = np.concatenate(([0], np.cumsum(is_break[bounds])))
+        count = stream >> CHAR_BITS
+        count[stream < 0] = 0
+        slot_len = np.add.reduceat(np.append(count, 0), slot_start)
+        bad_slot = np.zeros(slot_start.size, dtype=bool)
+        bad_slot[np.searchsorted(bounds, np.flatnonzero(stream == INVALID_MARK))] = True
         if strict:
             self._check_layout(slot_len, bad_slot, text_of_slot, n_texts)
 
         # All characters of all slots in order (END included); each length group gathers its rows.
-        chars = np.repeat((codes & _CHAR_MASK) - 1, count)
+        chars = np.repeat((stream & _CHAR_MASK) - 1, count)
         char_start = np.cumsum(slot_len) - slot_len
         decoded = []
         decodable = ~bad_slot & (slot_len > 0)

@@ -63,10 +63,14 @@ class UltTokenizer:
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def decode(self, ids: Sequence[int] | np.ndarray, strict: bool = False) -> str:
+        """Text of one id sequence (a list, array or CPU tensor; a ``(1, n)`` batch is accepted)."""
         return self.decode_batch([ids], strict)[0]
 
     def decode_batch(self, sequences: Sequence[Sequence[int] | np.ndarray], strict: bool = False) -> list[str]:
-        if not len(sequences):
+        arrays = [np.asarray(seq, dtype=np.int64) for seq in sequences]
+        if any(a.ndim > 1 and a.shape[0] != 1 for a in arrays):
+            raise ValueError("decode takes one id sequence; use decode_batch for a batch")
+        if not arrays:
             return []
-        stream = self._mapper.to_stream([np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences], strict)
-        return self._codec.decode_batch(stream, len(sequences), strict)
+        stream = self._mapper.to_stream(arrays, strict)
+        return self._codec.decode_batch(stream, len(arrays), strict)

@@ -88,6 +88,10 @@ class Replica:
         if max_new_tokens < 1:
             raise PrivtuneError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         session = self._session(prompt, max_new_tokens)
+        if max_new_tokens * self.config.budget.q >= 1:
+            # Each member is then more likely than not to be sampled at some point: caching the
+            # prompt for all of them in one packed pass beats a catch-up pass per first sampling.
+            session.prefill(range(self.ensemble.n_members))
         self._next_id += 1
         self._sessions[self._next_id] = session
         return self._next_id

@@ -87,15 +87,20 @@ class PMixedService:
         if not ray.is_initialized():
             raise PrivtuneError("Ray is not initialised; call ray.init() (privtune serve does) before starting the service")
         self.config = config
+        BudgetKeeper(config.ledger, config.budget)  # a refused ledger fails here, with its own message
+        config.served.load_members()  # so do missing or corrupt adapters
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.budget_actor = BudgetActor.options(scheduling_strategy=here).remote(config.ledger, config.budget)
-        ray.get(self.budget_actor.status.remote())  # surfaces a refused ledger before loading models
         replica_config = ReplicaConfig(config.served, config.budget, threads=max(1, int(config.cpus_per_replica)))
         self.replicas = [
             ReplicaActor.options(num_cpus=config.cpus_per_replica).remote(replica_config, self.budget_actor)
             for _ in range(config.num_replicas)
         ]
-        infos = ray.get([r.info.remote() for r in self.replicas])
+        try:
+            infos = ray.get([r.info.remote() for r in self.replicas])
+        except ray.exceptions.RayActorError as err:
+            self.shutdown()
+            raise PrivtuneError(f"a replica failed to start: {_creation_error(err)}") from None
         self.n_members = infos[0]["n_members"]
         self.vocab_size = infos[0]["vocab_size"]
         self._busy = [0] * len(self.replicas)
@@ -140,3 +145,11 @@ class PMixedService:
     def shutdown(self) -> None:
         for actor in [*self.replicas, self.budget_actor]:
             ray.kill(actor)
+
+
+def _creation_error(err: ray.exceptions.RayActorError) -> str:
+    """The exception a replica's constructor raised (e.g. an adapter that does not fit the model)."""
+    cause = getattr(err, "creation_task_error", None)
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    return str(cause) if cause is not None else str(err).strip().splitlines()[-1]

@@ -25,3 +25,12 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="package")
+def one_thread():
+    """Tiny models: thread hand-offs cost more than the maths, and much more on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -60,6 +60,8 @@ def test_prepare_on_a_plain_emulator_and_on_the_full_model():
     assert all(torch.equal(adapter_state(emulator)[k], v) for k, v in adapter_state(full).items())
     with pytest.raises(PrivtuneError, match="already"):
         prepare_adapter(full, cfg)
+    with pytest.raises(PrivtuneError, match="does not give"):
+        prepare_adapter(build_emulator_model(tiny("opt"), cfg), dataclasses.replace(cfg, n_emulator=3))
 
 
 def test_load_adapter_state_and_files_round_trip(tmp_path):

@@ -102,3 +102,12 @@ def test_tolerant_decode_of_model_output(files):
     assert main(["ult", "decode", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 2
     assert main(["ult", "decode", "--tolerant", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 0
     assert "\ufffd" in (tmp / "d").read_text()
+
+
+def test_a_failed_decode_leaves_no_output(files):
+    tmp, corpus, data = files
+    table = tmp / "table.json"
+    main(["ult", "build-table", str(corpus), "-o", str(table)])
+    (tmp / "model.txt").write_text("1 4 9999 3 5 2 0 0\n")
+    assert main(["ult", "decode", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 2
+    assert sorted(p.name for p in tmp.iterdir()) == ["corpus", "model.txt", "private.txt", "table.json"]

@@ -150,3 +150,13 @@ def test_tokenizer_refuses_non_text_tables():
     table = build_symbol_table([codec.encode([0.1, 0.2])], UltConfig(vocab_size=512), "numeric", codec.params())
     with pytest.raises(PrivtuneError, match="numeric"):
         UltTokenizer(table)
+
+
+def test_decode_takes_tensors_and_refuses_batches():
+    import torch
+
+    tok = tokenizer(8, True)
+    ids = tok.encode("To be, or not to be")
+    assert tok.decode(torch.tensor([ids])) == tok.decode(torch.tensor(ids)) == "To be, or not to be"
+    with pytest.raises(ValueError, match="decode_batch"):
+        tok.decode(torch.tensor([ids, ids]))

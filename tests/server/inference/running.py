@@ -1,0 +1,62 @@
+"""A real service on loopback for tests: tiny-llama members, a small Ray, a temporary ledger."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.models import load_model
+from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter, save_adapter
+from common.pmixed import PMixedBudget
+
+MODEL = "tiny-llama"
+
+
+def make_adapters(folder: Path, n: int = 4, model: str = MODEL) -> list[str]:
+    """``n`` LoRA adapters on ``model``, perturbed away from zero so members differ."""
+    base = load_model(model).model
+    cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", lora_r=4, lora_alpha=8)
+    folders = []
+    for seed in range(n):
+        adapted = prepare_adapter(copy.deepcopy(base), cfg, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param in adapted.parameters():
+                if param.requires_grad:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        folders.append(str(save_adapter(folder / f"owner-{seed}", adapter_state(adapted), adapter_manifest(adapted))))
+    return folders
+
+
+@dataclass
+class Running:
+    address: str
+    service: object
+    ledger: Path
+    budget: PMixedBudget
+
+
+@contextmanager
+def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5) -> Iterator[Running]:
+    """What ``privtune serve --model tiny-llama --adapters ... --port 0`` starts, on a 2-CPU Ray."""
+    from server.inference import cli
+
+    adapters = make_adapters(folder / "adapters")
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args([
+        "--model", MODEL, "--adapters", *adapters, "--queries", str(queries), "--q", str(q), "--epsilon", "8",
+        "--num-replicas", str(num_replicas), "--ledger", str(folder / "ledger.sqlite"), "--num-cpus", "2",
+        "--port", "0",
+    ])
+    started = cli.start(args)
+    try:
+        yield Running(f"127.0.0.1:{started.port}", started.service, folder / "ledger.sqlite", started.service.config.budget)
+    finally:
+        started.stop()

@@ -1,0 +1,89 @@
+"""The budget keeper on a real ledger file, and a replica that pays before it releases."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from common.errors import BudgetExceededError, PrivtuneError
+from common.ledger import Ledger
+from common.pmixed import PMixedBudget
+from server.inference.budget import BudgetKeeper
+from server.inference.members import ServedModel
+from server.inference.replica import Replica, ReplicaConfig
+from tests.server.inference.running import MODEL, make_adapters
+
+BUDGET = PMixedBudget(epsilon=6.0, delta=1e-5, alpha=3, T=10, q=0.3, n_members=4)
+
+
+def test_exactly_T_queries_then_a_clear_refusal(tmp_path):
+    keeper = BudgetKeeper(str(tmp_path / "ledger.sqlite"), BUDGET)
+    assert [keeper.spend() for _ in range(10)] == list(range(9, -1, -1))
+    with pytest.raises(BudgetExceededError) as refused:
+        keeper.spend()
+    message = str(refused.value)
+    assert "10 of 10 queries spent" in message and "No token was released" in message
+    assert f"privtune ledger budget {tmp_path / 'ledger.sqlite'} pmixed" in message
+    status = keeper.status()
+    assert status["exhausted"] and status["queries_spent"] == 10
+    assert status["epsilon_spent"] == pytest.approx(6.0, abs=1e-9)
+    assert status["rdp_spent"] == pytest.approx(BUDGET.rdp_total())
+
+
+def test_spending_survives_a_restart_and_the_budget_cannot_be_reset_by_flags(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    first = BudgetKeeper(path, BUDGET)
+    for _ in range(4):
+        first.spend()
+    again = BudgetKeeper(path, BUDGET)
+    assert again.status()["queries_spent"] == 4 and again.spend() == 5
+    # Another T or q only changes what each query costs; the RDP already spent still counts.
+    finer = BudgetKeeper(path, PMixedBudget(6.0, 1e-5, 3, T=20, q=0.3, n_members=4))
+    assert finer.status()["queries_left"] == 10
+    with pytest.raises(PrivtuneError, match="holds a PMixED budget"):
+        BudgetKeeper(path, PMixedBudget(8.0, 1e-5, 3, T=10, q=0.3, n_members=4))
+    Ledger(tmp_path / "owner.sqlite", owner="owner-1")
+    with pytest.raises(PrivtuneError, match="belongs to"):
+        BudgetKeeper(str(tmp_path / "owner.sqlite"), BUDGET)
+
+
+def _spend_all(path: str, out) -> None:
+    keeper = BudgetKeeper(path, BUDGET)
+    count = 0
+    try:
+        while True:
+            keeper.spend()
+            count += 1
+    except BudgetExceededError:
+        out.put(count)
+
+
+def test_two_processes_on_one_ledger_file_share_one_budget(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    queue = multiprocessing.get_context("spawn").Queue()
+    workers = [multiprocessing.get_context("spawn").Process(target=_spend_all, args=(path, queue)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert queue.get(timeout=5) + queue.get(timeout=5) == 10
+    assert len(Ledger(path).records("pmixed")) == 10
+
+
+def test_a_replica_charges_before_every_token(tmp_path):
+    adapters = make_adapters(tmp_path / "adapters")
+    keeper = BudgetKeeper(str(tmp_path / "ledger.sqlite"), BUDGET)
+    replica = Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), BUDGET), keeper)
+    assert replica.next_token([5, 6, 7]).queries_remaining == 9
+    session = replica.open([5, 6, 7], max_new_tokens=20)
+    released = []
+    with pytest.raises(BudgetExceededError):
+        while True:
+            released.append(replica.step(session))
+    assert [r.queries_remaining for r in released] == list(range(8, -1, -1))
+    assert keeper.status()["queries_spent"] == 10
+    with pytest.raises(PrivtuneError, match="positions"):
+        replica.open([5] * 250, max_new_tokens=10)
+    with pytest.raises(PrivtuneError, match="budget was computed for 3 members"):
+        Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 3)), keeper)

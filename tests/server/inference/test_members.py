@@ -1,0 +1,60 @@
+"""Finding the base model and the member adapters of a federated run folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from common.errors import PrivtuneError
+from server.inference.members import from_arguments, from_run_folder
+from server.run_folder import RunFolder
+from tests.server.inference.running import MODEL, make_adapters
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    return make_adapters(tmp_path_factory.mktemp("adapters"), n=3)
+
+
+def run_folder(root, adapters):
+    """A run laid out as the federated server writes it (RunFolder), with an aggregate adapter too."""
+    from safetensors.torch import load_file
+
+    folder = RunFolder(root)
+    for name, source in [("node-1", adapters[0]), ("node-2", adapters[1]), ("aggregate", adapters[2])]:
+        manifest = json.loads(Path(source, "adapter.json").read_text())
+        folder.save_owner_adapter(name, load_file(source + "/adapter.safetensors"), manifest)
+    folder.write_metrics({"config": {"model": MODEL}})
+    return root
+
+
+def test_run_folder_members_exclude_the_aggregate(tmp_path, adapters):
+    served = from_run_folder(run_folder(tmp_path / "run", adapters))
+    assert served.model == MODEL
+    assert [p.rsplit("/", 1)[1] for p in served.adapters] == ["node-1", "node-2"]
+    members = served.load_members()
+    assert [m.name for m in members] == ["node-1", "node-2"] and members[0].manifest.mode == "lora"
+    assert from_run_folder(tmp_path / "run", "tiny-gpt2").model == "tiny-gpt2"
+
+
+def test_explicit_adapters_and_helpful_errors(tmp_path, adapters):
+    served = from_arguments(None, MODEL, adapters)
+    assert served.n_members == 3
+    with pytest.raises(PrivtuneError, match="name what to serve"):
+        from_arguments(None, MODEL, None)
+    with pytest.raises(PrivtuneError, match="do not exist"):
+        from_arguments(None, MODEL, [str(tmp_path / "nowhere")])
+    with pytest.raises(PrivtuneError, match="no adapters/ folder"):
+        from_run_folder(tmp_path)
+    run = run_folder(tmp_path / "run", adapters)
+    (run / "metrics.json").unlink()
+    with pytest.raises(PrivtuneError, match="pass it with --model"):
+        from_run_folder(run)
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters[0], broken)
+    (broken / "adapter.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(PrivtuneError, match="corrupt"):
+        from_arguments(None, MODEL, [str(broken)]).load_members()
