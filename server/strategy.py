@@ -52,6 +52,13 @@ class OffsiteMixin:
         self.latest_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, RoundLog] = {}
         self._reference: dict[str, torch.Tensor] = {}
+        self._name_holders: dict[str, int] = {}
+
+    def _owner_name(self, node: int, claimed: str) -> str:
+        """The name a node reports, unless another node already holds it: a name is a label, not an
+        identity, so a second claimant is told apart by its node id rather than overwriting."""
+        holder = self._name_holders.setdefault(claimed, node)
+        return claimed if holder == node else f"{claimed}@node-{node}"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -80,7 +87,8 @@ class OffsiteMixin:
                 # Any reply the ClientApp produced itself means it processed (and cached) the emulator.
                 self.nodes_with_emulator.add(message.metadata.src_node_id)
                 if OWNER in message.content.config_records:
-                    entry.owner_names[message.metadata.src_node_id] = str(message.content.config_records[OWNER]["name"])
+                    entry.owner_names[message.metadata.src_node_id] = self._owner_name(
+                        message.metadata.src_node_id, str(message.content.config_records[OWNER]["name"]))
                 if "metrics" in message.content.metric_records:
                     entry.client_metrics[message.metadata.src_node_id] = dict(message.content.metric_records["metrics"])
         accepted, rejected = review(replies, self._reference, self.update_clip)
