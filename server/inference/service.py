@@ -13,6 +13,7 @@ a second service or a ``privtune ledger`` command on the same file cannot oversp
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,6 +88,12 @@ class PMixedService:
         if not ray.is_initialized():
             raise PrivtuneError("Ray is not initialised; call ray.init() (privtune serve does) before starting the service")
         self.config = config
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        if config.num_replicas * config.cpus_per_replica > cpus:
+            raise PrivtuneError(
+                f"{config.num_replicas} replica(s) x {config.cpus_per_replica:g} CPU need more than the Ray cluster's "
+                f"{cpus:g} CPUs; lower --num-replicas or --cpus-per-replica"
+            )
         BudgetKeeper(config.ledger, config.budget)  # a refused ledger fails here, with its own message
         config.served.load_members()  # so do missing or corrupt adapters
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -148,8 +155,6 @@ class PMixedService:
 
 
 def _creation_error(err: ray.exceptions.RayActorError) -> str:
-    """The exception a replica's constructor raised (e.g. an adapter that does not fit the model)."""
-    cause = getattr(err, "creation_task_error", None)
-    while getattr(cause, "cause", None) is not None:
-        cause = cause.cause
-    return str(cause) if cause is not None else str(err).strip().splitlines()[-1]
+    """The last line of the constructor's traceback Ray reports (e.g. an adapter that does not fit), unprefixed."""
+    last = str(err).strip().splitlines()[-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)

@@ -134,17 +134,3 @@ def test_invalid_prompts_are_invalid_argument(service):
     assert "outside the model's vocabulary" in bad.value.details()
     channel.close()
 
-
-def test_a_replica_that_cannot_load_its_members_fails_the_start_clearly(service, tmp_path):
-    from common.errors import PrivtuneError
-    from common.pmixed import PMixedBudget
-    from server.inference.members import ServedModel
-    from server.inference.service import PMixedService, ServiceConfig
-    from tests.server.inference.running import make_adapters
-
-    foreign = make_adapters(tmp_path / "gpt2", n=1, model="tiny-gpt2")  # adapters of another model family
-    budget = PMixedBudget(8.0, 1e-5, 3, T=4, q=0.5, n_members=1)
-    config = ServiceConfig(ServedModel("tiny-llama", tuple(foreign)), budget, str(tmp_path / "ledger.sqlite"),
-                           num_replicas=1, cpus_per_replica=0.01)
-    with pytest.raises(PrivtuneError, match="a replica failed to start: adapter refused: it was trained for a gpt2"):
-        PMixedService(config)

@@ -1,0 +1,33 @@
+"""Starting the service fails fast and clearly when replicas cannot be placed or cannot load."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.errors import PrivtuneError
+from common.pmixed import PMixedBudget
+from server.inference.members import ServedModel
+from server.inference.service import PMixedService, ServiceConfig
+from tests.server.inference.running import make_adapters
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small_ray():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="privtune-tests")
+    yield
+    ray.shutdown()
+
+
+def test_start_errors(small_ray, tmp_path):
+    budget = PMixedBudget(8.0, 1e-5, 3, T=4, q=0.5, n_members=1)
+    foreign = make_adapters(tmp_path / "gpt2", n=1, model="tiny-gpt2")  # another family than the served model
+    config = ServiceConfig(ServedModel("tiny-llama", tuple(foreign)), budget, str(tmp_path / "ledger.sqlite"))
+    with pytest.raises(PrivtuneError, match="a replica failed to start: adapter refused: it was trained for a gpt2"):
+        PMixedService(config)
+    too_many = ServiceConfig(ServedModel("tiny-llama", tuple(foreign)), budget, str(tmp_path / "ledger.sqlite"), 2)
+    with pytest.raises(PrivtuneError, match="need more than the Ray cluster's 1 CPUs"):
+        PMixedService(too_many)
