@@ -106,11 +106,10 @@ def run(args: argparse.Namespace) -> int:
           f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
           f"{budget['ledger']}); Ctrl-C stops", flush=True)
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    try:
-        while not stopped.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job ignores it otherwise
+        signal.signal(sig, lambda *_: stopped.set())
+    while not stopped.wait(1.0):
         pass
     running.stop()
+    print("privtune serve: stopped", flush=True)
     return 0

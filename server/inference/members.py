@@ -2,7 +2,7 @@
 
 Two ways to name them:
 
-- a federated run folder (``--run RUN``): the base model is the run's ``config.model`` in
+- a federated run folder (``--run RUN``, or the ``--out`` folder holding it as ``server/``): the base model is the run's ``config.model`` in
   ``RUN/metrics.json`` and the members are ``RUN/adapters/*/`` except ``aggregate`` (the
   aggregate was trained on every owner's data, so it is no member of an ensemble whose privacy
   unit is one owner's shard);
@@ -59,7 +59,13 @@ def load_member(folder: Path) -> MemberAdapter:
 
 
 def from_run_folder(run: Path, model: str | None = None) -> ServedModel:
-    """Members of a federated run; ``model`` overrides the base model recorded in the run."""
+    """Members of a federated run; ``model`` overrides the base model recorded in the run.
+
+    ``run`` is the server's run folder, or the ``--out`` folder of ``privtune simulate``/``demo``
+    that holds it as ``server/``.
+    """
+    if not (run / "adapters").is_dir() and (run / "server" / "adapters").is_dir():
+        run = run / "server"
     adapters_dir = run / "adapters"
     if not adapters_dir.is_dir():
         raise PrivtuneError(f"{run} has no adapters/ folder: is it a finished federated run (privtune simulate --out)?")

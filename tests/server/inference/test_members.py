@@ -38,6 +38,9 @@ def test_run_folder_members_exclude_the_aggregate(tmp_path, adapters):
     members = served.load_members()
     assert [m.name for m in members] == ["node-1", "node-2"] and members[0].manifest.mode == "lora"
     assert from_run_folder(tmp_path / "run", "tiny-gpt2").model == "tiny-gpt2"
+    # privtune simulate/demo --out OUT keeps the server's run folder in OUT/server
+    run_folder(tmp_path / "out" / "server", adapters)
+    assert from_run_folder(tmp_path / "out").n_members == 2
 
 
 def test_explicit_adapters_and_helpful_errors(tmp_path, adapters):
