@@ -69,18 +69,11 @@ class OwnerTrainer:
 
         The model owner pretrained with the public ranking; under the key, rank r has a different id.
         Moving row ``base + r`` to the keyed id gives every owner the same warm start without the
-        model owner ever learning the key.
+        model owner being sent the key.
         """
-        from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS
-        from common.ult.keys import load_key_file, permuted_rows
-        from common.ult.table import load_table
+        from common.ult.relabel import key_rows, relabel_state
 
-        rows = torch.from_numpy(permuted_rows(load_table(self.site.ult_table), load_key_file(self.site.ult_key)))
-        keyed = dict(state)
-        for name in (INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS):
-            if name in keyed:
-                keyed[name] = keyed[name][rows].clone()
-        return keyed
+        return relabel_state(state, key_rows(self.site.ult_table, self.site.ult_key))
 
     def train_round(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         data = self.data()

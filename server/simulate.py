@@ -120,12 +120,11 @@ def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any]
     import torch
 
     from common.models import load_model
-    from common.ult.keys import load_key_file, permuted_rows
-    from common.ult.table import load_table
+    from common.ult.relabel import key_rows
     from server.run_evaluation import evaluate_run
     from server.run_folder import strict_json
 
-    rows = torch.from_numpy(permuted_rows(load_table(node["ult-table"]), load_key_file(node["ult-key"])))
+    rows = key_rows(node["ult-table"], node["ult-key"])
     table = evaluate_run(Path(cfg.run_dir), load_model(cfg.model).model, torch.load(cfg.eval_ids, weights_only=True),
                          cfg.seed, rows, title="key holder's evaluation on the owners' held-out text (ULT ids)")
     metrics.update({"zero_shot_ppl": table["zero_shot"], "emulator_ppl": table["emulator"],

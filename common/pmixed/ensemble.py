@@ -29,6 +29,7 @@ between the last block and the head (OPT's optional final norm and projection).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from common.errors import PrivtuneError
 from common.families import family_of, get_blocks
-from common.offsite.adapter import AdapterManifest
+from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, AdapterManifest
 from common.offsite.plugin import plug_in
 from common.pmixed.accountant import PMixedBudget
 from common.pmixed.mechanism import mixture_distribution, sample_token
@@ -127,13 +128,18 @@ class Ensemble:
     model) and only their adapter blocks are kept, plus, for members that carry their own
     embeddings (ULT ``carry_embeddings`` mode), their input embedding and head. Those are applied
     per row (a lookup, and the head on one position per row), so the shared blocks still run once.
-    p0 then is the base model over the same token ids: meaningful when the base was made for that
-    id space (a ULT-ready model pretrained on text encoded with the federation's public table).
+
+    Such members' ids are in the federation key's order, and so must p0's be: ``public_embeddings``
+    is the base model's own embedding rows relabelled by a key holder (:mod:`common.ult.relabel`,
+    which checks they are exactly the public rows). Mixing a keyed member with the base model's
+    public-order rows would average distributions over different vocabularies, so that is refused.
     """
 
-    def __init__(self, base_model: nn.Module, members: Sequence[MemberAdapter]) -> None:
+    def __init__(self, base_model: nn.Module, members: Sequence[MemberAdapter],
+                 public_embeddings: Mapping[str, torch.Tensor] | None = None) -> None:
         if not members:
             raise PrivtuneError("a PMixED ensemble needs at least one member adapter")
+        self.public_pair = _public_pair(base_model, members, public_embeddings)
         self.base = base_model.eval()
         self.stem = _Stem(base_model)
         self.base_blocks = list(get_blocks(base_model))
@@ -169,13 +175,46 @@ class Ensemble:
         return self.own_blocks[row].get(index, self.base_blocks[index])
 
     def embeddings_for(self, row: int) -> tuple[nn.Module, nn.Module]:
-        """(input embedding, head) of a row: the member's own if it carries them, else the base's."""
+        """(input embedding, head) of a row: the member's own if it carries them, p0's keyed ones, or the base's."""
         if row in self.own_embeddings:
             return self.own_embeddings[row]
+        if row == PUBLIC and self.public_pair is not None:
+            return self.public_pair
         return self.base.get_input_embeddings(), self.base.get_output_embeddings()
 
     def session(self, prompt: Sequence[int]) -> "EnsembleSession":
         return EnsembleSession(self, prompt)
+
+
+def check_p0_order(members: Sequence[MemberAdapter], keyed_p0: bool) -> None:
+    """Refuse an ensemble whose p0 and members are not over the same ids (keyed p0 iff keyed members)."""
+    carried = {m.manifest.carry_embeddings for m in members}
+    if len(carried) > 1:
+        raise PrivtuneError("some members carry their own (ULT-keyed) embeddings and some do not: they come from "
+                            "different federations and cannot form one ensemble")
+    if carried == {False} and keyed_p0:
+        raise PrivtuneError("keyed public embeddings were given, but the members use the base model's own "
+                            "embeddings (no ULT key): serve without them")
+    if carried == {True} and not keyed_p0:
+        raise PrivtuneError(
+            "the members are ULT-keyed (their embeddings are in the federation key's id order) but p0, the public "
+            "model, is in the public order; a key holder makes p0's rows in the key's order with 'privtune ult "
+            "keyed-public', and the service takes them with --public-embeddings FILE"
+        )
+
+
+def _public_pair(base: nn.Module, members: Sequence[MemberAdapter],
+                 public_embeddings: Mapping[str, torch.Tensor] | None) -> tuple[nn.Module, nn.Module] | None:
+    """p0's (input embedding, head) when the members are ULT-keyed; None when p0 is the base as it is."""
+    check_p0_order(members, public_embeddings is not None)
+    if public_embeddings is None:
+        return None
+    embed = copy.deepcopy(base.get_input_embeddings())
+    embed.weight = nn.Parameter(public_embeddings[INPUT_EMBEDDINGS].to(embed.weight.dtype), requires_grad=False)
+    head = copy.deepcopy(base.get_output_embeddings())
+    head.weight = (embed.weight if OUTPUT_EMBEDDINGS not in public_embeddings
+                   else nn.Parameter(public_embeddings[OUTPUT_EMBEDDINGS].to(head.weight.dtype), requires_grad=False))
+    return embed.eval(), head.eval()
 
 
 class EnsembleSession:

@@ -11,7 +11,8 @@ Typical use::
 
 Modules: :mod:`.bwt` (batched BWT), :mod:`.text`, :mod:`.numeric`, :mod:`.image` (codecs),
 :mod:`.table` (ranking, files), :mod:`.keys` (key, permutation), :mod:`.mapping` (ids, escapes),
-:mod:`.tokenizer`, :mod:`.fingerprints`, :mod:`.cli`, :mod:`.pretrain`.
+:mod:`.tokenizer`, :mod:`.fingerprints`, :mod:`.cli`, :mod:`.pretrain`, :mod:`.relabel` (model rows
+into the key's order).
 """
 
 from common.ult.config import UltConfig

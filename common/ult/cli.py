@@ -55,6 +55,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         if action == "decode":
             cmd.add_argument("--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD")
 
+    public = sub.add_parser(
+        "keyed-public", help="key holder: the public model's embedding rows in the key's order (PMixED's p0)",
+        description="Write the base model's embedding (and untied head) rows relabelled into the federation key's id "
+                    "order, for 'privtune serve --public-embeddings'. Nothing in it is learned from private data, but "
+                    "it reveals the key's permutation of the vocabulary to whoever has the public model: see the "
+                    "README's section on what ULT hides.")
+    public.add_argument("--model", required=True, help="the ULT-ready base model the federation trained on (folder)")
+    public.add_argument("--table", type=Path, required=True, help="the federation's ULT table")
+    public.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the .safetensors file to write")
+    _key_options(public, "the federation key", required=True)
+
     key = sub.add_parser("new-key", help="write a new random key file (owner-readable only)")
     key.add_argument("-o", "--output", type=Path, required=True, metavar="KEYFILE")
     key.add_argument("--force", action="store_true", help="overwrite an existing key file")
@@ -77,7 +88,9 @@ def _key(args: argparse.Namespace) -> UltKey | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"build-table": _build, "bind-key": _bind, "encode": _encode, "decode": _decode, "new-key": _new_key}[args.action](args)
+    actions = {"build-table": _build, "bind-key": _bind, "encode": _encode, "decode": _decode, "new-key": _new_key,
+               "keyed-public": _keyed_public}
+    return actions[args.action](args)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -165,6 +178,20 @@ def _utf8(text: str, args: argparse.Namespace) -> bytes:
 def _new_key(args: argparse.Namespace) -> int:
     new_key_file(args.output, overwrite=args.force)
     print(f"{args.output}: new ULT key (keep it secret, and keep a copy: without it encoded data cannot be read)", file=sys.stderr)
+    return 0
+
+
+def _keyed_public(args: argparse.Namespace) -> int:
+    import torch
+
+    from common.models import load_model
+    from common.ult.keys import permuted_rows
+    from common.ult.relabel import save_keyed_public
+
+    rows = torch.from_numpy(permuted_rows(load_table(args.table), _key(args)))
+    save_keyed_public(load_model(args.model).model, rows, args.output)
+    print(f"{args.output}: {args.model}'s embedding rows in the key's order (give it to the PMixED service; "
+          "it reveals the key's permutation of the vocabulary, nothing learned from private data)", file=sys.stderr)
     return 0
 
 

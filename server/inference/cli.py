@@ -23,6 +23,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", help="base model (public p0): tiny-gpt2 | tiny-llama | tiny-opt | smollm2 | HF folder; "
                                       "with --run it overrides the run's model")
     what.add_argument("--adapters", nargs="+", metavar="DIR", help="member adapter folders (adapter.safetensors + manifest)")
+    what.add_argument("--public-embeddings", metavar="FILE",
+                      help="ULT-keyed members only: p0's embedding rows in the federation key's order, from a key "
+                           "holder's 'privtune ult keyed-public'")
     budget = parser.add_argument_group("privacy budget (PMixED, DESIGN.md section 5)")
     budget.add_argument("--epsilon", type=float, default=8.0, help="total epsilon over all queries (default 8)")
     budget.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
@@ -52,7 +55,7 @@ def ledger_path(args: argparse.Namespace) -> Path:
 def service_config(args: argparse.Namespace):
     from server.inference.service import ServiceConfig
 
-    served = from_arguments(args.run, args.model, args.adapters)
+    served = from_arguments(args.run, args.model, args.adapters, args.public_embeddings)
     budget = PMixedBudget(epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q,
                           n_members=served.n_members)
     return ServiceConfig(served, budget, str(ledger_path(args)), args.num_replicas, args.cpus_per_replica)

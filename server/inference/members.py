@@ -9,6 +9,10 @@ Two ways to name them:
 - explicitly (``--model SRC --adapters DIR ...``), each DIR holding ``adapter.safetensors`` and
   a manifest (``manifest.json`` as the run folder writes it, or ``adapter.json`` as
   ``common.offsite.save_adapter`` does).
+
+Members of a ULT federation carry embeddings in the federation key's id order; p0 must then be
+the base model with its rows in that order too, a file a key holder makes (``--public-embeddings``,
+see :mod:`common.ult.relabel`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from common.errors import PrivtuneError
 from common.offsite.adapter import ADAPTER_FILE, ADAPTER_MANIFEST_FILE, AdapterManifest
 from common.pmixed.ensemble import MemberAdapter
+from common.ult.relabel import load_keyed_public
 
 RUN_MANIFEST_FILE = "manifest.json"
 AGGREGATE = "aggregate"
@@ -31,6 +39,7 @@ class ServedModel:
 
     model: str
     adapters: tuple[str, ...] = field(default_factory=tuple)
+    public_embeddings: str | None = None
 
     @property
     def n_members(self) -> int:
@@ -38,6 +47,12 @@ class ServedModel:
 
     def load_members(self) -> list[MemberAdapter]:
         return [load_member(Path(folder)) for folder in self.adapters]
+
+    def load_public_embeddings(self, base_model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """p0's keyed rows, checked against ``base_model``; None when p0 is the base model as it is."""
+        if self.public_embeddings is None:
+            return None
+        return load_keyed_public(self.public_embeddings, base_model)
 
 
 def load_member(folder: Path) -> MemberAdapter:
@@ -58,7 +73,7 @@ def load_member(folder: Path) -> MemberAdapter:
     return MemberAdapter(folder.name, state, manifest)
 
 
-def from_run_folder(run: Path, model: str | None = None) -> ServedModel:
+def from_run_folder(run: Path, model: str | None = None, public_embeddings: str | None = None) -> ServedModel:
     """Members of a federated run; ``model`` overrides the base model recorded in the run.
 
     ``run`` is the server's run folder, or the ``--out`` folder of ``privtune simulate``/``demo``
@@ -80,17 +95,20 @@ def from_run_folder(run: Path, model: str | None = None) -> ServedModel:
             raise PrivtuneError(
                 f"{metrics} does not name the run's base model (config.model); pass it with --model"
             ) from None
-    return ServedModel(str(model), tuple(folders))
+    return ServedModel(str(model), tuple(folders), public_embeddings)
 
 
-def from_arguments(run: str | None, model: str | None, adapters: list[str] | None) -> ServedModel:
+def from_arguments(run: str | None, model: str | None, adapters: list[str] | None,
+                   public_embeddings: str | None = None) -> ServedModel:
+    if public_embeddings is not None and not Path(public_embeddings).is_file():
+        raise PrivtuneError(f"--public-embeddings {public_embeddings} does not exist (make it with 'privtune ult keyed-public')")
     if run:
         if adapters:
             raise PrivtuneError("give --run RUN or --adapters DIR..., not both")
-        return from_run_folder(Path(run), model)
+        return from_run_folder(Path(run), model, public_embeddings)
     if not model or not adapters:
         raise PrivtuneError("name what to serve: --run RUN, or --model SRC --adapters DIR [DIR ...]")
     missing = [a for a in adapters if not Path(a).is_dir()]
     if missing:
         raise PrivtuneError(f"adapter folder(s) {', '.join(missing)} do not exist")
-    return ServedModel(model, tuple(str(Path(a)) for a in adapters))
+    return ServedModel(model, tuple(str(Path(a)) for a in adapters), public_embeddings)

@@ -54,7 +54,8 @@ class Replica:
         self.config = config
         self.ledger = ledger
         loaded = load_model(config.served.model)
-        self.ensemble = Ensemble(loaded.model, config.served.load_members())
+        self.ensemble = Ensemble(loaded.model, config.served.load_members(),
+                                 config.served.load_public_embeddings(loaded.model))
         if self.ensemble.n_members != config.budget.n_members:
             raise PrivtuneError(
                 f"the budget was computed for {config.budget.n_members} members, {self.ensemble.n_members} were loaded"

@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from common.errors import PrivtuneError
 from common.pmixed.accountant import PMixedBudget
+from common.pmixed.ensemble import check_p0_order
 from server.inference.budget import BudgetKeeper
 from server.inference.members import ServedModel
 from server.inference.replica import Release, Replica, ReplicaConfig
@@ -95,7 +96,8 @@ class PMixedService:
                 f"{cpus:g} CPUs; lower --num-replicas or --cpus-per-replica"
             )
         BudgetKeeper(config.ledger, config.budget)  # a refused ledger fails here, with its own message
-        config.served.load_members()  # so do missing or corrupt adapters
+        # so do missing or corrupt adapters, and keyed members without a keyed p0
+        check_p0_order(config.served.load_members(), config.served.public_embeddings is not None)
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.budget_actor = BudgetActor.options(scheduling_strategy=here).remote(config.ledger, config.budget)
         replica_config = ReplicaConfig(config.served, config.budget, threads=max(1, int(config.cpus_per_replica)))

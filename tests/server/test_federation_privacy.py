@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from flwr.app import Context
@@ -11,6 +14,7 @@ from flwr.simulation import run_simulation
 
 from client.app import build_app as build_client
 from common.corpus import private_partitions
+from common.errors import PrivtuneError
 from common.federation.config import FederationConfig
 from common.ledger import Ledger
 from common.models import LoadedModel, save_model, tiny_model
@@ -61,7 +65,19 @@ def ult_model(tmp_path_factory):
     return folder
 
 
-def test_ult_ldp_run_sends_no_text_and_no_table(tmp_path, ult_model):
+@dataclass
+class UltRun:
+    root: Path
+    cfg: FederationConfig
+    nodes: dict
+    wire: list[bytes]
+    owners: int
+
+
+@pytest.fixture(scope="module")
+def ult_run(tmp_path_factory, ult_model) -> UltRun:
+    """A 3-owner ULT + LDP federation with every message recorded."""
+    tmp_path = tmp_path_factory.mktemp("ult-run")
     owners = 3
     cfg = FederationConfig.from_run_config({
         "model": str(ult_model), "encoding": "ult", "num-server-rounds": 2, "local-steps": 5, "max-train-blocks": 16,
@@ -79,6 +95,11 @@ def test_ult_ldp_run_sends_no_text_and_no_table(tmp_path, ult_model):
     run_simulation(server_app=server, client_app=build_client(cfg.to_run_config(), nodes), num_supernodes=owners,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    return UltRun(tmp_path, cfg, nodes, wire, owners)
+
+
+def test_ult_ldp_run_sends_no_text_and_no_table(ult_run):
+    tmp_path, cfg, nodes, wire, owners = ult_run.root, ult_run.cfg, ult_run.nodes, ult_run.wire, ult_run.owners
     metrics = json.loads((tmp_path / "server" / "metrics.json").read_text())
     assert all(r["accepted"] == owners for r in metrics["rounds"])
     assert wire, "nothing was recorded"
@@ -99,3 +120,32 @@ def test_ult_ldp_run_sends_no_text_and_no_table(tmp_path, ult_model):
     privacy = metrics["privacy_reported"]
     assert sorted(privacy) == [f"owner-{i}" for i in range(owners)]
     assert all(v["ldp-epsilon-token"] > 0 for v in privacy.values())
+
+
+def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
+    """The run's keyed adapters behind the PMixED service: refused with the public p0, served with a
+    key holder's relabelled p0, and a key holder's query decodes the ids locally."""
+    from common.cli import main as privtune
+    from server.inference import cli
+
+    node, root = ult_run.nodes[0], ult_run.root
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    serve = ["--run", str(root / "server"), "--queries", "8", "--q", "0.5", "--num-cpus", "2", "--port", "0",
+             "--ledger", str(root / "pmixed.sqlite")]
+    with pytest.raises(PrivtuneError, match="members are ULT-keyed"):
+        cli.start(parser.parse_args(serve))
+    p0 = root / "keyed-p0.safetensors"
+    assert privtune(["ult", "keyed-public", "--model", ult_run.cfg.model, "--table", node["ult-table"],
+                     "--key-file", node["ult-key"], "-o", str(p0)]) == 0
+    started = cli.start(parser.parse_args([*serve, "--public-embeddings", str(p0)]))
+    try:
+        assert started.service.n_members == ult_run.owners
+        capsys.readouterr()
+        assert privtune(["query", "--address", f"127.0.0.1:{started.port}", "--prompt", "To be, or not",
+                         "--max-new-tokens", "6", "--table", node["ult-table"], "--key-file", node["ult-key"]]) == 0
+        captured = capsys.readouterr()
+        assert captured.out.startswith("To be, or not") and len(captured.out.strip()) > len("To be, or not")
+        assert "6 token(s) privately sampled; 2 queries left" in captured.err
+    finally:
+        started.stop()

@@ -14,6 +14,7 @@ from common.models import TinySpec, tiny_model
 from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
 from common.pmixed import PMixedBudget, mixture_distribution, project
 from common.pmixed.ensemble import Ensemble, MemberAdapter
+from common.ult.relabel import public_embeddings, relabel_model
 
 
 def tiny(family: str) -> torch.nn.Module:
@@ -128,19 +129,34 @@ def test_private_next_token_follows_the_expected_mixture():
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_members_carrying_their_own_embeddings_and_head(family):
-    """ULT carry_embeddings mode: embedding and head per row, still equal to each member's own forward."""
+def test_keyed_members_and_keyed_p0(family):
+    """ULT carry_embeddings mode: embedding and head per row, p0 on the key holder's relabelled rows;
+    every row still equals that model's own forward."""
     base = tiny(family)
     cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, carry_embeddings=True)
     members = [member(base, cfg, seed) for seed in (1, 2, 3)]
-    ensemble = Ensemble(base, members)
+    rows = torch.randperm(base.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    ensemble = Ensemble(base, members, public_embeddings(relabel_model(base, rows)))
     assert set(ensemble.own_embeddings) == {0, 1, 2}
     full = [plug_in(base, m.state, m.manifest) for m in members]
     session = ensemble.session([20, 21, 22, 23])
     for chosen in ([0, 2], [], [1], [0, 1, 2]):
-        torch.testing.assert_close(session.logits(chosen), reference([base] + [full[c] for c in chosen], session.tokens),
+        torch.testing.assert_close(session.logits(chosen),
+                                   reference([relabel_model(base, rows)] + [full[c] for c in chosen], session.tokens),
                                    rtol=0, atol=1e-10)
         session.extend([99])
+
+
+def test_keyed_members_need_a_keyed_p0_and_plain_members_refuse_one():
+    base = tiny("gpt2")
+    keyed = member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, carry_embeddings=True), 1)
+    plain = member(base, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1), 2)
+    with pytest.raises(PrivtuneError, match="keyed-public"):
+        Ensemble(base, [keyed])
+    with pytest.raises(PrivtuneError, match="serve without them"):
+        Ensemble(base, [plain], public_embeddings(base))
+    with pytest.raises(PrivtuneError, match="different federations"):
+        Ensemble(base, [keyed, plain], public_embeddings(base))
 
 
 def test_sequences_beyond_the_model_positions_are_refused():
