@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -29,10 +30,12 @@ class Released:
 class InferenceClient:
     """A thin typed wrapper over the generated stub; gRPC errors become PrivtuneError subclasses."""
 
-    def __init__(self, address: str, timeout: float = 300.0) -> None:
+    def __init__(self, address: str, timeout: float = 300.0, tls_ca: bytes | None = None) -> None:
+        """``tls_ca``: PEM of the CA that signed the service's certificate (TLS); None for plaintext."""
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.channel = (grpc.insecure_channel(address) if tls_ca is None
+                        else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca)))
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     def close(self) -> None:
@@ -93,7 +96,8 @@ class _errors:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise PrivtuneError(details) from None
         if code == grpc.StatusCode.UNAVAILABLE:
-            raise PrivtuneError(f"no privtune service at {self.address} ({details}); start one with 'privtune serve'") from None
+            raise PrivtuneError(f"cannot reach a privtune service at {self.address} ({details}); start one with "
+                                "'privtune serve', or, if it serves TLS, give the CA that signed it (--tls-ca)") from None
         raise PrivtuneError(f"the service at {self.address} failed: {code.name}: {details}") from None
 
 
@@ -113,7 +117,7 @@ def sample(client: InferenceClient, prompt: str, max_new_tokens: int, stop_at_eo
     """
     if max_new_tokens < 1:
         raise PrivtuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    request: str | list[int] = ult.encode(prompt) if ult is not None else prompt
+    request: str | list[int] = ult.encode_prompt(prompt) if ult is not None else prompt
     tokens = ([client.next_token(request)] if max_new_tokens == 1
               else client.generate(request, max_new_tokens, stop_at_eos))
     ids, pieces, remaining = [], [], 0
@@ -143,11 +147,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     key = parser.add_mutually_exclusive_group()
     key.add_argument("--key-file", help="the ULT key file the table was made with")
     key.add_argument("--passphrase", help="the ULT passphrase the table was made with")
+    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate the service's TLS certificate is signed by "
+                                                     "(deploy/certs/ca.crt); without it the connection is plaintext")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
 
 
 def run(args: argparse.Namespace) -> int:
-    with InferenceClient(args.address, args.timeout) as client:
+    tls_ca = None
+    if args.tls_ca:
+        try:
+            tls_ca = Path(args.tls_ca).read_bytes()
+        except OSError as err:
+            raise PrivtuneError(f"cannot read --tls-ca: {err}") from None
+    with InferenceClient(args.address, args.timeout, tls_ca) as client:
         if args.status:
             print_status(client.health(), client.budget_status())
             return 0

@@ -7,6 +7,8 @@
    fine-tune LoRA adapters against the emulator for three Flower rounds (Simulation Engine, Ray).
 3. A key holder evaluates zero-shot / emulator / emulator + adapter / plug-in perplexity on held-out
    text, and each owner's privacy ledger is printed.
+4. The model owner serves the owners' adapters as a PMixED ensemble on Ray behind gRPC; a key holder
+   asks for a few privately sampled continuations, and the service's budget status closes the demo.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from common.ledger import Ledger
+    from common.models import ULT_TABLE_FILE
     from server.demo_model import demo_model
-    from server.simulate import simulate
+    from server.demo_serving import serve_and_sample
+    from server.simulate import federation_key_path, simulate
 
     model = demo_model()
     out = Path(args.out)
@@ -48,4 +52,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"\n== owner-{i} ==\n{Ledger(ledger, create=False).render()}")
     summary = {k: metrics.get(k) for k in ("zero_shot_ppl", "emulator_ppl", "emulator_adapter_ppl", "plugin_ppl")}
     print(f"\nsummary: {json.dumps(summary)}\nrun folder: {out} (metrics.json, privacy.json, server/plots/, server/model/)")
+    serve_and_sample(out / "server", model, model / ULT_TABLE_FILE, federation_key_path(out))
     return 0

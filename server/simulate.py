@@ -52,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def federation_key_path(out: Path) -> Path:
+    """Where the simulated data owners keep the ULT key they share (the ServerApp never reads it)."""
+    return out / "federation" / "federation.key"
+
+
 def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes: dict[int, dict[str, Any]]) -> FederationConfig:
     """The data owners' out-of-band part of a ULT federation, done once for all simulated owners.
 
@@ -76,7 +81,7 @@ def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes:
     if not table.exists():
         raise PrivtuneError(f"encoding 'ult' needs a ULT-ready model folder with {ULT_TABLE_FILE}; {cfg.model} has none "
                             "(make one with 'privtune demo' or common.ult.pretrain)")
-    key = out / "federation" / "federation.key"
+    key = federation_key_path(out)
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
         new_key_file(key)

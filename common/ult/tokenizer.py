@@ -62,6 +62,16 @@ class UltTokenizer:
             return [[BOS_ID, *flat[a:b], EOS_ID] for a, b in zip(bounds[:-1], bounds[1:])]
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids for a model to continue: ``text`` left-padded with spaces to whole patches, then a separator.
+
+        Each patch is a block transform of ``patch_size`` characters; a prompt ending inside one
+        would ask the model to extend a block whose transform already closed, and it continues
+        with garbage. Padding at the front keeps the whole prompt and puts its end on a boundary.
+        """
+        padded = " " * (-len(text) % self.table.config.patch_size) + text
+        return [*self.encode(padded), SEP_ID] if padded else []
+
     def decode(self, ids: Sequence[int] | np.ndarray, strict: bool = False) -> str:
         """Text of one id sequence (a list, array or CPU tensor; a ``(1, n)`` batch is accepted)."""
         return self.decode_batch([ids], strict)[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 
+from common.errors import PrivtuneError
 from common.paths import cache_dir
 from common.pmixed.accountant import PMixedBudget
 from server.inference.members import from_arguments
@@ -42,6 +43,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) per replica")
     ray_group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ray_group.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    tls = parser.add_argument_group("TLS (required off loopback; deploy/certs.sh makes the files)")
+    tls.add_argument("--tls-cert", metavar="PEM", help="server certificate chain, e.g. deploy/certs/server.pem")
+    tls.add_argument("--tls-key", metavar="KEY", help="its private key, e.g. deploy/certs/server.key")
+    tls.add_argument("--insecure", action="store_true",
+                     help="serve plaintext on a non-loopback --host (prompts and tokens cross the network readable)")
 
 
 def ledger_path(args: argparse.Namespace) -> Path:
@@ -59,6 +65,28 @@ def service_config(args: argparse.Namespace):
     budget = PMixedBudget(epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q,
                           n_members=served.n_members)
     return ServiceConfig(served, budget, str(ledger_path(args)), args.num_replicas, args.cpus_per_replica)
+
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """TLS credentials from --tls-cert/--tls-key; None (plaintext) only on loopback or with --insecure."""
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise PrivtuneError("give both --tls-cert and --tls-key (deploy/certs.sh writes server.pem and server.key)")
+    if not args.tls_cert:
+        if args.host not in LOOPBACK and not args.insecure:
+            raise PrivtuneError(
+                f"--host {args.host} is reachable from the network and no TLS was given: prompts and released tokens "
+                "would travel in plaintext. Give --tls-cert/--tls-key (deploy/certs.sh --host NAME makes them), "
+                "or --insecure to accept that"
+            )
+        return None
+    try:
+        chain, key = Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()
+    except OSError as err:
+        raise PrivtuneError(f"cannot read the TLS files: {err}") from None
+    return grpc.ssl_server_credentials([(key, chain)])
 
 
 @dataclass
@@ -87,13 +115,14 @@ def start(args: argparse.Namespace) -> Running:
     from server.inference.service import PMixedService
 
     config = service_config(args)
+    credentials = server_credentials(args)
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
                  include_dashboard=False, namespace="privtune", log_to_driver=False)
     try:
         service = PMixedService(config)
-        server, port = start_server(service, load_tokenizer(config.served.model), args.host, args.port)
+        server, port = start_server(service, load_tokenizer(config.served.model), args.host, args.port, credentials)
     except BaseException:
         if owns_ray:
             ray.shutdown()
@@ -105,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     running = start(args)
     budget = running.service.budget_status()
     print(f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
-          f"{args.num_replicas} replica(s), gRPC on {args.host}:{running.port}; budget {budget['queries_left']} of "
+          f"{args.num_replicas} replica(s), gRPC{' (TLS)' if args.tls_cert else ''} on {args.host}:{running.port}; budget {budget['queries_left']} of "
           f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
           f"{budget['ledger']}); Ctrl-C stops", flush=True)
     stopped = threading.Event()

@@ -110,11 +110,13 @@ def _cause(error: BaseException) -> BaseException:
 
 
 def start_server(service: PMixedService, tokenizer: TextTokenizer, host: str, port: int,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """Start serving on ``host:port`` (port 0 picks a free one); returns the server and its port."""
+                 credentials: grpc.ServerCredentials | None = None, max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """Start serving on ``host:port`` (port 0 picks a free one), with TLS when ``credentials`` are
+    given; returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(service, tokenizer), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise PrivtuneError(f"cannot listen on {host}:{port}; the port is taken or the address is not local")
     server.start()

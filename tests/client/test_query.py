@@ -17,7 +17,7 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 
 
 def test_unreachable_service_is_a_clear_error():
-    with InferenceClient("127.0.0.1:1", timeout=5) as client, pytest.raises(PrivtuneError, match="no privtune service"):
+    with InferenceClient("127.0.0.1:1", timeout=5) as client, pytest.raises(PrivtuneError, match="cannot reach a privtune service"):
         client.budget_status()
     assert privtune(["query", "--address", "127.0.0.1:1", "--key-file", "k"]) == 2
 

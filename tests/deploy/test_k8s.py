@@ -245,6 +245,14 @@ def test_serve_command_parses_with_privtune_serve_options():
     __import__(module, fromlist=["configure"]).configure(parser)
     parsed = parser.parse_args(serve["args"])
     assert parsed.address.startswith("ray://") and parsed.host == "0.0.0.0"
+    # Off loopback it must serve TLS, from files in a mounted secret, with a certificate for its Service name.
+    assert not parsed.insecure and parsed.tls_cert and parsed.tls_key
+    spec = next(spec for owner, spec, _ in containers() if owner == "privtune-serve")
+    for path in (Path(parsed.tls_cert), Path(parsed.tls_key)):
+        assert path.name in (mounted_keys(spec, serve, str(path.parent)) or set()), path
+    instructions = [line for line in (K8S / "kustomization.yaml").read_text().splitlines() if "certs.sh" in line]
+    assert any(re.search(r"--host\s+privtune-serve\b", line) for line in instructions)
+    assert [d for _, d in DOCS if d["kind"] == "Service" and d["metadata"]["name"] == "privtune-serve"]
 
 
 def test_one_image_everywhere_with_the_pinned_ray():

@@ -34,6 +34,18 @@ def test_round_trip_any_text(text, patch_size, keyed):
     assert tok.decode(tok.encode(text), strict=True) == text
 
 
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.text(min_size=1), continuation=st.text(), patch_size=st.integers(1, 16), keyed=st.booleans())
+def test_a_prompt_ends_on_a_patch_boundary_so_a_continuation_decodes_after_it(prompt, continuation, patch_size, keyed):
+    tok = tokenizer(patch_size, keyed)
+    ids = tok.encode_prompt(prompt)
+    assert ids[-1] == SEP_ID
+    padded = tok.decode(ids[:-1], strict=True)
+    assert padded.endswith(prompt) and set(padded[: len(padded) - len(prompt)]) <= {" "}
+    assert len(padded) % patch_size == 0 and len(padded) - len(prompt) < patch_size
+    assert tok.decode(ids + tok.encode(continuation), strict=bool(continuation)) == padded + continuation
+
+
 @settings(max_examples=100, deadline=None)
 @given(texts=st.lists(st.text(), max_size=6), patch_size=st.integers(1, 16))
 def test_batch_equals_one_by_one(texts, patch_size):

@@ -43,8 +43,9 @@ class Running:
 
 
 @contextmanager
-def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5) -> Iterator[Running]:
-    """What ``privtune serve --model tiny-llama --adapters ... --port 0`` starts, on a 2-CPU Ray."""
+def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5,
+                    extra: tuple[str, ...] = ()) -> Iterator[Running]:
+    """What ``privtune serve --model tiny-llama --adapters ... --port 0 EXTRA`` starts, on a 2-CPU Ray."""
     from server.inference import cli
 
     adapters = make_adapters(folder / "adapters")
@@ -53,7 +54,7 @@ def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float 
     args = parser.parse_args([
         "--model", MODEL, "--adapters", *adapters, "--queries", str(queries), "--q", str(q), "--epsilon", "8",
         "--num-replicas", str(num_replicas), "--ledger", str(folder / "ledger.sqlite"), "--num-cpus", "2",
-        "--port", "0",
+        "--port", "0", *extra,
     ])
     started = cli.start(args)
     try:
