@@ -24,10 +24,6 @@ class DemoServing:
     q: float = 0.25
     epsilon: float = 8.0
 
-    @property
-    def needed(self) -> int:
-        return self.tokens * len(PROMPTS)
-
 
 def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: DemoServing = DemoServing()) -> None:
     from client.query import InferenceClient, print_status, sample
@@ -50,16 +46,17 @@ def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: D
     try:
         with InferenceClient(f"127.0.0.1:{running.port}") as client:
             status = client.budget_status()
-            left = status["queries_total"] - status["queries_spent"]
-            if left < settings.needed:
-                print(f"[demo] the service's budget has {left} queries left, the demo needs {settings.needed}: these "
-                      f"members were already queried (ledger {serve_cli.ledger_path(args)}). Delete {run.parent} to "
-                      "train fresh members, or serve them yourself with a deliberately raised budget.")
+            prompts = PROMPTS[:(status["queries_total"] - status["queries_spent"]) // settings.tokens]
+            if not prompts:
+                print(f"[demo] the service's budget cannot pay for another {settings.tokens}-token continuation: these "
+                      f"members were queried before (ledger {serve_cli.ledger_path(args)}). Delete {run.parent} to "
+                      "train fresh members, or raise the budget deliberately ('privtune ledger').")
             else:
                 ult = UltTokenizer.from_files(table, key_file=key)
                 print(f"private continuations ({settings.tokens} tokens each, every token one query; the key holder "
-                      "encodes and decodes locally, the service sees ids only):")
-                for prompt in PROMPTS:
+                      "encodes and decodes locally, the service sees ids only; U+FFFD marks a patch that does not "
+                      "decode):")
+                for prompt in prompts:
                     continuation = sample(client, prompt, settings.tokens, ult=ult)
                     print(f"  {prompt!r} -> {continuation.text!r}")
             print()
