@@ -5,10 +5,11 @@ for ensemble sizes N = 4, 8, 16 with q = 3/N (three members sampled per token on
 the prompt for p0 and every member (timed as "prefill"; the service does this before a Generate
 longer than 1/q tokens), then decode a Shakespeare continuation token by token with
   (a) single: one non-private model (a member plugged in), HF KV cache, sampling its distribution;
-  (b) batched: ``EnsembleSession`` -- p0 and the sampled members packed into one pass, shared blocks
-      once, per-row KV caches filled lazily;
-  (c) separate: p0 and each sampled member as its own full forward with its own HF KV cache (the
-      original's way of running members, given the same caching so only the batching differs).
+  (b) batched: ``EnsembleSession`` -- p0 and the sampled members packed into one pass, every block
+      once (LoRA adapter blocks too, with each row's low-rank update), per-row KV caches filled lazily;
+  (c) separate: p0 and each sampled member as its own full forward (LoRA merged into its adapter
+      blocks) with its own HF KV cache (the original's way of running members, given the same
+      caching so only the batching differs).
 (b) and (c) see the same subsets S and the same token stream (teacher-forced, so both do the same
 work), and both include the Rényi projection, the mixture and the sampling. Speed does not depend
 on what the adapters learned, so these members are random LoRA perturbations.
@@ -63,16 +64,15 @@ def random_member(base: torch.nn.Module, seed: int) -> MemberAdapter:
     return MemberAdapter(f"random-{seed}", adapter_state(model), adapter_manifest(model))
 
 
-def separate_model(ensemble: Ensemble, row: int) -> torch.nn.Module:
-    """Member ``row`` as its own full model, sharing the base's weights (no copies) but not its forward."""
-    base = ensemble.base
-    if row == PUBLIC:
-        return base
+def separate_model(base: torch.nn.Module, member: MemberAdapter) -> torch.nn.Module:
+    """A member as its own full model: the base's weights (no copies) with the member's adapter blocks
+    merged into block copies (``plug_in``), run by its own forward."""
+    plugged_blocks = get_blocks(plug_in(base, member.state, member.manifest))
     memo = {id(t): t for t in itertools.chain(base.parameters(), base.buffers())}
     model = copy.deepcopy(base, memo)
     blocks = get_blocks(model)
-    for index, block in ensemble.own_blocks[row].items():
-        blocks[index] = block
+    for index in set(member.manifest.indices):
+        blocks[index] = plugged_blocks[index].eval()
     return model
 
 
@@ -181,7 +181,7 @@ def speed(loaded, prompt: int, steps: int) -> dict:
         budget = PMixedBudget(EPSILON, DELTA, ALPHA, T=1024, q=q, n_members=size)
         rng = np.random.default_rng(size)
         subsets = [poisson_subsample(size, q, rng).tolist() for _ in range(steps)]
-        models = {row: separate_model(ensemble, row) for row in [PUBLIC, *range(size)]}
+        models = {PUBLIC: base, **{row: separate_model(base, members[row]) for row in range(size)}}
         decoders = {"batched": Batched(ensemble, tokens, prompt), "separate": Separate(models, tokens, prompt),
                     "single": Single(models[0], tokens, prompt)}
         prefill, times, last = timed_steps(decoders, subsets, budget, size)

@@ -63,8 +63,12 @@ def in_out_features(layer: nn.Module) -> tuple[int, int]:
 
 
 def lora_delta(layer: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """The weight update B @ A * scale in the layer's own weight layout (Conv1D is transposed)."""
-    delta = (lora_b.float() @ lora_a.float()) * scale
+    """The weight update B @ A * scale in the layer's own weight layout (Conv1D is transposed).
+
+    Computed in at least float32 (bf16/fp16 weights get an fp32 product), float64 for float64 weights.
+    """
+    dtype = torch.promote_types(layer.weight.dtype, torch.float32)
+    delta = (lora_b.to(dtype) @ lora_a.to(dtype)) * scale
     if not isinstance(layer, nn.Linear):
         delta = delta.T
     return delta

@@ -5,8 +5,11 @@ adapter blocks (bottom k and top k); every other block, the embeddings, the fina
 are the same weights (in ULT ``carry_embeddings`` mode the embedding and head are per member too,
 applied per row: a lookup, and the head on one position per row). One decoding step therefore runs:
 
-    embeddings once -> each row's own adapter blocks -> shared blocks ONCE over all rows
-                    -> each row's own top blocks -> final norm + head once, on the last positions
+    embeddings once -> bottom adapter blocks -> shared blocks ONCE over all rows
+                    -> top adapter blocks -> final norm + head once, on the last positions
+
+(adapter blocks: once over all LoRA rows with per-row low-rank updates; a full-adapter member's
+own block copy on its rows only)
 
 where a "row" is p0 or one sampled member. Rows are *packed* along the sequence dimension rather
 than stacked along the batch: PMixED samples a fresh subset S every token, so a member's KV cache
@@ -17,10 +20,10 @@ and tokens, processes exactly the tokens each row lacks: no padding, no recomput
 keeps its own KV cache per block (caches of shared blocks differ per row too, since the hidden
 states do).
 
-Adapter blocks of one member run on that member's segment only; rows whose block is the base
-block (p0, and members that do not adapt that block) run together. LoRA adapters are merged into
-per-member copies of the adapter blocks by ``plug_in``, the same code path as full adapters, so
-the forward does not care which kind it serves.
+Full adapter blocks of one member run on that member's segment only. LoRA members share ONE copy of
+each adapter block whose linear layers add each token's own low-rank update (``_RowLoRA``), so that
+block, too, runs once over p0 and every LoRA row; the base weight is read once per step instead of
+once per sampled member, and N members cost N sets of LoRA factors instead of N block copies.
 
 Family knowledge beyond where the blocks are (``common.families``) lives in ``_Stem``: how
 positions enter (GPT-2 and OPT add learned position embeddings, LLaMA rotates q/k), and what sits
@@ -121,6 +124,55 @@ class _PackedCache:
         return torch.cat([self.past[0], keys], dim=2), torch.cat([self.past[1], values], dim=2)
 
 
+class _RowLoRA(nn.Module):
+    """A linear layer plus per-row LoRA: tokens of member m get ``scale_m * B_m A_m x`` added.
+
+    Which tokens belong to which member is set per call by :meth:`_RoutedBlock.route`; tokens of
+    rows without factors here (p0, members that do not adapt this layer) get the base layer only.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.plan: list[tuple[int, torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(x)
+        for row, index in self.plan:  # tokens are along dim -2: (1, T, in), or (T, in) in OPT's MLP
+            if row in self.factors:
+                lora_a, lora_b, scale = self.factors[row]
+                part = x.index_select(-2, index)
+                out.index_add_(-2, index, (part @ lora_a.T @ lora_b.T) * scale)
+        return out
+
+
+class _RoutedBlock:
+    """One copy of a base block shared by every LoRA member adapting it (see ``_RowLoRA``)."""
+
+    def __init__(self, base_block: nn.Module) -> None:
+        self.block = copy.deepcopy(base_block).eval()
+        self.layers: dict[str, _RowLoRA] = {}
+
+    def add(self, row: int, state: Mapping[str, torch.Tensor], prefix: str, scale: float) -> None:
+        """Register member ``row``'s factors for this block (``state`` names ``<prefix><path>.lora_A``)."""
+        for name, lora_a in state.items():
+            if not (name.startswith(prefix) and name.endswith(".lora_A")):
+                continue
+            path = name[len(prefix):].removesuffix(".lora_A")
+            if path not in self.layers:
+                self.layers[path] = _RowLoRA(self.block.get_submodule(path))
+                self.block.set_submodule(path, self.layers[path])
+            dtype = self.layers[path].layer.weight.dtype
+            lora_b = state[name.removesuffix("_A") + "_B"]
+            self.layers[path].factors[row] = (lora_a.to(dtype), lora_b.to(dtype), scale)
+
+    def route(self, plan: list[tuple[int, torch.Tensor]]) -> None:
+        """(row, positions of its tokens in the block's input) for the next call."""
+        for layer in self.layers.values():
+            layer.plan = plan
+
+
 class Ensemble:
     """A base model plus N members' adapter blocks; shared blocks are held once.
 
@@ -144,17 +196,25 @@ class Ensemble:
         self.stem = _Stem(base_model)
         self.base_blocks = list(get_blocks(base_model))
         self.names = [m.name for m in members]
-        # own_blocks[member][block index] -> that member's copy of the block
+        # own_blocks[member][block index] -> the block that member's rows run through there
         self.own_blocks: list[dict[int, nn.Module]] = []
+        # routed[block index] -> the block copy shared by LoRA members (and p0) at that index
+        self.routed: dict[int, _RoutedBlock] = {}
         # own_embeddings[member] -> (input embedding, head) of members that carry them
         self.own_embeddings: dict[int, tuple[nn.Module, nn.Module]] = {}
-        for member in members:
-            plugged = plug_in(base_model, member.state, member.manifest)
+        for row, member in enumerate(members):
+            plugged = plug_in(base_model, member.state, member.manifest)  # checks the adapter fits
             blocks = get_blocks(plugged)
-            self.own_blocks.append({i: blocks[i].eval() for i in sorted(set(member.manifest.indices))})
+            indices = sorted(set(member.manifest.indices))
+            if member.manifest.mode == "lora":
+                for i in indices:
+                    self.routed.setdefault(i, _RoutedBlock(self.base_blocks[i])).add(
+                        row, member.state, f"block.{i}.", member.manifest.scale)
+                self.own_blocks.append({i: self.routed[i].block for i in indices})
+            else:
+                self.own_blocks.append({i: blocks[i].eval() for i in indices})
             if member.manifest.carry_embeddings:
-                self.own_embeddings[len(self.own_blocks) - 1] = (plugged.get_input_embeddings(),
-                                                                  plugged.get_output_embeddings())
+                self.own_embeddings[row] = (plugged.get_input_embeddings(), plugged.get_output_embeddings())
             del plugged
         modules = [self.base, *(b for own in self.own_blocks for b in own.values()),
                    *(m for pair in self.own_embeddings.values() for m in pair)]
@@ -170,9 +230,12 @@ class Ensemble:
         return self.stem.max_positions
 
     def block_for(self, row: int, index: int) -> nn.Module:
-        if row == PUBLIC:
-            return self.base_blocks[index]
-        return self.own_blocks[row].get(index, self.base_blocks[index])
+        """The block a row runs through: its own, else the shared LoRA copy (no factors: the base
+        function, but batched with the LoRA rows), else the base block."""
+        own = {} if row == PUBLIC else self.own_blocks[row]
+        if index in own:
+            return own[index]
+        return self.routed[index].block if index in self.routed else self.base_blocks[index]
 
     def embeddings_for(self, row: int) -> tuple[nn.Module, nn.Module]:
         """(input embedding, head) of a row: the member's own if it carries them, p0's keyed ones, or the base's."""
@@ -301,16 +364,24 @@ class EnsembleSession:
                 groups.setdefault(id(module), []).append(i)
                 modules[id(module)] = module
             out = torch.empty_like(hidden)
+            routed = ens.routed.get(index)
             for key, members_in_group in groups.items():
                 idx = torch.cat([token_slices[i] for i in members_in_group])
+                if routed is not None and modules[key] is routed.block:
+                    routed.route(self._plan(rows, members_in_group, token_slices))
                 group = tuple(members_in_group)
                 if group not in masks:
                     masks[group] = self._mask(group, rows, seg_rows, positions[0], idx, hidden.dtype)
                 cache = _PackedCache(index, self._past(index, [rows[i] for i in group]))
                 kwargs = {k: tuple(t.index_select(1, idx) for t in v) for k, v in extra.items()}
-                result = modules[key](
-                    hidden.index_select(1, idx), attention_mask=masks[group], past_key_values=cache, use_cache=True, **kwargs
-                )
+                try:
+                    result = modules[key](
+                        hidden.index_select(1, idx), attention_mask=masks[group], past_key_values=cache, use_cache=True,
+                        **kwargs
+                    )
+                finally:
+                    if routed is not None:
+                        routed.route([])  # a plan is for one call; a stray later call gets no member's update
                 out[:, idx] = result[0] if isinstance(result, tuple) else result
                 self._store(index, [rows[i] for i in group], [n - starts[i] for i in group], cache.new)
             hidden = out
@@ -318,6 +389,16 @@ class EnsembleSession:
         for row in rows:
             self._cached_len[row] = n
         return hidden[0, last]
+
+    @staticmethod
+    def _plan(rows: list[int], group: list[int], token_slices: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+        """Each row of a group with the positions of its tokens in the group's packed input."""
+        plan, offset = [], 0
+        for i in group:
+            count = len(token_slices[i])
+            plan.append((rows[i], torch.arange(offset, offset + count)))
+            offset += count
+        return plan
 
     def _mask(self, group, rows, seg_rows, positions, idx, dtype) -> torch.Tensor:
         """Additive mask (1, 1, new, past + new): a token sees its own row's earlier tokens only."""

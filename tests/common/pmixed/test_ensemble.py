@@ -46,6 +46,10 @@ def test_packed_forward_equals_separate_forwards_over_cached_steps(family, kind)
     cfg = OffsiteConfig(k_bottom=2, k_top=1, n_emulator=2, adapter=kind, lora_r=4, lora_alpha=8)
     members = [member(base, cfg, seed) for seed in range(1, 5)]
     ensemble = Ensemble(base, members)
+    if kind == "lora":  # one shared copy per adapter block, p0 routed through it too
+        for i in ensemble.own_blocks[0]:
+            assert all(own[i] is ensemble.own_blocks[0][i] for own in ensemble.own_blocks)
+            assert ensemble.block_for(-1, i) is ensemble.own_blocks[0][i] is not ensemble.base_blocks[i]
     full = [plug_in(base, m.state, m.manifest) for m in members]
     rng = np.random.default_rng(0)
     session = ensemble.session([5, 6, 7, 8, 9, 10])
