@@ -27,7 +27,7 @@ from common.errors import PrivtuneError
 from common.families import get_blocks
 from common.offsite.lm import forward_logits, next_token_nll
 from common.offsite.split import SplitIndices, split_of
-from common.offsite.train import DTYPES, autocast, shuffled_batches
+from common.offsite.train import autocast, check_loop_settings, shuffled_batches
 
 CHECKPOINT_FORMAT = "privtune-distill/1"
 
@@ -46,10 +46,7 @@ class DistillConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise PrivtuneError(f"distillation dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
-            raise PrivtuneError("distillation needs steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1")
+        check_loop_settings("distillation", self.dtype, self.steps, self.batch_size, self.lr, self.checkpoint_every)
 
 
 @dataclass

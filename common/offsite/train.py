@@ -24,6 +24,15 @@ from common.offsite.lm import lm_loss
 DTYPES = ("fp32", "bf16")
 
 
+def check_loop_settings(what: str, dtype: str, steps: int, batch_size: int, lr: float, checkpoint_every: int = 1) -> None:
+    """The settings every training loop here shares (adapter training, distillation, pretraining)."""
+    if dtype not in DTYPES:
+        raise PrivtuneError(f"{what} dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if steps < 0 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
+        raise PrivtuneError(f"{what} needs steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1; got "
+                            f"steps={steps}, batch_size={batch_size}, lr={lr}, checkpoint_every={checkpoint_every}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 100
@@ -35,10 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise PrivtuneError(f"training dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise PrivtuneError(f"need steps >= 0, batch_size >= 1 and lr > 0 (got {self.steps}, {self.batch_size}, {self.lr})")
+        check_loop_settings("training", self.dtype, self.steps, self.batch_size, self.lr)
 
 
 @dataclass(frozen=True)

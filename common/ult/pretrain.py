@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from common.corpus import Document, public_corpus
 from common.errors import PrivtuneError
 from common.offsite.lm import lm_loss
-from common.offsite.train import DTYPES, autocast, shuffled_batches
+from common.offsite.train import autocast, check_loop_settings, shuffled_batches
 from common.packing import pack
 from common.ult.config import BOS_ID, EOS_ID, PAD_ID, UltConfig
 from common.ult.tokenizer import UltTokenizer
@@ -47,10 +47,7 @@ class PretrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise PrivtuneError(f"pretraining dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.checkpoint_every < 1:
-            raise PrivtuneError(f"need steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1; got {self}")
+        check_loop_settings("pretraining", self.dtype, self.steps, self.batch_size, self.lr, self.checkpoint_every)
 
 
 @dataclass

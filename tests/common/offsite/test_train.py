@@ -56,6 +56,15 @@ def test_shuffled_batches_cover_each_epoch_and_resume_identically():
 def test_bad_settings_are_refused():
     with pytest.raises(PrivtuneError, match="dtype"):
         TrainConfig(dtype="fp16")
+    from common.offsite.distill import DistillConfig
+    from common.ult.pretrain import PretrainConfig
+
+    for config, what in ((TrainConfig, "training"), (DistillConfig, "distillation"), (PretrainConfig, "pretraining")):
+        for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}):
+            with pytest.raises(PrivtuneError, match=f"{what} needs steps >= 0"):
+                config(**bad)
+    with pytest.raises(PrivtuneError, match="checkpoint_every=0"):
+        PretrainConfig(checkpoint_every=0)
     model = tiny("llama")
     for p in model.parameters():
         p.requires_grad_(False)
