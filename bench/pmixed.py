@@ -44,7 +44,7 @@ from common.offsite import OffsiteConfig, TrainConfig, adapter_manifest, adapter
 from common.offsite.evaluate import perplexity
 from common.packing import holdout_split, pack
 from common.pmixed import PMixedBudget, mixture_distribution, poisson_subsample, sample_token
-from common.pmixed.ensemble import PUBLIC, Ensemble, MemberAdapter
+from common.pmixed.ensemble import PUBLIC, Ensemble, MemberAdapter, unique_bytes
 
 MODEL = "smollm2"
 SPLIT = OffsiteConfig(k_bottom=2, k_top=2, n_emulator=8, adapter="lora", lora_r=8, lora_alpha=16)
@@ -213,8 +213,13 @@ def speed(loaded, prompt: int, steps: int) -> dict:
                 "times; per step = median of per-step ratios; prefill = ratio of prompt-caching times)",
                 ["N", "q", "mean |S|", "single", "batched", "of which mixing", "separate", "separate/batched",
                  "per step", "prefill"], rows)
+    # What the members cost on top of the base model, for the largest ensemble (the last `models`).
+    held_mb = {"batched": ensemble.extra_bytes() / 2**20,
+               "separate": unique_bytes((p for m in models.values() for p in m.parameters()), base.parameters()) / 2**20}
+    print_table(f"memory held for {len(members)} members on top of the base model (MB)", ["batched", "separate", "ratio"],
+                [[held_mb["batched"], held_mb["separate"], held_mb["separate"] / held_mb["batched"]]])
     return {"single_ms_per_token": 1e3 * statistics.median(single), "single_tokens_per_s": len(single) / sum(single),
-            "by_size": per_size}
+            "by_size": per_size, "members_memory_mb": {**held_mb, "ensemble_size": len(members)}}
 
 
 # --------------------------------------------------------------------------------------- quality
@@ -302,7 +307,7 @@ def quality(loaded, owners: int, block: int, member_steps: int, eval_blocks: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=16, help="new tokens decoded per mode and size")
+    parser.add_argument("--steps", type=int, default=32, help="new tokens decoded per mode and size")
     parser.add_argument("--owners", type=int, default=4)
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--member-steps", type=int, default=6)

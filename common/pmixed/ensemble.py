@@ -33,7 +33,7 @@ between the last block and the head (OPT's optional final norm and projection).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,6 +225,15 @@ class Ensemble:
     def n_members(self) -> int:
         return len(self.own_blocks)
 
+    def extra_bytes(self) -> int:
+        """Bytes held on top of the base model: block copies, LoRA factors, carried embeddings, keyed p0."""
+        tensors = [t for own in self.own_blocks for block in own.values() for t in block.parameters()]
+        tensors += [t for pair in [*self.own_embeddings.values(), *([self.public_pair] if self.public_pair else [])]
+                    for module in pair for t in module.parameters()]
+        tensors += [t for routed in self.routed.values() for layer in routed.layers.values()
+                    for a, b, _ in layer.factors.values() for t in (a, b)]
+        return unique_bytes(tensors, exclude=self.base.parameters())
+
     @property
     def max_positions(self) -> int:
         return self.stem.max_positions
@@ -247,6 +256,18 @@ class Ensemble:
 
     def session(self, prompt: Sequence[int]) -> "EnsembleSession":
         return EnsembleSession(self, prompt)
+
+
+def unique_bytes(tensors: Iterable[torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages among ``tensors``, leaving out those of ``exclude``."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def check_p0_order(members: Sequence[MemberAdapter], keyed_p0: bool) -> None:

@@ -170,3 +170,15 @@ def test_sequences_beyond_the_model_positions_are_refused():
         session.extend([5] * 5)
     with pytest.raises(PrivtuneError, match="prompt is empty"):
         session.ensemble.session([])
+
+
+def test_lora_members_cost_their_factors_not_block_copies():
+    base = tiny("llama")
+    lora = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="lora", lora_r=2, lora_alpha=4)
+    full = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="full")
+    block_bytes = sum(p.numel() * p.element_size() for i in (0, 4) for p in base.model.layers[i].parameters())
+    full_ensemble = Ensemble(base, [member(base, full, seed) for seed in (1, 2, 3)])
+    assert full_ensemble.extra_bytes() == 3 * block_bytes
+    lora_members = [member(base, lora, seed) for seed in (1, 2, 3)]
+    factor_bytes = sum(t.numel() * t.element_size() for m in lora_members for n, t in m.state.items() if "lora_" in n)
+    assert Ensemble(base, lora_members).extra_bytes() == block_bytes + factor_bytes  # one shared copy per block
