@@ -50,6 +50,9 @@ def test_explicit_adapters_and_helpful_errors(tmp_path, adapters):
         from_arguments(None, MODEL, None)
     with pytest.raises(PrivtuneError, match="do not exist"):
         from_arguments(None, MODEL, [str(tmp_path / "nowhere")])
+    with pytest.raises(PrivtuneError, match="public-embeddings .* does not exist.*keyed-public"):
+        from_arguments(None, MODEL, adapters, str(tmp_path / "p0.safetensors"))
+    assert from_arguments(None, MODEL, adapters).load_public_embeddings(None) is None
     with pytest.raises(PrivtuneError, match="no adapters/ folder"):
         from_run_folder(tmp_path)
     run = run_folder(tmp_path / "run", adapters)
