@@ -49,7 +49,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         print(f"[privtune] resuming from round {done} checkpoint in {folder.checkpoint_dir}; {max(remaining, 0)} round(s) left")
 
     tensors, package_manifest = owner.package.to_parts()
-    strategy = make_strategy(cfg, (to_arrays(tensors), manifest_record(package_manifest)))
+    strategy = make_strategy(cfg, (to_arrays(tensors), manifest_record(package_manifest)), round_offset=done)
+    if checkpoint is not None:
+        strategy.restore_optimizer_state(checkpoint.optimizer)
     train_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
     eval_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
     started = time.perf_counter()
@@ -70,7 +72,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         row = round_row(done + local_round, entry, ppl)
         row["timing"] = round_timing(entry, time.perf_counter() - began)
         history.append(row)
-        folder.save_checkpoint(Checkpoint(done + local_round, state, history, extra))
+        folder.save_checkpoint(Checkpoint(done + local_round, state, history, extra, strategy.optimizer_state()))
         print(format_round(row, cfg.num_server_rounds), flush=True)
         return MetricRecord({"plugin-ppl": ppl})
 

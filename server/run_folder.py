@@ -3,6 +3,7 @@
 Layout of ``run_dir``::
 
     checkpoint/           latest global adapter (safetensors) + state.json (last finished round, history)
+                          + optimizer.safetensors (the server optimiser's moments, FedAdam only)
     adapters/owner-N/     each data owner's latest accepted adapter (the PMixED ensemble members)
     metrics.json/.csv     per-round figures and the final perplexity table
     plots/*.png           loss and perplexity per round, privacy spent per owner
@@ -24,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import PrivtuneError
 
+OPTIMIZER_FILE = "optimizer.safetensors"
+
 
 @dataclass
 class Checkpoint:
@@ -31,6 +34,7 @@ class Checkpoint:
     adapter: dict[str, torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def strict_json(value: Any) -> Any:
@@ -57,7 +61,11 @@ class RunFolder:
         """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
         staging = self.root / ".checkpoint.tmp"
         staging.mkdir(parents=True, exist_ok=True)
+        for leftover in staging.iterdir():  # of a write that crashed
+            leftover.unlink()
         save_file({k: v.contiguous() for k, v in checkpoint.adapter.items()}, staging / "adapter.safetensors")
+        if checkpoint.optimizer:
+            save_file({k: v.contiguous() for k, v in checkpoint.optimizer.items()}, staging / OPTIMIZER_FILE)
         state = {"round": checkpoint.round, "history": checkpoint.history, "extra": checkpoint.extra}
         (staging / "state.json").write_text(json.dumps(state, indent=2))
         if self.checkpoint_dir.exists():
@@ -77,9 +85,11 @@ class RunFolder:
         try:
             state = json.loads(state_file.read_text())
             adapter = load_file(self.checkpoint_dir / "adapter.safetensors")
+            optimizer_file = self.checkpoint_dir / OPTIMIZER_FILE
+            optimizer = load_file(optimizer_file) if optimizer_file.exists() else {}
         except Exception as err:
             raise PrivtuneError(f"checkpoint in {self.checkpoint_dir} is unreadable ({err}); delete it to start over") from None
-        return Checkpoint(state["round"], adapter, state.get("history", []), state.get("extra", {}))
+        return Checkpoint(state["round"], adapter, state.get("history", []), state.get("extra", {}), optimizer)
 
     def save_owner_adapter(self, owner: str, adapter: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
         folder = self.root / "adapters" / owner

@@ -8,6 +8,11 @@ The mixin adds three things to whichever Flower strategy aggregates:
   logged and excluded, and the round goes on with the rest;
 - per-round bookkeeping (bytes each way, rejections, each owner's latest accepted adapter, which the
   PMixED ensemble uses as its members).
+
+A resumed run must continue the same optimisation, so the mixin also carries ``round_offset`` (the
+rounds finished before this start: Flower's own strategy, and the clients' per-round seeds, see
+global round numbers while this run's bookkeeping stays local) and FedOpt's moments
+(:meth:`optimizer_state`, checkpointed with the adapter).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -23,8 +29,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from common.federation.config import FederationConfig
 from common.federation.records import (ARRAYS, OWNER, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
-                                       from_arrays)
+                                       from_arrays, to_arrays)
 from server.validation import Rejection, review
+
+
+OPTIMIZER_MOMENTS = ("m_t", "v_t")
+"""FedOpt's (FedAdam's, FedYogi's, ...) per-array moment estimates, as Flower names them."""
 
 
 @dataclass
@@ -45,9 +55,10 @@ class RoundLog:
 class OffsiteMixin:
     """Wraps a Flower strategy's configure/aggregate with emulator delivery and update validation."""
 
-    def setup_offsite(self, emulator: tuple[ArrayRecord, ConfigRecord], update_clip: float) -> None:
+    def setup_offsite(self, emulator: tuple[ArrayRecord, ConfigRecord], update_clip: float, round_offset: int = 0) -> None:
         self.emulator_records = emulator
         self.update_clip = update_clip
+        self.round_offset = round_offset
         self.nodes_with_emulator: set[int] = set()
         self.latest_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, RoundLog] = {}
@@ -60,8 +71,19 @@ class OffsiteMixin:
         holder = self._name_holders.setdefault(claimed, node)
         return claimed if holder == node else f"{claimed}@node-{node}"
 
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The server optimiser's moments (FedAdam's ``m_t``, ``v_t``; empty for FedAvg/FedProx)."""
+        return {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in OPTIMIZER_MOMENTS
+                for key, value in (getattr(self, name, None) or {}).items()}
+
+    def restore_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in OPTIMIZER_MOMENTS:
+            moments = {key.split("/", 1)[1]: t.numpy() for key, t in state.items() if key.startswith(f"{name}/")}
+            if moments:
+                setattr(self, name, moments)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._reference = from_arrays(arrays)
         entry = self.rounds.setdefault(server_round, RoundLog())
         entry.started = time.perf_counter()
@@ -98,13 +120,27 @@ class OffsiteMixin:
             node = message.metadata.src_node_id
             self.latest_adapters[entry.owner_names.get(node, f"node-{node}")] = from_arrays(message.content.array_records[ARRAYS])
         try:
-            return super().aggregate_train(server_round, accepted) if accepted else (None, None)
+            if not accepted:
+                return None, None
+            arrays, metrics = super().aggregate_train(server_round + self.round_offset, accepted)
+            return self._in_sent_dtypes(arrays), metrics
         finally:
             entry.aggregate_seconds = time.perf_counter() - began
 
+    def _in_sent_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the dtypes the round's adapter was sent in: FedOpt's update comes out in
+        float64 (numpy promotes through its float64 step size), which no adapter manifest accepts."""
+        if arrays is None:
+            return None
+        state = from_arrays(arrays)
+        return to_arrays({k: v.to(self._reference[k].dtype) if k in self._reference else v for k, v in state.items()})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         usable = [m for m in replies if decline_reason(m) is None and "metrics" in m.content.metric_records]
-        metrics = super().aggregate_evaluate(server_round, usable) if usable else None
+        metrics = super().aggregate_evaluate(server_round + self.round_offset, usable) if usable else None
         if metrics is not None and "eval-loss" in metrics:
             self.rounds.setdefault(server_round, RoundLog()).eval_loss = float(metrics["eval-loss"])
         return metrics
@@ -122,7 +158,7 @@ class OffsiteFedProx(OffsiteMixin, FedProx):
     pass
 
 
-def make_strategy(cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigRecord]) -> OffsiteMixin:
+def make_strategy(cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigRecord], round_offset: int = 0) -> OffsiteMixin:
     common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_train_nodes,
                   min_evaluate_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
     if cfg.strategy == "fedadam":
@@ -131,5 +167,5 @@ def make_strategy(cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigReco
         strategy = OffsiteFedProx(proximal_mu=cfg.proximal_mu, **common)
     else:
         strategy = OffsiteFedAvg(**common)
-    strategy.setup_offsite(emulator, cfg.update_clip)
+    strategy.setup_offsite(emulator, cfg.update_clip, round_offset)
     return strategy

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from flwr.app import Context, Message
+from safetensors.torch import load_file
 from flwr.clientapp import ClientApp
 
 from client.app import handle_train
@@ -85,11 +86,21 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
 
 
 def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
-    first = simulate(config(tmp_path, **{"num-server-rounds": 1}), owners=2, out=tmp_path)
+    """FedAdam: a run stopped after round 1 and resumed ends where an uninterrupted run ends (the
+    optimiser's moments, its round count and the clients' per-round seeds all carry over)."""
+    fedadam = {"strategy": "fedadam", "server-learning-rate": 0.01}
+    first = simulate(config(tmp_path / "resumed", **fedadam, **{"num-server-rounds": 1}), owners=2, out=tmp_path / "resumed")
     assert [r["round"] for r in first["rounds"]] == [1]
     # The same run folder with a longer plan: the server finds round 1's checkpoint and runs round 2 only.
-    second = simulate(config(tmp_path, **{"num-server-rounds": 2}), owners=2, out=tmp_path)
+    second = simulate(config(tmp_path / "resumed", **fedadam), owners=2, out=tmp_path / "resumed")
     assert "resuming from round 1" in capsys.readouterr().out
     assert [r["round"] for r in second["rounds"]] == [1, 2]
     assert second["rounds"][0] == first["rounds"][0]
     assert second["rounds"][1]["emulator_sent_to"] == 2  # a restarted server does not know who has the emulator
+    straight = simulate(config(tmp_path / "straight", **fedadam), owners=2, out=tmp_path / "straight")
+    assert second["rounds"][1]["loss"] == pytest.approx(straight["rounds"][1]["loss"], rel=1e-6)
+    resumed, uninterrupted = (load_file(str(tmp_path / run / "server" / "adapters" / "aggregate" / "adapter.safetensors"))
+                              for run in ("resumed", "straight"))
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)

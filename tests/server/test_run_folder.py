@@ -17,6 +17,11 @@ def test_checkpoint_round_trip_and_overwrite(tmp_path):
     assert loaded.round == 2 and torch.equal(loaded.adapter["w"], torch.full((2,), 2.0))
     assert [r["round"] for r in loaded.history] == [1, 2] and loaded.extra == {"hash": "abc"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+    moments = {"m_t/w": torch.ones(2, dtype=torch.float64), "v_t/w": torch.zeros(2, dtype=torch.float64)}
+    folder.save_checkpoint(Checkpoint(3, {"w": torch.ones(2)}, optimizer=moments))
+    assert folder.load_checkpoint().optimizer.keys() == moments.keys()
+    folder.save_checkpoint(Checkpoint(4, {"w": torch.ones(2)}))  # FedAvg from here: no stale moments
+    assert folder.load_checkpoint().optimizer == {}
 
 
 def test_corrupt_checkpoint_names_the_folder(tmp_path):
