@@ -25,8 +25,9 @@ def config(tmp_path, **extra) -> FederationConfig:
     return FederationConfig.from_run_config({**BASE, "run-dir": str(tmp_path / "server"), **extra})
 
 
-def test_three_owners_improve_the_plugged_in_model(tmp_path):
-    metrics = simulate(config(tmp_path), owners=3, out=tmp_path)
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy):
+    metrics = simulate(config(tmp_path, strategy=strategy, **{"proximal-mu": 0.01}), owners=3, out=tmp_path)
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["accepted"] == 3 and not r["rejected"] for r in rounds)
