@@ -8,10 +8,12 @@ Every failure a user can cause ends in one :class:`PrivtuneError` naming the sou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +112,8 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PrivtuneError(f"{config_file} is corrupt ({err}); re-save or re-download the model") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with quiet_weights_progress():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as err:  # safetensors, torch and transformers each raise their own types here
         raise PrivtuneError(f"could not load the weights in {path} (model_type {model_type!r}): "
                             f"{str(err).splitlines()[0][:300]}; the folder is incomplete or corrupt: re-save it") from None
@@ -139,10 +142,26 @@ def _load_tokenizer(path: Path) -> TextTokenizer:
                             "re-save the tokenizer with tokenizer.save_pretrained(folder)") from None
 
 
+@contextlib.contextmanager
+def quiet_weights_progress() -> Iterator[None]:
+    """No transformers progress bar while reading or writing a local folder: it takes well under a
+    second, and in Ray actors each bar is a log line per process (the demo printed dozens)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_model(loaded: LoadedModel, folder: Path | str) -> Path:
     """Save a model and its tokenizer so that :func:`load_model` reads the folder back."""
     folder = Path(folder)
-    loaded.model.save_pretrained(folder)
+    with quiet_weights_progress():
+        loaded.model.save_pretrained(folder)
     if isinstance(loaded.tokenizer, ByteTokenizer):
         (folder / BYTE_TOKENIZER_MARKER).write_text('{"type": "utf-8 bytes"}\n')
     elif hasattr(loaded.tokenizer, "table"):

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 
 from common.federation.config import FederationConfig
 from common.federation.records import from_arrays, manifest_record, to_arrays
+from common.models import quiet_weights_progress
 from common.offsite.evaluate import perplexity
 from common.offsite.plugin import plug_in
 from server.model_owner import ModelOwner
@@ -140,7 +141,8 @@ def finish(folder: RunFolder, owner: ModelOwner, cfg: FederationConfig, final: d
            history: list[dict[str, Any]], zero_shot_ppl: float | None, strategy, seconds: float) -> dict[str, Any]:
     manifest = owner.package.adapter_manifest
     plugged = plug_in(owner.full_model, final, manifest)
-    plugged.save_pretrained(folder.root / "model")
+    with quiet_weights_progress():
+        plugged.save_pretrained(folder.root / "model")
     owner.package.save(folder.root / "emulator")
     for owner_name, adapter in strategy.latest_adapters.items():
         folder.save_owner_adapter(owner_name, adapter, manifest.to_dict())
