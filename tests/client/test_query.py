@@ -22,6 +22,11 @@ def test_unreachable_service_is_a_clear_error():
     assert privtune(["query", "--address", "127.0.0.1:1", "--key-file", "k"]) == 2
 
 
+def test_unreadable_tls_ca_is_a_clear_error(tmp_path, capsys):
+    assert privtune(["query", "--address", "127.0.0.1:1", "--status", "--tls-ca", str(tmp_path / "ca.crt")]) == 2
+    assert "cannot read --tls-ca" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_ult_prompt_is_encoded_and_the_output_decoded_locally(tmp_path, capsys):
     # A table whose ids fit the tiny model's 259-token vocabulary; the key stays on this side.
