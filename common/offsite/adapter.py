@@ -136,9 +136,15 @@ def base_tensors(model: nn.Module, split: SplitIndices, carry_embeddings: bool) 
         for path, param in blocks[positions[orig]].named_parameters():
             tensors[f"block.{orig}.{path}"] = param
     if carry_embeddings:
-        tensors[INPUT_EMBEDDINGS] = model.get_input_embeddings().weight
-        if not _tied(model):
-            tensors[OUTPUT_EMBEDDINGS] = model.get_output_embeddings().weight
+        tensors.update(embedding_tensors(model))
+    return tensors
+
+
+def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's embedding weights by canonical name; the head only when it is not tied to the input."""
+    tensors = {INPUT_EMBEDDINGS: model.get_input_embeddings().weight}
+    if not _tied(model):
+        tensors[OUTPUT_EMBEDDINGS] = model.get_output_embeddings().weight
     return tensors
 
 

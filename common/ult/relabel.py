@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from common.errors import PrivtuneError
-from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS
+from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
 from common.offsite.digest import tensors_digest
 
 KEYED_PUBLIC_FORMAT = "privtune-keyed-public/1"
@@ -54,26 +54,16 @@ def relabel_model(model: nn.Module, rows: torch.Tensor | None) -> nn.Module:
     model = copy.deepcopy(model)
     if rows is not None:
         with torch.no_grad():
-            for name, weight in public_embeddings(model).items():
+            for name, weight in embedding_tensors(model).items():
                 weight.copy_(weight[rows])
     return model
-
-
-def public_embeddings(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's embedding weights by canonical name; the head only when it is not tied to the input."""
-    embedding = model.get_input_embeddings().weight
-    tensors = {INPUT_EMBEDDINGS: embedding}
-    head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != embedding.data_ptr():
-        tensors[OUTPUT_EMBEDDINGS] = head.weight
-    return tensors
 
 
 def save_keyed_public(model: nn.Module, rows: torch.Tensor, path: str | os.PathLike[str]) -> Path:
     """Write the public model's embedding rows in the key's order, for the PMixED service's p0."""
     from safetensors.torch import save_file
 
-    public = public_embeddings(model)
+    public = embedding_tensors(model)
     vocab = public[INPUT_EMBEDDINGS].shape[0]
     if rows.shape != (vocab,):
         raise PrivtuneError(f"the ULT table has {rows.shape[0]} ids but the model has {vocab} embedding rows: "
@@ -97,7 +87,7 @@ def load_keyed_public(path: str | os.PathLike[str], model: nn.Module) -> dict[st
         raise PrivtuneError(f"cannot read keyed public embeddings {path} ({err}); make them with 'privtune ult keyed-public'") from None
     if metadata.get("format") != KEYED_PUBLIC_FORMAT:
         raise PrivtuneError(f"{path} is not a keyed public embeddings file (make one with 'privtune ult keyed-public')")
-    public = public_embeddings(model)
+    public = embedding_tensors(model)
     if metadata.get("public_digest") != tensors_digest(public) or set(tensors) != set(public):
         raise PrivtuneError(f"{path} was made from another base model than the one served; remake it from this model")
     for name, weight in public.items():

@@ -12,9 +12,10 @@ import torch
 from common.errors import PrivtuneError
 from common.models import TinySpec, tiny_model
 from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
+from common.offsite.adapter import embedding_tensors
 from common.pmixed import PMixedBudget, mixture_distribution, project
 from common.pmixed.ensemble import Ensemble, MemberAdapter
-from common.ult.relabel import public_embeddings, relabel_model
+from common.ult.relabel import relabel_model
 
 
 def tiny(family: str) -> torch.nn.Module:
@@ -140,7 +141,7 @@ def test_keyed_members_and_keyed_p0(family):
     cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, carry_embeddings=True)
     members = [member(base, cfg, seed) for seed in (1, 2, 3)]
     rows = torch.randperm(base.config.vocab_size, generator=torch.Generator().manual_seed(0))
-    ensemble = Ensemble(base, members, public_embeddings(relabel_model(base, rows)))
+    ensemble = Ensemble(base, members, embedding_tensors(relabel_model(base, rows)))
     assert set(ensemble.own_embeddings) == {0, 1, 2}
     full = [plug_in(base, m.state, m.manifest) for m in members]
     session = ensemble.session([20, 21, 22, 23])
@@ -158,9 +159,9 @@ def test_keyed_members_need_a_keyed_p0_and_plain_members_refuse_one():
     with pytest.raises(PrivtuneError, match="keyed-public"):
         Ensemble(base, [keyed])
     with pytest.raises(PrivtuneError, match="serve without them"):
-        Ensemble(base, [plain], public_embeddings(base))
+        Ensemble(base, [plain], embedding_tensors(base))
     with pytest.raises(PrivtuneError, match="different federations"):
-        Ensemble(base, [keyed, plain], public_embeddings(base))
+        Ensemble(base, [keyed, plain], embedding_tensors(base))
 
 
 def test_sequences_beyond_the_model_positions_are_refused():

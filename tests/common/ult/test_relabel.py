@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from common.cli import main
 from common.errors import PrivtuneError
 from common.models import LoadedModel, TinySpec, save_model, tiny_model
-from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS
+from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
 from common.ult import UltTokenizer, bind_key, new_key_file, permuted_rows, save_table
-from common.ult.relabel import load_keyed_public, public_embeddings, relabel_model, relabel_state, save_keyed_public
+from common.ult.relabel import load_keyed_public, relabel_model, relabel_state, save_keyed_public
 
 from .conftest import ENGLISH, KEY, english_table
 
@@ -61,7 +61,7 @@ def test_keyed_public_file_round_trip(tmp_path, family):
     model = ult_model(family)
     path = save_keyed_public(model, rows(), tmp_path / "p0.safetensors")
     loaded = load_keyed_public(path, model)
-    expected = public_embeddings(relabel_model(model, rows()))
+    expected = embedding_tensors(relabel_model(model, rows()))
     assert set(loaded) == set(expected) == ({INPUT_EMBEDDINGS} if family == "gpt2" else {INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS})
     for name in expected:
         assert torch.equal(loaded[name], expected[name])
