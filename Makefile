@@ -25,9 +25,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	for b in load offsite ult ldp federated pmixed; do $(PY) -m bench.$$b || exit 1; done
 
-# Stubs land in common/proto_gen/privtune/v1/ (protoc -Icommon/proto_gen=protos, so they import as common.proto_gen...).
+# Stubs land in common/proto_gen/privtune/v1/ and import each other as privtune.common.proto_gen...
 protos: $(STAMP)
-	$(PY) -m common.proto_gen.generate
+	$(PY) -m privtune.common.proto_gen.generate
 
 clean-cache:
 	rm -rf $${PRIVTUNE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/privtune}

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 from bench.harness import print_table, write_results
-from common.federation.config import FederationConfig
-from server.simulate import simulate
+from privtune.common.federation.config import FederationConfig
+from privtune.simulate import simulate
 
 OWNERS = (2, 4, 8)
 SETTINGS = {"model": "tiny-llama", "num-server-rounds": 2, "local-steps": 10, "batch-size": 8, "block-size": 64,
@@ -26,10 +26,10 @@ def tensor_bytes(state) -> int:
 
 
 def smollm2_ratio() -> dict[str, float]:
-    from common.models import load_model
-    from common.offsite.adapter import adapter_state
-    from common.offsite.config import OffsiteConfig
-    from common.offsite.package import EmulatorPackage
+    from privtune.common.models import load_model
+    from privtune.common.offsite.adapter import adapter_state
+    from privtune.common.offsite.config import OffsiteConfig
+    from privtune.common.offsite.package import EmulatorPackage
 
     model = load_model("smollm2").model
     package = EmulatorPackage.build(model, OffsiteConfig(k_bottom=2, k_top=2, n_emulator=8, adapter="lora", lora_r=8))

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from bench.harness import median_time, peak_rss_mb, print_table, write_results
-from common.ldp import CusText, EmbeddingSpace, SanText, load_embedding, make_generator
-from common.ldp.geometry import greedy_cells, largest_distance
-from common.text_tokenizer import ByteTokenizer
+from privtune.common.ldp import CusText, EmbeddingSpace, SanText, load_embedding, make_generator
+from privtune.common.ldp.geometry import greedy_cells, largest_distance
+from privtune.common.text_tokenizer import ByteTokenizer
 
 WIDTH = 576
 EPSILON = 1.0

@@ -21,7 +21,7 @@ from bench.harness import print_table, write_results
 PROBE = """
 import json, resource, time
 t0 = time.perf_counter()
-from common.models import load_model
+from privtune.common.models import load_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM
 t1 = time.perf_counter()
 load_model({source!r})

@@ -67,12 +67,12 @@ def peak_rss_mb() -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """Load what the party holds, train ``timed_steps + 1`` steps, print one JSON line."""
-    from common.offsite import EmulatorPackage, TrainConfig, train_adapter
-    from common.offsite.train import shuffled_batches, trainable_parameters
+    from privtune.common.offsite import EmulatorPackage, TrainConfig, train_adapter
+    from privtune.common.offsite.train import shuffled_batches, trainable_parameters
 
     blocks = torch.load(args.blocks)
     if args.worker == "full":
-        from common.models import load_model
+        from privtune.common.models import load_model
 
         model = load_model("smollm2").model
         for p in model.parameters():
@@ -124,8 +124,8 @@ def train_macs_per_token(n_blocks: int, block_macs: int, head_macs: int, trainab
 
 
 def flop_limits(full_model, block_size: int, n_kept: int, n_adapter: int, lora_r: int) -> dict[str, float]:
-    from common.families import get_blocks
-    from common.offsite.adapter import in_out_features, linear_layers
+    from privtune.common.families import get_blocks
+    from privtune.common.offsite.adapter import in_out_features, linear_layers
 
     layers = linear_layers(get_blocks(full_model)[0])
     block_macs = sum(i * o for i, o in map(in_out_features, layers.values()))
@@ -148,13 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args)
         return
-    from common.corpus import public_corpus, shakespeare_works
-    from common.models import load_model
-    from common.offsite import (
+    from privtune.common.corpus import public_corpus, shakespeare_works
+    from privtune.common.models import load_model
+    from privtune.common.offsite import (
         DistillConfig, EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state,
         build_emulator_model, distill_emulator, perplexity, plug_in, train_adapter,
     )
-    from common.packing import holdout_split, pack
+    from privtune.common.packing import holdout_split, pack
 
     began = time.perf_counter()
     load_before = os.getloadavg()[0]

@@ -36,15 +36,15 @@ import torch
 from transformers import DynamicCache
 
 from bench.harness import peak_rss_mb, print_table, write_results
-from common.corpus import private_partitions, shakespeare_works
-from common.dpsgd import DpSgdConfig, train_round
-from common.families import get_blocks
-from common.models import load_model
-from common.offsite import OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter, train_adapter
-from common.offsite.evaluate import perplexity
-from common.packing import holdout_split, pack
-from common.pmixed import PMixedBudget, mixture_distribution, poisson_subsample, sample_token
-from common.pmixed.ensemble import PUBLIC, Ensemble, MemberAdapter, unique_bytes
+from privtune.common.corpus import private_partitions, shakespeare_works
+from privtune.common.dpsgd import DpSgdConfig, train_round
+from privtune.common.families import get_blocks
+from privtune.common.models import load_model
+from privtune.common.offsite import OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter, train_adapter
+from privtune.common.offsite.evaluate import perplexity
+from privtune.common.packing import holdout_split, pack
+from privtune.common.pmixed import PMixedBudget, mixture_distribution, poisson_subsample, sample_token
+from privtune.common.pmixed.ensemble import PUBLIC, Ensemble, MemberAdapter, unique_bytes
 
 MODEL = "smollm2"
 SPLIT = OffsiteConfig(k_bottom=2, k_top=2, n_emulator=8, adapter="lora", lora_r=8, lora_alpha=16)

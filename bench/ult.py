@@ -19,8 +19,8 @@ import bisect
 import time
 
 from bench.harness import median_time, peak_rss_mb, print_table, write_results
-from common.corpus import shakespeare_works
-from common.ult import UltConfig, UltKey, UltTokenizer, bind_key, build_table
+from privtune.common.corpus import shakespeare_works
+from privtune.common.ult import UltConfig, UltKey, UltTokenizer, bind_key, build_table
 
 PATCH_SIZES = (4, 8, 10, 16)
 REFERENCE_SLICE_CHARS = 40_000

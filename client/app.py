@@ -16,11 +16,11 @@ from typing import Any, Mapping
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.site import SiteConfig
-from client.trainer import OwnerTrainer
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
-from common.federation.records import ARRAYS, METRICS, OWNER, declined, from_arrays, to_arrays
+from privtune.client.site import SiteConfig
+from privtune.client.trainer import OwnerTrainer
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+from privtune.common.federation.records import ARRAYS, METRICS, OWNER, declined, from_arrays, to_arrays
 
 log = logging.getLogger("privtune.client")
 

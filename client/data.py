@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from client.site import SiteConfig, cap_characters, documents_fingerprint, site_documents
-from common.corpus import Document
-from common.federation.config import FederationConfig
-from common.packing import holdout_split, pack
-from common.text_tokenizer import TextTokenizer
+from privtune.client.site import SiteConfig, cap_characters, documents_fingerprint, site_documents
+from privtune.common.corpus import Document
+from privtune.common.federation.config import FederationConfig
+from privtune.common.packing import holdout_split, pack
+from privtune.common.text_tokenizer import TextTokenizer
 
 HELDOUT_FRACTION = 0.1
 MAX_EVAL_BLOCKS = 32
@@ -33,15 +33,15 @@ class OwnerData:
 
 def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
     if cfg.encoding == "ult":
-        from common.ult.tokenizer import UltTokenizer
+        from privtune.common.ult.tokenizer import UltTokenizer
 
         if site.ult_table is None or site.ult_key is None:
-            from common.errors import PrivtuneError
+            from privtune.common.errors import PrivtuneError
 
             raise PrivtuneError(f"{site.owner}: encoding 'ult' needs node config ult-table and ult-key "
                                 "(the federation table and the shared federation key file)")
         return UltTokenizer.from_files(site.ult_table, key_file=site.ult_key)
-    from common.models import load_tokenizer
+    from privtune.common.models import load_tokenizer
 
     return load_tokenizer(cfg.model)
 
@@ -54,8 +54,8 @@ def perturbed_documents(site: SiteConfig, cfg: FederationConfig, documents: list
     if cache.exists():
         saved = json.loads(cache.read_text())
         return [Document(d["name"], d["text"]) for d in saved["documents"]], saved["privacy"]
-    from common.ldp.perturb import LdpConfig, build_mechanism, perturb_text
-    from common.ledger import Ledger
+    from privtune.common.ldp.perturb import LdpConfig, build_mechanism, perturb_text
+    from privtune.common.ledger import Ledger
 
     ledger = Ledger(site.ledger_path, site.owner)
     if math.isfinite(site.ldp_budget) and ledger.budget("ldp") is None:

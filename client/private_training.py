@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from client.site import SiteConfig
-from common.dpsgd import DpSgdConfig, train_round
-from common.federation.config import FederationConfig
-from common.ledger import Ledger
-from common.offsite.train import TrainConfig, TrainResult, trainable_parameters
+from privtune.client.site import SiteConfig
+from privtune.common.dpsgd import DpSgdConfig, train_round
+from privtune.common.federation.config import FederationConfig
+from privtune.common.ledger import Ledger
+from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
 
 
 def train_with_dpsgd(model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, site: SiteConfig,

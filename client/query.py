@@ -15,9 +15,9 @@ from pathlib import Path
 
 import grpc
 
-from common.errors import BudgetExceededError, PrivtuneError
-from common.proto_gen.privtune.v1 import inference_pb2 as pb
-from common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
+from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         ult = None
         if args.table:
-            from common.ult.tokenizer import UltTokenizer
+            from privtune.common.ult.tokenizer import UltTokenizer
 
             ult = UltTokenizer.from_files(args.table, key_file=args.key_file, passphrase=args.passphrase)
         elif args.key_file or args.passphrase:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.corpus import Document, local_documents, private_partitions
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
+from privtune.common.corpus import Document, local_documents, private_partitions
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
 
 LEDGER_FILE = "ledger.sqlite"
 

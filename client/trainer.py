@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from client.data import OwnerData, load_owner_data, owner_tokenizer
-from client.site import SiteConfig
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
-from common.federation.records import EMULATOR, EMULATOR_MANIFEST, NUM_EXAMPLES, from_arrays, manifest_from_record
-from common.offsite.adapter import adapter_state, load_adapter_state
-from common.offsite.evaluate import perplexity
-from common.offsite.package import EmulatorPackage, cache_package, load_cached
-from common.offsite.train import TrainConfig, train_adapter
+from privtune.client.data import OwnerData, load_owner_data, owner_tokenizer
+from privtune.client.site import SiteConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+from privtune.common.federation.records import EMULATOR, EMULATOR_MANIFEST, NUM_EXAMPLES, from_arrays, manifest_from_record
+from privtune.common.offsite.adapter import adapter_state, load_adapter_state
+from privtune.common.offsite.evaluate import perplexity
+from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
+from privtune.common.offsite.train import TrainConfig, train_adapter
 
 EMULATOR_HASH = "emulator-hash"
 EMBEDDINGS_KEYED = "embeddings-keyed"
@@ -71,7 +71,7 @@ class OwnerTrainer:
         Moving row ``base + r`` to the keyed id gives every owner the same warm start without the
         model owner being sent the key.
         """
-        from common.ult.relabel import key_rows, relabel_state
+        from privtune.common.ult.relabel import key_rows, relabel_state
 
         return relabel_state(state, key_rows(self.site.ult_table, self.site.ult_key))
 
@@ -85,7 +85,7 @@ class OwnerTrainer:
         privacy: dict[str, float] = dict(data.ldp)
         try:
             if self.cfg.dp_epsilon > 0:
-                from client.private_training import train_with_dpsgd
+                from privtune.client.private_training import train_with_dpsgd
 
                 result, dp = train_with_dpsgd(model, data.train, train_cfg, self.site, self.cfg)
                 privacy.update(dp)

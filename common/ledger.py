@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.errors import BudgetExceededError, PrivtuneError
 
 FORMAT = "privtune-ledger"
 VERSION = "1"

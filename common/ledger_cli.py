@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from common.ledger import KINDS, Ledger
+from privtune.common.ledger import KINDS, Ledger
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

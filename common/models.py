@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import Family, family_by_name, family_of
-from common.optional_deps import ensure_installed
-from common.paths import cache_dir
-from common.text_tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import Family, family_by_name, family_of
+from privtune.common.optional_deps import ensure_installed
+from privtune.common.paths import cache_dir
+from privtune.common.text_tokenizer import ByteTokenizer, HFTokenizer, TextTokenizer
 
 TINY_PREFIX = "tiny-"
 SMOLLM2 = "smollm2"
@@ -129,7 +129,7 @@ def _load_tokenizer(path: Path) -> TextTokenizer:
     if marker.exists():
         return ByteTokenizer()
     if (path / ULT_TABLE_FILE).exists():
-        from common.ult.tokenizer import UltTokenizer
+        from privtune.common.ult.tokenizer import UltTokenizer
 
         return UltTokenizer.from_files(path / ULT_TABLE_FILE)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
@@ -165,7 +165,7 @@ def save_model(loaded: LoadedModel, folder: Path | str) -> Path:
     if isinstance(loaded.tokenizer, ByteTokenizer):
         (folder / BYTE_TOKENIZER_MARKER).write_text('{"type": "utf-8 bytes"}\n')
     elif hasattr(loaded.tokenizer, "table"):
-        from common.ult.table import save_table
+        from privtune.common.ult.table import save_table
 
         save_table(loaded.tokenizer.table, folder / ULT_TABLE_FILE)
     elif isinstance(loaded.tokenizer, HFTokenizer):

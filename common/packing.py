@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from common.corpus import Document
-from common.errors import PrivtuneError
-from common.text_tokenizer import TextTokenizer
+from privtune.common.corpus import Document
+from privtune.common.errors import PrivtuneError
+from privtune.common.text_tokenizer import TextTokenizer
 
 
 @dataclass(frozen=True)

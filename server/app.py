@@ -7,8 +7,8 @@ from typing import Any, Mapping
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.federation.config import FederationConfig
-from server.federation import run_federation
+from privtune.common.federation.config import FederationConfig
+from privtune.server.federation import run_federation
 
 
 def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

@@ -13,7 +13,7 @@ import copy
 import json
 from pathlib import Path
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -33,14 +33,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.corpus import local_documents, shakespeare_works
-    from common.models import load_model
-    from common.offsite import (
+    from privtune.common.corpus import local_documents, shakespeare_works
+    from privtune.common.models import load_model
+    from privtune.common.offsite import (
         EmulatorPackage, TrainConfig, adapter_manifest, adapter_state, evaluation_table, load_adapter,
         load_adapter_state, plug_in, train_adapter,
     )
-    from common.packing import holdout_split, pack
-    from server.prepare import MODEL_REFERENCE, PACKAGE_DIR, max_positions
+    from privtune.common.packing import holdout_split, pack
+    from privtune.server.prepare import MODEL_REFERENCE, PACKAGE_DIR, max_positions
 
     folder: Path = args.package
     package_dir = folder / PACKAGE_DIR if (folder / PACKAGE_DIR).is_dir() else folder

@@ -18,14 +18,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from common.federation.config import FederationConfig
-from common.federation.records import from_arrays, manifest_record, to_arrays
-from common.models import quiet_weights_progress
-from common.offsite.evaluate import perplexity
-from common.offsite.plugin import plug_in
-from server.model_owner import ModelOwner
-from server.run_folder import Checkpoint, RunFolder
-from server.strategy import make_strategy
+from privtune.common.federation.config import FederationConfig
+from privtune.common.federation.records import from_arrays, manifest_record, to_arrays
+from privtune.common.models import quiet_weights_progress
+from privtune.common.offsite.evaluate import perplexity
+from privtune.common.offsite.plugin import plug_in
+from privtune.server.model_owner import ModelOwner
+from privtune.server.run_folder import Checkpoint, RunFolder
+from privtune.server.strategy import make_strategy
 
 log = logging.getLogger("privtune.server")
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.corpus import public_corpus
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
-from common.models import load_model
-from common.offsite.adapter import adapter_state
-from common.offsite.config import OffsiteConfig
-from common.offsite.package import EmulatorPackage
-from common.packing import holdout_split, pack
+from privtune.common.corpus import public_corpus
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+from privtune.common.models import load_model
+from privtune.common.offsite.adapter import adapter_state
+from privtune.common.offsite.config import OffsiteConfig
+from privtune.common.offsite.package import EmulatorPackage
+from privtune.common.packing import holdout_split, pack
 
 MAX_EVAL_BLOCKS = 32
 
@@ -60,7 +60,7 @@ class ModelOwner:
 def build_package(model: nn.Module, tokenizer, offsite: OffsiteConfig, cfg: FederationConfig) -> EmulatorPackage:
     if cfg.distill_steps <= 0:
         return EmulatorPackage.build(model, offsite)
-    from common.offsite.distill import DistillConfig, distill_emulator
+    from privtune.common.offsite.distill import DistillConfig, distill_emulator
 
     if cfg.encoding == "ult":
         raise PrivtuneError("in ULT mode distil the emulator beforehand with 'privtune prepare' and pass package=DIR")

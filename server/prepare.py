@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 PACKAGE_DIR = "emulator"
 TOKENIZER_DIR = "tokenizer"
@@ -48,10 +48,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.corpus import local_documents, public_corpus
-    from common.models import load_model
-    from common.offsite import DistillConfig, EmulatorPackage, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
-    from common.packing import holdout_split, pack
+    from privtune.common.corpus import local_documents, public_corpus
+    from privtune.common.models import load_model
+    from privtune.common.offsite import DistillConfig, EmulatorPackage, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
+    from privtune.common.packing import holdout_split, pack
 
     cfg = OffsiteConfig(k_bottom=args.k_bottom, k_top=args.k_top, n_emulator=args.n_emulator, adapter=args.adapter,
                         lora_r=args.lora_r, lora_alpha=args.lora_alpha, carry_embeddings=args.carry_embeddings)

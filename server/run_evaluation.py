@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from common.offsite.adapter import adapter_state, load_adapter_state
-from common.offsite.evaluate import evaluation_table
-from common.offsite.package import EmulatorPackage
-from common.offsite.plugin import plug_in
-from common.ult.relabel import relabel_model, relabel_state
+from privtune.common.offsite.adapter import adapter_state, load_adapter_state
+from privtune.common.offsite.evaluate import evaluation_table
+from privtune.common.offsite.package import EmulatorPackage
+from privtune.common.offsite.plugin import plug_in
+from privtune.common.ult.relabel import relabel_model, relabel_state
 
 
 def evaluate_run(run_dir: Path, full_model: nn.Module, eval_blocks: torch.Tensor, seed: int,

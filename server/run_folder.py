@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 

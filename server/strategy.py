@@ -27,10 +27,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from common.federation.config import FederationConfig
-from common.federation.records import (ARRAYS, OWNER, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
+from privtune.common.federation.config import FederationConfig
+from privtune.common.federation.records import (ARRAYS, OWNER, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
                                        from_arrays, to_arrays)
-from server.validation import Rejection, review
+from privtune.server.validation import Rejection, review
 
 
 OPTIMIZER_MOMENTS = ("m_t", "v_t")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Message
 
-from common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, decline_reason, from_arrays
+from privtune.common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, decline_reason, from_arrays
 
 log = logging.getLogger("privtune.server")
 

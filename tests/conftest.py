@@ -13,13 +13,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def smollm2():
-    from common.models import load_model
+    from privtune.common.models import load_model
 
     return load_model("smollm2")
 
 
 @pytest.fixture(scope="session")
 def shakespeare():
-    from common.corpus import shakespeare_works
+    from privtune.common.corpus import shakespeare_works
 
     return shakespeare_works()

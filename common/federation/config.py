@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ENCODINGS = ("raw", "ult")

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.errors import PrivtuneError
-from common.ldp.perturb import MECHANISMS, LdpConfig, build_mechanism, perturb_text
+from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.perturb import MECHANISMS, LdpConfig, build_mechanism, perturb_text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.ledger import Ledger
+    from privtune.common.ledger import Ledger
 
     try:
         text = args.input.read_text(encoding="utf-8")

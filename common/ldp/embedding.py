@@ -23,8 +23,8 @@ from functools import cached_property
 
 import torch
 
-from common.errors import PrivtuneError
-from common.text_tokenizer import TextTokenizer
+from privtune.common.errors import PrivtuneError
+from privtune.common.text_tokenizer import TextTokenizer
 
 UNIT_ROUNDOFF = 2.0 ** -53  # float64
 TINY_ALIAS = "tiny"
@@ -140,7 +140,7 @@ def load_embedding(source: str = "smollm2") -> EmbeddingSpace:
     The embedding is public (the model owner's), independent of the text perturbed, which the
     guarantee requires; it need not be the model being fine-tuned.
     """
-    from common.models import load_model
+    from privtune.common.models import load_model
 
     loaded = load_model("tiny-llama" if source == TINY_ALIAS else source)
     matrix = loaded.model.get_input_embeddings().weight

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from common.errors import PrivtuneError
-from common.ldp.embedding import EmbeddingSpace
-from common.paths import cache_dir
+from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.embedding import EmbeddingSpace
+from privtune.common.paths import cache_dir
 
 CACHE_VERSION = 1
 BYTES_PER_FLOAT64 = 8

@@ -26,10 +26,10 @@ from functools import cached_property
 
 import torch
 
-from common.errors import PrivtuneError
-from common.ldp.embedding import EmbeddingSpace
-from common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
-from common.ldp.sampling import sample_rows
+from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.embedding import EmbeddingSpace
+from privtune.common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
+from privtune.common.ldp.sampling import sample_rows
 
 ARRAYS_PER_ROW = 2  # distances (turned into weights in place) and their cumulative sums
 

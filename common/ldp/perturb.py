@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from common.errors import PrivtuneError
-from common.ldp.embedding import EmbeddingSpace, load_embedding
-from common.ldp.mechanisms import CusText, Mechanism, SanText
+from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.embedding import EmbeddingSpace, load_embedding
+from privtune.common.ldp.mechanisms import CusText, Mechanism, SanText
 
 MECHANISMS = ("santext", "custext")
 

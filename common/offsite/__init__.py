@@ -5,7 +5,7 @@ hash-verified), ``adapter`` (trainable part, canonical names), ``plugin`` (back 
 ``train`` / ``distill`` / ``evaluate`` (loops and the perplexity table).
 """
 
-from common.offsite.adapter import (
+from privtune.common.offsite.adapter import (
     AdapterManifest,
     adapter_manifest,
     adapter_state,
@@ -14,13 +14,13 @@ from common.offsite.adapter import (
     prepare_adapter,
     save_adapter,
 )
-from common.offsite.config import OffsiteConfig
-from common.offsite.distill import DistillConfig, DistillResult, distill_emulator, middle_kd
-from common.offsite.evaluate import evaluation_table, perplexity
-from common.offsite.package import EmulatorPackage, cache_package, load_cached
-from common.offsite.plugin import plug_in
-from common.offsite.split import SplitIndices, build_emulator_model, split_indices
-from common.offsite.train import TrainConfig, TrainResult, train_adapter
+from privtune.common.offsite.config import OffsiteConfig
+from privtune.common.offsite.distill import DistillConfig, DistillResult, distill_emulator, middle_kd
+from privtune.common.offsite.evaluate import evaluation_table, perplexity
+from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
+from privtune.common.offsite.plugin import plug_in
+from privtune.common.offsite.split import SplitIndices, build_emulator_model, split_indices
+from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapter
 
 __all__ = [
     "AdapterManifest", "DistillConfig", "DistillResult", "EmulatorPackage", "OffsiteConfig", "SplitIndices",

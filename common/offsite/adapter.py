@@ -27,11 +27,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import blocks_prefix, family_of, get_blocks, num_blocks
-from common.offsite.config import OffsiteConfig
-from common.offsite.digest import tensors_digest
-from common.offsite.split import SPLIT_ATTR, SplitIndices, split_indices, split_of
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import blocks_prefix, family_of, get_blocks, num_blocks
+from privtune.common.offsite.config import OffsiteConfig
+from privtune.common.offsite.digest import tensors_digest
+from privtune.common.offsite.split import SPLIT_ATTR, SplitIndices, split_indices, split_of
 
 ADAPTER_FORMAT = "privtune-offsite-adapter/1"
 ADAPTER_ATTR = "offsite_adapter"

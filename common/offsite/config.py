@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 ADAPTER_KINDS = ("lora", "full")
 

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.errors import PrivtuneError
-from common.families import get_blocks
-from common.offsite.lm import forward_logits, next_token_nll
-from common.offsite.split import SplitIndices, split_of
-from common.offsite.train import autocast, check_loop_settings, shuffled_batches
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import get_blocks
+from privtune.common.offsite.lm import forward_logits, next_token_nll
+from privtune.common.offsite.split import SplitIndices, split_of
+from privtune.common.offsite.train import autocast, check_loop_settings, shuffled_batches
 
 CHECKPOINT_FORMAT = "privtune-distill/1"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common.offsite.lm import forward_logits, next_token_nll
+from privtune.common.offsite.lm import forward_logits, next_token_nll
 
 
 @torch.no_grad()

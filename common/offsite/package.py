@@ -20,9 +20,9 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import family_of, num_blocks
-from common.offsite.adapter import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import family_of, num_blocks
+from privtune.common.offsite.adapter import (
     AdapterManifest,
     base_tensors,
     block_positions,
@@ -30,10 +30,10 @@ from common.offsite.adapter import (
     hf_name,
     prepare_adapter,
 )
-from common.offsite.config import OffsiteConfig
-from common.offsite.digest import tensors_digest
-from common.offsite.split import SPLIT_ATTR, SplitIndices, build_emulator_model, split_indices, split_of
-from common.paths import cache_dir
+from privtune.common.offsite.config import OffsiteConfig
+from privtune.common.offsite.digest import tensors_digest
+from privtune.common.offsite.split import SPLIT_ATTR, SplitIndices, build_emulator_model, split_indices, split_of
+from privtune.common.paths import cache_dir
 
 PACKAGE_FORMAT = "privtune-offsite-package/1"
 TENSORS_FILE = "package.safetensors"

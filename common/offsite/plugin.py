@@ -8,9 +8,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import family_of, get_blocks, num_blocks
-from common.offsite.adapter import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import family_of, get_blocks, num_blocks
+from privtune.common.offsite.adapter import (
     AdapterManifest,
     base_tensors,
     in_out_features,
@@ -18,8 +18,8 @@ from common.offsite.adapter import (
     lora_delta,
     resolve_parameter,
 )
-from common.offsite.digest import tensors_digest
-from common.offsite.split import SplitIndices
+from privtune.common.offsite.digest import tensors_digest
+from privtune.common.offsite.split import SplitIndices
 
 
 def plug_in(full_model: nn.Module, adapter_state: Mapping[str, torch.Tensor], adapter_manifest: AdapterManifest) -> nn.Module:

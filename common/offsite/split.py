@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import get_blocks, num_blocks, set_blocks
-from common.offsite.config import OffsiteConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import get_blocks, num_blocks, set_blocks
+from privtune.common.offsite.config import OffsiteConfig
 
 SPLIT_ATTR = "offsite_split"
 """Attribute on a thinned model holding its :class:`SplitIndices` (block position -> original index)."""

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.errors import PrivtuneError
-from common.offsite.lm import lm_loss
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite.lm import lm_loss
 
 DTYPES = ("fp32", "bf16")
 

@@ -5,7 +5,7 @@ around the public model (``projection``), RDP accounting (``accountant``) and on
 (``mechanism``). The ensemble forward and the Ray service live elsewhere and call ``next_token``.
 """
 
-from common.pmixed.accountant import (
+from privtune.common.pmixed.accountant import (
     PMixedBudget,
     epsilon_spent,
     per_query_rdp,
@@ -13,10 +13,10 @@ from common.pmixed.accountant import (
     rdp_to_epsilon,
     solve_beta,
 )
-from common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
-from common.pmixed.mechanism import MemberProbs, TokenRelease, mixture_distribution, next_token, sample_token
-from common.pmixed.projection import DEFAULT_TOL, Projection, project
-from common.pmixed.subsample import poisson_subsample, secure_rng
+from privtune.common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
+from privtune.common.pmixed.mechanism import MemberProbs, TokenRelease, mixture_distribution, next_token, sample_token
+from privtune.common.pmixed.projection import DEFAULT_TOL, Projection, project
+from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 __all__ = [
     "DEFAULT_TOL",

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 
 from scipy.optimize import brentq
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 
 def _check_order(alpha: float) -> int:

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.families import family_of, get_blocks
-from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, AdapterManifest
-from common.offsite.plugin import plug_in
-from common.pmixed.accountant import PMixedBudget
-from common.pmixed.mechanism import mixture_distribution, sample_token
-from common.pmixed.projection import DEFAULT_TOL
-from common.pmixed.subsample import poisson_subsample, secure_rng
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import family_of, get_blocks
+from privtune.common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, AdapterManifest
+from privtune.common.offsite.plugin import plug_in
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.mechanism import mixture_distribution, sample_token
+from privtune.common.pmixed.projection import DEFAULT_TOL
+from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 PUBLIC = -1
 """Row key of the public model p0; members are 0..N-1."""

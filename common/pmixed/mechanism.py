@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.pmixed.accountant import PMixedBudget
-from common.pmixed.divergence import Probs, as_distribution
-from common.pmixed.projection import DEFAULT_TOL, project
-from common.pmixed.subsample import poisson_subsample, secure_rng
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.divergence import Probs, as_distribution
+from privtune.common.pmixed.projection import DEFAULT_TOL, project
+from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 MemberProbs = Callable[[np.ndarray], Probs]
 """Given sorted member indices S (never empty), the (|S|, V) next-token distributions of those

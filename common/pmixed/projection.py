@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.pmixed.divergence import Probs, as_distribution, renyi_divergence_from_logs
+from privtune.common.pmixed.divergence import Probs, as_distribution, renyi_divergence_from_logs
 
 DEFAULT_TOL = 1e-7
 """Width of the final bracket [λ, λ+tol]: λ is feasible, λ+tol is not (unless λ = 1)."""

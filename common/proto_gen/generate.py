@@ -1,28 +1,43 @@
-"""Regenerate the gRPC stubs: ``python -m common.proto_gen.generate [--out DIR]`` (``make protos``).
+"""Regenerate the gRPC stubs: ``python -m privtune.common.proto_gen.generate [--out DIR]`` (``make protos``).
 
-``--out`` defaults to the repository root, where the stubs land in ``common/proto_gen/``; tests
-write to a temporary folder and compare with the committed stubs.
+The stubs import each other as ``privtune.common.proto_gen...`` (the installed name), so protoc sees
+the protos under that virtual root. ``--out`` defaults to ``common/proto_gen/`` in the repository;
+tests write to a temporary folder and compare with the committed stubs.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ("privtune/v1/inference.proto",)
-VIRTUAL_ROOT = "common/proto_gen"
+VIRTUAL_ROOT = "privtune/common/proto_gen"
+STUBS = ROOT / "common" / "proto_gen"
 
 
-def generate(out: Path = ROOT) -> list[Path]:
-    """Compile every .proto in PROTOS into ``out/common/proto_gen/...``; returns the files written."""
+def generate(out: Path = STUBS) -> list[Path]:
+    """Compile every .proto in PROTOS into ``out/privtune/v1/...``; returns the files written."""
+    with tempfile.TemporaryDirectory() as tmp:
+        compiled = _compile(Path(tmp))
+        written = []
+        for path in compiled:
+            target = Path(out) / path.relative_to(Path(tmp) / VIRTUAL_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            written.append(target)
+    return written
+
+
+def _compile(out: Path) -> list[Path]:
     from grpc_tools import protoc
 
     proto_root = ROOT / "protos"
-    out = Path(out)
     args = [
         "grpc_tools.protoc",
         f"-I{VIRTUAL_ROOT}={proto_root}",
@@ -41,8 +56,8 @@ def generate(out: Path = ROOT) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.proto_gen.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository root)")
+    parser = argparse.ArgumentParser(prog="python -m privtune.common.proto_gen.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=STUBS, help="output folder (default: common/proto_gen/ in the repository)")
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -15,10 +15,10 @@ Modules: :mod:`.bwt` (batched BWT), :mod:`.text`, :mod:`.numeric`, :mod:`.image`
 into the key's order).
 """
 
-from common.ult.config import UltConfig
-from common.ult.fingerprints import table_fingerprints
-from common.ult.image import DctImageCodec
-from common.ult.keys import (
+from privtune.common.ult.config import UltConfig
+from privtune.common.ult.fingerprints import table_fingerprints
+from privtune.common.ult.image import DctImageCodec
+from privtune.common.ult.keys import (
     UltKey,
     band_permutation,
     bind_key,
@@ -28,11 +28,11 @@ from common.ult.keys import (
     permuted_rows,
     verify_key,
 )
-from common.ult.mapping import SymbolMapper
-from common.ult.numeric import MuLawCodec
-from common.ult.table import LookupTable, build_symbol_table, build_table, load_table, save_table
-from common.ult.text import TextCodec
-from common.ult.tokenizer import UltTokenizer
+from privtune.common.ult.mapping import SymbolMapper
+from privtune.common.ult.numeric import MuLawCodec
+from privtune.common.ult.table import LookupTable, build_symbol_table, build_table, load_table, save_table
+from privtune.common.ult.text import TextCodec
+from privtune.common.ult.tokenizer import UltTokenizer
 
 __all__ = [
     "DctImageCodec",

@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from common.errors import PrivtuneError
-from common.ult.config import SEP_ID, UltConfig
-from common.ult.keys import UltKey, bind_key, key_from_passphrase, load_key_file, new_key_file
-from common.ult.table import build_table, load_table, save_table
-from common.ult.tokenizer import UltTokenizer
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.config import SEP_ID, UltConfig
+from privtune.common.ult.keys import UltKey, bind_key, key_from_passphrase, load_key_file, new_key_file
+from privtune.common.ult.table import build_table, load_table, save_table
+from privtune.common.ult.tokenizer import UltTokenizer
 
 _PATCHES_PER_LINE = 4096
 _DECODE_BATCH_IDS = 1 << 20
@@ -184,9 +184,9 @@ def _new_key(args: argparse.Namespace) -> int:
 def _keyed_public(args: argparse.Namespace) -> int:
     import torch
 
-    from common.models import load_model
-    from common.ult.keys import permuted_rows
-    from common.ult.relabel import save_keyed_public
+    from privtune.common.models import load_model
+    from privtune.common.ult.keys import permuted_rows
+    from privtune.common.ult.relabel import save_keyed_public
 
     rows = torch.from_numpy(permuted_rows(load_table(args.table), _key(args)))
     save_keyed_public(load_model(args.model).model, rows, args.output)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 PAD_ID = 0
 BOS_ID = 1

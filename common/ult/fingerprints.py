@@ -12,8 +12,8 @@ import json
 
 import numpy as np
 
-from common.ult.keys import UltKey, band_permutation, key_check_value, verify_key
-from common.ult.table import LookupTable
+from privtune.common.ult.keys import UltKey, band_permutation, key_check_value, verify_key
+from privtune.common.ult.table import LookupTable
 
 _LEADING = 16
 

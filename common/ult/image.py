@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from scipy.fft import dctn, idctn
 
-from common.errors import PrivtuneError
-from common.ult.mapping import SEP_MARK
-from common.ult.numeric import unzigzag, zigzag
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.mapping import SEP_MARK
+from privtune.common.ult.numeric import unzigzag, zigzag
 
 
 @dataclass(frozen=True)

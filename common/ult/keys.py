@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import PrivtuneError, WrongKeyError
-from common.ult.config import UltConfig
-from common.ult.table import KEY_CHECK_BYTES, LookupTable
+from privtune.common.errors import PrivtuneError, WrongKeyError
+from privtune.common.ult.config import UltConfig
+from privtune.common.ult.table import KEY_CHECK_BYTES, LookupTable
 
 KEY_BYTES = 32
 _KEY_FILE_HEADER = "# privtune ULT key v1: keep secret; whoever holds it can read data encoded with it"

@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from common.errors import PrivtuneError
-from common.ult.config import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.config import (
     BOS_ID,
     CONTINUE_DIGIT_ID,
     DIGIT_BASE,
@@ -28,8 +28,8 @@ from common.ult.config import (
     PAD_ID,
     SEP_ID,
 )
-from common.ult.keys import UltKey, band_permutation, verify_key
-from common.ult.table import LookupTable
+from privtune.common.ult.keys import UltKey, band_permutation, verify_key
+from privtune.common.ult.table import LookupTable
 
 SEP_MARK = -2
 INVALID_MARK = -3

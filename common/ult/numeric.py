@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import PrivtuneError
-from common.ult.mapping import SEP_MARK
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.mapping import SEP_MARK
 
 
 def zigzag(values: np.ndarray) -> np.ndarray:

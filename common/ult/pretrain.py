@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from common.corpus import Document, public_corpus
-from common.errors import PrivtuneError
-from common.offsite.lm import lm_loss
-from common.offsite.train import autocast, check_loop_settings, shuffled_batches
-from common.packing import pack
-from common.ult.config import BOS_ID, EOS_ID, PAD_ID, UltConfig
-from common.ult.tokenizer import UltTokenizer
+from privtune.common.corpus import Document, public_corpus
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite.lm import lm_loss
+from privtune.common.offsite.train import autocast, check_loop_settings, shuffled_batches
+from privtune.common.packing import pack
+from privtune.common.ult.config import BOS_ID, EOS_ID, PAD_ID, UltConfig
+from privtune.common.ult.tokenizer import UltTokenizer
 
 CHECKPOINT_FORMAT = "privtune-ult-pretrain/1"
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
-from common.offsite.digest import tensors_digest
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
+from privtune.common.offsite.digest import tensors_digest
 
 KEYED_PUBLIC_FORMAT = "privtune-keyed-public/1"
 EMBEDDING_NAMES = (INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS)
@@ -36,8 +36,8 @@ EMBEDDING_NAMES = (INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS)
 
 def key_rows(table_path: str | os.PathLike[str], key_path: str | os.PathLike[str]) -> torch.Tensor:
     """The row index of a table and key file: ``keyed_weight = public_weight[rows]`` (the key is checked)."""
-    from common.ult.keys import load_key_file, permuted_rows
-    from common.ult.table import load_table
+    from privtune.common.ult.keys import load_key_file, permuted_rows
+    from privtune.common.ult.table import load_table
 
     return torch.from_numpy(permuted_rows(load_table(table_path), load_key_file(key_path)))
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import PrivtuneError
-from common.ult.config import UltConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.config import UltConfig
 
 FORMAT = "privtune-ult-table"
 VERSION = 1
@@ -62,7 +62,7 @@ def build_table(corpus: Iterable[str | os.PathLike[str]], config: UltConfig | No
     This is the model owner's public, unkeyed table in a federation; a data owner's secret lies
     in the key applied on top (:mod:`common.ult.keys`), not in this ranking.
     """
-    from common.ult.text import TextCodec
+    from privtune.common.ult.text import TextCodec
 
     config = config or UltConfig()
     codec = TextCodec(config.patch_size)

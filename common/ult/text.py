@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.errors import PrivtuneError
-from common.ult.bwt import END, bwt_batch, inverse_bwt_batch
-from common.ult.mapping import BREAK_MARK, INVALID_MARK, SEP_MARK
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.bwt import END, bwt_batch, inverse_bwt_batch
+from privtune.common.ult.mapping import BREAK_MARK, INVALID_MARK, SEP_MARK
 
 CHAR_BITS = 21
 _CHAR_MASK = (1 << CHAR_BITS) - 1

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.errors import PrivtuneError
-from common.ult.config import BOS_ID, EOS_ID, ESCAPE_ID, PAD_ID, SEP_ID
-from common.ult.keys import UltKey, key_from_passphrase, load_key_file
-from common.ult.mapping import SymbolMapper
-from common.ult.table import LookupTable, load_table
-from common.ult.text import TextCodec
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult.config import BOS_ID, EOS_ID, ESCAPE_ID, PAD_ID, SEP_ID
+from privtune.common.ult.keys import UltKey, key_from_passphrase, load_key_file
+from privtune.common.ult.mapping import SymbolMapper
+from privtune.common.ult.table import LookupTable, load_table
+from privtune.common.ult.text import TextCodec
 
 
 class UltTokenizer:

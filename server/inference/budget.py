@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ledger import RELATIVE_TOLERANCE, Ledger
-from common.pmixed.accountant import PMixedBudget, rdp_to_epsilon
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
+from privtune.common.pmixed.accountant import PMixedBudget, rdp_to_epsilon
 
 KIND = "pmixed"
 LEDGER_OWNER = "pmixed-service"

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from common.errors import PrivtuneError
-from common.paths import cache_dir
-from common.pmixed.accountant import PMixedBudget
-from server.inference.members import from_arguments
+from privtune.common.errors import PrivtuneError
+from privtune.common.paths import cache_dir
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.server.inference.members import from_arguments
 
 DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
 
@@ -59,7 +59,7 @@ def ledger_path(args: argparse.Namespace) -> Path:
 
 
 def service_config(args: argparse.Namespace):
-    from server.inference.service import ServiceConfig
+    from privtune.server.inference.service import ServiceConfig
 
     served = from_arguments(args.run, args.model, args.adapters, args.public_embeddings)
     budget = PMixedBudget(epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q,
@@ -110,9 +110,9 @@ class Running:
 def start(args: argparse.Namespace) -> Running:
     import ray
 
-    from common.models import load_tokenizer
-    from server.inference.grpc_api import start_server
-    from server.inference.service import PMixedService
+    from privtune.common.models import load_tokenizer
+    from privtune.server.inference.grpc_api import start_server
+    from privtune.server.inference.service import PMixedService
 
     config = service_config(args)
     credentials = server_credentials(args)

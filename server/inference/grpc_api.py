@@ -12,11 +12,11 @@ from concurrent import futures
 import grpc
 from ray.exceptions import RayTaskError
 
-from common.errors import BudgetExceededError, PrivtuneError
-from common.proto_gen.privtune.v1 import inference_pb2 as pb
-from common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
-from common.text_tokenizer import TextTokenizer
-from server.inference.service import PMixedService
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
+from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+from privtune.common.text_tokenizer import TextTokenizer
+from privtune.server.inference.service import PMixedService
 
 REPLACEMENT = "\ufffd"
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.errors import PrivtuneError
-from common.offsite.adapter import ADAPTER_FILE, ADAPTER_MANIFEST_FILE, AdapterManifest
-from common.pmixed.ensemble import MemberAdapter
-from common.ult.relabel import load_keyed_public
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite.adapter import ADAPTER_FILE, ADAPTER_MANIFEST_FILE, AdapterManifest
+from privtune.common.pmixed.ensemble import MemberAdapter
+from privtune.common.ult.relabel import load_keyed_public
 
 RUN_MANIFEST_FILE = "manifest.json"
 AGGREGATE = "aggregate"

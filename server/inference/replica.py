@@ -18,11 +18,11 @@ from typing import Protocol
 
 import torch
 
-from common.errors import PrivtuneError
-from common.models import load_model
-from common.pmixed.accountant import PMixedBudget
-from common.pmixed.ensemble import Ensemble, EnsembleSession
-from server.inference.members import ServedModel
+from privtune.common.errors import PrivtuneError
+from privtune.common.models import load_model
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.ensemble import Ensemble, EnsembleSession
+from privtune.server.inference.members import ServedModel
 
 
 class Spender(Protocol):

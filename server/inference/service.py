@@ -23,12 +23,12 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from common.errors import PrivtuneError
-from common.pmixed.accountant import PMixedBudget
-from common.pmixed.ensemble import check_p0_order
-from server.inference.budget import BudgetKeeper
-from server.inference.members import ServedModel
-from server.inference.replica import Release, Replica, ReplicaConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.ensemble import check_p0_order
+from privtune.server.inference.budget import BudgetKeeper
+from privtune.server.inference.members import ServedModel
+from privtune.server.inference.replica import Release, Replica, ReplicaConfig
 
 
 @dataclass(frozen=True)

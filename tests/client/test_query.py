@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from client.query import InferenceClient, sample
-from common.cli import main as privtune
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ult.config import UltConfig
-from common.ult.keys import new_key_file
-from common.ult.table import build_table, save_table
-from common.ult.tokenizer import UltTokenizer
+from privtune.client.query import InferenceClient, sample
+from privtune.cli import main as privtune
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ult.config import UltConfig
+from privtune.common.ult.keys import new_key_file
+from privtune.common.ult.table import build_table, save_table
+from privtune.common.ult.tokenizer import UltTokenizer
 from tests.server.inference.running import running_service
 
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 20

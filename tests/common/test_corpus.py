@@ -1,8 +1,8 @@
 import pytest
 
-from common.corpus import (Document, local_documents, partition, private_partitions, public_corpus,
+from privtune.common.corpus import (Document, local_documents, partition, private_partitions, public_corpus,
                            read_text_file, write_documents)
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 
 def test_embedded_corpus_is_real_and_deduplicated(shakespeare):

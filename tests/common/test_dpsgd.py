@@ -11,11 +11,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from scipy.special import gammaln, logsumexp
 
-from common.dpsgd import DpSgdConfig, epsilon_for, noise_multiplier_for, plan_round, train_round
-from common.errors import BudgetExceededError, PrivtuneError
-from common.families import get_blocks
-from common.ledger import Ledger
-from common.models import TinySpec, tiny_model
+from privtune.common.dpsgd import DpSgdConfig, epsilon_for, noise_multiplier_for, plan_round, train_round
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.families import get_blocks
+from privtune.common.ledger import Ledger
+from privtune.common.models import TinySpec, tiny_model
 
 SPEC = TinySpec(n_layers=4, hidden=32, heads=4, max_positions=64)
 
@@ -154,7 +154,7 @@ def test_only_adapter_modules_are_hooked_and_only_adapter_parameters_change(fami
             if module._forward_hooks:
                 hooked_during_round.add(name)
                 assert any(p.requires_grad for p in module.parameters(recurse=False)), f"frozen module {name} hooked"
-        from common.dpsgd import lm_per_sample_loss
+        from privtune.common.dpsgd import lm_per_sample_loss
         return lm_per_sample_loss(private, batch)
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -175,7 +175,7 @@ def test_empty_poisson_batches_still_take_a_noise_only_step():
 
     def counting_loss(private, batch):
         calls.append(len(batch))
-        from common.dpsgd import lm_per_sample_loss
+        from privtune.common.dpsgd import lm_per_sample_loss
         return lm_per_sample_loss(private, batch)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.families import family_by_name, family_of, get_blocks, get_final_norm, set_blocks
-from common.models import tiny_model
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import family_by_name, family_of, get_blocks, get_final_norm, set_blocks
+from privtune.common.models import tiny_model
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])

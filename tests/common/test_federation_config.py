@@ -3,15 +3,15 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def test_pyproject_run_config_equals_the_dataclass_defaults():
     flwr = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]
-    assert flwr["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    assert flwr["components"] == {"serverapp": "privtune.server.app:app", "clientapp": "privtune.client.app:app"}
     assert FederationConfig.from_run_config(flwr["config"]) == FederationConfig()
     assert set(flwr["config"]) == set(FederationConfig().to_run_config())
 

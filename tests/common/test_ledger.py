@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from common.cli import main
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ledger import Ledger, rdp_budget, rdp_to_epsilon
+from privtune.cli import main
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ledger import Ledger, rdp_budget, rdp_to_epsilon
 
 
 def test_rdp_budget_inverts_the_conversion_and_matches_the_design_defaults():

@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.models import load_model, save_model, smollm2_folder
+from privtune.common.errors import PrivtuneError
+from privtune.common.models import load_model, save_model, smollm2_folder
 
 
 @pytest.mark.parametrize("source,family", [("tiny-gpt2", "gpt2"), ("tiny-llama", "llama"), ("tiny-opt", "opt")])

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from common.corpus import Document
-from common.errors import PrivtuneError
-from common.packing import holdout_split, pack
-from common.text_tokenizer import ByteTokenizer
+from privtune.common.corpus import Document
+from privtune.common.errors import PrivtuneError
+from privtune.common.packing import holdout_split, pack
+from privtune.common.text_tokenizer import ByteTokenizer
 
 
 def test_pack_joins_documents_with_eos_and_drops_partial_block():

@@ -236,7 +236,7 @@ def test_script_commands_are_the_deploy_scripts_with_options_they_accept():
 
 
 def test_serve_command_parses_with_privtune_serve_options():
-    from common.cli import COMMANDS
+    from privtune.cli import COMMANDS
 
     serve = container_named("privtune-serve")
     assert serve["command"] == ["privtune", "serve"]

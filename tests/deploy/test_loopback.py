@@ -36,7 +36,7 @@ class Federation:
 
 def write_owner_data(root: Path) -> list[Path]:
     """Three disjoint folders of text: every third Shakespeare work, cut short."""
-    from common.corpus import shakespeare_works
+    from privtune.common.corpus import shakespeare_works
 
     works = shakespeare_works()
     folders = []

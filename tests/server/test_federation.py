@@ -10,10 +10,10 @@ from flwr.app import Context, Message
 from safetensors.torch import load_file
 from flwr.clientapp import ClientApp
 
-from client.app import handle_train
-from common.federation.config import FederationConfig
-from common.federation.records import ARRAYS, from_arrays, to_arrays
-from server.simulate import simulate
+from privtune.client.app import handle_train
+from privtune.common.federation.config import FederationConfig
+from privtune.common.federation.records import ARRAYS, from_arrays, to_arrays
+from privtune.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
     from flwr.serverapp import ServerApp  # noqa: F401  (the real server app is used below)
     from flwr.simulation import run_simulation
 
-    from server.app import build_app
+    from privtune.server.app import build_app
 
     cfg = config(tmp_path, **{"dp-epsilon": 1.0, "min-train-nodes": 4})
     workspaces = {i: str(tmp_path / "owners" / f"owner-{i}") for i in range(4)}

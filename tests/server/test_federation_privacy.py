@@ -12,19 +12,19 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client.app import build_app as build_client
-from common.corpus import private_partitions
-from common.errors import PrivtuneError
-from common.federation.config import FederationConfig
-from common.ledger import Ledger
-from common.models import LoadedModel, save_model, tiny_model
-from common.ult.config import UltConfig
-from common.ult.fingerprints import table_fingerprints
-from common.ult.keys import load_key_file
-from common.ult.table import build_table, load_table
-from common.ult.tokenizer import UltTokenizer
-from server.federation import run_federation
-from server.simulate import prepare_ult_federation
+from privtune.client.app import build_app as build_client
+from privtune.common.corpus import private_partitions
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+from privtune.common.ledger import Ledger
+from privtune.common.models import LoadedModel, save_model, tiny_model
+from privtune.common.ult.config import UltConfig
+from privtune.common.ult.fingerprints import table_fingerprints
+from privtune.common.ult.keys import load_key_file
+from privtune.common.ult.table import build_table, load_table
+from privtune.common.ult.tokenizer import UltTokenizer
+from privtune.server.federation import run_federation
+from privtune.simulate import prepare_ult_federation
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def serialise(content) -> bytes:
 
 @pytest.fixture(scope="module")
 def ult_model(tmp_path_factory):
-    from common.corpus import public_corpus
+    from privtune.common.corpus import public_corpus
 
     folder = tmp_path_factory.mktemp("ult-model")
     table = build_table([d.text[:100_000] for d in public_corpus()], UltConfig(vocab_size=768, patch_size=8, band_width=16))
@@ -125,8 +125,8 @@ def test_ult_ldp_run_sends_no_text_and_no_table(ult_run):
 def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
     """The run's keyed adapters behind the PMixED service: refused with the public p0, served with a
     key holder's relabelled p0, and a key holder's query decodes the ids locally."""
-    from common.cli import main as privtune
-    from server.inference import cli
+    from privtune.cli import main as privtune
+    from privtune.server.inference import cli
 
     node, root = ult_run.nodes[0], ult_run.root
     parser = argparse.ArgumentParser()
@@ -152,8 +152,8 @@ def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
 
 
 def test_the_demo_serves_continuations_until_its_budget_cannot_pay(ult_run, capsys):
-    from common.models import ULT_TABLE_FILE
-    from server.demo_serving import PROMPTS, DemoServing, serve_and_sample
+    from privtune.common.models import ULT_TABLE_FILE
+    from privtune.demo_serving import PROMPTS, DemoServing, serve_and_sample
 
     node, run = ult_run.nodes[0], ult_run.root / "server"
     settings = DemoServing(tokens=3, queries=8, q=0.5)

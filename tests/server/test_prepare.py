@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from common.cli import main
-from common.offsite import (
+from privtune.cli import main
+from privtune.common.offsite import (
     EmulatorPackage, TrainConfig, adapter_manifest, adapter_state, save_adapter, train_adapter,
 )
-from common.packing import pack
-from common.corpus import Document
-from common.text_tokenizer import ByteTokenizer
+from privtune.common.packing import pack
+from privtune.common.corpus import Document
+from privtune.common.text_tokenizer import ByteTokenizer
 
 TEXT = "Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought death. " * 40
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from server.run_folder import Checkpoint, RunFolder
+from privtune.common.errors import PrivtuneError
+from privtune.server.run_folder import Checkpoint, RunFolder
 
 
 def test_checkpoint_round_trip_and_overwrite(tmp_path):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from server.validation import check_update
+from privtune.server.validation import check_update
 
 REFERENCE = {"block.0.q.lora_A": torch.zeros(4, 8), "block.0.q.lora_B": torch.zeros(8, 4)}
 

@@ -14,8 +14,8 @@ from scipy.spatial.distance import cdist
 from scipy.stats import beta as beta_dist
 from scipy.stats import chisquare
 
-from common.ldp import CusText, EmbeddingSpace, SanText, make_generator
-from common.ldp.geometry import largest_distance
+from privtune.common.ldp import CusText, EmbeddingSpace, SanText, make_generator
+from privtune.common.ldp.geometry import largest_distance
 
 V, DIM, EPS, K = 20, 8, 1.0, 4
 SAMPLES = 100_000
@@ -219,7 +219,7 @@ def test_every_position_is_sampled_from_its_own_token(space):
 
 
 def test_rejects_bad_parameters(space):
-    from common.errors import PrivtuneError
+    from privtune.common.errors import PrivtuneError
 
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(PrivtuneError):

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from common.cli import main
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ldp import (CusText, EmbeddingSpace, LdpConfig, SanText, build_mechanism, load_embedding, make_generator,
+from privtune.cli import main
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ldp import (CusText, EmbeddingSpace, LdpConfig, SanText, build_mechanism, load_embedding, make_generator,
                         perturb_text)
-from common.ledger import Ledger
-from common.text_tokenizer import ByteTokenizer
+from privtune.common.ledger import Ledger
+from privtune.common.text_tokenizer import ByteTokenizer
 
 SENTENCE = "Harry Potter was a highly unusual boy in many ways."
 

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from common.ldp.sampling import BATCHED_OCCURRENCES, sample_rows
+from privtune.common.ldp.sampling import BATCHED_OCCURRENCES, sample_rows
 
 
 def test_every_draw_comes_from_its_own_row_for_rare_and_frequent_rows():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.models import TinySpec, tiny_model
+from privtune.common.models import TinySpec, tiny_model
 
 FAMILIES = ("gpt2", "llama", "opt")
 

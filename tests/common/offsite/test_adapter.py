@@ -3,8 +3,8 @@ import dataclasses
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.offsite import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite import (
     EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, build_emulator_model, load_adapter,
     load_adapter_state, prepare_adapter, save_adapter, train_adapter,
 )

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.families import blocks_prefix
-from common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
-from common.offsite.distill import kd_loss
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import blocks_prefix
+from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
+from privtune.common.offsite.distill import kd_loss
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
 CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from common.offsite import evaluation_table, perplexity
+from privtune.common.offsite import evaluation_table, perplexity
 from tests.common.offsite.conftest import tiny, token_blocks
 
 

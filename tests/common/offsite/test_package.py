@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.offsite import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite import (
     EmulatorPackage, OffsiteConfig, TrainConfig, adapter_state, build_emulator_model, cache_package, load_cached,
     train_adapter,
 )
-from common.offsite.package import MANIFEST_FILE, TENSORS_FILE
+from privtune.common.offsite.package import MANIFEST_FILE, TENSORS_FILE
 from tests.common.offsite.conftest import tiny, token_blocks
 
 DROPPED = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="full")

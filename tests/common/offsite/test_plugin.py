@@ -3,9 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.families import get_blocks
-from common.offsite import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import get_blocks
+from privtune.common.offsite import (
     EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, plug_in, train_adapter,
 )
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.families import get_blocks, num_blocks
-from common.offsite import OffsiteConfig, build_emulator_model, split_indices
-from common.offsite.split import uniform_keep
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import get_blocks, num_blocks
+from privtune.common.offsite import OffsiteConfig, build_emulator_model, split_indices
+from privtune.common.offsite.split import uniform_keep
 from tests.common.offsite.conftest import tiny, token_blocks
 
 

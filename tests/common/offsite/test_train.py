@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.errors import PrivtuneError
-from common.offsite import EmulatorPackage, OffsiteConfig, TrainConfig, adapter_state, train_adapter
-from common.offsite.train import shuffled_batches
+from privtune.common.errors import PrivtuneError
+from privtune.common.offsite import EmulatorPackage, OffsiteConfig, TrainConfig, adapter_state, train_adapter
+from privtune.common.offsite.train import shuffled_batches
 from tests.common.offsite.conftest import tiny, token_blocks
 
 CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora")
@@ -56,8 +56,8 @@ def test_shuffled_batches_cover_each_epoch_and_resume_identically():
 def test_bad_settings_are_refused():
     with pytest.raises(PrivtuneError, match="dtype"):
         TrainConfig(dtype="fp16")
-    from common.offsite.distill import DistillConfig
-    from common.ult.pretrain import PretrainConfig
+    from privtune.common.offsite.distill import DistillConfig
+    from privtune.common.ult.pretrain import PretrainConfig
 
     for config, what in ((TrainConfig, "training"), (DistillConfig, "distillation"), (PretrainConfig, "pretraining")):
         for bad in ({"steps": -1}, {"batch_size": 0}, {"lr": 0.0}):

@@ -7,15 +7,15 @@ import mpmath
 import numpy as np
 import pytest
 
-from common.errors import PrivtuneError
-from common.pmixed.accountant import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.pmixed.accountant import (
     PMixedBudget,
     epsilon_spent,
     per_query_rdp,
     rdp_budget_total,
     rdp_to_epsilon,
 )
-from common.pmixed.projection import project
+from privtune.common.pmixed.projection import project
 
 DEFAULTS = dict(epsilon=8.0, delta=1e-5, alpha=3, T=1024, q=0.03, n_members=80)
 BUDGETS = [

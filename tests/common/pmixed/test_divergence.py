@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
+from privtune.common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
 
 
 def _mp_renyi(p, q, alpha):

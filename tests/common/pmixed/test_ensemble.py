@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import PrivtuneError
-from common.models import TinySpec, tiny_model
-from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
-from common.offsite.adapter import embedding_tensors
-from common.pmixed import PMixedBudget, mixture_distribution, project
-from common.pmixed.ensemble import Ensemble, MemberAdapter
-from common.ult.relabel import relabel_model
+from privtune.common.errors import PrivtuneError
+from privtune.common.models import TinySpec, tiny_model
+from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
+from privtune.common.offsite.adapter import embedding_tensors
+from privtune.common.pmixed import PMixedBudget, mixture_distribution, project
+from privtune.common.pmixed.ensemble import Ensemble, MemberAdapter
+from privtune.common.ult.relabel import relabel_model
 
 
 def tiny(family: str) -> torch.nn.Module:

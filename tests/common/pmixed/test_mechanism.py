@@ -8,10 +8,10 @@ import pytest
 import torch
 from scipy import stats
 
-from common.pmixed.accountant import PMixedBudget
-from common.pmixed.mechanism import TokenRelease, mixture_distribution, next_token, sample_token
-from common.pmixed.projection import project
-from common.pmixed.subsample import secure_rng
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.mechanism import TokenRelease, mixture_distribution, next_token, sample_token
+from privtune.common.pmixed.projection import project
+from privtune.common.pmixed.subsample import secure_rng
 
 SIGNIFICANCE = 1e-3  # each chi-square test below rejects a correct sampler with this probability
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.pmixed.projection import DEFAULT_TOL, FEASIBILITY_SLACK, project
+from privtune.common.pmixed.projection import DEFAULT_TOL, FEASIBILITY_SLACK, project
 
 
 def _direct_constraint(lam, p, p0, alpha):

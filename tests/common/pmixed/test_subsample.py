@@ -3,7 +3,7 @@
 import numpy as np
 from scipy import stats
 
-from common.pmixed.subsample import poisson_subsample, secure_rng
+from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 N, Q, DRAWS = 80, 0.03, 20000
 ALPHA = 1e-3  # family-wise significance of each statistical test below (Bonferroni inside)

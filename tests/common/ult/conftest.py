@@ -6,7 +6,7 @@ import functools
 
 import pytest
 
-from common.ult import UltConfig, UltKey, UltTokenizer, bind_key, build_table
+from privtune.common.ult import UltConfig, UltKey, UltTokenizer, bind_key, build_table
 
 ENGLISH = """To be, or not to be, that is the question:
 Whether 'tis nobler in the mind to suffer

@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.ult.bwt import END, bwt_batch, inverse_bwt_batch
+from privtune.common.ult.bwt import END, bwt_batch, inverse_bwt_batch
 
 
 def naive_bwt(patch: list[int]) -> list[int]:

@@ -1,7 +1,7 @@
 import pytest
 
-from common.cli import main
-from common.ult import load_table
+from privtune.cli import main
+from privtune.common.ult import load_table
 
 from .conftest import ENGLISH
 
@@ -36,7 +36,7 @@ def test_build_encode_decode_round_trip_byte_for_byte(files, capsys):
 
 
 def test_long_files_stream_in_chunks(files, monkeypatch):
-    import common.ult.cli as ult_cli
+    import privtune.common.ult.cli as ult_cli
 
     monkeypatch.setattr(ult_cli, "_PATCHES_PER_LINE", 3)
     monkeypatch.setattr(ult_cli, "_DECODE_BATCH_IDS", 50)

@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from common.ult import UltTokenizer, bind_key, new_key_file, permuted_rows, save_table, table_fingerprints
+from privtune.common.ult import UltTokenizer, bind_key, new_key_file, permuted_rows, save_table, table_fingerprints
 
 from .conftest import ENGLISH, english_table
 

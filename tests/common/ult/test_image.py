@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from common.ult import DctImageCodec, SymbolMapper, UltConfig, build_symbol_table
+from privtune.common.ult import DctImageCodec, SymbolMapper, UltConfig, build_symbol_table
 
 from .conftest import KEY
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from common.errors import PrivtuneError
-from common.ult import (
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult import (
     UltConfig,
     UltKey,
     UltTokenizer,

@@ -3,9 +3,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.ult import SymbolMapper, UltConfig, build_symbol_table
-from common.ult.config import CONTINUE_DIGIT_ID, ESCAPE_ID, FINAL_DIGIT_ID, SEP_ID
-from common.ult.mapping import INVALID_MARK, SEP_MARK
+from privtune.common.ult import SymbolMapper, UltConfig, build_symbol_table
+from privtune.common.ult.config import CONTINUE_DIGIT_ID, ESCAPE_ID, FINAL_DIGIT_ID, SEP_ID
+from privtune.common.ult.mapping import INVALID_MARK, SEP_MARK
 
 from .conftest import KEY
 

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from common.ult import MuLawCodec, SymbolMapper, UltConfig, build_symbol_table
-from common.ult.config import ESCAPE_ID
-from common.ult.numeric import unzigzag, zigzag
+from privtune.common.ult import MuLawCodec, SymbolMapper, UltConfig, build_symbol_table
+from privtune.common.ult.config import ESCAPE_ID
+from privtune.common.ult.numeric import unzigzag, zigzag
 
 from .conftest import KEY
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.corpus import Document
-from common.errors import PrivtuneError
-from common.models import TinySpec, tiny_model
-from common.packing import pack
-from common.ult import UltConfig, UltTokenizer, build_table, permuted_rows
-from common.ult.config import BOS_ID, EOS_ID, PAD_ID
-from common.ult.pretrain import PretrainConfig, pretrain_ult, resize_for_ult
+from privtune.common.corpus import Document
+from privtune.common.errors import PrivtuneError
+from privtune.common.models import TinySpec, tiny_model
+from privtune.common.packing import pack
+from privtune.common.ult import UltConfig, UltTokenizer, build_table, permuted_rows
+from privtune.common.ult.config import BOS_ID, EOS_ID, PAD_ID
+from privtune.common.ult.pretrain import PretrainConfig, pretrain_ult, resize_for_ult
 
 from .conftest import ENGLISH, KEY
 

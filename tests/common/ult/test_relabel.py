@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from common.cli import main
-from common.errors import PrivtuneError
-from common.models import LoadedModel, TinySpec, save_model, tiny_model
-from common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
-from common.ult import UltTokenizer, bind_key, new_key_file, permuted_rows, save_table
-from common.ult.relabel import load_keyed_public, relabel_model, relabel_state, save_keyed_public
+from privtune.cli import main
+from privtune.common.errors import PrivtuneError
+from privtune.common.models import LoadedModel, TinySpec, save_model, tiny_model
+from privtune.common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, embedding_tensors
+from privtune.common.ult import UltTokenizer, bind_key, new_key_file, permuted_rows, save_table
+from privtune.common.ult.relabel import load_keyed_public, relabel_model, relabel_state, save_keyed_public
 
 from .conftest import ENGLISH, KEY, english_table
 

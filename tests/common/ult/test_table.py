@@ -4,11 +4,11 @@ from itertools import groupby
 
 import pytest
 
-import common.ult.table as table_module
-from common.errors import PrivtuneError
-from common.ult import LookupTable, UltConfig, bind_key, build_table, load_table, save_table
-from common.ult.bwt import END
-from common.ult.text import run_code, run_of
+import privtune.common.ult.table as table_module
+from privtune.common.errors import PrivtuneError
+from privtune.common.ult import LookupTable, UltConfig, bind_key, build_table, load_table, save_table
+from privtune.common.ult.bwt import END
+from privtune.common.ult.text import run_code, run_of
 
 from .conftest import ENGLISH, KEY
 from .test_bwt import naive_bwt

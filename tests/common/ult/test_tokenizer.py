@@ -2,9 +2,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import PrivtuneError, WrongKeyError
-from common.ult import UltConfig, UltTokenizer, bind_key, build_table
-from common.ult.config import BOS_ID, CONTINUE_DIGIT_ID, EOS_ID, ESCAPE_ID, FINAL_DIGIT_ID, PAD_ID, SEP_ID
+from privtune.common.errors import PrivtuneError, WrongKeyError
+from privtune.common.ult import UltConfig, UltTokenizer, bind_key, build_table
+from privtune.common.ult.config import BOS_ID, CONTINUE_DIGIT_ID, EOS_ID, ESCAPE_ID, FINAL_DIGIT_ID, PAD_ID, SEP_ID
 
 from .conftest import ENGLISH, KEY, OTHER_KEY, english_table, tokenizer
 
@@ -156,7 +156,7 @@ def test_wrong_key_is_refused_and_would_decode_to_garbage():
 
 
 def test_tokenizer_refuses_non_text_tables():
-    from common.ult import MuLawCodec, build_symbol_table
+    from privtune.common.ult import MuLawCodec, build_symbol_table
 
     codec = MuLawCodec()
     table = build_symbol_table([codec.encode([0.1, 0.2])], UltConfig(vocab_size=512), "numeric", codec.params())

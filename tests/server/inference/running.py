@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from common.models import load_model
-from common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter, save_adapter
-from common.pmixed import PMixedBudget
+from privtune.common.models import load_model
+from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter, save_adapter
+from privtune.common.pmixed import PMixedBudget
 
 MODEL = "tiny-llama"
 
@@ -46,7 +46,7 @@ class Running:
 def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5,
                     extra: tuple[str, ...] = ()) -> Iterator[Running]:
     """What ``privtune serve --model tiny-llama --adapters ... --port 0 EXTRA`` starts, on a 2-CPU Ray."""
-    from server.inference import cli
+    from privtune.server.inference import cli
 
     adapters = make_adapters(folder / "adapters")
     parser = argparse.ArgumentParser()

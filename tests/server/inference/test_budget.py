@@ -6,12 +6,12 @@ import multiprocessing
 
 import pytest
 
-from common.errors import BudgetExceededError, PrivtuneError
-from common.ledger import Ledger
-from common.pmixed import PMixedBudget
-from server.inference.budget import BudgetKeeper
-from server.inference.members import ServedModel
-from server.inference.replica import Replica, ReplicaConfig
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.ledger import Ledger
+from privtune.common.pmixed import PMixedBudget
+from privtune.server.inference.budget import BudgetKeeper
+from privtune.server.inference.members import ServedModel
+from privtune.server.inference.replica import Replica, ReplicaConfig
 from tests.server.inference.running import MODEL, make_adapters
 
 BUDGET = PMixedBudget(epsilon=6.0, delta=1e-5, alpha=3, T=10, q=0.3, n_members=4)

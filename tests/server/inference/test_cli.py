@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 
-from common.errors import PrivtuneError
-from server.inference import cli
+from privtune.common.errors import PrivtuneError
+from privtune.server.inference import cli
 from tests.server.inference.running import MODEL, make_adapters
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import PrivtuneError
-from server.inference.members import from_arguments, from_run_folder
-from server.run_folder import RunFolder
+from privtune.common.errors import PrivtuneError
+from privtune.server.inference.members import from_arguments, from_run_folder
+from privtune.server.run_folder import RunFolder
 from tests.server.inference.running import MODEL, make_adapters
 
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from common.proto_gen.generate import ROOT, VIRTUAL_ROOT, generate
-from common.proto_gen.privtune.v1 import inference_pb2 as pb
+from privtune.common.proto_gen.generate import STUBS, generate
+from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
 
 
 def test_committed_stubs_are_up_to_date(tmp_path):
     for fresh in generate(tmp_path):
-        committed = ROOT / fresh.relative_to(tmp_path)
+        committed = STUBS / fresh.relative_to(tmp_path)
         assert committed.read_bytes() == fresh.read_bytes(), f"{committed} is stale: run 'make protos'"
-    assert (ROOT / VIRTUAL_ROOT / "privtune" / "v1" / "inference_pb2_grpc.py").exists()
+    assert (STUBS / "privtune" / "v1" / "inference_pb2_grpc.py").exists()
 
 
 def test_the_api_never_carries_a_distribution():
@@ -36,4 +36,4 @@ def test_the_api_never_carries_a_distribution():
             if field.type in floats:
                 assert message.name == "BudgetStatusResponse", (message.name, field.name)
     assert pb.DESCRIPTOR.package == "privtune.v1"
-    assert Path(pb.__file__).parent == ROOT / VIRTUAL_ROOT / "privtune" / "v1"
+    assert Path(pb.__file__).parent == STUBS / "privtune" / "v1"

@@ -8,12 +8,12 @@ import time
 import grpc
 import pytest
 
-from client.query import InferenceClient
-from common.cli import main as privtune
-from common.errors import BudgetExceededError
-from common.ledger import RELATIVE_TOLERANCE, Ledger
-from common.proto_gen.privtune.v1 import inference_pb2 as pb
-from common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+from privtune.client.query import InferenceClient
+from privtune.cli import main as privtune
+from privtune.common.errors import BudgetExceededError
+from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
+from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
+from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
 from tests.server.inference.running import running_service
 
 pytestmark = pytest.mark.slow

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import PrivtuneError
-from common.pmixed import PMixedBudget
-from server.inference.members import ServedModel
-from server.inference.service import PMixedService, ServiceConfig
+from privtune.common.errors import PrivtuneError
+from privtune.common.pmixed import PMixedBudget
+from privtune.server.inference.members import ServedModel
+from privtune.server.inference.service import PMixedService, ServiceConfig
 from tests.server.inference.running import make_adapters
 
 pytestmark = pytest.mark.slow

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from client.query import InferenceClient
-from common.errors import PrivtuneError
-from server.inference import cli
+from privtune.client.query import InferenceClient
+from privtune.common.errors import PrivtuneError
+from privtune.server.inference import cli
 from tests.deploy.conftest import make_certs
 from tests.server.inference.running import running_service
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from common.proto_gen.privtune.v1 import inference_pb2 as common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2
+from privtune.common.proto_gen.privtune.v1 import inference_pb2 as privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in common/proto_gen/privtune/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in privtune/common/proto_gen/privtune/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class InferenceStub:
         """
         self.NextToken = channel.unary_unary(
                 '/privtune.v1.Inference/NextToken',
-                request_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.SerializeToString,
-                response_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
+                request_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.SerializeToString,
+                response_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/privtune.v1.Inference/Generate',
-                request_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
+                request_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
                 _registered_method=True)
         self.BudgetStatus = channel.unary_unary(
                 '/privtune.v1.Inference/BudgetStatus',
-                request_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.SerializeToString,
-                response_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.FromString,
+                request_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.SerializeToString,
+                response_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/privtune.v1.Inference/Health',
-                request_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
-                response_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+                request_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+                response_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -94,23 +94,23 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'NextToken': grpc.unary_unary_rpc_method_handler(
                     servicer.NextToken,
-                    request_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.FromString,
-                    response_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.SerializeToString,
+                    request_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.FromString,
+                    response_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.SerializeToString,
+                    request_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.SerializeToString,
             ),
             'BudgetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.BudgetStatus,
-                    request_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.FromString,
-                    response_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.SerializeToString,
+                    request_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.FromString,
+                    response_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.FromString,
-                    response_serializer=common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.FromString,
+                    response_serializer=privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,8 +138,8 @@ class Inference:
             request,
             target,
             '/privtune.v1.Inference/NextToken',
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.SerializeToString,
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.NextTokenRequest.SerializeToString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
             options,
             channel_credentials,
             insecure,
@@ -165,8 +165,8 @@ class Inference:
             request,
             target,
             '/privtune.v1.Inference/Generate',
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.Token.FromString,
             options,
             channel_credentials,
             insecure,
@@ -192,8 +192,8 @@ class Inference:
             request,
             target,
             '/privtune.v1.Inference/BudgetStatus',
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.SerializeToString,
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.FromString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusRequest.SerializeToString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.BudgetStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -219,8 +219,8 @@ class Inference:
             request,
             target,
             '/privtune.v1.Inference/Health',
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
-            common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.FromString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthRequest.SerializeToString,
+            privtune_dot_common_dot_proto__gen_dot_privtune_dot_v1_dot_inference__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from common.errors import PrivtuneError
+from privtune.common.errors import PrivtuneError
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,16 @@ class Command:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("demo", "server.demo", "run the whole pipeline on the embedded defaults"),
-    Command("prepare", "server.prepare", "model owner: build (and distil) an emulator package"),
-    Command("evaluate", "server.evaluate", "perplexity table: zero-shot / emulator / plug-in / full FT"),
-    Command("simulate", "server.simulate", "run a simulated federation (Flower Simulation Engine)"),
-    Command("serve", "server.inference.cli", "start the PMixED private next-token service on Ray"),
-    Command("query", "client.query", "query the private next-token service over gRPC"),
-    Command("ult", "common.ult.cli", "build ULT tables, encode and decode files"),
-    Command("ldp", "common.ldp.cli", "locally perturb text with the exponential mechanism"),
-    Command("ledger", "common.ledger_cli", "show a privacy ledger as a report"),
-    Command("models", "common.models_cli", "load/convert a model source and show what it is"),
+    Command("demo", "privtune.demo", "run the whole pipeline on the embedded defaults"),
+    Command("prepare", "privtune.server.prepare", "model owner: build (and distil) an emulator package"),
+    Command("evaluate", "privtune.server.evaluate", "perplexity table: zero-shot / emulator / plug-in / full FT"),
+    Command("simulate", "privtune.simulate", "run a simulated federation (Flower Simulation Engine)"),
+    Command("serve", "privtune.server.inference.cli", "start the PMixED private next-token service on Ray"),
+    Command("query", "privtune.client.query", "query the private next-token service over gRPC"),
+    Command("ult", "privtune.common.ult.cli", "build ULT tables, encode and decode files"),
+    Command("ldp", "privtune.common.ldp.cli", "locally perturb text with the exponential mechanism"),
+    Command("ledger", "privtune.common.ledger_cli", "show a privacy ledger as a report"),
+    Command("models", "privtune.common.models_cli", "load/convert a model source and show what it is"),
 )
 
 

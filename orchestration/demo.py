@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common.federation.config import FederationConfig
+from privtune.common.federation.config import FederationConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +28,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from common.ledger import Ledger
-    from common.models import ULT_TABLE_FILE
-    from server.demo_model import demo_model
-    from server.demo_serving import serve_and_sample
-    from server.simulate import federation_key_path, simulate
+    from privtune.common.ledger import Ledger
+    from privtune.common.models import ULT_TABLE_FILE
+    from privtune.demo_model import demo_model
+    from privtune.demo_serving import serve_and_sample
+    from privtune.simulate import federation_key_path, simulate
 
     model = demo_model()
     out = Path(args.out)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common.federation.config import FederationConfig
+from privtune.common.federation.config import FederationConfig
 
 
 def write_simulation_outputs(cfg: FederationConfig, out: Path, owners: int) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def write_simulation_outputs(cfg: FederationConfig, out: Path, owners: int) -> d
     for i in range(owners):
         ledger_path = out / "owners" / f"owner-{i}" / "ledger.sqlite"
         if ledger_path.exists():
-            from common.ledger import Ledger
+            from privtune.common.ledger import Ledger
 
             privacy[f"owner-{i}"] = Ledger(ledger_path, create=False).report()
         else:

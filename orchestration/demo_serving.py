@@ -26,11 +26,11 @@ class DemoServing:
 
 
 def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: DemoServing = DemoServing()) -> None:
-    from client.query import InferenceClient, print_status, sample
-    from common.models import load_model
-    from common.ult.relabel import key_rows, save_keyed_public
-    from common.ult.tokenizer import UltTokenizer
-    from server.inference import cli as serve_cli
+    from privtune.client.query import InferenceClient, print_status, sample
+    from privtune.common.models import load_model
+    from privtune.common.ult.relabel import key_rows, save_keyed_public
+    from privtune.common.ult.tokenizer import UltTokenizer
+    from privtune.server.inference import cli as serve_cli
 
     keyed_p0 = save_keyed_public(load_model(str(model)).model, key_rows(table, key), run / "keyed-p0.safetensors")
     parser = argparse.ArgumentParser()

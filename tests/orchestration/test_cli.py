@@ -1,11 +1,11 @@
 import subprocess
 import sys
 
-from common.cli import COMMANDS, main
+from privtune.cli import COMMANDS, main
 
 
 def test_help_lists_every_subcommand():
-    out = subprocess.run([sys.executable, "-m", "common.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "privtune.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for command in COMMANDS:
         assert command.name in out.stdout

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.federation.config import FederationConfig
+from privtune.common.federation.config import FederationConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    from common.errors import PrivtuneError
+    from privtune.common.errors import PrivtuneError
 
     values = {}
     for pair in pairs:
@@ -68,14 +68,14 @@ def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes:
 
     import torch
 
-    from client.data import HELDOUT_FRACTION, MAX_EVAL_BLOCKS
-    from client.site import cap_characters
-    from common.corpus import private_partitions
-    from common.errors import PrivtuneError
-    from common.models import ULT_TABLE_FILE
-    from common.packing import holdout_split, pack
-    from common.ult.keys import new_key_file
-    from common.ult.tokenizer import UltTokenizer
+    from privtune.client.data import HELDOUT_FRACTION, MAX_EVAL_BLOCKS
+    from privtune.client.site import cap_characters
+    from privtune.common.corpus import private_partitions
+    from privtune.common.errors import PrivtuneError
+    from privtune.common.models import ULT_TABLE_FILE
+    from privtune.common.packing import holdout_split, pack
+    from privtune.common.ult.keys import new_key_file
+    from privtune.common.ult.tokenizer import UltTokenizer
 
     table = Path(cfg.model) / ULT_TABLE_FILE
     if not table.exists():
@@ -101,9 +101,9 @@ def simulate(cfg: FederationConfig, owners: int, out: Path, node_overrides: dict
     """Run the federation in simulation; returns the metrics written to ``out/metrics.json``."""
     from flwr.simulation import run_simulation
 
-    from client.app import build_app as build_client
-    from server.app import build_app as build_server
-    from server.simulation_report import write_simulation_outputs
+    from privtune.client.app import build_app as build_client
+    from privtune.server.app import build_app as build_server
+    from privtune.report import write_simulation_outputs
 
     out.mkdir(parents=True, exist_ok=True)
     nodes = {i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)}
@@ -124,10 +124,10 @@ def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any]
     emulator perplexities on the keyed held-out ids (see server.run_evaluation)."""
     import torch
 
-    from common.models import load_model
-    from common.ult.relabel import key_rows
-    from server.run_evaluation import evaluate_run
-    from server.run_folder import strict_json
+    from privtune.common.models import load_model
+    from privtune.common.ult.relabel import key_rows
+    from privtune.server.run_evaluation import evaluate_run
+    from privtune.server.run_folder import strict_json
 
     rows = key_rows(node["ult-table"], node["ult-key"])
     table = evaluate_run(Path(cfg.run_dir), load_model(cfg.model).model, torch.load(cfg.eval_ids, weights_only=True),

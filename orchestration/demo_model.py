@@ -12,13 +12,13 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common.corpus import public_corpus
-from common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_model, tiny_model
-from common.paths import cache_dir
-from common.ult.config import UltConfig
-from common.ult.pretrain import PretrainConfig, pretrain_ult
-from common.ult.table import build_table
-from common.ult.tokenizer import UltTokenizer
+from privtune.common.corpus import public_corpus
+from privtune.common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_model, tiny_model
+from privtune.common.paths import cache_dir
+from privtune.common.ult.config import UltConfig
+from privtune.common.ult.pretrain import PretrainConfig, pretrain_ult
+from privtune.common.ult.table import build_table
+from privtune.common.ult.tokenizer import UltTokenizer
 
 
 @dataclass(frozen=True)
