@@ -14,10 +14,6 @@ LAYERS = {
     "privtune.common": "common",
 }
 
-packages = [
-    f"{name}.{sub}" if sub else name
-    for name, folder in LAYERS.items()
-    for sub in ["", *find_packages(folder)]
-]
+packages = [f"{name}.{sub}" if sub else name for name, folder in LAYERS.items() for sub in ["", *find_packages(folder)]]
 
 setup(package_dir=LAYERS, packages=packages, package_data={"privtune.common": ["proto_gen/**/*.pyi"]})

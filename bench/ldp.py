@@ -78,8 +78,10 @@ def measure(space: EmbeddingSpace, ids: torch.Tensor, naive_prefix: int) -> dict
     fast = median_time(lambda: mechanism.sample(ids, generator), repeats=3, warmup=1)
     slow = median_time(lambda: naive(space, ids[:naive_prefix], generator), repeats=1, warmup=0)
     return {
-        "tokens": len(ids), "distinct": int(torch.unique(ids).numel()),
-        "tokens_per_s": len(ids) / fast, "naive_tokens_per_s": naive_prefix / slow,
+        "tokens": len(ids),
+        "distinct": int(torch.unique(ids).numel()),
+        "tokens_per_s": len(ids) / fast,
+        "naive_tokens_per_s": naive_prefix / slow,
         "speedup_vs_naive": (len(ids) / fast) / (naive_prefix / slow),
         "peak_growth_mb": peak_growth_mb(lambda: mechanism.sample(ids, generator)),
     }
@@ -107,32 +109,51 @@ def main() -> None:
     start = time.perf_counter()
     greedy_cells(smollm2.points.to(torch.float32), 20, int(MEMORY_CAP_MB) << 20)
     partition_s = time.perf_counter() - start
-    print_table(f"SanText, epsilon {EPSILON}, memory cap {MEMORY_CAP_MB:g} MB (medians; naive on a prefix)",
-                ["embedding", "tokens", "distinct", "tokens/s", "naive tokens/s", "speedup", "peak growth MB"], rows)
-    print(f"\nCusText (k=20) on SmolLM2, real text: {len(ids) / custext_s:,.0f} tokens/s; "
-          f"exact SmolLM2 diameter (pruned search): {diameter_s:.2f} s; CusText partition: {partition_s:.1f} s (both cached)")
+    print_table(
+        f"SanText, epsilon {EPSILON}, memory cap {MEMORY_CAP_MB:g} MB (medians; naive on a prefix)",
+        ["embedding", "tokens", "distinct", "tokens/s", "naive tokens/s", "speedup", "peak growth MB"],
+        rows,
+    )
+    print(
+        f"\nCusText (k=20) on SmolLM2, real text: {len(ids) / custext_s:,.0f} tokens/s; "
+        f"exact SmolLM2 diameter (pruned search): {diameter_s:.2f} s; CusText partition: {partition_s:.1f} s "
+        "(both cached)"
+    )
 
     cases = list(figures)
-    write_results("ldp", {
-        "tokens_per_s": {k: figures[k]["tokens_per_s"] for k in cases},
-        "naive_tokens_per_s": {k: figures[k]["naive_tokens_per_s"] for k in cases},
-        "speedup_vs_naive": {k: figures[k]["speedup_vs_naive"] for k in cases},
-        "peak_growth_mb": {k: figures[k]["peak_growth_mb"] for k in cases},
-        "inputs": {k: {"tokens": figures[k]["tokens"], "distinct": figures[k]["distinct"]} for k in cases},
-        "custext_smollm2_tokens_per_s": len(ids) / custext_s,
-        "smollm2_diameter_s": diameter_s,
-        "smollm2_custext_partition_s": partition_s,
-        "peak_rss_mb": peak_rss_mb(),
-        "settings": {"epsilon": EPSILON, "width": WIDTH, "memory_cap_mb": MEMORY_CAP_MB,
-                     "input": "Zipf(1.2) ranks over a random permutation (random embeddings); "
-                              "the shared seed READMEs tokenised by SmolLM2 (real)"},
-    })
+    write_results(
+        "ldp",
+        {
+            "tokens_per_s": {k: figures[k]["tokens_per_s"] for k in cases},
+            "naive_tokens_per_s": {k: figures[k]["naive_tokens_per_s"] for k in cases},
+            "speedup_vs_naive": {k: figures[k]["speedup_vs_naive"] for k in cases},
+            "peak_growth_mb": {k: figures[k]["peak_growth_mb"] for k in cases},
+            "inputs": {k: {"tokens": figures[k]["tokens"], "distinct": figures[k]["distinct"]} for k in cases},
+            "custext_smollm2_tokens_per_s": len(ids) / custext_s,
+            "smollm2_diameter_s": diameter_s,
+            "smollm2_custext_partition_s": partition_s,
+            "peak_rss_mb": peak_rss_mb(),
+            "settings": {
+                "epsilon": EPSILON,
+                "width": WIDTH,
+                "memory_cap_mb": MEMORY_CAP_MB,
+                "input": "Zipf(1.2) ranks over a random permutation (random embeddings); "
+                "the shared seed READMEs tokenised by SmolLM2 (real)",
+            },
+        },
+    )
 
 
 def _row(f: dict) -> list:
     growth = "-" if f["peak_growth_mb"] is None else f"{f['peak_growth_mb']:.0f}"
-    return [f["tokens"], f["distinct"], f"{f['tokens_per_s']:,.0f}", f"{f['naive_tokens_per_s']:,.1f}",
-            f"{f['speedup_vs_naive']:.1f}x", growth]
+    return [
+        f["tokens"],
+        f["distinct"],
+        f"{f['tokens_per_s']:,.0f}",
+        f"{f['naive_tokens_per_s']:,.1f}",
+        f"{f['speedup_vs_naive']:.1f}x",
+        growth,
+    ]
 
 
 if __name__ == "__main__":

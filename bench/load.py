@@ -33,8 +33,9 @@ print(json.dumps({{"import_s": t1 - t0, "load_s": t2 - t1,
 
 def probe(source: str, cache: str) -> dict:
     env = dict(os.environ, PRIVTUNE_CACHE=cache)
-    out = subprocess.run([sys.executable, "-c", PROBE.format(source=source)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(source=source)], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -55,13 +56,23 @@ def main() -> None:
             "cold_vs_cached_ratio": cold["load_s"] / statistics.median(r["load_s"] for r in cached),
         }
         rows.append(["smollm2", "cold (convert GGUF)", cold["load_s"], cold["peak_rss_mb"]])
-        rows.append(["smollm2", f"cached (median of {repeats})", figures["smollm2"]["cached_s"],
-                      figures["smollm2"]["peak_rss_mb_cached"]])
+        rows.append(
+            [
+                "smollm2",
+                f"cached (median of {repeats})",
+                figures["smollm2"]["cached_s"],
+                figures["smollm2"]["peak_rss_mb_cached"],
+            ]
+        )
         for source in ("tiny-gpt2", "tiny-llama", "tiny-opt"):
             runs = [probe(source, cache) for _ in range(repeats)]
-            figures[source] = {"load_s": statistics.median(r["load_s"] for r in runs),
-                               "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
-            rows.append([source, f"in process (median of {repeats})", figures[source]["load_s"], figures[source]["peak_rss_mb"]])
+            figures[source] = {
+                "load_s": statistics.median(r["load_s"] for r in runs),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            }
+            rows.append(
+                [source, f"in process (median of {repeats})", figures[source]["load_s"], figures[source]["peak_rss_mb"]]
+            )
     print_table("model loading (load_model only; imports excluded)", ["source", "case", "seconds", "peak RSS MB"], rows)
     write_results("load", figures)
 

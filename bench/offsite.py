@@ -87,18 +87,43 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
     batches = shuffled_batches(blocks, args.batch_size, seed=0)
     cfg = TrainConfig(steps=1, batch_size=args.batch_size, lr=lr)
-    times = [train_adapter(model, blocks, cfg, optimizer=optimizer, batches=batches, progress=False).seconds
-             for _ in range(args.timed_steps + 1)]
-    print(json.dumps({
-        "step_seconds": times[1:], "warmup_seconds": times[0], "peak_rss_mb": peak_rss_mb(), "rss_after_load_mb": rss_loaded,
-        "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
-    }))
+    times = [
+        train_adapter(model, blocks, cfg, optimizer=optimizer, batches=batches, progress=False).seconds
+        for _ in range(args.timed_steps + 1)
+    ]
+    print(
+        json.dumps(
+            {
+                "step_seconds": times[1:],
+                "warmup_seconds": times[0],
+                "peak_rss_mb": peak_rss_mb(),
+                "rss_after_load_mb": rss_loaded,
+                "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
+            }
+        )
+    )
 
 
 def run_worker(kind: str, args: argparse.Namespace, source: Path | None, blocks_file: Path) -> dict:
-    command = [sys.executable, "-m", "bench.offsite", "--worker", kind, "--blocks", str(blocks_file),
-               "--block-size", str(args.block_size), "--batch-size", str(args.batch_size),
-               "--timed-steps", str(args.timed_steps), "--lr", str(args.lr), "--lora-lr", str(args.lora_lr)]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.offsite",
+        "--worker",
+        kind,
+        "--blocks",
+        str(blocks_file),
+        "--block-size",
+        str(args.block_size),
+        "--batch-size",
+        str(args.batch_size),
+        "--timed-steps",
+        str(args.timed_steps),
+        "--lr",
+        str(args.lr),
+        "--lora-lr",
+        str(args.lora_lr),
+    ]
     if source is not None:
         command += ["--source", str(source)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
@@ -110,10 +135,14 @@ def run_worker(kind: str, args: argparse.Namespace, source: Path | None, blocks_
 def summarise(runs: list[dict], tokens_per_step: int) -> dict:
     steps = [s for run in runs for s in run["step_seconds"]]
     step = statistics.median(steps)
-    return {"tokens_per_s": tokens_per_step / step, "step_seconds_median": step, "step_seconds": steps,
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
-            "trainable_params": runs[0]["trainable_params"]}
+    return {
+        "tokens_per_s": tokens_per_step / step,
+        "step_seconds_median": step,
+        "step_seconds": steps,
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
+        "trainable_params": runs[0]["trainable_params"],
+    }
 
 
 # ---------------------------------------------------------------------------- analytic FLOP limit
@@ -137,9 +166,12 @@ def flop_limits(full_model, block_size: int, n_kept: int, n_adapter: int, lora_r
     lora_macs = sum(lora_r * (i + o) for i, o in map(in_out_features, layers.values()))
     adapter = train_macs_per_token(n_kept, block_macs, head_macs, n_adapter * block_macs)
     lora = train_macs_per_token(n_kept, block_macs, head_macs, n_adapter * lora_macs)
-    return {"head_share_full_forward": head_macs / (n * block_macs + head_macs),
-            "head_share_emulator_forward": head_macs / (n_kept * block_macs + head_macs),
-            "flop_ratio_adapter": full / adapter, "flop_ratio_lora": full / lora}
+    return {
+        "head_share_full_forward": head_macs / (n * block_macs + head_macs),
+        "head_share_emulator_forward": head_macs / (n_kept * block_macs + head_macs),
+        "flop_ratio_adapter": full / adapter,
+        "flop_ratio_lora": full / lora,
+    }
 
 
 # ---------------------------------------------------------------------------- the whole benchmark
@@ -151,8 +183,17 @@ def main(argv: list[str] | None = None) -> None:
     from privtune.common.corpus import public_corpus, shakespeare_works
     from privtune.common.models import load_model
     from privtune.common.offsite import (
-        DistillConfig, EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state,
-        build_emulator_model, distill_emulator, perplexity, plug_in, train_adapter,
+        DistillConfig,
+        EmulatorPackage,
+        OffsiteConfig,
+        TrainConfig,
+        adapter_manifest,
+        adapter_state,
+        build_emulator_model,
+        distill_emulator,
+        perplexity,
+        plug_in,
+        train_adapter,
     )
     from privtune.common.packing import holdout_split, pack
 
@@ -171,10 +212,21 @@ def main(argv: list[str] | None = None) -> None:
     emulator = build_emulator_model(full, cfg)
     ppl = {"zero_shot": perplexity(full, heldout, args.batch_size)}
     ppl["emulator_undistilled"] = perplexity(emulator, heldout, args.batch_size)
-    distilled = distill_emulator(full, emulator, public, DistillConfig(
-        steps=args.distill_steps, batch_size=args.batch_size, lr=args.distill_lr, warmup_steps=args.distill_steps // 10))
-    packages = {"adapter": EmulatorPackage.build(full, cfg, emulator=emulator),
-                "lora": EmulatorPackage.build(full, lora_cfg, emulator=emulator)}
+    distilled = distill_emulator(
+        full,
+        emulator,
+        public,
+        DistillConfig(
+            steps=args.distill_steps,
+            batch_size=args.batch_size,
+            lr=args.distill_lr,
+            warmup_steps=args.distill_steps // 10,
+        ),
+    )
+    packages = {
+        "adapter": EmulatorPackage.build(full, cfg, emulator=emulator),
+        "lora": EmulatorPackage.build(full, lora_cfg, emulator=emulator),
+    }
 
     with tempfile.TemporaryDirectory(prefix="bench-offsite-") as tmp:
         blocks_file = Path(tmp) / "blocks.pt"
@@ -207,48 +259,87 @@ def main(argv: list[str] | None = None) -> None:
     limits = flop_limits(full, args.block_size, n_kept=12, n_adapter=4, lora_r=lora_cfg.lora_r)
     base = cost["full"]
     print_table(
-        f"SmolLM2-135M training cost, batch {args.batch_size}x{args.block_size}, fp32, {torch.get_num_threads()} threads "
+        f"SmolLM2-135M training cost, batch {args.batch_size}x{args.block_size}, fp32, "
+        f"{torch.get_num_threads()} threads "
         f"(median of {args.rounds}x{args.timed_steps} steps; peak RSS (VmHWM) per process)",
         ["configuration", "tokens/s", "x full", "peak RSS MB", "x less", "train incr. MB", "trainable"],
-        [[label, c["tokens_per_s"], c["tokens_per_s"] / base["tokens_per_s"], c["peak_rss_mb"],
-          base["peak_rss_mb"] / c["peak_rss_mb"], c["peak_rss_mb"] - c["rss_after_load_mb"], c["trainable_params"]]
-         for label, c in (("(a) full fine-tuning", cost["full"]), ("(b) 2-8-2 emulator, 4 blocks", cost["adapter"]),
-                          ("(c) 2-8-2 emulator + LoRA r8", cost["lora"]))])
-    print(f"analytic FLOP limit: {limits['flop_ratio_adapter']:.2f}x (b), {limits['flop_ratio_lora']:.2f}x (c); "
-          f"LM head = {limits['head_share_full_forward']:.0%} of a full forward, "
-          f"{limits['head_share_emulator_forward']:.0%} of the emulator's")
-    print_table(f"perplexity on {len(heldout)}x{args.block_size} held-out Shakespeare tokens "
-                f"(distillation {args.distill_steps} steps, training {args.train_steps} steps)",
-                ["row", "perplexity"], [[k, v] for k, v in ppl.items()])
+        [
+            [
+                label,
+                c["tokens_per_s"],
+                c["tokens_per_s"] / base["tokens_per_s"],
+                c["peak_rss_mb"],
+                base["peak_rss_mb"] / c["peak_rss_mb"],
+                c["peak_rss_mb"] - c["rss_after_load_mb"],
+                c["trainable_params"],
+            ]
+            for label, c in (
+                ("(a) full fine-tuning", cost["full"]),
+                ("(b) 2-8-2 emulator, 4 blocks", cost["adapter"]),
+                ("(c) 2-8-2 emulator + LoRA r8", cost["lora"]),
+            )
+        ],
+    )
+    print(
+        f"analytic FLOP limit: {limits['flop_ratio_adapter']:.2f}x (b), {limits['flop_ratio_lora']:.2f}x (c); "
+        f"LM head = {limits['head_share_full_forward']:.0%} of a full forward, "
+        f"{limits['head_share_emulator_forward']:.0%} of the emulator's"
+    )
+    print_table(
+        f"perplexity on {len(heldout)}x{args.block_size} held-out Shakespeare tokens "
+        f"(distillation {args.distill_steps} steps, training {args.train_steps} steps)",
+        ["row", "perplexity"],
+        [[k, v] for k, v in ppl.items()],
+    )
 
-    write_results("offsite", {
-        "throughput_ratio_adapter": cost["adapter"]["tokens_per_s"] / base["tokens_per_s"],
-        "throughput_ratio_lora": cost["lora"]["tokens_per_s"] / base["tokens_per_s"],
-        "memory_ratio_adapter": base["peak_rss_mb"] / cost["adapter"]["peak_rss_mb"],
-        "memory_ratio_lora": base["peak_rss_mb"] / cost["lora"]["peak_rss_mb"],
-        "memory_increment_ratio_adapter": (base["peak_rss_mb"] - base["rss_after_load_mb"])
-        / (cost["adapter"]["peak_rss_mb"] - cost["adapter"]["rss_after_load_mb"]),
-        "memory_increment_ratio_lora": (base["peak_rss_mb"] - base["rss_after_load_mb"])
-        / (cost["lora"]["peak_rss_mb"] - cost["lora"]["rss_after_load_mb"]),
-        "ppl": ppl,
-        "cost": cost,
-        "analytic": limits,
-        "distillation": {"steps": distilled.steps, "lr": args.distill_lr, "corpus": "Milton (public)",
-                         "lm_first": distilled.lm_losses[:1], "lm_last": distilled.lm_losses[-1:],
-                         "kd_first": distilled.kd_losses[:1], "kd_last": distilled.kd_losses[-1:],
-                         "seconds": distilled.seconds},
-        "training": {k: {"mean_loss": r.mean_loss, "last_loss": r.last_loss, "seconds": r.seconds}
-                     for k, r in rows_trained.items()},
-        "settings": {"model": "smollm2 (SmolLM2-135M-Instruct, 30 blocks)", "split": "2-8-2",
-                     "batch": [args.batch_size, args.block_size], "dtype": "fp32", "timed_steps": args.timed_steps,
-                     "rounds": args.rounds, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-                     "train_steps": args.train_steps, "lr": args.lr, "lora_lr": args.lora_lr,
-                     "eval_blocks": args.eval_blocks,
-                     "memory": "VmHWM (peak RSS) of one process per configuration, median over rounds"},
-        "load_average_at_start": load_before,
-        "load_average_at_end": os.getloadavg()[0],
-        "wall_seconds": time.perf_counter() - began,
-    })
+    write_results(
+        "offsite",
+        {
+            "throughput_ratio_adapter": cost["adapter"]["tokens_per_s"] / base["tokens_per_s"],
+            "throughput_ratio_lora": cost["lora"]["tokens_per_s"] / base["tokens_per_s"],
+            "memory_ratio_adapter": base["peak_rss_mb"] / cost["adapter"]["peak_rss_mb"],
+            "memory_ratio_lora": base["peak_rss_mb"] / cost["lora"]["peak_rss_mb"],
+            "memory_increment_ratio_adapter": (base["peak_rss_mb"] - base["rss_after_load_mb"])
+            / (cost["adapter"]["peak_rss_mb"] - cost["adapter"]["rss_after_load_mb"]),
+            "memory_increment_ratio_lora": (base["peak_rss_mb"] - base["rss_after_load_mb"])
+            / (cost["lora"]["peak_rss_mb"] - cost["lora"]["rss_after_load_mb"]),
+            "ppl": ppl,
+            "cost": cost,
+            "analytic": limits,
+            "distillation": {
+                "steps": distilled.steps,
+                "lr": args.distill_lr,
+                "corpus": "Milton (public)",
+                "lm_first": distilled.lm_losses[:1],
+                "lm_last": distilled.lm_losses[-1:],
+                "kd_first": distilled.kd_losses[:1],
+                "kd_last": distilled.kd_losses[-1:],
+                "seconds": distilled.seconds,
+            },
+            "training": {
+                k: {"mean_loss": r.mean_loss, "last_loss": r.last_loss, "seconds": r.seconds}
+                for k, r in rows_trained.items()
+            },
+            "settings": {
+                "model": "smollm2 (SmolLM2-135M-Instruct, 30 blocks)",
+                "split": "2-8-2",
+                "batch": [args.batch_size, args.block_size],
+                "dtype": "fp32",
+                "timed_steps": args.timed_steps,
+                "rounds": args.rounds,
+                "distill_steps": args.distill_steps,
+                "distill_lr": args.distill_lr,
+                "train_steps": args.train_steps,
+                "lr": args.lr,
+                "lora_lr": args.lora_lr,
+                "eval_blocks": args.eval_blocks,
+                "memory": "VmHWM (peak RSS) of one process per configuration, median over rounds",
+            },
+            "load_average_at_start": load_before,
+            "load_average_at_end": os.getloadavg()[0],
+            "wall_seconds": time.perf_counter() - began,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,15 @@ from privtune.common.corpus import private_partitions, shakespeare_works
 from privtune.common.dpsgd import DpSgdConfig, train_round
 from privtune.common.families import get_blocks
 from privtune.common.models import load_model
-from privtune.common.offsite import OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter, train_adapter
+from privtune.common.offsite import (
+    OffsiteConfig,
+    TrainConfig,
+    adapter_manifest,
+    adapter_state,
+    plug_in,
+    prepare_adapter,
+    train_adapter,
+)
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.packing import holdout_split, pack
 from privtune.common.pmixed import PMixedBudget, mixture_distribution, poisson_subsample, sample_token
@@ -106,7 +114,7 @@ class Separate:
         self.seen: dict[int, int] = {}
 
     def _logits(self, row: int, n: int) -> torch.Tensor:
-        ids = torch.tensor([self.tokens[self.seen.get(row, 0):n]])
+        ids = torch.tensor([self.tokens[self.seen.get(row, 0) : n]])
         cache = self.caches.setdefault(row, DynamicCache())
         self.seen[row] = n
         return self.models[row](ids, past_key_values=cache, use_cache=True).logits[0, -1]
@@ -128,19 +136,22 @@ class Single:
         self.cache, self.seen = DynamicCache(), 0
 
     def prefill(self, members: range) -> None:
-        self.model(torch.tensor([self.tokens[:self.prompt - 1]]), past_key_values=self.cache, use_cache=True)
+        self.model(torch.tensor([self.tokens[: self.prompt - 1]]), past_key_values=self.cache, use_cache=True)
         self.seen = self.prompt - 1
 
     def probs(self, k: int, chosen: list[int]) -> torch.Tensor:
         n = self.prompt + k
-        logits = self.model(torch.tensor([self.tokens[self.seen:n]]), past_key_values=self.cache, use_cache=True).logits
+        logits = self.model(
+            torch.tensor([self.tokens[self.seen : n]]), past_key_values=self.cache, use_cache=True
+        ).logits
         self.seen = n
         return torch.softmax(logits[0, -1].to(torch.float64), dim=-1).unsqueeze(0)
 
 
 @torch.no_grad()
-def timed_steps(decoders: dict[str, object], subsets: list[list[int]], budget: PMixedBudget,
-                size: int) -> tuple[dict, dict, dict]:
+def timed_steps(
+    decoders: dict[str, object], subsets: list[list[int]], budget: PMixedBudget, size: int
+) -> tuple[dict, dict, dict]:
     """Prefill seconds, then per-token seconds of each decoder, interleaved step by step so that load
     on a shared machine hits every decoder alike."""
     prefill = {}
@@ -182,44 +193,84 @@ def speed(loaded, prompt: int, steps: int) -> dict:
         rng = np.random.default_rng(size)
         subsets = [poisson_subsample(size, q, rng).tolist() for _ in range(steps)]
         models = {PUBLIC: base, **{row: separate_model(base, members[row]) for row in range(size)}}
-        decoders = {"batched": Batched(ensemble, tokens, prompt), "separate": Separate(models, tokens, prompt),
-                    "single": Single(models[0], tokens, prompt)}
+        decoders = {
+            "batched": Batched(ensemble, tokens, prompt),
+            "separate": Separate(models, tokens, prompt),
+            "single": Single(models[0], tokens, prompt),
+        }
         prefill, times, last = timed_steps(decoders, subsets, budget, size)
         agreement = float((last["batched"] - last["separate"]).abs().max())
         if agreement > 1e-4:
             raise AssertionError(f"batched and separate forwards disagree by {agreement} at N={size}")
         single += times["single"]
         figures = {
-            "q": q, "mean_sampled": statistics.mean(len(s) for s in subsets),
+            "q": q,
+            "mean_sampled": statistics.mean(len(s) for s in subsets),
             "batched_ms_per_token": 1e3 * statistics.median(times["batched"]),
             "separate_ms_per_token": 1e3 * statistics.median(times["separate"]),
             "single_ms_per_token": 1e3 * statistics.median(times["single"]),
             "mixing_ms_per_token": 1e3 * statistics.median(times["mixing"]),
-            "batched_tokens_per_s": steps / sum(times["batched"]), "separate_tokens_per_s": steps / sum(times["separate"]),
+            "batched_tokens_per_s": steps / sum(times["batched"]),
+            "separate_tokens_per_s": steps / sum(times["separate"]),
             "single_tokens_per_s": steps / sum(times["single"]),
             "speedup": sum(times["separate"]) / sum(times["batched"]),
-            "prefill_s": prefill, "prefill_speedup": prefill["separate"] / prefill["batched"],
-            "end_to_end_speedup": (prefill["separate"] + sum(times["separate"])) / (prefill["batched"] + sum(times["batched"])),
+            "prefill_s": prefill,
+            "prefill_speedup": prefill["separate"] / prefill["batched"],
+            "end_to_end_speedup": (prefill["separate"] + sum(times["separate"]))
+            / (prefill["batched"] + sum(times["batched"])),
             "median_step_speedup": statistics.median(s / b for s, b in zip(times["separate"], times["batched"])),
             "max_prob_difference": agreement,
         }
         per_size[str(size)] = figures
-        rows.append([size, q, figures["mean_sampled"], figures["single_ms_per_token"], figures["batched_ms_per_token"],
-                     figures["mixing_ms_per_token"], figures["separate_ms_per_token"], figures["speedup"],
-                     figures["median_step_speedup"], figures["prefill_speedup"]])
-    print_table(f"PMixED decoding, {MODEL} 2-8-2 LoRA members, prompt {prompt} tokens, {steps} new tokens "
-                "after the prompt is cached for every member (median ms per token; 'of which mixing' = projection, "
-                "mixture and sampling inside batched and separate alike; separate/batched = ratio of total decode "
-                "times; per step = median of per-step ratios; prefill = ratio of prompt-caching times)",
-                ["N", "q", "mean |S|", "single", "batched", "of which mixing", "separate", "separate/batched",
-                 "per step", "prefill"], rows)
+        rows.append(
+            [
+                size,
+                q,
+                figures["mean_sampled"],
+                figures["single_ms_per_token"],
+                figures["batched_ms_per_token"],
+                figures["mixing_ms_per_token"],
+                figures["separate_ms_per_token"],
+                figures["speedup"],
+                figures["median_step_speedup"],
+                figures["prefill_speedup"],
+            ]
+        )
+    print_table(
+        f"PMixED decoding, {MODEL} 2-8-2 LoRA members, prompt {prompt} tokens, {steps} new tokens "
+        "after the prompt is cached for every member (median ms per token; 'of which mixing' = projection, "
+        "mixture and sampling inside batched and separate alike; separate/batched = ratio of total decode "
+        "times; per step = median of per-step ratios; prefill = ratio of prompt-caching times)",
+        [
+            "N",
+            "q",
+            "mean |S|",
+            "single",
+            "batched",
+            "of which mixing",
+            "separate",
+            "separate/batched",
+            "per step",
+            "prefill",
+        ],
+        rows,
+    )
     # What the members cost on top of the base model, for the largest ensemble (the last `models`).
-    held_mb = {"batched": ensemble.extra_bytes() / 2**20,
-               "separate": unique_bytes((p for m in models.values() for p in m.parameters()), base.parameters()) / 2**20}
-    print_table(f"memory held for {len(members)} members on top of the base model (MB)", ["batched", "separate", "ratio"],
-                [[held_mb["batched"], held_mb["separate"], held_mb["separate"] / held_mb["batched"]]])
-    return {"single_ms_per_token": 1e3 * statistics.median(single), "single_tokens_per_s": len(single) / sum(single),
-            "by_size": per_size, "members_memory_mb": {**held_mb, "ensemble_size": len(members)}}
+    held_mb = {
+        "batched": ensemble.extra_bytes() / 2**20,
+        "separate": unique_bytes((p for m in models.values() for p in m.parameters()), base.parameters()) / 2**20,
+    }
+    print_table(
+        f"memory held for {len(members)} members on top of the base model (MB)",
+        ["batched", "separate", "ratio"],
+        [[held_mb["batched"], held_mb["separate"], held_mb["separate"] / held_mb["batched"]]],
+    )
+    return {
+        "single_ms_per_token": 1e3 * statistics.median(single),
+        "single_tokens_per_s": len(single) / sum(single),
+        "by_size": per_size,
+        "members_memory_mb": {**held_mb, "ensemble_size": len(members)},
+    }
 
 
 # --------------------------------------------------------------------------------------- quality
@@ -232,8 +283,15 @@ def train_lora(base, blocks, steps, batch_size, lr, seed) -> tuple[dict, object]
 def train_dpsgd(base, blocks, steps, batch_size, lr, seed) -> tuple[dict, object, float, float]:
     model = prepare_adapter(copy.deepcopy(base), SPLIT, seed=seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    result = train_round(model, optimizer, blocks, batch_size=batch_size, steps=steps, seed=seed,
-                         config=DpSgdConfig(max_grad_norm=1.0, delta=DELTA, target_epsilon=EPSILON, total_steps=steps))
+    result = train_round(
+        model,
+        optimizer,
+        blocks,
+        batch_size=batch_size,
+        steps=steps,
+        seed=seed,
+        config=DpSgdConfig(max_grad_norm=1.0, delta=DELTA, target_epsilon=EPSILON, total_steps=steps),
+    )
     return adapter_state(model), adapter_manifest(model), result.epsilon, result.plan.noise_multiplier
 
 
@@ -258,8 +316,17 @@ def pmixed_perplexity(base, plugged, heldout, qs, queries) -> dict[str, float]:
     return {str(q): math.exp(total / count) for q, total in nll.items()}
 
 
-def quality(loaded, owners: int, block: int, member_steps: int, eval_blocks: int, dp_steps: int, dp_batch: int,
-            qs: tuple[float, ...], headline_q: float) -> dict:
+def quality(
+    loaded,
+    owners: int,
+    block: int,
+    member_steps: int,
+    eval_blocks: int,
+    dp_steps: int,
+    dp_batch: int,
+    qs: tuple[float, ...],
+    headline_q: float,
+) -> dict:
     base, tokenizer = loaded.model, loaded.tokenizer
     partitions = private_partitions(owners)
     splits = [holdout_split(docs, 0.1) for docs in partitions]
@@ -289,19 +356,40 @@ def quality(loaded, owners: int, block: int, member_steps: int, eval_blocks: int
     pmixed_by_q = pmixed_perplexity(base, plugged, heldout, qs, queries)
     seconds["evaluate"] = time.perf_counter() - start
     ppl["pmixed"] = pmixed_by_q[str(headline_q)]
-    print_table(f"perplexity on held-out Shakespeare ({len(heldout)} blocks x {block} tokens), epsilon {EPSILON}",
-                ["model", "perplexity"],
-                [["public (SmolLM2 as shipped)", ppl["public"]], ["fine-tuned, non-private", ppl["fine_tuned"]],
-                 [f"DP-SGD (eps {dp_epsilon:.3g}, sigma {sigma:.3g})", ppl["dpsgd"]],
-                 ["single member (mean over owners)", ppl["members_mean"]],
-                 *[[f"PMixED q={q} (N={owners}, T={queries})", pmixed_by_q[str(q)]] for q in qs]])
-    return {"ppl": ppl, "pmixed_ppl_by_q": pmixed_by_q, "dpsgd_epsilon": dp_epsilon, "dpsgd_noise_multiplier": sigma,
-            "pmixed_beta_by_q": {str(q): PMixedBudget(EPSILON, DELTA, ALPHA, queries, q, owners).beta() for q in qs},
-            "train_seconds": seconds,
-            "settings": {"owners": owners, "block_size": block, "member_steps": member_steps, "member_batch": 4,
-                         "fine_tuned_steps": member_steps * owners // 2, "dpsgd_steps": dp_steps,
-                         "dpsgd_expected_batch": dp_batch, "lr": 2e-3, "eval_blocks": len(heldout),
-                         "pmixed_queries_T": queries, "headline_q": headline_q, "alpha": ALPHA, "delta": DELTA}}
+    print_table(
+        f"perplexity on held-out Shakespeare ({len(heldout)} blocks x {block} tokens), epsilon {EPSILON}",
+        ["model", "perplexity"],
+        [
+            ["public (SmolLM2 as shipped)", ppl["public"]],
+            ["fine-tuned, non-private", ppl["fine_tuned"]],
+            [f"DP-SGD (eps {dp_epsilon:.3g}, sigma {sigma:.3g})", ppl["dpsgd"]],
+            ["single member (mean over owners)", ppl["members_mean"]],
+            *[[f"PMixED q={q} (N={owners}, T={queries})", pmixed_by_q[str(q)]] for q in qs],
+        ],
+    )
+    return {
+        "ppl": ppl,
+        "pmixed_ppl_by_q": pmixed_by_q,
+        "dpsgd_epsilon": dp_epsilon,
+        "dpsgd_noise_multiplier": sigma,
+        "pmixed_beta_by_q": {str(q): PMixedBudget(EPSILON, DELTA, ALPHA, queries, q, owners).beta() for q in qs},
+        "train_seconds": seconds,
+        "settings": {
+            "owners": owners,
+            "block_size": block,
+            "member_steps": member_steps,
+            "member_batch": 4,
+            "fine_tuned_steps": member_steps * owners // 2,
+            "dpsgd_steps": dp_steps,
+            "dpsgd_expected_batch": dp_batch,
+            "lr": 2e-3,
+            "eval_blocks": len(heldout),
+            "pmixed_queries_T": queries,
+            "headline_q": headline_q,
+            "alpha": ALPHA,
+            "delta": DELTA,
+        },
+    }
 
 
 def main() -> None:
@@ -320,21 +408,48 @@ def main() -> None:
     start = time.perf_counter()
     speed_figures = speed(loaded, args.prompt, args.steps)
     speed_seconds = time.perf_counter() - start
-    quality_figures = quality(loaded, args.owners, args.block, args.member_steps, args.eval_blocks, args.dp_steps,
-                              args.dp_batch, qs=(0.03, 0.1, 0.25), headline_q=0.1)
+    quality_figures = quality(
+        loaded,
+        args.owners,
+        args.block,
+        args.member_steps,
+        args.eval_blocks,
+        args.dp_steps,
+        args.dp_batch,
+        qs=(0.03, 0.1, 0.25),
+        headline_q=0.1,
+    )
     largest = speed_figures["by_size"][str(max(SIZES))]
-    write_results("pmixed", {
-        "model": MODEL, "split": "2-8-2 LoRA r=8 (adapter blocks 0,1,28,29 of the full model)",
-        "epsilon": EPSILON, "delta": DELTA, "alpha": ALPHA,
-        "speedup_batched_vs_separate": {size: fig["speedup"] for size, fig in speed_figures["by_size"].items()},
-        "tokens_per_s": {"single": speed_figures["single_tokens_per_s"], "batched": largest["batched_tokens_per_s"],
-                         "separate": largest["separate_tokens_per_s"], "ensemble_size": max(SIZES)},
-        "ms_per_token": {"single": speed_figures["single_ms_per_token"], "batched": largest["batched_ms_per_token"],
-                         "separate": largest["separate_ms_per_token"]},
-        "speed": {**speed_figures, "prompt_tokens": args.prompt, "new_tokens": args.steps, "speed_seconds": speed_seconds},
-        **quality_figures,
-        "peak_rss_mb": peak_rss_mb(),
-    })
+    write_results(
+        "pmixed",
+        {
+            "model": MODEL,
+            "split": "2-8-2 LoRA r=8 (adapter blocks 0,1,28,29 of the full model)",
+            "epsilon": EPSILON,
+            "delta": DELTA,
+            "alpha": ALPHA,
+            "speedup_batched_vs_separate": {size: fig["speedup"] for size, fig in speed_figures["by_size"].items()},
+            "tokens_per_s": {
+                "single": speed_figures["single_tokens_per_s"],
+                "batched": largest["batched_tokens_per_s"],
+                "separate": largest["separate_tokens_per_s"],
+                "ensemble_size": max(SIZES),
+            },
+            "ms_per_token": {
+                "single": speed_figures["single_ms_per_token"],
+                "batched": largest["batched_ms_per_token"],
+                "separate": largest["separate_ms_per_token"],
+            },
+            "speed": {
+                **speed_figures,
+                "prompt_tokens": args.prompt,
+                "new_tokens": args.steps,
+                "speed_seconds": speed_seconds,
+            },
+            **quality_figures,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+    )
 
 
 if __name__ == "__main__":

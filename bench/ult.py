@@ -143,13 +143,31 @@ def main() -> None:
         "ULT throughput (MB/s of UTF-8 text; reference = original algorithm on a slice, scaled)",
         ["stage", "privtune", "reference", "speed-up"],
         [
-            ["encode MB/s", figures["encode_mb_s"], figures["reference_encode_mb_s"], figures["speedup_vs_reference_encode"]],
-            ["decode MB/s", figures["decode_mb_s"], figures["reference_decode_mb_s"], figures["speedup_vs_reference_decode"]],
-            ["table build MB/s", figures["table_build_mb_s"], 1 / ref_build_s_per_mb, figures["speedup_vs_reference_table_build"]],
+            [
+                "encode MB/s",
+                figures["encode_mb_s"],
+                figures["reference_encode_mb_s"],
+                figures["speedup_vs_reference_encode"],
+            ],
+            [
+                "decode MB/s",
+                figures["decode_mb_s"],
+                figures["reference_decode_mb_s"],
+                figures["speedup_vs_reference_decode"],
+            ],
+            [
+                "table build MB/s",
+                figures["table_build_mb_s"],
+                1 / ref_build_s_per_mb,
+                figures["speedup_vs_reference_table_build"],
+            ],
         ],
     )
-    print_table("symbols per character", ["patch size", "symbols/char", "distinct symbols"],
-                [[s, symbols_per_char[s], distinct[s]] for s in symbols_per_char])
+    print_table(
+        "symbols per character",
+        ["patch size", "symbols/char", "distinct symbols"],
+        [[s, symbols_per_char[s], distinct[s]] for s in symbols_per_char],
+    )
     print(f"\nreference round-trips its slice: {ref_round_trip} (newlines sort below its sentinel)")
     write_results("ult", figures)
 

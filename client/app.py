@@ -11,7 +11,8 @@ goes on without this owner.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,7 +28,9 @@ log = logging.getLogger("privtune.client")
 _trainers: dict[tuple, OwnerTrainer] = {}
 
 
-def _trainer(context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> OwnerTrainer:
+def _trainer(
+    context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]
+) -> OwnerTrainer:
     """One trainer per owner and run, kept across rounds (data is loaded and perturbed once)."""
     cfg = FederationConfig.from_run_config({**dict(context.run_config), **overrides})
     node_config = dict(context.node_config)
@@ -41,29 +44,47 @@ def _trainer(context: Context, overrides: Mapping[str, Any], node_overrides: Map
     return _trainers[key]
 
 
-def handle_train(msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> Message:
+def handle_train(
+    msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]
+) -> Message:
     try:
         trainer = _trainer(context, overrides, node_overrides)
         trainer.receive_emulator(msg.content)
-        state, metrics = trainer.train_round(from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"]))
+        state, metrics = trainer.train_round(
+            from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
+        )
     except PrivtuneError as err:
         log.warning("declining to train: %s", err)
         return Message(declined(str(err)), reply_to=msg)
-    return Message(RecordDict({ARRAYS: to_arrays(state), METRICS: MetricRecord(metrics),
-                               OWNER: ConfigRecord({"name": trainer.site.owner})}), reply_to=msg)
+    return Message(
+        RecordDict(
+            {
+                ARRAYS: to_arrays(state),
+                METRICS: MetricRecord(metrics),
+                OWNER: ConfigRecord({"name": trainer.site.owner}),
+            }
+        ),
+        reply_to=msg,
+    )
 
 
-def handle_evaluate(msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]) -> Message:
+def handle_evaluate(
+    msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]
+) -> Message:
     try:
         trainer = _trainer(context, overrides, node_overrides)
         trainer.receive_emulator(msg.content)
-        metrics = trainer.evaluate(from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"]))
+        metrics = trainer.evaluate(
+            from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
+        )
     except PrivtuneError as err:
         return Message(declined(str(err)), reply_to=msg)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def build_app(overrides: Mapping[str, Any] | None = None, node_overrides: Mapping[int, Mapping[str, Any]] | None = None) -> ClientApp:
+def build_app(
+    overrides: Mapping[str, Any] | None = None, node_overrides: Mapping[int, Mapping[str, Any]] | None = None
+) -> ClientApp:
     """A ClientApp whose run config is Flower's, updated with ``overrides`` (used by
     ``privtune simulate``, whose Simulation Engine call carries no run config), and whose node
     config for partition ``i`` is updated with ``node_overrides[i]``."""

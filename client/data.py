@@ -38,15 +38,19 @@ def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
         if site.ult_table is None or site.ult_key is None:
             from privtune.common.errors import PrivtuneError
 
-            raise PrivtuneError(f"{site.owner}: encoding 'ult' needs node config ult-table and ult-key "
-                                "(the federation table and the shared federation key file)")
+            raise PrivtuneError(
+                f"{site.owner}: encoding 'ult' needs node config ult-table and ult-key "
+                "(the federation table and the shared federation key file)"
+            )
         return UltTokenizer.from_files(site.ult_table, key_file=site.ult_key)
     from privtune.common.models import load_tokenizer
 
     return load_tokenizer(cfg.model)
 
 
-def perturbed_documents(site: SiteConfig, cfg: FederationConfig, documents: list[Document]) -> tuple[list[Document], dict[str, float]]:
+def perturbed_documents(
+    site: SiteConfig, cfg: FederationConfig, documents: list[Document]
+) -> tuple[list[Document], dict[str, float]]:
     """LDP-perturbed copies of the documents, made once and cached; records the release."""
     if cfg.ldp_epsilon <= 0:
         return documents, {}
@@ -66,10 +70,14 @@ def perturbed_documents(site: SiteConfig, cfg: FederationConfig, documents: list
         text, release = perturb_text(doc.text, mechanism, ledger=ledger, document_id=doc.name)
         perturbed.append(Document(doc.name, text))
         releases.append(release)
-    privacy = {"ldp-epsilon-token": releases[0].token_epsilon,
-               "ldp-epsilon-document-max": max(r.document_epsilon for r in releases)}
+    privacy = {
+        "ldp-epsilon-token": releases[0].token_epsilon,
+        "ldp-epsilon-document-max": max(r.document_epsilon for r in releases),
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps({"documents": [{"name": d.name, "text": d.text} for d in perturbed], "privacy": privacy}))
+    cache.write_text(
+        json.dumps({"documents": [{"name": d.name, "text": d.text} for d in perturbed], "privacy": privacy})
+    )
     return perturbed, privacy
 
 

@@ -34,14 +34,17 @@ class InferenceClient:
         """``tls_ca``: PEM of the CA that signed the service's certificate (TLS); None for plaintext."""
         self.address = address
         self.timeout = timeout
-        self.channel = (grpc.insecure_channel(address) if tls_ca is None
-                        else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca)))
+        self.channel = (
+            grpc.insecure_channel(address)
+            if tls_ca is None
+            else grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca))
+        )
         self.stub = pb_grpc.InferenceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "InferenceClient":
+    def __enter__(self) -> InferenceClient:
         return self
 
     def __exit__(self, *_exc) -> None:
@@ -59,7 +62,9 @@ class InferenceClient:
         return Released(token.id, token.text, token.queries_remaining)
 
     def generate(self, prompt: str | list[int], max_new_tokens: int, stop_at_eos: bool = False) -> Iterator[Released]:
-        request = pb.GenerateRequest(prompt=self._prompt(prompt), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos)
+        request = pb.GenerateRequest(
+            prompt=self._prompt(prompt), max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos
+        )
         call = self.stub.Generate(request, timeout=self.timeout)
         try:
             with _errors(self.address):
@@ -76,8 +81,13 @@ class InferenceClient:
     def health(self) -> dict:
         with _errors(self.address):
             health = self.stub.Health(pb.HealthRequest(), timeout=self.timeout)
-        return {"status": pb.HealthResponse.Status.Name(health.status), "replicas": health.replicas,
-                "n_members": health.n_members, "model": health.model, "vocab_size": health.vocab_size}
+        return {
+            "status": pb.HealthResponse.Status.Name(health.status),
+            "replicas": health.replicas,
+            "n_members": health.n_members,
+            "model": health.model,
+            "vocab_size": health.vocab_size,
+        }
 
 
 class _errors:
@@ -96,8 +106,10 @@ class _errors:
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise PrivtuneError(details) from None
         if code == grpc.StatusCode.UNAVAILABLE:
-            raise PrivtuneError(f"cannot reach a privtune service at {self.address} ({details}); start one with "
-                                "'privtune serve', or, if it serves TLS, give the CA that signed it (--tls-ca)") from None
+            raise PrivtuneError(
+                f"cannot reach a privtune service at {self.address} ({details}); start one with "
+                "'privtune serve', or, if it serves TLS, give the CA that signed it (--tls-ca)"
+            ) from None
         raise PrivtuneError(f"the service at {self.address} failed: {code.name}: {details}") from None
 
 
@@ -108,8 +120,14 @@ class Continuation:
     queries_remaining: int
 
 
-def sample(client: InferenceClient, prompt: str, max_new_tokens: int, stop_at_eos: bool = False,
-           ult=None, echo: Callable[[str], None] | None = None) -> Continuation:
+def sample(
+    client: InferenceClient,
+    prompt: str,
+    max_new_tokens: int,
+    stop_at_eos: bool = False,
+    ult=None,
+    echo: Callable[[str], None] | None = None,
+) -> Continuation:
     """Continue ``prompt``; with a ``UltTokenizer`` the prompt is encoded and the ids decoded here.
 
     ``echo`` receives the server's text of each token as it arrives (not with ULT, whose patches
@@ -118,8 +136,9 @@ def sample(client: InferenceClient, prompt: str, max_new_tokens: int, stop_at_eo
     if max_new_tokens < 1:
         raise PrivtuneError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     request: str | list[int] = ult.encode_prompt(prompt) if ult is not None else prompt
-    tokens = ([client.next_token(request)] if max_new_tokens == 1
-              else client.generate(request, max_new_tokens, stop_at_eos))
+    tokens = (
+        [client.next_token(request)] if max_new_tokens == 1 else client.generate(request, max_new_tokens, stop_at_eos)
+    )
     ids, pieces, remaining = [], [], 0
     for token in tokens:
         ids.append(token.id)
@@ -137,18 +156,28 @@ def _echo(text: str) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default="127.0.0.1:50051", help="host:port of 'privtune serve' (default 127.0.0.1:50051)")
+    parser.add_argument(
+        "--address", default="127.0.0.1:50051", help="host:port of 'privtune serve' (default 127.0.0.1:50051)"
+    )
     parser.add_argument("--prompt", default="", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=16,
-                        help="tokens to sample; each is one query of the budget (default 16; 1 uses NextToken)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=16,
+        help="tokens to sample; each is one query of the budget (default 16; 1 uses NextToken)",
+    )
     parser.add_argument("--stop-at-eos", action="store_true", help="stop after the end-of-sequence token")
     parser.add_argument("--status", action="store_true", help="show the service's budget and health, sample nothing")
     parser.add_argument("--table", help="ULT table: encode the prompt and decode the output locally with it")
     key = parser.add_mutually_exclusive_group()
     key.add_argument("--key-file", help="the ULT key file the table was made with")
     key.add_argument("--passphrase", help="the ULT passphrase the table was made with")
-    parser.add_argument("--tls-ca", metavar="PEM", help="CA certificate the service's TLS certificate is signed by "
-                                                     "(deploy/certs/ca.crt); without it the connection is plaintext")
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="CA certificate the service's TLS certificate is signed by "
+        "(deploy/certs/ca.crt); without it the connection is plaintext",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per call (default 300)")
 
 
@@ -176,16 +205,24 @@ def run(args: argparse.Namespace) -> int:
         if ult is not None:
             sys.stdout.write(result.text)
         sys.stdout.write("\n")
-        print(f"[{len(result.ids)} token(s) privately sampled; {result.queries_remaining} queries left in the "
-              "service's budget]", file=sys.stderr)
+        print(
+            f"[{len(result.ids)} token(s) privately sampled; {result.queries_remaining} queries left in the "
+            "service's budget]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def print_status(health: dict, budget: dict) -> None:
-    print(f"service: {health['status']}, {health['replicas']} replica(s), {health['n_members']} members of "
-          f"{health['model']} (vocabulary {health['vocab_size']})")
-    print(f"budget: {budget['queries_spent']} of {budget['queries_total']} queries spent; "
-          f"({budget['epsilon']:g}, {budget['delta']:g})-DP at alpha {budget['alpha']} "
-          f"(RDP {budget['rdp_spent']:.4g} of {budget['rdp_total']:.4g}, epsilon spent so far {budget['epsilon_spent']:.4g}); "
-          f"q={budget['q']:g}, beta={budget['beta']:.4g}; ledger {budget['ledger']}"
-          + ("; EXHAUSTED" if budget["exhausted"] else ""))
+    print(
+        f"service: {health['status']}, {health['replicas']} replica(s), {health['n_members']} members of "
+        f"{health['model']} (vocabulary {health['vocab_size']})"
+    )
+    print(
+        f"budget: {budget['queries_spent']} of {budget['queries_total']} queries spent; "
+        f"({budget['epsilon']:g}, {budget['delta']:g})-DP at alpha {budget['alpha']} "
+        f"(RDP {budget['rdp_spent']:.4g} of {budget['rdp_total']:.4g}, epsilon spent so far "
+        f"{budget['epsilon_spent']:.4g}); "
+        f"q={budget['q']:g}, beta={budget['beta']:.4g}; ledger {budget['ledger']}"
+        + ("; EXHAUSTED" if budget["exhausted"] else "")
+    )

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from privtune.common.corpus import Document, local_documents, private_partitions
 from privtune.common.errors import PrivtuneError
@@ -38,11 +39,13 @@ class SiteConfig:
     dp_budget: float
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], cfg: FederationConfig) -> "SiteConfig":
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteConfig:
         partition = node_config.get("partition-id")
         owner = str(node_config.get("owner", f"owner-{partition}" if partition is not None else "owner"))
         workspace = Path(str(node_config.get("workspace", Path(cfg.run_dir) / "owners" / owner)))
-        optional = {k: Path(str(node_config[k])) if node_config.get(k) else None for k in ("data-path", "ult-table", "ult-key")}
+        optional = {
+            k: Path(str(node_config[k])) if node_config.get(k) else None for k in ("data-path", "ult-table", "ult-key")
+        }
         return cls(
             owner=owner,
             workspace=workspace,
@@ -65,8 +68,10 @@ def site_documents(site: SiteConfig, seed: int) -> list[Document]:
     if site.data_path is not None:
         return local_documents(site.data_path)
     if site.partition is None or site.num_partitions is None:
-        raise PrivtuneError(f"{site.owner}: no data-path in the node config and no partition-id to pick "
-                            "embedded data; start the SuperNode with --node-config \"data-path='/path/to/texts'\"")
+        raise PrivtuneError(
+            f"{site.owner}: no data-path in the node config and no partition-id to pick "
+            "embedded data; start the SuperNode with --node-config \"data-path='/path/to/texts'\""
+        )
     return private_partitions(site.num_partitions, seed)[site.partition]
 
 

@@ -16,7 +16,13 @@ from privtune.client.data import OwnerData, load_owner_data, owner_tokenizer
 from privtune.client.site import SiteConfig
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
-from privtune.common.federation.records import EMULATOR, EMULATOR_MANIFEST, NUM_EXAMPLES, from_arrays, manifest_from_record
+from privtune.common.federation.records import (
+    EMULATOR,
+    EMULATOR_MANIFEST,
+    NUM_EXAMPLES,
+    from_arrays,
+    manifest_from_record,
+)
 from privtune.common.offsite.adapter import adapter_state, load_adapter_state
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
@@ -39,8 +45,10 @@ class OwnerTrainer:
     def receive_emulator(self, content) -> None:
         """Take the emulator from the message if it is attached, else from the cache by hash."""
         if EMULATOR in content.array_records:
-            package = EmulatorPackage.from_parts(from_arrays(content.array_records[EMULATOR]),
-                                                 manifest_from_record(content.config_records[EMULATOR_MANIFEST]))
+            package = EmulatorPackage.from_parts(
+                from_arrays(content.array_records[EMULATOR]),
+                manifest_from_record(content.config_records[EMULATOR_MANIFEST]),
+            )
             cache_package(package, self.emulator_cache)
             self.package = package
             return
@@ -49,8 +57,10 @@ class OwnerTrainer:
             return
         self.package = load_cached(wanted, self.emulator_cache) if wanted else None
         if self.package is None:
-            raise PrivtuneError(f"{self.site.owner}: emulator {wanted[:16] or '?'} is not in the cache at "
-                                f"{self.emulator_cache}; the server will resend it next round")
+            raise PrivtuneError(
+                f"{self.site.owner}: emulator {wanted[:16] or '?'} is not in the cache at "
+                f"{self.emulator_cache}; the server will resend it next round"
+            )
 
     def data(self) -> OwnerData:
         if self._data is None:
@@ -75,11 +85,17 @@ class OwnerTrainer:
 
         return relabel_state(state, key_rows(self.site.ult_table, self.site.ult_key))
 
-    def train_round(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def train_round(
+        self, global_state: dict[str, torch.Tensor], config: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         data = self.data()
         model = self._model(global_state, config)
-        train_cfg = TrainConfig(steps=self.cfg.local_steps, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate,
-                                seed=self.cfg.seed + int(config.get("server-round", 0)))
+        train_cfg = TrainConfig(
+            steps=self.cfg.local_steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.learning_rate,
+            seed=self.cfg.seed + int(config.get("server-round", 0)),
+        )
         mu = float(config.get("proximal-mu", 0.0))
         hooks = _proximal_hooks(model, mu) if mu > 0 else []
         privacy: dict[str, float] = dict(data.ldp)
@@ -96,8 +112,13 @@ class OwnerTrainer:
                 hook.remove()
         if not math.isfinite(result.mean_loss):
             raise PrivtuneError(f"{self.site.owner}: training diverged (loss {result.mean_loss}); lower learning-rate")
-        metrics = {NUM_EXAMPLES: float(len(data.train)), "train-loss": result.mean_loss, "train-seconds": result.seconds,
-                   "train-tokens": float(result.tokens), **privacy}
+        metrics = {
+            NUM_EXAMPLES: float(len(data.train)),
+            "train-loss": result.mean_loss,
+            "train-seconds": result.seconds,
+            "train-tokens": float(result.tokens),
+            **privacy,
+        }
         return adapter_state(model), metrics
 
     def evaluate(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, float]:

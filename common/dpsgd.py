@@ -66,8 +66,9 @@ class DpSgdConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivtuneError("DP-SGD needs exactly one of noise_multiplier and target_epsilon")
         if self.target_epsilon is not None and (self.total_steps is None) == (self.total_epochs is None):
-            raise PrivtuneError("a DP-SGD target epsilon needs the planned training length: exactly one of "
-                                "total_steps and total_epochs")
+            raise PrivtuneError(
+                "a DP-SGD target epsilon needs the planned training length: exactly one of total_steps and total_epochs"
+            )
         if not self.max_grad_norm > 0:
             raise PrivtuneError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if not 0 < self.delta < 1:
@@ -121,34 +122,52 @@ def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     steps = config.total_steps if config.total_steps is not None else math.ceil(config.total_epochs / sample_rate)
-    return float(get_noise_multiplier(target_epsilon=config.target_epsilon, target_delta=config.delta,
-                                      sample_rate=sample_rate, steps=steps, accountant="rdp"))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=config.target_epsilon,
+            target_delta=config.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant="rdp",
+        )
+    )
 
 
 def history_of(records: Sequence[Record]) -> list[Step]:
     return [(r.details["noise_multiplier"], r.details["sample_rate"], r.details["steps"]) for r in records]
 
 
-def plan_round(config: DpSgdConfig, sample_rate: float, steps: int, ledger: Ledger | None = None,
-               subject: str = "") -> RoundPlan:
+def plan_round(
+    config: DpSgdConfig, sample_rate: float, steps: int, ledger: Ledger | None = None, subject: str = ""
+) -> RoundPlan:
     """What a round of ``steps`` steps at ``sample_rate`` would cost; refuses if it would exceed a budget.
 
     Raises :class:`BudgetExceededError` when the cumulative epsilon after the round would exceed
     the ledger's DP-SGD budget or the config's target. Records nothing.
     """
     if not 0 < sample_rate <= 1:
-        raise PrivtuneError(f"sample rate must be in (0, 1], got {sample_rate}; use a batch size <= the number of examples")
+        raise PrivtuneError(
+            f"sample rate must be in (0, 1], got {sample_rate}; use a batch size <= the number of examples"
+        )
     if steps < 1:
         raise PrivtuneError(f"a DP-SGD round needs at least one step, got {steps}")
     sigma = noise_multiplier_for(config, sample_rate)
     history = history_of(ledger.records("dpsgd", subject)) if ledger is not None else []
-    plan = RoundPlan(sigma, sample_rate, int(steps), config.delta, config.max_grad_norm,
-                     epsilon_for(history, config.delta), epsilon_for([*history, (sigma, sample_rate, steps)], config.delta))
+    plan = RoundPlan(
+        sigma,
+        sample_rate,
+        int(steps),
+        config.delta,
+        config.max_grad_norm,
+        epsilon_for(history, config.delta),
+        epsilon_for([*history, (sigma, sample_rate, steps)], config.delta),
+    )
     if config.target_epsilon is not None and plan.epsilon_after > config.target_epsilon * (1 + TARGET_TOLERANCE):
         raise BudgetExceededError(
             f"DP-SGD round refused: {steps} more steps would bring epsilon from {plan.epsilon_before:.4g} to "
             f"{plan.epsilon_after:.4g} (delta {config.delta:g}), above the target {config.target_epsilon:g} planned "
-            "over the configured total steps/epochs; raise target_epsilon or the planned length, or stop training")
+            "over the configured total steps/epochs; raise target_epsilon or the planned length, or stop training"
+        )
     if ledger is not None:
         ledger.set_cumulative("dpsgd", plan.epsilon_after, delta=config.delta, subject=subject, dry_run=True)
     return plan
@@ -157,10 +176,18 @@ def plan_round(config: DpSgdConfig, sample_rate: float, steps: int, ledger: Ledg
 def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "") -> Record:
     """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction."""
     return ledger.set_cumulative(
-        "dpsgd", lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
-        delta=plan.delta, subject=subject,
-        details={"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-                 "max_grad_norm": plan.max_grad_norm, "accountant": "rdp (opacus)"})
+        "dpsgd",
+        lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
+        delta=plan.delta,
+        subject=subject,
+        details={
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "steps": plan.steps,
+            "max_grad_norm": plan.max_grad_norm,
+            "accountant": "rdp (opacus)",
+        },
+    )
 
 
 def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -174,16 +201,26 @@ def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tenso
     batch, length = input_ids.shape
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
     logits = model(input_ids=input_ids, position_ids=positions).logits[:, :-1]
-    per_token = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                            input_ids[:, 1:].reshape(-1), reduction="none")
+    per_token = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="none"
+    )
     return per_token.view(batch, length - 1).mean(dim=1)
 
 
-def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: torch.Tensor, *, batch_size: int,
-                steps: int, config: DpSgdConfig, ledger: Ledger | None = None, subject: str = "",
-                loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
-                seed: int | None = None) -> RoundResult:
-    """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids) with Poisson batches of expected size ``batch_size``.
+def train_round(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    examples: torch.Tensor,
+    *,
+    batch_size: int,
+    steps: int,
+    config: DpSgdConfig,
+    ledger: Ledger | None = None,
+    subject: str = "",
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
+    seed: int | None = None,
+) -> RoundResult:
+    """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids), Poisson batches of mean size ``batch_size``.
 
     ``optimizer`` must hold exactly the trainable parameters. The round is planned and reserved in the
     ledger before the first step (raising :class:`BudgetExceededError` without training when it
@@ -196,11 +233,15 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     if not trainable or optimized != trainable:
-        raise PrivtuneError("the optimizer must hold exactly the model's trainable (adapter) parameters: "
-                            f"{len(optimized)} optimized vs {len(trainable)} with requires_grad; freeze the rest "
-                            "(requires_grad_(False)) and build the optimizer over the trainable ones")
+        raise PrivtuneError(
+            "the optimizer must hold exactly the model's trainable (adapter) parameters: "
+            f"{len(optimized)} optimized vs {len(trainable)} with requires_grad; freeze the rest "
+            "(requires_grad_(False)) and build the optimizer over the trainable ones"
+        )
     if examples.dim() != 2 or len(examples) == 0:
-        raise PrivtuneError(f"examples must be a non-empty (n, block) tensor of token ids, got shape {tuple(examples.shape)}")
+        raise PrivtuneError(
+            f"examples must be a non-empty (n, block) tensor of token ids, got shape {tuple(examples.shape)}"
+        )
     sample_rate = batch_size / len(examples)
     plan = plan_round(config, sample_rate, steps, ledger, subject)
     record = reserve_round(ledger, plan, subject) if ledger is not None else None
@@ -210,8 +251,13 @@ def train_round(model: nn.Module, optimizer: torch.optim.Optimizer, examples: to
     losses: list[float] = []
     with _batch_first_opt_mlps(model):
         private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
-                                   expected_batch_size=sample_rate * len(examples), generator=generator)
+        dp_optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=sample_rate * len(examples),
+            generator=generator,
+        )
         model.train()
         try:
             batches = _forever(loader)
@@ -245,7 +291,8 @@ def _check_one_row_per_example(model: nn.Module, batch_size: int) -> None:
             raise PrivtuneError(
                 f"DP-SGD: per-example gradients of {name} have {rows} rows for a batch of {batch_size} examples; the "
                 "layer sees inputs without a batch dimension (or is not reached), so clipping would not bound one "
-                "example's influence. Freeze that parameter or train a layer that keeps the batch dimension")
+                "example's influence. Freeze that parameter or train a layer that keeps the batch dimension"
+            )
 
 
 class _BatchFirst(nn.Module):
@@ -278,10 +325,12 @@ def _batch_first_opt_mlps(model: nn.Module) -> Iterator[None]:
                 restore.append((layer, attr, inner))
                 wrappers.append(wrapper)
         if wrappers:
+
             def record_shape(_module, args, kwargs, wrappers=wrappers):
                 hidden = args[0] if args else kwargs["hidden_states"]
                 for wrapper in wrappers:
                     wrapper.batch_shape = tuple(hidden.shape[:-1])
+
             handles.append(layer.register_forward_pre_hook(record_shape, with_kwargs=True))
     try:
         yield

@@ -47,8 +47,7 @@ def family_of(model: nn.Module) -> Family:
             return family
     known = ", ".join(t for f in FAMILIES for t in f.model_types)
     raise PrivtuneError(
-        f"model type {model_type!r} is not supported (supported: {known}); "
-        "use a GPT-2, LLaMA-style or OPT causal LM"
+        f"model type {model_type!r} is not supported (supported: {known}); use a GPT-2, LLaMA-style or OPT causal LM"
     )
 
 

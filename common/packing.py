@@ -34,7 +34,9 @@ def holdout_split(documents: list[Document], fraction: float = 0.1) -> Split:
     return Split(train, heldout)
 
 
-def pack(documents: list[Document], tokenizer: TextTokenizer, block_size: int, max_blocks: int | None = None) -> torch.Tensor:
+def pack(
+    documents: list[Document], tokenizer: TextTokenizer, block_size: int, max_blocks: int | None = None
+) -> torch.Tensor:
     """Tokenise and pack documents into a ``[n_blocks, block_size]`` LongTensor.
 
     The stream ``doc1 <eos> doc2 <eos> ...`` is cut into consecutive blocks; a trailing partial block

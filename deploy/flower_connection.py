@@ -20,14 +20,20 @@ from flwr.supercore.utils import get_flwr_home
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", default="privtune", help="connection name used as `flwr run . NAME` (default privtune)")
+    parser.add_argument(
+        "--name", default="privtune", help="connection name used as `flwr run . NAME` (default privtune)"
+    )
     parser.add_argument("--address", required=True, help="SuperLink host:port as the model owner's CLI reaches it")
-    parser.add_argument("--root-certificates", required=True, type=Path, help="CA certificate that signed the SuperLink's certificate")
+    parser.add_argument(
+        "--root-certificates", required=True, type=Path, help="CA certificate that signed the SuperLink's certificate"
+    )
     args = parser.parse_args(argv)
     ca = args.root_certificates.expanduser().resolve()
     if not ca.is_file():
         parser.error(f"--root-certificates {ca} is not a file; make it with deploy/certs.sh")
-    write_superlink_connection(SuperLinkConnection(name=args.name, address=args.address, root_certificates=str(ca), insecure=False))
+    write_superlink_connection(
+        SuperLinkConnection(name=args.name, address=args.address, root_certificates=str(ca), insecure=False)
+    )
     print(f"connection '{args.name}' -> {args.address} (CA {ca}) written to {get_flwr_home() / 'config.toml'}")
     return 0
 

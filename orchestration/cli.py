@@ -41,7 +41,8 @@ def build_parser(command: Command | None = None) -> argparse.ArgumentParser:
         prog="privtune",
         description="Federated, privacy-preserving fine-tuning and private inference for language models.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {c.name:<10} {c.summary}" for c in COMMANDS)
+        epilog="commands:\n"
+        + "\n".join(f"  {c.name:<10} {c.summary}" for c in COMMANDS)
         + "\n\nRun 'privtune COMMAND --help' for a command's options.",
     )
     parser.add_argument("command", choices=[c.name for c in COMMANDS], metavar="COMMAND")

@@ -36,14 +36,30 @@ def run(args: argparse.Namespace) -> int:
 
     model = demo_model()
     out = Path(args.out)
-    cfg = FederationConfig.from_run_config({
-        "model": str(model), "encoding": "ult", "num-server-rounds": args.rounds, "ldp-epsilon": args.ldp_epsilon,
-        "ldp-embedding": "smollm2", "k-bottom": 2, "k-top": 2, "n-emulator": 1, "local-steps": 30, "batch-size": 8,
-        "block-size": 128, "max-train-blocks": 64, "learning-rate": 0.003, "min-train-nodes": min(2, args.owners),
-        "run-dir": str(out / "server"),
-    })
-    print(f"[demo] {args.owners} data owners, {args.rounds} rounds, ULT encoding, LDP epsilon {args.ldp_epsilon} per token",
-          flush=True)
+    cfg = FederationConfig.from_run_config(
+        {
+            "model": str(model),
+            "encoding": "ult",
+            "num-server-rounds": args.rounds,
+            "ldp-epsilon": args.ldp_epsilon,
+            "ldp-embedding": "smollm2",
+            "k-bottom": 2,
+            "k-top": 2,
+            "n-emulator": 1,
+            "local-steps": 30,
+            "batch-size": 8,
+            "block-size": 128,
+            "max-train-blocks": 64,
+            "learning-rate": 0.003,
+            "min-train-nodes": min(2, args.owners),
+            "run-dir": str(out / "server"),
+        }
+    )
+    print(
+        f"[demo] {args.owners} data owners, {args.rounds} rounds, ULT encoding, LDP epsilon {args.ldp_epsilon} "
+        "per token",
+        flush=True,
+    )
     metrics = simulate(cfg, args.owners, out)
     print("\nprivacy report (each data owner's ledger; it stays on the owner's site)")
     for i in range(args.owners):
@@ -51,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         if ledger.exists():
             print(f"\n== owner-{i} ==\n{Ledger(ledger, create=False).render()}")
     summary = {k: metrics.get(k) for k in ("zero_shot_ppl", "emulator_ppl", "emulator_adapter_ppl", "plugin_ppl")}
-    print(f"\nsummary: {json.dumps(summary)}\nrun folder: {out} (metrics.json, privacy.json, server/plots/, server/model/)")
+    print(
+        f"\nsummary: {json.dumps(summary)}\n"
+        f"run folder: {out} (metrics.json, privacy.json, server/plots/, server/model/)"
+    )
     serve_and_sample(out / "server", model, model / ULT_TABLE_FILE, federation_key_path(out))
     return 0

@@ -46,20 +46,36 @@ def demo_model(spec: DemoModelSpec = DemoModelSpec()) -> Path:
         return folder
     documents = public_corpus()
     checkpoint = folder.with_name(folder.name + ".checkpoint")
-    print(f"[demo] building the public ULT table from Milton ({sum(len(d.text) for d in documents) / 1e6:.1f} M characters)",
-          flush=True)
-    table = build_table([d.text for d in documents],
-                        UltConfig(vocab_size=spec.vocab_size, patch_size=spec.patch_size, band_width=spec.band_width))
+    print(
+        f"[demo] building the public ULT table from Milton ({sum(len(d.text) for d in documents) / 1e6:.1f} M "
+        "characters)",
+        flush=True,
+    )
+    table = build_table(
+        [d.text for d in documents],
+        UltConfig(vocab_size=spec.vocab_size, patch_size=spec.patch_size, band_width=spec.band_width),
+    )
     tokenizer = UltTokenizer(table)
-    model = tiny_model("llama", vocab_size=spec.vocab_size,
-                       spec=TinySpec(n_layers=spec.n_layers, hidden=spec.hidden, heads=spec.heads, max_positions=spec.block_size),
-                       seed=spec.seed)
-    print(f"[demo] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LLaMA on ULT-encoded "
-          f"Milton ({spec.steps} steps; resumable, cached afterwards)", flush=True)
-    result = pretrain_ult(model, tokenizer, documents,
-                          PretrainConfig(steps=spec.steps, batch_size=spec.batch_size, block_size=spec.block_size, lr=spec.lr,
-                                         seed=spec.seed),
-                          checkpoint=checkpoint)
+    model = tiny_model(
+        "llama",
+        vocab_size=spec.vocab_size,
+        spec=TinySpec(n_layers=spec.n_layers, hidden=spec.hidden, heads=spec.heads, max_positions=spec.block_size),
+        seed=spec.seed,
+    )
+    print(
+        f"[demo] pretraining a {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M-parameter LLaMA on ULT-encoded "
+        f"Milton ({spec.steps} steps; resumable, cached afterwards)",
+        flush=True,
+    )
+    result = pretrain_ult(
+        model,
+        tokenizer,
+        documents,
+        PretrainConfig(
+            steps=spec.steps, batch_size=spec.batch_size, block_size=spec.block_size, lr=spec.lr, seed=spec.seed
+        ),
+        checkpoint=checkpoint,
+    )
     if result.losses:
         print(f"[demo] pretraining loss {result.losses[-1]:.3f} after {result.steps} steps", flush=True)
     model.eval()

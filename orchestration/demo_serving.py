@@ -35,27 +35,48 @@ def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: D
     keyed_p0 = save_keyed_public(load_model(str(model)).model, key_rows(table, key), run / "keyed-p0.safetensors")
     parser = argparse.ArgumentParser()
     serve_cli.configure(parser)
-    args = parser.parse_args([
-        "--run", str(run), "--public-embeddings", str(keyed_p0), "--queries", str(settings.queries),
-        "--q", str(settings.q), "--epsilon", str(settings.epsilon), "--num-cpus", "2", "--port", "0",
-    ])
-    print(f"\n[demo] PMixED service: the owners' adapters as ensemble members, the public model as p0 (in the key's "
-          f"order, from a key holder); ({settings.epsilon:g}, {args.delta:g})-DP over {settings.queries} queries, "
-          f"member sampling rate q={settings.q:g}", flush=True)
+    args = parser.parse_args(
+        [
+            "--run",
+            str(run),
+            "--public-embeddings",
+            str(keyed_p0),
+            "--queries",
+            str(settings.queries),
+            "--q",
+            str(settings.q),
+            "--epsilon",
+            str(settings.epsilon),
+            "--num-cpus",
+            "2",
+            "--port",
+            "0",
+        ]
+    )
+    print(
+        f"\n[demo] PMixED service: the owners' adapters as ensemble members, the public model as p0 (in the key's "
+        f"order, from a key holder); ({settings.epsilon:g}, {args.delta:g})-DP over {settings.queries} queries, "
+        f"member sampling rate q={settings.q:g}",
+        flush=True,
+    )
     running = serve_cli.start(args)
     try:
         with InferenceClient(f"127.0.0.1:{running.port}") as client:
             status = client.budget_status()
-            prompts = PROMPTS[:(status["queries_total"] - status["queries_spent"]) // settings.tokens]
+            prompts = PROMPTS[: (status["queries_total"] - status["queries_spent"]) // settings.tokens]
             if not prompts:
-                print(f"[demo] the service's budget cannot pay for another {settings.tokens}-token continuation: these "
-                      f"members were queried before (ledger {serve_cli.ledger_path(args)}). Delete {run.parent} to "
-                      "train fresh members, or raise the budget deliberately ('privtune ledger').")
+                print(
+                    f"[demo] the service's budget cannot pay for another {settings.tokens}-token continuation: these "
+                    f"members were queried before (ledger {serve_cli.ledger_path(args)}). Delete {run.parent} to "
+                    "train fresh members, or raise the budget deliberately ('privtune ledger')."
+                )
             else:
                 ult = UltTokenizer.from_files(table, key_file=key)
-                print(f"private continuations ({settings.tokens} tokens each, every token one query; the key holder "
-                      "encodes and decodes locally, the service sees ids only; U+FFFD marks a patch that does not "
-                      "decode):")
+                print(
+                    f"private continuations ({settings.tokens} tokens each, every token one query; the key holder "
+                    "encodes and decodes locally, the service sees ids only; U+FFFD marks a patch that does not "
+                    "decode):"
+                )
                 for prompt in prompts:
                     continuation = sample(client, prompt, settings.tokens, ult=ult)
                     print(f"  {prompt!r} -> {continuation.text!r}")

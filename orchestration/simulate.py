@@ -19,14 +19,24 @@ from privtune.common.federation.config import FederationConfig
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owners", type=int, default=4, help="number of simulated data owners (default 4)")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
-    parser.add_argument("--model", default="tiny-llama", help="tiny-gpt2|tiny-llama|tiny-opt|smollm2|PATH (default tiny-llama)")
-    parser.add_argument("--encoding", choices=["ult", "raw"], default="raw", help="how owners encode text (default raw)")
+    parser.add_argument(
+        "--model", default="tiny-llama", help="tiny-gpt2|tiny-llama|tiny-opt|smollm2|PATH (default tiny-llama)"
+    )
+    parser.add_argument(
+        "--encoding", choices=["ult", "raw"], default="raw", help="how owners encode text (default raw)"
+    )
     parser.add_argument("--ldp-epsilon", type=float, default=0.0, help="per-token LDP epsilon (0 = off)")
     parser.add_argument("--ldp-embedding", default="smollm2", help="embedding for the LDP mechanism (default smollm2)")
     parser.add_argument("--dp-epsilon", type=float, default=0.0, help="DP-SGD target epsilon per owner (0 = off)")
     parser.add_argument("--strategy", choices=["fedavg", "fedadam", "fedprox"], default="fedavg")
     parser.add_argument("--local-steps", type=int, default=FederationConfig.local_steps)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other run-config key, e.g. --set block-size=128")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run-config key, e.g. --set block-size=128",
+    )
     parser.add_argument("--out", required=True, help="run folder (metrics.json, privacy.json, plots, model)")
 
 
@@ -43,10 +53,19 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = {"num-server-rounds": args.rounds, "model": args.model, "encoding": args.encoding,
-                 "ldp-epsilon": args.ldp_epsilon, "ldp-embedding": args.ldp_embedding, "dp-epsilon": args.dp_epsilon,
-                 "strategy": args.strategy, "local-steps": args.local_steps, "run-dir": str(Path(args.out) / "server"),
-                 "min-train-nodes": min(2, args.owners), **parse_sets(args.set)}
+    overrides = {
+        "num-server-rounds": args.rounds,
+        "model": args.model,
+        "encoding": args.encoding,
+        "ldp-epsilon": args.ldp_epsilon,
+        "ldp-embedding": args.ldp_embedding,
+        "dp-epsilon": args.dp_epsilon,
+        "strategy": args.strategy,
+        "local-steps": args.local_steps,
+        "run-dir": str(Path(args.out) / "server"),
+        "min-train-nodes": min(2, args.owners),
+        **parse_sets(args.set),
+    }
     metrics = simulate(FederationConfig.from_run_config(overrides), args.owners, Path(args.out))
     print(json.dumps({k: metrics[k] for k in ("zero_shot_ppl", "emulator_adapter_ppl", "plugin_ppl")}, indent=2))
     return 0
@@ -57,7 +76,9 @@ def federation_key_path(out: Path) -> Path:
     return out / "federation" / "federation.key"
 
 
-def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes: dict[int, dict[str, Any]]) -> FederationConfig:
+def prepare_ult_federation(
+    cfg: FederationConfig, owners: int, out: Path, nodes: dict[int, dict[str, Any]]
+) -> FederationConfig:
     """The data owners' out-of-band part of a ULT federation, done once for all simulated owners.
 
     They agree on a federation key (the model owner never sees it) and use the public table that
@@ -79,8 +100,10 @@ def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes:
 
     table = Path(cfg.model) / ULT_TABLE_FILE
     if not table.exists():
-        raise PrivtuneError(f"encoding 'ult' needs a ULT-ready model folder with {ULT_TABLE_FILE}; {cfg.model} has none "
-                            "(make one with 'privtune demo' or common.ult.pretrain)")
+        raise PrivtuneError(
+            f"encoding 'ult' needs a ULT-ready model folder with {ULT_TABLE_FILE}; {cfg.model} has none "
+            "(make one with 'privtune demo' or common.ult.pretrain)"
+        )
     key = federation_key_path(out)
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
@@ -90,36 +113,55 @@ def prepare_ult_federation(cfg: FederationConfig, owners: int, out: Path, nodes:
         node.setdefault("ult-key", str(key))
     tokenizer = UltTokenizer.from_files(table, key_file=key)
     per_owner = max(1, MAX_EVAL_BLOCKS // owners)
-    heldout = [pack(cap_characters(holdout_split(part, HELDOUT_FRACTION).heldout, 2 * per_owner * cfg.block_size),
-                    tokenizer, cfg.block_size, per_owner) for part in private_partitions(owners, cfg.seed)]
+    heldout = [
+        pack(
+            cap_characters(holdout_split(part, HELDOUT_FRACTION).heldout, 2 * per_owner * cfg.block_size),
+            tokenizer,
+            cfg.block_size,
+            per_owner,
+        )
+        for part in private_partitions(owners, cfg.seed)
+    ]
     eval_ids = out / "federation" / "eval_ids.pt"
     torch.save(torch.cat(heldout), eval_ids)
     return dataclasses.replace(cfg, eval_ids=str(eval_ids))
 
 
-def simulate(cfg: FederationConfig, owners: int, out: Path, node_overrides: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+def simulate(
+    cfg: FederationConfig, owners: int, out: Path, node_overrides: dict[int, dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Run the federation in simulation; returns the metrics written to ``out/metrics.json``."""
     from flwr.simulation import run_simulation
 
     from privtune.client.app import build_app as build_client
-    from privtune.server.app import build_app as build_server
     from privtune.report import write_simulation_outputs
+    from privtune.server.app import build_app as build_server
 
     out.mkdir(parents=True, exist_ok=True)
-    nodes = {i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)}
+    nodes = {
+        i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)
+    }
     if cfg.encoding == "ult":
         cfg = prepare_ult_federation(cfg, owners, out, nodes)
     overrides = cfg.to_run_config()
-    run_simulation(server_app=build_server(overrides), client_app=build_client(overrides, nodes), num_supernodes=owners,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app=build_server(overrides),
+        client_app=build_client(overrides, nodes),
+        num_supernodes=owners,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
     metrics = write_simulation_outputs(cfg, out, owners)
     if cfg.encoding == "ult":
         metrics = key_holder_evaluation(cfg, out, nodes[0], metrics)
     return metrics
 
 
-def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+def key_holder_evaluation(
+    cfg: FederationConfig, out: Path, node: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
     """Fill in what the model owner could not measure without the key: the zero-shot and untrained
     emulator perplexities on the keyed held-out ids (see server.run_evaluation)."""
     import torch
@@ -130,10 +172,22 @@ def key_holder_evaluation(cfg: FederationConfig, out: Path, node: dict[str, Any]
     from privtune.server.run_folder import strict_json
 
     rows = key_rows(node["ult-table"], node["ult-key"])
-    table = evaluate_run(Path(cfg.run_dir), load_model(cfg.model).model, torch.load(cfg.eval_ids, weights_only=True),
-                         cfg.seed, rows, title="key holder's evaluation on the owners' held-out text (ULT ids)")
-    metrics.update({"zero_shot_ppl": table["zero_shot"], "emulator_ppl": table["emulator"],
-                    "emulator_adapter_ppl": table["emulator_adapter"], "plugin_ppl": table["plugin"],
-                    "evaluated_by": "key holder (simulation harness)"})
+    table = evaluate_run(
+        Path(cfg.run_dir),
+        load_model(cfg.model).model,
+        torch.load(cfg.eval_ids, weights_only=True),
+        cfg.seed,
+        rows,
+        title="key holder's evaluation on the owners' held-out text (ULT ids)",
+    )
+    metrics.update(
+        {
+            "zero_shot_ppl": table["zero_shot"],
+            "emulator_ppl": table["emulator"],
+            "emulator_adapter_ppl": table["emulator_adapter"],
+            "plugin_ppl": table["plugin"],
+            "evaluated_by": "key holder (simulation harness)",
+        }
+    )
     (out / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, sort_keys=True) + "\n")
     return metrics

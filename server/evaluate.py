@@ -17,7 +17,9 @@ from privtune.common.errors import PrivtuneError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--package", required=True, type=Path, help="output folder of 'privtune prepare' (or its emulator/)")
+    parser.add_argument(
+        "--package", required=True, type=Path, help="output folder of 'privtune prepare' (or its emulator/)"
+    )
     parser.add_argument("--model", help="full model source (default: the one recorded by 'privtune prepare')")
     parser.add_argument("--adapter", type=Path, help="folder of a saved adapter (adapter.safetensors + adapter.json)")
     parser.add_argument("--train-steps", type=int, default=0, help="without --adapter: train one here for N steps")
@@ -36,8 +38,15 @@ def run(args: argparse.Namespace) -> int:
     from privtune.common.corpus import local_documents, shakespeare_works
     from privtune.common.models import load_model
     from privtune.common.offsite import (
-        EmulatorPackage, TrainConfig, adapter_manifest, adapter_state, evaluation_table, load_adapter,
-        load_adapter_state, plug_in, train_adapter,
+        EmulatorPackage,
+        TrainConfig,
+        adapter_manifest,
+        adapter_state,
+        evaluation_table,
+        load_adapter,
+        load_adapter_state,
+        plug_in,
+        train_adapter,
     )
     from privtune.common.packing import holdout_split, pack
     from privtune.server.prepare import MODEL_REFERENCE, PACKAGE_DIR, max_positions
@@ -65,20 +74,38 @@ def run(args: argparse.Namespace) -> int:
     elif args.train_steps > 0:
         emulator_adapter = package.instantiate(seed=args.seed)
         lr = args.lr or (1e-3 if package.config.adapter == "lora" else 1e-4)
-        result = train_adapter(emulator_adapter, train,
-                               TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=lr, seed=args.seed))
-        print(f"adapter: {result.steps} steps, last loss {result.last_loss:.3f}, {result.tokens_per_second:.0f} tokens/s")
+        result = train_adapter(
+            emulator_adapter,
+            train,
+            TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=lr, seed=args.seed),
+        )
+        print(
+            f"adapter: {result.steps} steps, last loss {result.last_loss:.3f}, {result.tokens_per_second:.0f} tokens/s"
+        )
         plugged = plug_in(full, adapter_state(emulator_adapter), adapter_manifest(emulator_adapter))
     if args.full_ft_steps > 0:
         full_ft = copy.deepcopy(full)
         for p in full_ft.parameters():
             p.requires_grad_(True)
-        result = train_adapter(full_ft, train, TrainConfig(steps=args.full_ft_steps, batch_size=args.batch_size,
-                                                           lr=args.full_ft_lr, seed=args.seed))
-        print(f"full fine-tuning: {result.steps} steps, last loss {result.last_loss:.3f}, {result.tokens_per_second:.0f} tokens/s")
-    table = evaluation_table(heldout, full_model=full, emulator=package.instantiate(), emulator_adapter=emulator_adapter,
-                             plugin=plugged, full_ft=full_ft, batch_size=args.batch_size,
-                             title=f"perplexity, {source}, package {package.content_hash[:12]}")
+        result = train_adapter(
+            full_ft,
+            train,
+            TrainConfig(steps=args.full_ft_steps, batch_size=args.batch_size, lr=args.full_ft_lr, seed=args.seed),
+        )
+        print(
+            f"full fine-tuning: {result.steps} steps, last loss {result.last_loss:.3f}, "
+            f"{result.tokens_per_second:.0f} tokens/s"
+        )
+    table = evaluation_table(
+        heldout,
+        full_model=full,
+        emulator=package.instantiate(),
+        emulator_adapter=emulator_adapter,
+        plugin=plugged,
+        full_ft=full_ft,
+        batch_size=args.batch_size,
+        title=f"perplexity, {source}, package {package.content_hash[:12]}",
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(table, indent=1) + "\n")
     return 0
@@ -88,6 +115,8 @@ def _recorded_source(reference: Path) -> str:
     try:
         return json.loads(reference.read_text())["source"]
     except FileNotFoundError:
-        raise PrivtuneError(f"{reference} not found: pass --model with the full model the package was made from") from None
+        raise PrivtuneError(
+            f"{reference} not found: pass --model with the full model the package was made from"
+        ) from None
     except (json.JSONDecodeError, KeyError) as err:
         raise PrivtuneError(f"{reference} is corrupt ({err}); pass --model explicitly") from None

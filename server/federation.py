@@ -47,14 +47,21 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     initial = checkpoint.adapter if checkpoint else owner.initial_adapter()
     remaining = cfg.num_server_rounds - done
     if done:
-        print(f"[privtune] resuming from round {done} checkpoint in {folder.checkpoint_dir}; {max(remaining, 0)} round(s) left")
+        print(
+            f"[privtune] resuming from round {done} checkpoint in {folder.checkpoint_dir}; {max(remaining, 0)} "
+            "round(s) left"
+        )
 
     tensors, package_manifest = owner.package.to_parts()
     strategy = make_strategy(cfg, (to_arrays(tensors), manifest_record(package_manifest)), round_offset=done)
     if checkpoint is not None:
         strategy.restore_optimizer_state(checkpoint.optimizer)
-    train_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
-    eval_config = ConfigRecord({EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))})
+    train_config = ConfigRecord(
+        {EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))}
+    )
+    eval_config = ConfigRecord(
+        {EMULATOR_HASH: owner.package.content_hash, EMBEDDINGS_KEYED: bool(extra.get(EMBEDDINGS_KEYED))}
+    )
     started = time.perf_counter()
 
     def evaluate(local_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -69,7 +76,11 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             extra[EMBEDDINGS_KEYED] = train_config[EMBEDDINGS_KEYED] = eval_config[EMBEDDINGS_KEYED] = True
         state = from_arrays(arrays)
         began = time.perf_counter()
-        ppl = perplexity(plug_in(owner.full_model, state, manifest), owner.eval_blocks) if owner.eval_blocks is not None else math.nan
+        ppl = (
+            perplexity(plug_in(owner.full_model, state, manifest), owner.eval_blocks)
+            if owner.eval_blocks is not None
+            else math.nan
+        )
         row = round_row(done + local_round, entry, ppl)
         row["timing"] = round_timing(entry, time.perf_counter() - began)
         history.append(row)
@@ -78,12 +89,21 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         return MetricRecord({"plugin-ppl": ppl})
 
     if remaining > 0:
-        result = strategy.start(grid, initial_arrays=to_arrays(initial), num_rounds=remaining, timeout=cfg.round_timeout,
-                                train_config=train_config, evaluate_config=eval_config, evaluate_fn=evaluate)
+        result = strategy.start(
+            grid,
+            initial_arrays=to_arrays(initial),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=train_config,
+            evaluate_config=eval_config,
+            evaluate_fn=evaluate,
+        )
         final = from_arrays(result.arrays) if result.arrays is not None else initial
     else:
         final = initial
-    return finish(folder, owner, cfg, final, history, extra.get("zero_shot_ppl"), strategy, time.perf_counter() - started)
+    return finish(
+        folder, owner, cfg, final, history, extra.get("zero_shot_ppl"), strategy, time.perf_counter() - started
+    )
 
 
 def zero_shot_ppl(owner: ModelOwner, cfg: FederationConfig) -> float:
@@ -99,7 +119,9 @@ def round_row(server_round: int, entry, ppl: float) -> dict[str, Any]:
     losses = [metrics[n]["train-loss"] for n in accepted if n in metrics]
     examples = sum(metrics[n].get("num-examples", 0.0) for n in accepted if n in metrics)
     names = entry.owner_names if entry else {}
-    privacy = {names.get(node, f"node-{node}"): {k: v for k, v in m.items() if "epsilon" in k} for node, m in metrics.items()}
+    privacy = {
+        names.get(node, f"node-{node}"): {k: v for k, v in m.items() if "epsilon" in k} for node, m in metrics.items()
+    }
     return {
         "round": server_round,
         "loss": sum(losses) / len(losses) if losses else float("nan"),
@@ -111,8 +133,10 @@ def round_row(server_round: int, entry, ppl: float) -> dict[str, Any]:
         "emulator_sent_to": len(entry.sent_emulator_to) if entry else 0,
         "records_down": sorted(entry.records_down) if entry else [],
         "accepted": len(accepted),
-        "rejected": [{"node": r.node_id, "owner": names.get(r.node_id, f"node-{r.node_id}"), "reason": r.reason}
-                     for r in (entry.rejected if entry else [])],
+        "rejected": [
+            {"node": r.node_id, "owner": names.get(r.node_id, f"node-{r.node_id}"), "reason": r.reason}
+            for r in (entry.rejected if entry else [])
+        ],
         "privacy": privacy,
     }
 
@@ -125,20 +149,39 @@ def round_timing(entry, evaluate_seconds: float) -> dict[str, float]:
         return {}
     wall = time.perf_counter() - entry.started
     train = max((m.get("train-seconds", 0.0) for m in entry.client_metrics.values()), default=0.0)
-    return {"wall_s": wall, "train_s": train, "aggregate_s": entry.aggregate_seconds, "evaluate_s": evaluate_seconds,
-            "communicate_s": max(0.0, wall - train - entry.aggregate_seconds - evaluate_seconds)}
+    return {
+        "wall_s": wall,
+        "train_s": train,
+        "aggregate_s": entry.aggregate_seconds,
+        "evaluate_s": evaluate_seconds,
+        "communicate_s": max(0.0, wall - train - entry.aggregate_seconds - evaluate_seconds),
+    }
 
 
 def format_round(row: dict[str, Any], total: int) -> str:
-    spent = ", ".join(f"{owner}: " + " ".join(f"{k}={v:.3g}" for k, v in sorted(p.items()))
-                      for owner, p in sorted(row["privacy"].items()) if p)
-    return (f"[round {row['round']}/{total}] loss {row['loss']:.4f}  plug-in ppl {row['plugin_ppl']:.2f}  "
-            f"examples {row['examples']:.0f}  sent {row['bytes_down'] / 1e6:.2f} MB  received {row['bytes_up'] / 1e6:.2f} MB  "
-            f"accepted {row['accepted']}  rejected {len(row['rejected'])}" + (f"  privacy [{spent}]" if spent else ""))
+    spent = ", ".join(
+        f"{owner}: " + " ".join(f"{k}={v:.3g}" for k, v in sorted(p.items()))
+        for owner, p in sorted(row["privacy"].items())
+        if p
+    )
+    return (
+        f"[round {row['round']}/{total}] loss {row['loss']:.4f}  plug-in ppl {row['plugin_ppl']:.2f}  "
+        f"examples {row['examples']:.0f}  sent {row['bytes_down'] / 1e6:.2f} MB  "
+        f"received {row['bytes_up'] / 1e6:.2f} MB  "
+        f"accepted {row['accepted']}  rejected {len(row['rejected'])}" + (f"  privacy [{spent}]" if spent else "")
+    )
 
 
-def finish(folder: RunFolder, owner: ModelOwner, cfg: FederationConfig, final: dict[str, torch.Tensor],
-           history: list[dict[str, Any]], zero_shot_ppl: float | None, strategy, seconds: float) -> dict[str, Any]:
+def finish(
+    folder: RunFolder,
+    owner: ModelOwner,
+    cfg: FederationConfig,
+    final: dict[str, torch.Tensor],
+    history: list[dict[str, Any]],
+    zero_shot_ppl: float | None,
+    strategy,
+    seconds: float,
+) -> dict[str, Any]:
     manifest = owner.package.adapter_manifest
     plugged = plug_in(owner.full_model, final, manifest)
     with quiet_weights_progress():

@@ -34,14 +34,20 @@ class ModelOwner:
     eval_blocks: torch.Tensor | None
 
     @classmethod
-    def prepare(cls, cfg: FederationConfig) -> "ModelOwner":
+    def prepare(cls, cfg: FederationConfig) -> ModelOwner:
         loaded = load_model(cfg.model)
         if cfg.package:
             package = EmulatorPackage.load(cfg.package)
         else:
-            offsite = OffsiteConfig(k_bottom=cfg.k_bottom, k_top=cfg.k_top, n_emulator=cfg.n_emulator,
-                                    adapter=cfg.adapter, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-                                    carry_embeddings=cfg.encoding == "ult")
+            offsite = OffsiteConfig(
+                k_bottom=cfg.k_bottom,
+                k_top=cfg.k_top,
+                n_emulator=cfg.n_emulator,
+                adapter=cfg.adapter,
+                lora_r=cfg.lora_r,
+                lora_alpha=2 * cfg.lora_r,
+                carry_embeddings=cfg.encoding == "ult",
+            )
             package = build_package(loaded.model, loaded.tokenizer, offsite, cfg)
         if cfg.eval_ids:
             eval_blocks = load_eval_ids(Path(cfg.eval_ids))
@@ -65,7 +71,9 @@ def build_package(model: nn.Module, tokenizer, offsite: OffsiteConfig, cfg: Fede
     if cfg.encoding == "ult":
         raise PrivtuneError("in ULT mode distil the emulator beforehand with 'privtune prepare' and pass package=DIR")
     blocks = pack(public_corpus(), tokenizer, cfg.block_size, max_blocks=cfg.distill_steps * cfg.batch_size)
-    emulator = distill_emulator(model, offsite, blocks, DistillConfig(steps=cfg.distill_steps, batch_size=cfg.batch_size))
+    emulator = distill_emulator(
+        model, offsite, blocks, DistillConfig(steps=cfg.distill_steps, batch_size=cfg.batch_size)
+    )
     return EmulatorPackage.build(model, offsite, emulator=emulator)
 
 
@@ -73,7 +81,9 @@ def load_eval_ids(path: Path) -> torch.Tensor:
     try:
         blocks = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, ValueError) as err:
-        raise PrivtuneError(f"eval-ids file {path} is unreadable ({err}); save a [n, block] LongTensor with torch.save") from None
+        raise PrivtuneError(
+            f"eval-ids file {path} is unreadable ({err}); save a [n, block] LongTensor with torch.save"
+        ) from None
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.dtype != torch.long or len(blocks) == 0:
         raise PrivtuneError(f"eval-ids file {path} must hold a non-empty [n, block] LongTensor")
     return blocks

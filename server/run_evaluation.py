@@ -22,14 +22,25 @@ from privtune.common.offsite.plugin import plug_in
 from privtune.common.ult.relabel import relabel_model, relabel_state
 
 
-def evaluate_run(run_dir: Path, full_model: nn.Module, eval_blocks: torch.Tensor, seed: int,
-                 rows: torch.Tensor | None = None, title: str = "perplexity on the owners' held-out text") -> dict[str, float | None]:
+def evaluate_run(
+    run_dir: Path,
+    full_model: nn.Module,
+    eval_blocks: torch.Tensor,
+    seed: int,
+    rows: torch.Tensor | None = None,
+    title: str = "perplexity on the owners' held-out text",
+) -> dict[str, float | None]:
     package = EmulatorPackage.load(run_dir / "emulator")
     final = load_file(str(run_dir / "adapters" / "aggregate" / "adapter.safetensors"))
     emulator = package.instantiate(seed=seed)
     load_adapter_state(emulator, relabel_state(adapter_state(emulator), rows))
     tuned = package.instantiate(seed=seed)
     load_adapter_state(tuned, final)
-    return evaluation_table(eval_blocks, full_model=relabel_model(full_model, rows), emulator=emulator,
-                            emulator_adapter=tuned, plugin=plug_in(full_model, final, package.adapter_manifest),
-                            title=title)
+    return evaluation_table(
+        eval_blocks,
+        full_model=relabel_model(full_model, rows),
+        emulator=emulator,
+        emulator_adapter=tuned,
+        plugin=plug_in(full_model, final, package.adapter_manifest),
+        title=title,
+    )

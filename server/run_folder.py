@@ -88,7 +88,9 @@ class RunFolder:
             optimizer_file = self.checkpoint_dir / OPTIMIZER_FILE
             optimizer = load_file(optimizer_file) if optimizer_file.exists() else {}
         except Exception as err:
-            raise PrivtuneError(f"checkpoint in {self.checkpoint_dir} is unreadable ({err}); delete it to start over") from None
+            raise PrivtuneError(
+                f"checkpoint in {self.checkpoint_dir} is unreadable ({err}); delete it to start over"
+            ) from None
         return Checkpoint(state["round"], adapter, state.get("history", []), state.get("extra", {}), optimizer)
 
     def save_owner_adapter(self, owner: str, adapter: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
@@ -123,7 +125,12 @@ class RunFolder:
         ax_loss.plot(xs, [r.get("loss", float("nan")) for r in rounds], marker="o")
         ax_loss.set(title="mean train loss of accepted updates", xlabel="round", ylabel="loss")
         ax_ppl.plot(xs, [r.get("plugin_ppl", float("nan")) for r in rounds], marker="o", label="plug-in (server)")
-        ax_ppl.plot(xs, [r.get("emulator_adapter_ppl", float("nan")) for r in rounds], marker="s", label="emulator+adapter (owners' own held-out)")
+        ax_ppl.plot(
+            xs,
+            [r.get("emulator_adapter_ppl", float("nan")) for r in rounds],
+            marker="s",
+            label="emulator+adapter (owners' own held-out)",
+        )
         ax_ppl.set(title="perplexity on held-out text", xlabel="round", ylabel="perplexity")
         ax_ppl.legend()
         for ax in (ax_loss, ax_ppl):
@@ -139,8 +146,12 @@ class RunFolder:
             fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(owners)), 3.8))
             width = 0.8 / max(1, len(kinds))
             for i, kind in enumerate(kinds):
-                ax.bar([j + i * width for j in range(len(owners))], [privacy_by_owner[o].get(kind, 0.0) for o in owners],
-                       width=width, label=kind)
+                ax.bar(
+                    [j + i * width for j in range(len(owners))],
+                    [privacy_by_owner[o].get(kind, 0.0) for o in owners],
+                    width=width,
+                    label=kind,
+                )
             ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(owners))], owners)
             ax.set(title="privacy spent per data owner (epsilon)", ylabel="epsilon")
             ax.legend()

@@ -28,10 +28,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from privtune.common.federation.config import FederationConfig
-from privtune.common.federation.records import (ARRAYS, OWNER, EMULATOR, EMULATOR_MANIFEST, content_bytes, decline_reason,
-                                       from_arrays, to_arrays)
+from privtune.common.federation.records import (
+    ARRAYS,
+    EMULATOR,
+    EMULATOR_MANIFEST,
+    OWNER,
+    content_bytes,
+    decline_reason,
+    from_arrays,
+    to_arrays,
+)
 from privtune.server.validation import Rejection, review
-
 
 OPTIMIZER_MOMENTS = ("m_t", "v_t")
 """FedOpt's (FedAdam's, FedYogi's, ...) per-array moment estimates, as Flower names them."""
@@ -55,7 +62,9 @@ class RoundLog:
 class OffsiteMixin:
     """Wraps a Flower strategy's configure/aggregate with emulator delivery and update validation."""
 
-    def setup_offsite(self, emulator: tuple[ArrayRecord, ConfigRecord], update_clip: float, round_offset: int = 0) -> None:
+    def setup_offsite(
+        self, emulator: tuple[ArrayRecord, ConfigRecord], update_clip: float, round_offset: int = 0
+    ) -> None:
         self.emulator_records = emulator
         self.update_clip = update_clip
         self.round_offset = round_offset
@@ -73,8 +82,11 @@ class OffsiteMixin:
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimiser's moments (FedAdam's ``m_t``, ``v_t``; empty for FedAvg/FedProx)."""
-        return {f"{name}/{key}": torch.from_numpy(np.array(value)) for name in OPTIMIZER_MOMENTS
-                for key, value in (getattr(self, name, None) or {}).items()}
+        return {
+            f"{name}/{key}": torch.from_numpy(np.array(value))
+            for name in OPTIMIZER_MOMENTS
+            for key, value in (getattr(self, name, None) or {}).items()
+        }
 
     def restore_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
         for name in OPTIMIZER_MOMENTS:
@@ -82,7 +94,9 @@ class OffsiteMixin:
             if moments:
                 setattr(self, name, moments)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round + self.round_offset, arrays, config, grid))
         self._reference = from_arrays(arrays)
         entry = self.rounds.setdefault(server_round, RoundLog())
@@ -99,7 +113,9 @@ class OffsiteMixin:
             personalised.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
         return personalised
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         entry = self.rounds.setdefault(server_round, RoundLog())
         began = time.perf_counter()
@@ -110,7 +126,8 @@ class OffsiteMixin:
                 self.nodes_with_emulator.add(message.metadata.src_node_id)
                 if OWNER in message.content.config_records:
                     entry.owner_names[message.metadata.src_node_id] = self._owner_name(
-                        message.metadata.src_node_id, str(message.content.config_records[OWNER]["name"]))
+                        message.metadata.src_node_id, str(message.content.config_records[OWNER]["name"])
+                    )
                 if "metrics" in message.content.metric_records:
                     entry.client_metrics[message.metadata.src_node_id] = dict(message.content.metric_records["metrics"])
         accepted, rejected = review(replies, self._reference, self.update_clip)
@@ -118,7 +135,9 @@ class OffsiteMixin:
         entry.accepted = [m.metadata.src_node_id for m in accepted]
         for message in accepted:
             node = message.metadata.src_node_id
-            self.latest_adapters[entry.owner_names.get(node, f"node-{node}")] = from_arrays(message.content.array_records[ARRAYS])
+            self.latest_adapters[entry.owner_names.get(node, f"node-{node}")] = from_arrays(
+                message.content.array_records[ARRAYS]
+            )
         try:
             if not accepted:
                 return None, None
@@ -135,7 +154,9 @@ class OffsiteMixin:
         state = from_arrays(arrays)
         return to_arrays({k: v.to(self._reference[k].dtype) if k in self._reference else v for k, v in state.items()})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -158,9 +179,16 @@ class OffsiteFedProx(OffsiteMixin, FedProx):
     pass
 
 
-def make_strategy(cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigRecord], round_offset: int = 0) -> OffsiteMixin:
-    common = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=cfg.min_train_nodes,
-                  min_evaluate_nodes=cfg.min_train_nodes, min_available_nodes=cfg.min_train_nodes)
+def make_strategy(
+    cfg: FederationConfig, emulator: tuple[ArrayRecord, ConfigRecord], round_offset: int = 0
+) -> OffsiteMixin:
+    common = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+    )
     if cfg.strategy == "fedadam":
         strategy = OffsiteFedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
     elif cfg.strategy == "fedprox":

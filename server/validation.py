@@ -48,7 +48,9 @@ def check_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return None
 
 
-def review(replies: list[Message], reference: dict[str, torch.Tensor], clip: float) -> tuple[list[Message], list[Rejection]]:
+def review(
+    replies: list[Message], reference: dict[str, torch.Tensor], clip: float
+) -> tuple[list[Message], list[Rejection]]:
     """Split replies into those fit to aggregate and rejections with reasons (never raises)."""
     accepted, rejected = [], []
     for message in replies:

@@ -7,8 +7,9 @@ Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pypro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from privtune.common.errors import PrivtuneError
 
@@ -67,13 +68,15 @@ class FederationConfig:
                 raise PrivtuneError(f"invalid run config: {message}")
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in run_config.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise PrivtuneError(f"unknown run-config key {key!r}; known keys: {', '.join(n.replace('_', '-') for n in known)}")
+                raise PrivtuneError(
+                    f"unknown run-config key {key!r}; known keys: {', '.join(n.replace('_', '-') for n in known)}"
+                )
             kind = type(getattr(cls, name)) if hasattr(cls, name) else str
             try:
                 values[name] = kind(value)

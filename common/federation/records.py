@@ -3,9 +3,9 @@
 Server -> client (train): ``arrays`` (the global adapter), ``config`` (round settings) and, the
 first time a node is addressed in a run, ``emulator`` + ``emulator-manifest`` (the emulator
 package; clients cache it by content hash). Client -> server: ``arrays`` (the trained adapter),
-``metrics`` (``num-examples``, ``train-loss``, privacy spent), ``owner`` (the owner's name) or, when the owner declines to train
-(no data, budget exhausted), only ``status`` with the reason. Nothing else crosses; in particular
-no text and no ULT table.
+``metrics`` (``num-examples``, ``train-loss``, privacy spent), ``owner`` (the owner's name) or,
+when the owner declines to train (no data, budget exhausted), only ``status`` with the reason.
+Nothing else crosses; in particular no text and no ULT table.
 """
 
 from __future__ import annotations

@@ -9,9 +9,26 @@ Typical use::
 
 from privtune.common.ldp.embedding import EmbeddingSpace, load_embedding
 from privtune.common.ldp.mechanisms import CusText, Mechanism, SanText, TokenGuarantee
-from privtune.common.ldp.perturb import LdpConfig, LdpRelease, build_mechanism, make_generator, perturb_text, release_for
+from privtune.common.ldp.perturb import (
+    LdpConfig,
+    LdpRelease,
+    build_mechanism,
+    make_generator,
+    perturb_text,
+    release_for,
+)
 
 __all__ = [
-    "CusText", "EmbeddingSpace", "LdpConfig", "LdpRelease", "Mechanism", "SanText", "TokenGuarantee",
-    "build_mechanism", "load_embedding", "make_generator", "perturb_text", "release_for",
+    "CusText",
+    "EmbeddingSpace",
+    "LdpConfig",
+    "LdpRelease",
+    "Mechanism",
+    "SanText",
+    "TokenGuarantee",
+    "build_mechanism",
+    "load_embedding",
+    "make_generator",
+    "perturb_text",
+    "release_for",
 ]

@@ -26,7 +26,7 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.text_tokenizer import TextTokenizer
 
-UNIT_ROUNDOFF = 2.0 ** -53  # float64
+UNIT_ROUNDOFF = 2.0**-53  # float64
 TINY_ALIAS = "tiny"
 
 
@@ -46,18 +46,23 @@ class EmbeddingSpace:
 
     def __post_init__(self) -> None:
         if self.points.dim() != 2 or self.points.shape[0] < 2:
-            raise PrivtuneError(f"embedding {self.name!r} must be a matrix with at least 2 rows, got shape "
-                                f"{tuple(self.points.shape)}")
+            raise PrivtuneError(
+                f"embedding {self.name!r} must be a matrix with at least 2 rows, got shape {tuple(self.points.shape)}"
+            )
         if not torch.isfinite(self.points).all():
-            raise PrivtuneError(f"embedding {self.name!r} contains NaN or infinite values; use a trained, finite matrix")
+            raise PrivtuneError(
+                f"embedding {self.name!r} contains NaN or infinite values; use a trained, finite matrix"
+            )
         if self.unknown_id is not None and not 0 <= self.unknown_id < self.size:
-            raise PrivtuneError(f"unknown_id {self.unknown_id} is not a row of embedding {self.name!r} "
-                                f"(rows 0..{self.size - 1})")
+            raise PrivtuneError(
+                f"unknown_id {self.unknown_id} is not a row of embedding {self.name!r} (rows 0..{self.size - 1})"
+            )
         object.__setattr__(self, "sq_norms", (self.points * self.points).sum(dim=1))
 
     @classmethod
-    def from_matrix(cls, matrix: torch.Tensor, tokenizer: TextTokenizer, name: str = "given",
-                    unknown_id: int | None = None) -> EmbeddingSpace:
+    def from_matrix(
+        cls, matrix: torch.Tensor, tokenizer: TextTokenizer, name: str = "given", unknown_id: int | None = None
+    ) -> EmbeddingSpace:
         """Use the first ``min(rows, tokenizer.vocab_size)`` rows of ``matrix`` as the space.
 
         Rows beyond the tokenizer's vocabulary (padding rows of some models) are never produced by
@@ -146,5 +151,7 @@ def load_embedding(source: str = "smollm2") -> EmbeddingSpace:
     matrix = loaded.model.get_input_embeddings().weight
     hf = getattr(loaded.tokenizer, "hf", None)
     unk = getattr(hf, "unk_token_id", None)
-    unknown_id = int(unk) if unk is not None and 0 <= int(unk) < min(matrix.shape[0], loaded.tokenizer.vocab_size) else None
+    unknown_id = (
+        int(unk) if unk is not None and 0 <= int(unk) < min(matrix.shape[0], loaded.tokenizer.vocab_size) else None
+    )
     return EmbeddingSpace.from_matrix(matrix, loaded.tokenizer, name=source, unknown_id=unknown_id)

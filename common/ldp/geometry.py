@@ -34,9 +34,14 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
         return float(json.loads(path.read_text())["diameter_bound"])
     start = time.perf_counter()
     largest = largest_distance(space, memory_cap_bytes)
-    figures = {"diameter_bound": largest + space.rounding_bound, "largest_computed_distance": largest,
-               "rounding_bound": space.rounding_bound, "rows": space.size, "dim": space.dim,
-               "seconds": time.perf_counter() - start}
+    figures = {
+        "diameter_bound": largest + space.rounding_bound,
+        "largest_computed_distance": largest,
+        "rounding_bound": space.rounding_bound,
+        "rows": space.size,
+        "dim": space.dim,
+        "seconds": time.perf_counter() - start,
+    }
     _write_atomically(path, json.dumps(figures, indent=2).encode())
     return figures["diameter_bound"]
 
@@ -63,8 +68,8 @@ def largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
         smallest_in_block = float(radii[min(start + block, space.size) - 1])
         threshold = best - smallest_in_block - margin
         partners = space.size - int(torch.searchsorted(ascending, torch.tensor([threshold], dtype=ascending.dtype)))
-        rows = order[start:start + block]
-        dist = space.distances(rows, order[:max(partners, 1)])
+        rows = order[start : start + block]
+        dist = space.distances(rows, order[: max(partners, 1)])
         best = max(best, float(dist.max()))
     return best
 

@@ -131,7 +131,9 @@ class SanText(Mechanism):
         return TokenGuarantee(
             token_epsilon=self.epsilon * diameter + slack,
             scope=f"any two tokens of the {self.space.name} vocabulary ({self.space.size} tokens)",
-            metric_epsilon=self.epsilon, metric_slack=slack, diameter=diameter,
+            metric_epsilon=self.epsilon,
+            metric_slack=slack,
+            diameter=diameter,
         )
 
 
@@ -160,7 +162,7 @@ class CusText(Mechanism):
         step = max(1, self.memory_cap_bytes // (BYTES_PER_FLOAT64 * width * (self.space.dim + 3 * width)))
         eye = torch.eye(width, dtype=torch.bool)
         for start in range(0, n_cells, step):
-            members = self.members[start:start + step]
+            members = self.members[start : start + step]
             valid = members >= 0
             points = self.space.points[members.clamp_min(0)]
             sq = self.space.sq_norms[members.clamp_min(0)]
@@ -192,5 +194,5 @@ class CusText(Mechanism):
         return TokenGuarantee(
             token_epsilon=token_epsilon,
             scope=f"two tokens in the same CusText cell ({self.top_k} to {width} tokens of the {self.space.name} "
-                  "vocabulary); the cell itself is revealed",
+            "vocabulary); the cell itself is revealed",
         )

@@ -60,11 +60,15 @@ class LdpRelease:
     def describe(self) -> str:
         lines = [f"mechanism: {self.mechanism} (epsilon parameter {self.epsilon:g}) over {self.embedding} embeddings"]
         if self.metric_epsilon is not None:
-            lines.append(f"per token, metric: {self.metric_epsilon:g} * d(x, x') + {self.metric_slack:.2g}-LDP "
-                         f"(d = Euclidean distance of the token embeddings, diameter {self.diameter:.6g})")
+            lines.append(
+                f"per token, metric: {self.metric_epsilon:g} * d(x, x') + {self.metric_slack:.2g}-LDP "
+                f"(d = Euclidean distance of the token embeddings, diameter {self.diameter:.6g})"
+            )
         lines.append(f"per token: {self.token_epsilon:.6g}-LDP (pure) for {self.scope}")
-        lines.append(f"per document: {self.document_epsilon:.6g}-LDP (pure) = {self.n_tokens} tokens x "
-                     f"{self.token_epsilon:.6g}; the number of tokens is not protected")
+        lines.append(
+            f"per document: {self.document_epsilon:.6g}-LDP (pure) = {self.n_tokens} tokens x "
+            f"{self.token_epsilon:.6g}; the number of tokens is not protected"
+        )
         return "\n".join(lines)
 
 
@@ -82,10 +86,16 @@ def release_for(mechanism: Mechanism, n_tokens: int) -> LdpRelease:
     """The guarantee of perturbing ``n_tokens`` tokens, known before any sampling."""
     token = mechanism.guarantee
     return LdpRelease(
-        mechanism=mechanism.name, epsilon=mechanism.epsilon,
-        embedding=f"{mechanism.space.name} (sha256 {mechanism.space.digest[:12]})", n_tokens=n_tokens,
-        token_epsilon=token.token_epsilon, document_epsilon=n_tokens * token.token_epsilon, scope=token.scope,
-        metric_epsilon=token.metric_epsilon, metric_slack=token.metric_slack, diameter=token.diameter,
+        mechanism=mechanism.name,
+        epsilon=mechanism.epsilon,
+        embedding=f"{mechanism.space.name} (sha256 {mechanism.space.digest[:12]})",
+        n_tokens=n_tokens,
+        token_epsilon=token.token_epsilon,
+        document_epsilon=n_tokens * token.token_epsilon,
+        scope=token.scope,
+        metric_epsilon=token.metric_epsilon,
+        metric_slack=token.metric_slack,
+        diameter=token.diameter,
     )
 
 
@@ -94,8 +104,9 @@ def make_generator(seed: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
 
 
-def perturb_text(text: str, mechanism: Mechanism, *, seed: int | None = None, ledger=None,
-                 document_id: str = "") -> tuple[str, LdpRelease]:
+def perturb_text(
+    text: str, mechanism: Mechanism, *, seed: int | None = None, ledger=None, document_id: str = ""
+) -> tuple[str, LdpRelease]:
     """Perturb every token of ``text``; return the perturbed text and its guarantee.
 
     ``ledger`` (a :class:`common.ledger.Ledger`) records the release under ``document_id`` before

@@ -25,7 +25,7 @@ def sample_rows(weights: torch.Tensor, rows: torch.Tensor, generator: torch.Gene
     """
     cdf = weights.to(torch.float64).cumsum(dim=1)
     draws = torch.randint(0, 1 << UNIFORM_BITS, (len(rows),), generator=generator, dtype=torch.long)
-    targets = draws.to(torch.float64).mul_(2.0 ** -UNIFORM_BITS).mul_(cdf[rows, -1])
+    targets = draws.to(torch.float64).mul_(2.0**-UNIFORM_BITS).mul_(cdf[rows, -1])
     out = torch.empty(len(rows), dtype=torch.long)
     already_grouped = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
     order = torch.arange(len(rows)) if already_grouped else torch.argsort(rows, stable=True)
@@ -41,6 +41,6 @@ def sample_rows(weights: torch.Tensor, rows: torch.Tensor, generator: torch.Gene
         found = torch.searchsorted(cdf, padded, right=True)
         out[order[light]] = found[grouped[light], rank[light]]
     for row in (counts > BATCHED_OCCURRENCES).nonzero().squeeze(1).tolist():
-        positions = order[int(starts[row]):int(starts[row] + counts[row])]
+        positions = order[int(starts[row]) : int(starts[row] + counts[row])]
         out[positions] = torch.searchsorted(cdf[row], targets[positions], right=True)
     return out

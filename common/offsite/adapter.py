@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,12 +105,16 @@ def resolve_parameter(model: nn.Module, positions: Mapping[int, int], name: str)
         return model.get_output_embeddings().weight
     match = _BLOCK_NAME.match(name)
     if not match or int(match.group(1)) not in positions:
-        raise PrivtuneError(f"adapter tensor {name!r} names no adapter block of this model (blocks {sorted(positions)})")
+        raise PrivtuneError(
+            f"adapter tensor {name!r} names no adapter block of this model (blocks {sorted(positions)})"
+        )
     block = get_blocks(model)[positions[int(match.group(1))]]
     try:
         return block.get_parameter(match.group(2))
     except AttributeError:
-        raise PrivtuneError(f"adapter tensor {name!r}: block {match.group(1)} has no parameter {match.group(2)!r}") from None
+        raise PrivtuneError(
+            f"adapter tensor {name!r}: block {match.group(1)} has no parameter {match.group(2)!r}"
+        ) from None
 
 
 def hf_name(model: nn.Module, positions: Mapping[int, int], name: str) -> str:
@@ -174,7 +179,7 @@ class AdapterManifest:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AdapterManifest":
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterManifest:
         if data.get("format") != ADAPTER_FORMAT:
             raise PrivtuneError(f"adapter manifest format {data.get('format')!r} is not {ADAPTER_FORMAT!r}")
         try:
@@ -183,7 +188,7 @@ class AdapterManifest:
             raise PrivtuneError(f"adapter manifest lacks field {err.args[0]!r}") from None
 
     @classmethod
-    def of_package(cls, package_manifest: Mapping[str, Any]) -> "AdapterManifest":
+    def of_package(cls, package_manifest: Mapping[str, Any]) -> AdapterManifest:
         """The adapter a package's data owners must send back (its hash is the package's own)."""
         return replace(cls.from_dict(package_manifest["adapter"]), emulator_hash=package_manifest["content_hash"])
 
@@ -198,13 +203,19 @@ class AdapterManifest:
             )
         for name, tensor in state.items():
             if list(tensor.shape) != list(self.shapes[name]):
-                raise PrivtuneError(f"adapter tensor {name!r} has shape {list(tensor.shape)}, expected {self.shapes[name]}")
+                raise PrivtuneError(
+                    f"adapter tensor {name!r} has shape {list(tensor.shape)}, expected {self.shapes[name]}"
+                )
             if _dtype_name(tensor.dtype) != self.dtype:
-                raise PrivtuneError(f"adapter tensor {name!r} has dtype {_dtype_name(tensor.dtype)}, expected {self.dtype}")
+                raise PrivtuneError(
+                    f"adapter tensor {name!r} has dtype {_dtype_name(tensor.dtype)}, expected {self.dtype}"
+                )
             if not torch.isfinite(tensor).all():
                 raise PrivtuneError(f"adapter tensor {name!r} holds NaN or infinite values; the update is refused")
 
-    def validate_against(self, reference: "AdapterManifest | Mapping[str, Any]", state: Mapping[str, torch.Tensor]) -> None:
+    def validate_against(
+        self, reference: AdapterManifest | Mapping[str, Any], state: Mapping[str, torch.Tensor]
+    ) -> None:
         """Refuse an update (this manifest + ``state``) that does not belong to ``reference``.
 
         ``reference`` is what the receiver issued: its :class:`AdapterManifest` (e.g.
@@ -217,8 +228,11 @@ class AdapterManifest:
             ("model family", self.family, reference.family),
             ("number of blocks of the full model", self.n_blocks, reference.n_blocks),
             ("adapter block indices", list(self.indices), list(reference.indices)),
-            ("adapter kind", (self.mode, self.lora_r, self.lora_alpha, self.carry_embeddings),
-             (reference.mode, reference.lora_r, reference.lora_alpha, reference.carry_embeddings)),
+            (
+                "adapter kind",
+                (self.mode, self.lora_r, self.lora_alpha, self.carry_embeddings),
+                (reference.mode, reference.lora_r, reference.lora_alpha, reference.carry_embeddings),
+            ),
             ("dtype", self.dtype, reference.dtype),
             ("emulator hash", self.emulator_hash, reference.emulator_hash),
             ("base model hash", self.base_hash, reference.base_hash),
@@ -235,7 +249,9 @@ def _short(value: Any) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def describe_adapter(model: nn.Module, split: SplitIndices, cfg: OffsiteConfig, emulator_hash: str = "") -> AdapterManifest:
+def describe_adapter(
+    model: nn.Module, split: SplitIndices, cfg: OffsiteConfig, emulator_hash: str = ""
+) -> AdapterManifest:
     """The manifest of the (untrained) adapter for ``model`` under ``split``, derived from its modules."""
     positions = block_positions(model, split)
     base = base_tensors(model, split, cfg.carry_embeddings)
@@ -279,7 +295,9 @@ def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *
         cfg, emulator_hash, expected = spec, "", None
         split = split_of(model) or split_indices(num_blocks(model), cfg)
         if split != split_indices(split.n_blocks, cfg):
-            raise PrivtuneError(f"the model was thinned with split {split}, which this config does not give; use its own config")
+            raise PrivtuneError(
+                f"the model was thinned with split {split}, which this config does not give; use its own config"
+            )
     else:
         cfg = OffsiteConfig.from_dict(spec["offsite"])
         split = SplitIndices.from_dict(spec["split"])
@@ -289,7 +307,9 @@ def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *
         raise PrivtuneError("this model already has an adapter prepared; prepare a fresh copy")
     manifest = describe_adapter(model, split, cfg, emulator_hash)
     if expected is not None and manifest.base_hash != expected.base_hash:
-        raise PrivtuneError("the model's adapter blocks differ from the package's; instantiate the model from the package")
+        raise PrivtuneError(
+            "the model's adapter blocks differ from the package's; instantiate the model from the package"
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     positions = block_positions(model, split)
@@ -306,7 +326,9 @@ def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *
     return model
 
 
-def _inject_lora(model: nn.Module, split: SplitIndices, positions: Mapping[int, int], cfg: OffsiteConfig, seed: int | None) -> None:
+def _inject_lora(
+    model: nn.Module, split: SplitIndices, positions: Mapping[int, int], cfg: OffsiteConfig, seed: int | None
+) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
     blocks = get_blocks(model)
@@ -317,8 +339,13 @@ def _inject_lora(model: nn.Module, split: SplitIndices, positions: Mapping[int, 
             targets.append(f"{prefix}.{positions[orig]}.{path}")
             conv = conv or not isinstance(layer, nn.Linear)
     config = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
-        target_modules=targets, fan_in_fan_out=conv, init_lora_weights=True,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=targets,
+        fan_in_fan_out=conv,
+        init_lora_weights=True,
     )
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from privtune.common.errors import PrivtuneError
 
@@ -47,7 +48,7 @@ class OffsiteConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "OffsiteConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> OffsiteConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

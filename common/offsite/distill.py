@@ -15,9 +15,10 @@ import contextlib
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,11 +95,8 @@ def _middle_ends(full_model: nn.Module, emulator: nn.Module) -> tuple[SplitIndic
 
 
 def _teacher_hidden(full_model: nn.Module, teacher_block: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), _capture_output(teacher_block, stop=True) as captured:
-        try:
-            forward_logits(full_model, batch)
-        except _StopForward:
-            pass
+    with torch.no_grad(), _capture_output(teacher_block, stop=True) as captured, contextlib.suppress(_StopForward):
+        forward_logits(full_model, batch)
     return captured["hidden"]
 
 
@@ -112,12 +110,9 @@ def middle_kd(full_model: nn.Module, emulator: nn.Module, blocks: torch.Tensor, 
     losses = []
     try:
         for start in range(0, len(blocks), batch_size):
-            batch = blocks[start:start + batch_size]
-            with _capture_output(student_block, stop=True) as captured:
-                try:
-                    forward_logits(emulator, batch)
-                except _StopForward:
-                    pass
+            batch = blocks[start : start + batch_size]
+            with _capture_output(student_block, stop=True) as captured, contextlib.suppress(_StopForward):
+                forward_logits(emulator, batch)
             losses.append(kd_loss(_teacher_hidden(full_model, teacher_block, batch), captured["hidden"]).item())
     finally:
         full_model.train(modes[0])
@@ -158,9 +153,11 @@ def distill_emulator(
     """
     split, teacher_block, student_block = _middle_ends(full_model, emulator)
     middle = _middle_parameters(emulator, split)
-    fingerprint = {"split": split.to_dict(), "config": {k: v for k, v in asdict(cfg).items()
-                                                        if k not in ("checkpoint_every", "log_every")},
-                   "blocks": list(blocks.shape)}
+    fingerprint = {
+        "split": split.to_dict(),
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_every", "log_every")},
+        "blocks": list(blocks.shape),
+    }
     flags = {p: p.requires_grad for p in emulator.parameters()}
     for p in emulator.parameters():
         p.requires_grad_(False)
@@ -209,12 +206,22 @@ def distill_emulator(
     return result
 
 
-def _save(path: Path, step: int, fingerprint: dict, middle: dict[str, nn.Parameter],
-          optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def _save(
+    path: Path,
+    step: int,
+    fingerprint: dict,
+    middle: dict[str, nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT, "step": step, "fingerprint": fingerprint,
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "fingerprint": fingerprint,
         "middle": {name: p.detach().clone() for name, p in middle.items()},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -222,12 +229,15 @@ def _save(path: Path, step: int, fingerprint: dict, middle: dict[str, nn.Paramet
     os.replace(tmp, path)
 
 
-def _resume(path: Path, fingerprint: dict, middle: dict[str, nn.Parameter],
-            optimizer: torch.optim.Optimizer, scheduler: Any) -> int:
+def _resume(
+    path: Path, fingerprint: dict, middle: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any
+) -> int:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a damaged file
-        raise PrivtuneError(f"distillation checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over") from None
+        raise PrivtuneError(
+            f"distillation checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over"
+        ) from None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
         raise PrivtuneError(
             f"distillation checkpoint {path} was made for another model, split, data or settings; "

@@ -24,7 +24,7 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
     total, count = 0.0, 0
     try:
         for start in range(0, len(blocks), batch_size):
-            batch = blocks[start:start + batch_size]
+            batch = blocks[start : start + batch_size]
             total += next_token_nll(forward_logits(model, batch), batch, reduction="sum").item()
             count += batch.shape[0] * (batch.shape[1] - 1)
     finally:
@@ -62,10 +62,17 @@ def evaluation_table(
 
     Keys follow :data:`ROWS`; a model not given is reported as None ("-").
     """
-    models = {"zero_shot": full_model, "emulator": emulator, "emulator_adapter": emulator_adapter,
-              "plugin": plugin, "full_ft": full_ft}
-    results = {row.key: (perplexity(models[row.key], heldout, batch_size) if models[row.key] is not None else None)
-               for row in ROWS}
+    models = {
+        "zero_shot": full_model,
+        "emulator": emulator,
+        "emulator_adapter": emulator_adapter,
+        "plugin": plugin,
+        "full_ft": full_ft,
+    }
+    results = {
+        row.key: (perplexity(models[row.key], heldout, batch_size) if models[row.key] is not None else None)
+        for row in ROWS
+    }
     width = max(len(row.label) for row in ROWS)
     print(f"\n{title} ({heldout.shape[0]} blocks x {heldout.shape[1]} tokens)")
     for row in ROWS:

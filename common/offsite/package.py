@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,8 +64,14 @@ class EmulatorPackage:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def build(cls, full_model: nn.Module, cfg: OffsiteConfig, *, emulator: nn.Module | None = None,
-              extra: Mapping[str, Any] | None = None) -> "EmulatorPackage":
+    def build(
+        cls,
+        full_model: nn.Module,
+        cfg: OffsiteConfig,
+        *,
+        emulator: nn.Module | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> EmulatorPackage:
         """Package ``full_model`` split by ``cfg``; pass ``emulator`` to ship a distilled one.
 
         ``extra`` adds JSON data to the manifest (e.g. distillation settings); it is hashed too.
@@ -73,12 +80,18 @@ class EmulatorPackage:
         if emulator is None:
             emulator = build_emulator_model(full_model, cfg)
         if split_of(emulator) != split:
-            raise PrivtuneError(f"the emulator was built for split {split_of(emulator)}, not {split}; rebuild it with this config")
+            raise PrivtuneError(
+                f"the emulator was built for split {split_of(emulator)}, not {split}; rebuild it with this config"
+            )
         adapter = describe_adapter(emulator, split, cfg)
         if adapter.base_hash != describe_adapter(full_model, split, cfg).base_hash:
-            raise PrivtuneError("the emulator's adapter blocks differ from the full model's; only its middle may be distilled")
-        covered = {hf_name(emulator, block_positions(emulator, split), name): name
-                   for name in base_tensors(emulator, split, cfg.carry_embeddings)}
+            raise PrivtuneError(
+                "the emulator's adapter blocks differ from the full model's; only its middle may be distilled"
+            )
+        covered = {
+            hf_name(emulator, block_positions(emulator, split), name): name
+            for name in base_tensors(emulator, split, cfg.carry_embeddings)
+        }
         tensors: dict[str, torch.Tensor] = {}
         aliases: dict[str, str] = {}
         first_by_storage: dict[tuple, str] = {}
@@ -111,13 +124,16 @@ class EmulatorPackage:
         return cls(tensors, manifest, origin="built package")
 
     @classmethod
-    def from_parts(cls, tensors: Mapping[str, Any], manifest: Mapping[str, Any]) -> "EmulatorPackage":
+    def from_parts(cls, tensors: Mapping[str, Any], manifest: Mapping[str, Any]) -> EmulatorPackage:
         """Rebuild a package that travelled as arrays + manifest (e.g. Flower records); verifies the hash."""
-        return cls({k: torch.as_tensor(v) for k, v in tensors.items()}, copy.deepcopy(dict(manifest)),
-                   origin="received package")
+        return cls(
+            {k: torch.as_tensor(v) for k, v in tensors.items()},
+            copy.deepcopy(dict(manifest)),
+            origin="received package",
+        )
 
     @classmethod
-    def load(cls, folder: Path | str) -> "EmulatorPackage":
+    def load(cls, folder: Path | str) -> EmulatorPackage:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -127,8 +143,9 @@ class EmulatorPackage:
             manifest = json.loads(manifest_path.read_text())
             tensors = load_file(str(tensors_path))
         except FileNotFoundError as err:
-            raise PrivtuneError(f"{folder} is not an emulator package: {err.filename} is missing "
-                                "(create one with 'privtune prepare')") from None
+            raise PrivtuneError(
+                f"{folder} is not an emulator package: {err.filename} is missing (create one with 'privtune prepare')"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise PrivtuneError(f"{manifest_path} is corrupt ({err}); fetch or prepare the package again") from None
         except (SafetensorError, OSError, ValueError) as err:
@@ -174,7 +191,9 @@ class EmulatorPackage:
 
     def initial_adapter(self) -> dict[str, torch.Tensor]:
         """The adapter's starting full weights, canonically named (copies)."""
-        return {k.removeprefix(ADAPTER_PREFIX): t.clone() for k, t in self._tensors.items() if k.startswith(ADAPTER_PREFIX)}
+        return {
+            k.removeprefix(ADAPTER_PREFIX): t.clone() for k, t in self._tensors.items() if k.startswith(ADAPTER_PREFIX)
+        }
 
     def to_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors (shared, do not modify) and a copy of the manifest, for transport."""
@@ -203,8 +222,8 @@ class EmulatorPackage:
         model costs little more than the package's own memory.
         """
         from transformers import AutoModelForCausalLM
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         from transformers.initialization import no_init_weights
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         manifest = self._manifest
         config_data = dict(manifest["emulator_config"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,7 +22,9 @@ from privtune.common.offsite.digest import tensors_digest
 from privtune.common.offsite.split import SplitIndices
 
 
-def plug_in(full_model: nn.Module, adapter_state: Mapping[str, torch.Tensor], adapter_manifest: AdapterManifest) -> nn.Module:
+def plug_in(
+    full_model: nn.Module, adapter_state: Mapping[str, torch.Tensor], adapter_manifest: AdapterManifest
+) -> nn.Module:
     """A copy of ``full_model`` with the adapter written into its adapter blocks.
 
     Full adapters replace the blocks' weights; LoRA adds B @ A * alpha/r to each adapted linear
@@ -35,7 +37,8 @@ def plug_in(full_model: nn.Module, adapter_state: Mapping[str, torch.Tensor], ad
         raise PrivtuneError(f"adapter refused: it was trained for a {manifest.family} model, this is a {family} model")
     if manifest.n_blocks != num_blocks(full_model):
         raise PrivtuneError(
-            f"adapter refused: it was trained for a {manifest.n_blocks}-block model, this one has {num_blocks(full_model)}"
+            f"adapter refused: it was trained for a {manifest.n_blocks}-block model, this one has "
+            f"{num_blocks(full_model)}"
         )
     if manifest.mode not in ("full", "lora"):
         raise PrivtuneError(f"adapter refused: unknown adapter kind {manifest.mode!r}")
@@ -57,7 +60,9 @@ def plug_in(full_model: nn.Module, adapter_state: Mapping[str, torch.Tensor], ad
             for name, tensor in adapter_state.items():
                 target = resolve_parameter(plugged, positions, name)
                 if target.shape != tensor.shape:
-                    raise PrivtuneError(f"adapter refused: {name!r} has shape {list(tensor.shape)}, model has {list(target.shape)}")
+                    raise PrivtuneError(
+                        f"adapter refused: {name!r} has shape {list(tensor.shape)}, model has {list(target.shape)}"
+                    )
                 target.copy_(tensor)
         else:
             _merge_lora(plugged, adapter_state, manifest)

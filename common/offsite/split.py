@@ -41,7 +41,7 @@ class SplitIndices:
         return {"n_blocks": self.n_blocks, "bottom": self.bottom, "middle_kept": self.middle_kept, "top": self.top}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "SplitIndices":
+    def from_dict(cls, data: dict) -> SplitIndices:
         return cls(int(data["n_blocks"]), list(data["bottom"]), list(data["middle_kept"]), list(data["top"]))
 
 

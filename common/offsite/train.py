@@ -11,8 +11,8 @@ import contextlib
 import hashlib
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -24,13 +24,17 @@ from privtune.common.offsite.lm import lm_loss
 DTYPES = ("fp32", "bf16")
 
 
-def check_loop_settings(what: str, dtype: str, steps: int, batch_size: int, lr: float, checkpoint_every: int = 1) -> None:
+def check_loop_settings(
+    what: str, dtype: str, steps: int, batch_size: int, lr: float, checkpoint_every: int = 1
+) -> None:
     """The settings every training loop here shares (adapter training, distillation, pretraining)."""
     if dtype not in DTYPES:
         raise PrivtuneError(f"{what} dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if steps < 0 or batch_size < 1 or lr <= 0 or checkpoint_every < 1:
-        raise PrivtuneError(f"{what} needs steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1; got "
-                            f"steps={steps}, batch_size={batch_size}, lr={lr}, checkpoint_every={checkpoint_every}")
+        raise PrivtuneError(
+            f"{what} needs steps >= 0, batch_size >= 1, lr > 0 and checkpoint_every >= 1; got "
+            f"steps={steps}, batch_size={batch_size}, lr={lr}, checkpoint_every={checkpoint_every}"
+        )
 
 
 @dataclass(frozen=True)
@@ -117,11 +121,16 @@ def train_adapter(
     the optimizer and the data outright.
     """
     if blocks.dim() != 2 or len(blocks) == 0:
-        raise PrivtuneError(f"training data must be a non-empty [n_blocks, block_size] tensor, got shape {list(blocks.shape)}")
+        raise PrivtuneError(
+            f"training data must be a non-empty [n_blocks, block_size] tensor, got shape {list(blocks.shape)}"
+        )
     if optimizer is None:
         params = trainable_parameters(model)
-        optimizer = (optimizer_factory(params) if optimizer_factory
-                     else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        optimizer = (
+            optimizer_factory(params)
+            if optimizer_factory
+            else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        )
     if batches is None:
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
         batches = shuffled_batches(blocks, cfg.batch_size, seed)

@@ -101,7 +101,9 @@ def per_query_rdp(alpha: int, beta: float, q: float, n_members: int) -> float:
     log_kappa = math.log(-math.expm1(log_pi0)) - math.log(n_members)
     rho = alpha * beta
     log_terms = [
-        math.log(math.comb(alpha, ell)) + ell * (math.log(2.0) + log_kappa) - (ell - 1) * log_pi0
+        math.log(math.comb(alpha, ell))
+        + ell * (math.log(2.0) + log_kappa)
+        - (ell - 1) * log_pi0
         + _log_expm1((ell - 1) * rho)
         for ell in range(2, alpha + 1)
     ]

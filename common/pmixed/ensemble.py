@@ -69,7 +69,9 @@ class _Stem:
         self.family = family_of(model).name
         self.model = model
         config = model.config
-        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+        self.max_positions = int(
+            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0
+        )
 
     def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Block input from the token embeddings (each row's own embedding table was applied already)."""
@@ -159,7 +161,7 @@ class _RoutedBlock:
         for name, lora_a in state.items():
             if not (name.startswith(prefix) and name.endswith(".lora_A")):
                 continue
-            path = name[len(prefix):].removesuffix(".lora_A")
+            path = name[len(prefix) :].removesuffix(".lora_A")
             if path not in self.layers:
                 self.layers[path] = _RowLoRA(self.block.get_submodule(path))
                 self.block.set_submodule(path, self.layers[path])
@@ -187,8 +189,12 @@ class Ensemble:
     public-order rows would average distributions over different vocabularies, so that is refused.
     """
 
-    def __init__(self, base_model: nn.Module, members: Sequence[MemberAdapter],
-                 public_embeddings: Mapping[str, torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        members: Sequence[MemberAdapter],
+        public_embeddings: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         if not members:
             raise PrivtuneError("a PMixED ensemble needs at least one member adapter")
         self.public_pair = _public_pair(base_model, members, public_embeddings)
@@ -209,15 +215,19 @@ class Ensemble:
             if member.manifest.mode == "lora":
                 for i in indices:
                     self.routed.setdefault(i, _RoutedBlock(self.base_blocks[i])).add(
-                        row, member.state, f"block.{i}.", member.manifest.scale)
+                        row, member.state, f"block.{i}.", member.manifest.scale
+                    )
                 self.own_blocks.append({i: self.routed[i].block for i in indices})
             else:
                 self.own_blocks.append({i: blocks[i].eval() for i in indices})
             if member.manifest.carry_embeddings:
                 self.own_embeddings[row] = (plugged.get_input_embeddings(), plugged.get_output_embeddings())
             del plugged
-        modules = [self.base, *(b for own in self.own_blocks for b in own.values()),
-                   *(m for pair in self.own_embeddings.values() for m in pair)]
+        modules = [
+            self.base,
+            *(b for own in self.own_blocks for b in own.values()),
+            *(m for pair in self.own_embeddings.values() for m in pair),
+        ]
         for module in modules:
             module.requires_grad_(False)
 
@@ -228,10 +238,19 @@ class Ensemble:
     def extra_bytes(self) -> int:
         """Bytes held on top of the base model: block copies, LoRA factors, carried embeddings, keyed p0."""
         tensors = [t for own in self.own_blocks for block in own.values() for t in block.parameters()]
-        tensors += [t for pair in [*self.own_embeddings.values(), *([self.public_pair] if self.public_pair else [])]
-                    for module in pair for t in module.parameters()]
-        tensors += [t for routed in self.routed.values() for layer in routed.layers.values()
-                    for a, b, _ in layer.factors.values() for t in (a, b)]
+        tensors += [
+            t
+            for pair in [*self.own_embeddings.values(), *([self.public_pair] if self.public_pair else [])]
+            for module in pair
+            for t in module.parameters()
+        ]
+        tensors += [
+            t
+            for routed in self.routed.values()
+            for layer in routed.layers.values()
+            for a, b, _ in layer.factors.values()
+            for t in (a, b)
+        ]
         return unique_bytes(tensors, exclude=self.base.parameters())
 
     @property
@@ -254,7 +273,7 @@ class Ensemble:
             return self.public_pair
         return self.base.get_input_embeddings(), self.base.get_output_embeddings()
 
-    def session(self, prompt: Sequence[int]) -> "EnsembleSession":
+    def session(self, prompt: Sequence[int]) -> EnsembleSession:
         return EnsembleSession(self, prompt)
 
 
@@ -274,11 +293,15 @@ def check_p0_order(members: Sequence[MemberAdapter], keyed_p0: bool) -> None:
     """Refuse an ensemble whose p0 and members are not over the same ids (keyed p0 iff keyed members)."""
     carried = {m.manifest.carry_embeddings for m in members}
     if len(carried) > 1:
-        raise PrivtuneError("some members carry their own (ULT-keyed) embeddings and some do not: they come from "
-                            "different federations and cannot form one ensemble")
+        raise PrivtuneError(
+            "some members carry their own (ULT-keyed) embeddings and some do not: they come from "
+            "different federations and cannot form one ensemble"
+        )
     if carried == {False} and keyed_p0:
-        raise PrivtuneError("keyed public embeddings were given, but the members use the base model's own "
-                            "embeddings (no ULT key): serve without them")
+        raise PrivtuneError(
+            "keyed public embeddings were given, but the members use the base model's own "
+            "embeddings (no ULT key): serve without them"
+        )
     if carried == {True} and not keyed_p0:
         raise PrivtuneError(
             "the members are ULT-keyed (their embeddings are in the federation key's id order) but p0, the public "
@@ -287,8 +310,9 @@ def check_p0_order(members: Sequence[MemberAdapter], keyed_p0: bool) -> None:
         )
 
 
-def _public_pair(base: nn.Module, members: Sequence[MemberAdapter],
-                 public_embeddings: Mapping[str, torch.Tensor] | None) -> tuple[nn.Module, nn.Module] | None:
+def _public_pair(
+    base: nn.Module, members: Sequence[MemberAdapter], public_embeddings: Mapping[str, torch.Tensor] | None
+) -> tuple[nn.Module, nn.Module] | None:
     """p0's (input embedding, head) when the members are ULT-keyed; None when p0 is the base as it is."""
     check_p0_order(members, public_embeddings is not None)
     if public_embeddings is None:
@@ -296,8 +320,11 @@ def _public_pair(base: nn.Module, members: Sequence[MemberAdapter],
     embed = copy.deepcopy(base.get_input_embeddings())
     embed.weight = nn.Parameter(public_embeddings[INPUT_EMBEDDINGS].to(embed.weight.dtype), requires_grad=False)
     head = copy.deepcopy(base.get_output_embeddings())
-    head.weight = (embed.weight if OUTPUT_EMBEDDINGS not in public_embeddings
-                   else nn.Parameter(public_embeddings[OUTPUT_EMBEDDINGS].to(head.weight.dtype), requires_grad=False))
+    head.weight = (
+        embed.weight
+        if OUTPUT_EMBEDDINGS not in public_embeddings
+        else nn.Parameter(public_embeddings[OUTPUT_EMBEDDINGS].to(head.weight.dtype), requires_grad=False)
+    )
     return embed.eval(), head.eval()
 
 
@@ -333,7 +360,9 @@ class EnsembleSession:
     def _rows(self, members: Sequence[int]) -> list[int]:
         rows = [PUBLIC, *(int(m) for m in members)]
         if len(set(rows)) != len(rows) or any(not 0 <= m < self.ensemble.n_members for m in rows[1:]):
-            raise ValueError(f"members must be distinct indices in 0..{self.ensemble.n_members - 1}, got {list(members)}")
+            raise ValueError(
+                f"members must be distinct indices in 0..{self.ensemble.n_members - 1}, got {list(members)}"
+            )
         return rows
 
     @torch.no_grad()
@@ -344,7 +373,9 @@ class EnsembleSession:
         ens = self.ensemble
         if not ens.own_embeddings:
             return ens.stem.logits(last_hidden, ens.embeddings_for(PUBLIC)[1])
-        return torch.cat([ens.stem.logits(last_hidden[i:i + 1], ens.embeddings_for(row)[1]) for i, row in enumerate(rows)])
+        return torch.cat(
+            [ens.stem.logits(last_hidden[i : i + 1], ens.embeddings_for(row)[1]) for i, row in enumerate(rows)]
+        )
 
     @torch.no_grad()
     def prefill(self, members: Sequence[int]) -> None:
@@ -397,8 +428,11 @@ class EnsembleSession:
                 kwargs = {k: tuple(t.index_select(1, idx) for t in v) for k, v in extra.items()}
                 try:
                     result = modules[key](
-                        hidden.index_select(1, idx), attention_mask=masks[group], past_key_values=cache, use_cache=True,
-                        **kwargs
+                        hidden.index_select(1, idx),
+                        attention_mask=masks[group],
+                        past_key_values=cache,
+                        use_cache=True,
+                        **kwargs,
                     )
                 finally:
                     if routed is not None:
@@ -443,7 +477,7 @@ class EnsembleSession:
         keys, values = new
         offset = 0
         for row, count in zip(rows, counts):
-            k, v = keys[:, :, offset:offset + count], values[:, :, offset:offset + count]
+            k, v = keys[:, :, offset : offset + count], values[:, :, offset : offset + count]
             offset += count
             per_block = self._cache.setdefault(row, {})
             if index in per_block:
@@ -477,4 +511,3 @@ class EnsembleSession:
         probs = self.probs(chosen.tolist())
         dist = mixture_distribution(probs[1:] if chosen.size else None, probs[0], budget.alpha, budget.beta(), tol)
         return sample_token(dist, rng)
-

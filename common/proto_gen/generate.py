@@ -56,8 +56,12 @@ def _compile(out: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m privtune.common.proto_gen.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=STUBS, help="output folder (default: common/proto_gen/ in the repository)")
+    parser = argparse.ArgumentParser(
+        prog="python -m privtune.common.proto_gen.generate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=STUBS, help="output folder (default: common/proto_gen/ in the repository)"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -31,13 +31,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = _FORMAT_HELP
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    build = sub.add_parser("build-table", help="rank the symbols of a corpus into a table (one pass)", epilog=_FORMAT_HELP)
+    build = sub.add_parser(
+        "build-table", help="rank the symbols of a corpus into a table (one pass)", epilog=_FORMAT_HELP
+    )
     build.add_argument("corpus", nargs="+", type=Path, metavar="CORPUS", help="text files or folders of them")
-    build.add_argument("-o", "--output", type=Path, required=True, metavar="TABLE", help="the table file to write (JSON)")
+    build.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="TABLE", help="the table file to write (JSON)"
+    )
     defaults = UltConfig()
-    build.add_argument("--patch-size", type=int, default=defaults.patch_size, help="characters per BWT patch (%(default)s)")
-    build.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="common vocabulary size V (%(default)s)")
-    build.add_argument("--band-width", type=int, default=defaults.band_width, help="keyed permutation band width (%(default)s)")
+    build.add_argument(
+        "--patch-size", type=int, default=defaults.patch_size, help="characters per BWT patch (%(default)s)"
+    )
+    build.add_argument(
+        "--vocab-size", type=int, default=defaults.vocab_size, help="common vocabulary size V (%(default)s)"
+    )
+    build.add_argument(
+        "--band-width", type=int, default=defaults.band_width, help="keyed permutation band width (%(default)s)"
+    )
     _key_options(build, "bind the table to this key, so that a wrong key is refused later")
 
     bind = sub.add_parser("bind-key", help="copy a (public) table, recording a key's check value")
@@ -50,20 +60,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
         source, target = ("text file", "encoded file") if action == "encode" else ("encoded file", "text file")
         cmd.add_argument("input", type=Path, metavar="IN", help=f"the {source} to read")
         cmd.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help=f"the {target} to write")
-        cmd.add_argument("--table", type=Path, required=True, help="a table from 'privtune ult build-table' (or bind-key)")
+        cmd.add_argument(
+            "--table", type=Path, required=True, help="a table from 'privtune ult build-table' (or bind-key)"
+        )
         _key_options(cmd, "the key the data is (to be) encoded with")
         if action == "decode":
-            cmd.add_argument("--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD")
+            cmd.add_argument(
+                "--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD"
+            )
 
     public = sub.add_parser(
-        "keyed-public", help="key holder: the public model's embedding rows in the key's order (PMixED's p0)",
+        "keyed-public",
+        help="key holder: the public model's embedding rows in the key's order (PMixED's p0)",
         description="Write the base model's embedding (and untied head) rows relabelled into the federation key's id "
-                    "order, for 'privtune serve --public-embeddings'. Nothing in it is learned from private data, but "
-                    "it reveals the key's permutation of the vocabulary to whoever has the public model: see the "
-                    "README's section on what ULT hides.")
+        "order, for 'privtune serve --public-embeddings'. Nothing in it is learned from private data, but "
+        "it reveals the key's permutation of the vocabulary to whoever has the public model: see the "
+        "README's section on what ULT hides.",
+    )
     public.add_argument("--model", required=True, help="the ULT-ready base model the federation trained on (folder)")
     public.add_argument("--table", type=Path, required=True, help="the federation's ULT table")
-    public.add_argument("-o", "--output", type=Path, required=True, metavar="FILE", help="the .safetensors file to write")
+    public.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="FILE", help="the .safetensors file to write"
+    )
     _key_options(public, "the federation key", required=True)
 
     key = sub.add_parser("new-key", help="write a new random key file (owner-readable only)")
@@ -74,7 +92,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _key_options(parser: argparse.ArgumentParser, what: str, required: bool = False) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--key-file", type=Path, metavar="KEY", help=f"{what}: a file from 'privtune ult new-key'")
-    group.add_argument("--passphrase-env", metavar="VAR", help=f"{what}: derived from the passphrase in environment variable VAR")
+    group.add_argument(
+        "--passphrase-env", metavar="VAR", help=f"{what}: derived from the passphrase in environment variable VAR"
+    )
 
 
 def _key(args: argparse.Namespace) -> UltKey | None:
@@ -88,8 +108,14 @@ def _key(args: argparse.Namespace) -> UltKey | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    actions = {"build-table": _build, "bind-key": _bind, "encode": _encode, "decode": _decode, "new-key": _new_key,
-               "keyed-public": _keyed_public}
+    actions = {
+        "build-table": _build,
+        "bind-key": _bind,
+        "encode": _encode,
+        "decode": _decode,
+        "new-key": _new_key,
+        "keyed-public": _keyed_public,
+    }
     return actions[args.action](args)
 
 
@@ -106,7 +132,10 @@ def _build(args: argparse.Namespace) -> int:
     table = build_table(files, config)
     key = _key(args)
     save_table(bind_key(table, key) if key else table, args.output)
-    print(f"{args.output}: {len(table.symbols)} symbols from {len(files)} files (capacity {config.capacity})", file=sys.stderr)
+    print(
+        f"{args.output}: {len(table.symbols)} symbols from {len(files)} files (capacity {config.capacity})",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -130,7 +159,10 @@ def _encode(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args)
     chunk = tokenizer.table.config.patch_size * _PATCHES_PER_LINE
     # Chunks of whole patches encode exactly like the whole file, joined by a separator.
-    with _open(args.input, "r", encoding="utf-8", errors="surrogateescape", newline="") as src, _output(args.output) as out:
+    with (
+        _open(args.input, "r", encoding="utf-8", errors="surrogateescape", newline="") as src,
+        _output(args.output) as out,
+    ):
         line_end = b""
         while piece := src.read(chunk):
             out.write(line_end + " ".join(map(str, tokenizer.encode(piece))).encode("ascii"))
@@ -149,7 +181,9 @@ def _decode(args: argparse.Namespace) -> int:
         def emit(ids: list[int], final: bool) -> None:
             text = tokenizer.decode(ids, strict=strict)
             if strict and not final and len(text) % patch_size:
-                raise PrivtuneError(f"{args.input}: a patch before the last one is shorter than {patch_size} characters")
+                raise PrivtuneError(
+                    f"{args.input}: a patch before the last one is shorter than {patch_size} characters"
+                )
             out.write(_utf8(text, args))
 
         pending: list[int] = []
@@ -157,7 +191,9 @@ def _decode(args: argparse.Namespace) -> int:
             try:
                 pending += map(int, line.split())
             except ValueError:
-                raise PrivtuneError(f"{args.input} is not an encoded file (expected token ids separated by spaces)") from None
+                raise PrivtuneError(
+                    f"{args.input} is not an encoded file (expected token ids separated by spaces)"
+                ) from None
             if len(pending) >= _DECODE_BATCH_IDS and SEP_ID in pending:
                 cut = len(pending) - 1 - pending[::-1].index(SEP_ID)
                 emit(pending[:cut], final=False)
@@ -177,7 +213,10 @@ def _utf8(text: str, args: argparse.Namespace) -> bytes:
 
 def _new_key(args: argparse.Namespace) -> int:
     new_key_file(args.output, overwrite=args.force)
-    print(f"{args.output}: new ULT key (keep it secret, and keep a copy: without it encoded data cannot be read)", file=sys.stderr)
+    print(
+        f"{args.output}: new ULT key (keep it secret, and keep a copy: without it encoded data cannot be read)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -190,8 +229,11 @@ def _keyed_public(args: argparse.Namespace) -> int:
 
     rows = torch.from_numpy(permuted_rows(load_table(args.table), _key(args)))
     save_keyed_public(load_model(args.model).model, rows, args.output)
-    print(f"{args.output}: {args.model}'s embedding rows in the key's order (give it to the PMixED service; "
-          "it reveals the key's permutation of the vocabulary, nothing learned from private data)", file=sys.stderr)
+    print(
+        f"{args.output}: {args.model}'s embedding rows in the key's order (give it to the PMixED service; "
+        "it reveals the key's permutation of the vocabulary, nothing learned from private data)",
+        file=sys.stderr,
+    )
     return 0
 
 

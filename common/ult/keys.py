@@ -50,7 +50,9 @@ def new_key_file(path: str | os.PathLike[str], *, overwrite: bool = False, secre
     """Write a fresh random key (from ``secrets``; ``secret`` only for tests) readable by the owner only."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise PrivtuneError(f"{path} exists; refusing to overwrite a key (data encoded with it would become unreadable)")
+        raise PrivtuneError(
+            f"{path} exists; refusing to overwrite a key (data encoded with it would become unreadable)"
+        )
     key = UltKey(secrets.token_bytes(KEY_BYTES) if secret is None else secret)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -105,7 +107,9 @@ def verify_key(table: LookupTable, key: UltKey | None) -> None:
     if table.key_check is None:
         return
     if key is None:
-        raise WrongKeyError("this ULT table is bound to a secret key; give the key file (or passphrase) it was made with")
+        raise WrongKeyError(
+            "this ULT table is bound to a secret key; give the key file (or passphrase) it was made with"
+        )
     if not hmac.compare_digest(key_check_value(key), table.key_check):
         raise WrongKeyError(
             "wrong ULT key: it does not match the key this table was bound to "

@@ -67,7 +67,9 @@ def resize_for_ult(model: nn.Module, config: UltConfig, noise: float = 1.0, seed
     head_bias = None if tied or head is None or getattr(head, "bias", None) is None else head.bias.detach().mean()
     model.resize_token_embeddings(config.vocab_size, mean_resizing=False)
     generator = torch.Generator().manual_seed(seed)
-    matrices = [model.get_input_embeddings().weight] + ([] if len(stats) == 1 else [model.get_output_embeddings().weight])
+    matrices = [model.get_input_embeddings().weight] + (
+        [] if len(stats) == 1 else [model.get_output_embeddings().weight]
+    )
     with torch.no_grad():
         for weight, (mean, std) in zip(matrices, stats):
             weight.copy_(mean + noise * std * torch.randn(weight.shape, generator=generator))
@@ -150,10 +152,17 @@ def pretrain_ult(
     return result
 
 
-def _save(path: Path, step: int, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+def _save(
+    path: Path, step: int, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
+) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT, "step": step, "fingerprint": fingerprint, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "fingerprint": fingerprint,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -165,7 +174,9 @@ def _resume(path: Path, fingerprint: dict, model: nn.Module, optimizer: torch.op
     try:
         state = torch.load(path, weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a damaged file
-        raise PrivtuneError(f"ULT pretraining checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over") from None
+        raise PrivtuneError(
+            f"ULT pretraining checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over"
+        ) from None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
         raise PrivtuneError(
             f"ULT pretraining checkpoint {path} was made for another model, table, corpus or settings; "

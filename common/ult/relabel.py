@@ -54,7 +54,7 @@ def relabel_model(model: nn.Module, rows: torch.Tensor | None) -> nn.Module:
     model = copy.deepcopy(model)
     if rows is not None:
         with torch.no_grad():
-            for name, weight in embedding_tensors(model).items():
+            for _name, weight in embedding_tensors(model).items():
                 weight.copy_(weight[rows])
     return model
 
@@ -66,8 +66,10 @@ def save_keyed_public(model: nn.Module, rows: torch.Tensor, path: str | os.PathL
     public = embedding_tensors(model)
     vocab = public[INPUT_EMBEDDINGS].shape[0]
     if rows.shape != (vocab,):
-        raise PrivtuneError(f"the ULT table has {rows.shape[0]} ids but the model has {vocab} embedding rows: "
-                            "use the ULT-ready model the federation trained on, with its table")
+        raise PrivtuneError(
+            f"the ULT table has {rows.shape[0]} ids but the model has {vocab} embedding rows: "
+            "use the ULT-ready model the federation trained on, with its table"
+        )
     keyed = {name: weight.detach()[rows].contiguous() for name, weight in public.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,9 +84,11 @@ def load_keyed_public(path: str | os.PathLike[str], model: nn.Module) -> dict[st
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle}
     except (FileNotFoundError, SafetensorError, OSError) as err:
-        raise PrivtuneError(f"cannot read keyed public embeddings {path} ({err}); make them with 'privtune ult keyed-public'") from None
+        raise PrivtuneError(
+            f"cannot read keyed public embeddings {path} ({err}); make them with 'privtune ult keyed-public'"
+        ) from None
     if metadata.get("format") != KEYED_PUBLIC_FORMAT:
         raise PrivtuneError(f"{path} is not a keyed public embeddings file (make one with 'privtune ult keyed-public')")
     public = embedding_tensors(model)

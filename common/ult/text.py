@@ -130,7 +130,9 @@ class TextCodec:
     def _check_layout(self, slot_len: np.ndarray, bad_slot: np.ndarray, text_of_slot: np.ndarray, n_texts: int) -> None:
         """Strict mode: every patch full-length and well-formed except each text's (shorter) last."""
         if bad_slot.any():
-            raise PrivtuneError(f"patch {int(np.flatnonzero(bad_slot)[0])} holds a symbol that no text encoding produces")
+            raise PrivtuneError(
+                f"patch {int(np.flatnonzero(bad_slot)[0])} holds a symbol that no text encoding produces"
+            )
         chars = slot_len - 1
         last_of_text = np.ones(slot_len.size, dtype=bool)
         last_of_text[:-1] = text_of_slot[1:] != text_of_slot[:-1]

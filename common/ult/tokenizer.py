@@ -25,7 +25,9 @@ class UltTokenizer:
 
     def __init__(self, table: LookupTable, key: UltKey | None = None) -> None:
         if table.modality != "text":
-            raise PrivtuneError(f"a {table.modality} ULT table cannot tokenize text; build one with 'privtune ult build-table'")
+            raise PrivtuneError(
+                f"a {table.modality} ULT table cannot tokenize text; build one with 'privtune ult build-table'"
+            )
         self.table = table
         self._codec = TextCodec(table.config.patch_size)
         self._mapper = SymbolMapper(table, key, self._codec.valid_codes)
@@ -38,11 +40,20 @@ class UltTokenizer:
 
     @classmethod
     def from_files(
-        cls, table_path: str | os.PathLike[str], key_file: str | os.PathLike[str] | None = None, passphrase: str | None = None
+        cls,
+        table_path: str | os.PathLike[str],
+        key_file: str | os.PathLike[str] | None = None,
+        passphrase: str | None = None,
     ) -> UltTokenizer:
         if key_file is not None and passphrase is not None:
             raise PrivtuneError("give a ULT key file or a passphrase, not both")
-        key = load_key_file(key_file) if key_file is not None else key_from_passphrase(passphrase) if passphrase is not None else None
+        key = (
+            load_key_file(key_file)
+            if key_file is not None
+            else key_from_passphrase(passphrase)
+            if passphrase is not None
+            else None
+        )
         return cls(load_table(table_path), key)
 
     def __len__(self) -> int:

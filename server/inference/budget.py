@@ -72,11 +72,19 @@ class BudgetKeeper:
         left = self._queries_left(spent_rdp)
         b = self.budget
         return {
-            "epsilon": b.epsilon, "delta": b.delta, "alpha": int(b.alpha),
-            "queries_total": spent_queries + left, "queries_spent": spent_queries, "queries_left": left,
-            "rdp_total": self.cap, "rdp_spent": spent_rdp,
+            "epsilon": b.epsilon,
+            "delta": b.delta,
+            "alpha": int(b.alpha),
+            "queries_total": spent_queries + left,
+            "queries_spent": spent_queries,
+            "queries_left": left,
+            "rdp_total": self.cap,
+            "rdp_spent": spent_rdp,
             # RDP 0 is perfect privacy; the conversion's delta term would otherwise show as spent.
             "epsilon_spent": rdp_to_epsilon(spent_rdp, b.alpha, b.delta) if spent_rdp > 0 else 0.0,
-            "n_members": b.n_members, "q": b.q, "beta": b.beta(),
-            "ledger": str(self.ledger.path), "exhausted": left == 0,
+            "n_members": b.n_members,
+            "q": b.q,
+            "beta": b.beta(),
+            "ledger": str(self.ledger.path),
+            "exhausted": left == 0,
         }

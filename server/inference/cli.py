@@ -21,23 +21,41 @@ DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
 def configure(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to serve")
     what.add_argument("--run", help="a federated run folder (base model from its metrics.json, members from adapters/)")
-    what.add_argument("--model", help="base model (public p0): tiny-gpt2 | tiny-llama | tiny-opt | smollm2 | HF folder; "
-                                      "with --run it overrides the run's model")
-    what.add_argument("--adapters", nargs="+", metavar="DIR", help="member adapter folders (adapter.safetensors + manifest)")
-    what.add_argument("--public-embeddings", metavar="FILE",
-                      help="ULT-keyed members only: p0's embedding rows in the federation key's order, from a key "
-                           "holder's 'privtune ult keyed-public'")
+    what.add_argument(
+        "--model",
+        help="base model (public p0): tiny-gpt2 | tiny-llama | tiny-opt | smollm2 | HF folder; "
+        "with --run it overrides the run's model",
+    )
+    what.add_argument(
+        "--adapters", nargs="+", metavar="DIR", help="member adapter folders (adapter.safetensors + manifest)"
+    )
+    what.add_argument(
+        "--public-embeddings",
+        metavar="FILE",
+        help="ULT-keyed members only: p0's embedding rows in the federation key's order, from a key "
+        "holder's 'privtune ult keyed-public'",
+    )
     budget = parser.add_argument_group("privacy budget (PMixED, DESIGN.md section 5)")
     budget.add_argument("--epsilon", type=float, default=8.0, help="total epsilon over all queries (default 8)")
     budget.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
     budget.add_argument("--alpha", type=int, default=3, help="Renyi order of the accounting (default 3)")
-    budget.add_argument("--queries", "-T", dest="queries", type=int, default=1024,
-                        help="queries (= released tokens) the budget is split over (default 1024)")
+    budget.add_argument(
+        "--queries",
+        "-T",
+        dest="queries",
+        type=int,
+        default=1024,
+        help="queries (= released tokens) the budget is split over (default 1024)",
+    )
     budget.add_argument("--q", type=float, default=0.03, help="Poisson subsampling rate of members (default 0.03)")
-    budget.add_argument("--ledger", help=f"ledger file shared by all replicas (default RUN/{DEFAULT_LEDGER_NAME}, "
-                                         "or one in the privtune cache)")
+    budget.add_argument(
+        "--ledger",
+        help=f"ledger file shared by all replicas (default RUN/{DEFAULT_LEDGER_NAME}, or one in the privtune cache)",
+    )
     ray_group = parser.add_argument_group("Ray and network")
-    ray_group.add_argument("--address", help="existing Ray cluster (e.g. ray://host:10001 or 'auto'); default: start one")
+    ray_group.add_argument(
+        "--address", help="existing Ray cluster (e.g. ray://host:10001 or 'auto'); default: start one"
+    )
     ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     ray_group.add_argument("--num-replicas", type=int, default=1, help="ensemble replicas (default 1)")
     ray_group.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) per replica")
@@ -46,8 +64,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     tls = parser.add_argument_group("TLS (required off loopback; deploy/certs.sh makes the files)")
     tls.add_argument("--tls-cert", metavar="PEM", help="server certificate chain, e.g. deploy/certs/server.pem")
     tls.add_argument("--tls-key", metavar="KEY", help="its private key, e.g. deploy/certs/server.key")
-    tls.add_argument("--insecure", action="store_true",
-                     help="serve plaintext on a non-loopback --host (prompts and tokens cross the network readable)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext on a non-loopback --host (prompts and tokens cross the network readable)",
+    )
 
 
 def ledger_path(args: argparse.Namespace) -> Path:
@@ -62,8 +83,9 @@ def service_config(args: argparse.Namespace):
     from privtune.server.inference.service import ServiceConfig
 
     served = from_arguments(args.run, args.model, args.adapters, args.public_embeddings)
-    budget = PMixedBudget(epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q,
-                          n_members=served.n_members)
+    budget = PMixedBudget(
+        epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q, n_members=served.n_members
+    )
     return ServiceConfig(served, budget, str(ledger_path(args)), args.num_replicas, args.cpus_per_replica)
 
 
@@ -118,8 +140,13 @@ def start(args: argparse.Namespace) -> Running:
     credentials = server_credentials(args)
     owns_ray = not ray.is_initialized()
     if owns_ray:
-        ray.init(address=args.address, num_cpus=None if args.address else args.num_cpus,
-                 include_dashboard=False, namespace="privtune", log_to_driver=False)
+        ray.init(
+            address=args.address,
+            num_cpus=None if args.address else args.num_cpus,
+            include_dashboard=False,
+            namespace="privtune",
+            log_to_driver=False,
+        )
     try:
         service = PMixedService(config)
         server, port = start_server(service, load_tokenizer(config.served.model), args.host, args.port, credentials)
@@ -133,10 +160,14 @@ def start(args: argparse.Namespace) -> Running:
 def run(args: argparse.Namespace) -> int:
     running = start(args)
     budget = running.service.budget_status()
-    print(f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
-          f"{args.num_replicas} replica(s), gRPC{' (TLS)' if args.tls_cert else ''} on {args.host}:{running.port}; budget {budget['queries_left']} of "
-          f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
-          f"{budget['ledger']}); Ctrl-C stops", flush=True)
+    print(
+        f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
+        f"{args.num_replicas} replica(s), gRPC{' (TLS)' if args.tls_cert else ''} on "
+        f"{args.host}:{running.port}; budget {budget['queries_left']} of "
+        f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
+        f"{budget['ledger']}); Ctrl-C stops",
+        flush=True,
+    )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job ignores it otherwise
         signal.signal(sig, lambda *_: stopped.set())

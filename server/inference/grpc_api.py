@@ -38,7 +38,7 @@ class IncrementalDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith(REPLACEMENT) or not text.startswith(self.sent):
             return ""
-        piece, self.sent = text[len(self.sent):], text
+        piece, self.sent = text[len(self.sent) :], text
         return piece
 
 
@@ -55,8 +55,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def NextToken(self, request: pb.NextTokenRequest, context: grpc.ServicerContext) -> pb.Token:
         with _status(context):
             release = self.service.next_token(self._prompt(request.prompt))
-            return pb.Token(id=release.token, text=self.tokenizer.decode([release.token]),
-                            queries_remaining=release.queries_remaining)
+            return pb.Token(
+                id=release.token,
+                text=self.tokenizer.decode([release.token]),
+                queries_remaining=release.queries_remaining,
+            )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.Token]:
         with _status(context):
@@ -65,8 +68,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             for release in self.service.generate(self._prompt(request.prompt), request.max_new_tokens, eos):
                 if not context.is_active():
                     return
-                yield pb.Token(id=release.token, text=decoder.push(release.token),
-                               queries_remaining=release.queries_remaining)
+                yield pb.Token(
+                    id=release.token, text=decoder.push(release.token), queries_remaining=release.queries_remaining
+                )
 
     def BudgetStatus(self, request: pb.BudgetStatusRequest, context: grpc.ServicerContext) -> pb.BudgetStatusResponse:
         with _status(context):
@@ -109,8 +113,14 @@ def _cause(error: BaseException) -> BaseException:
     return error
 
 
-def start_server(service: PMixedService, tokenizer: TextTokenizer, host: str, port: int,
-                 credentials: grpc.ServerCredentials | None = None, max_workers: int = 16) -> tuple[grpc.Server, int]:
+def start_server(
+    service: PMixedService,
+    tokenizer: TextTokenizer,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    max_workers: int = 16,
+) -> tuple[grpc.Server, int]:
     """Start serving on ``host:port`` (port 0 picks a free one), with TLS when ``credentials`` are
     given; returns the server and its port."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))

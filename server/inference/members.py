@@ -2,9 +2,10 @@
 
 Two ways to name them:
 
-- a federated run folder (``--run RUN``, or the ``--out`` folder holding it as ``server/``): the base model is the run's ``config.model`` in
-  ``RUN/metrics.json`` and the members are ``RUN/adapters/*/`` except ``aggregate`` (the
-  aggregate was trained on every owner's data, so it is no member of an ensemble whose privacy
+- a federated run folder (``--run RUN``, or the ``--out`` folder holding it as ``server/``): the
+  base model is the run's ``config.model`` in ``RUN/metrics.json`` and the members are
+  ``RUN/adapters/*/`` except ``aggregate`` (the aggregate was trained on every owner's data, so it
+  is no member of an ensemble whose privacy
   unit is one owner's shard);
 - explicitly (``--model SRC --adapters DIR ...``), each DIR holding ``adapter.safetensors`` and
   a manifest (``manifest.json`` as the run folder writes it, or ``adapter.json`` as
@@ -62,7 +63,8 @@ def load_member(folder: Path) -> MemberAdapter:
     manifests = [folder / name for name in (RUN_MANIFEST_FILE, ADAPTER_MANIFEST_FILE) if (folder / name).exists()]
     if not (folder / ADAPTER_FILE).exists() or not manifests:
         raise PrivtuneError(
-            f"{folder} is not an adapter folder: it needs {ADAPTER_FILE} and {RUN_MANIFEST_FILE} (or {ADAPTER_MANIFEST_FILE})"
+            f"{folder} is not an adapter folder: it needs {ADAPTER_FILE} and {RUN_MANIFEST_FILE} (or "
+            f"{ADAPTER_MANIFEST_FILE})"
         )
     try:
         manifest = AdapterManifest.from_dict(json.loads(manifests[0].read_text()))
@@ -98,10 +100,13 @@ def from_run_folder(run: Path, model: str | None = None, public_embeddings: str 
     return ServedModel(str(model), tuple(folders), public_embeddings)
 
 
-def from_arguments(run: str | None, model: str | None, adapters: list[str] | None,
-                   public_embeddings: str | None = None) -> ServedModel:
+def from_arguments(
+    run: str | None, model: str | None, adapters: list[str] | None, public_embeddings: str | None = None
+) -> ServedModel:
     if public_embeddings is not None and not Path(public_embeddings).is_file():
-        raise PrivtuneError(f"--public-embeddings {public_embeddings} does not exist (make it with 'privtune ult keyed-public')")
+        raise PrivtuneError(
+            f"--public-embeddings {public_embeddings} does not exist (make it with 'privtune ult keyed-public')"
+        )
     if run:
         if adapters:
             raise PrivtuneError("give --run RUN or --adapters DIR..., not both")

@@ -54,8 +54,9 @@ class Replica:
         self.config = config
         self.ledger = ledger
         loaded = load_model(config.served.model)
-        self.ensemble = Ensemble(loaded.model, config.served.load_members(),
-                                 config.served.load_public_embeddings(loaded.model))
+        self.ensemble = Ensemble(
+            loaded.model, config.served.load_members(), config.served.load_public_embeddings(loaded.model)
+        )
         if self.ensemble.n_members != config.budget.n_members:
             raise PrivtuneError(
                 f"the budget was computed for {config.budget.n_members} members, {self.ensemble.n_members} were loaded"
@@ -70,7 +71,9 @@ class Replica:
     def _session(self, prompt: list[int], new_tokens: int) -> EnsembleSession:
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
-            raise PrivtuneError(f"prompt token ids {bad[:5]} are outside the model's vocabulary 0..{self.vocab_size - 1}")
+            raise PrivtuneError(
+                f"prompt token ids {bad[:5]} are outside the model's vocabulary 0..{self.vocab_size - 1}"
+            )
         limit = self.ensemble.max_positions
         if limit and len(prompt) + new_tokens > limit:
             raise PrivtuneError(

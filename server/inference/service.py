@@ -87,7 +87,9 @@ class PMixedService:
 
     def __init__(self, config: ServiceConfig) -> None:
         if not ray.is_initialized():
-            raise PrivtuneError("Ray is not initialised; call ray.init() (privtune serve does) before starting the service")
+            raise PrivtuneError(
+                "Ray is not initialised; call ray.init() (privtune serve does) before starting the service"
+            )
         self.config = config
         cpus = ray.cluster_resources().get("CPU", 0.0)
         if config.num_replicas * config.cpus_per_replica > cpus:
@@ -148,8 +150,12 @@ class PMixedService:
 
     def health(self) -> dict[str, Any]:
         alive = ray.get([r.info.remote() for r in self.replicas], timeout=30)
-        return {"replicas": len(alive), "n_members": self.n_members, "model": self.config.served.model,
-                "vocab_size": self.vocab_size}
+        return {
+            "replicas": len(alive),
+            "n_members": self.n_members,
+            "model": self.config.served.model,
+            "vocab_size": self.vocab_size,
+        }
 
     def shutdown(self) -> None:
         for actor in [*self.replicas, self.budget_actor]:

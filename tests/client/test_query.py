@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from privtune.client.query import InferenceClient, sample
 from privtune.cli import main as privtune
+from privtune.client.query import InferenceClient, sample
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.ult.config import UltConfig
 from privtune.common.ult.keys import new_key_file
@@ -17,7 +17,10 @@ TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mi
 
 
 def test_unreachable_service_is_a_clear_error():
-    with InferenceClient("127.0.0.1:1", timeout=5) as client, pytest.raises(PrivtuneError, match="cannot reach a privtune service"):
+    with (
+        InferenceClient("127.0.0.1:1", timeout=5) as client,
+        pytest.raises(PrivtuneError, match="cannot reach a privtune service"),
+    ):
         client.budget_status()
     assert privtune(["query", "--address", "127.0.0.1:1", "--key-file", "k"]) == 2
 
@@ -40,10 +43,28 @@ def test_ult_prompt_is_encoded_and_the_output_decoded_locally(tmp_path, capsys):
             assert len(result.ids) == 4 and all(0 <= i < 259 for i in result.ids)
             assert result.text == ult.decode(result.ids)
             assert result.queries_remaining == 4
-        assert privtune(["query", "--address", service.address, "--prompt", "whether 'tis", "--max-new-tokens", "3",
-                         "--table", str(table_path), "--key-file", str(key_path)]) == 0
+        assert (
+            privtune(
+                [
+                    "query",
+                    "--address",
+                    service.address,
+                    "--prompt",
+                    "whether 'tis",
+                    "--max-new-tokens",
+                    "3",
+                    "--table",
+                    str(table_path),
+                    "--key-file",
+                    str(key_path),
+                ]
+            )
+            == 0
+        )
         captured = capsys.readouterr()
-        assert captured.out.startswith("whether 'tis") and "3 token(s) privately sampled; 1 queries left" in captured.err
+        assert (
+            captured.out.startswith("whether 'tis") and "3 token(s) privately sampled; 1 queries left" in captured.err
+        )
         assert privtune(["query", "--address", service.address, "--prompt", "x", "--max-new-tokens", "2"]) == 2
         assert "privacy budget exhausted" in capsys.readouterr().err
         with InferenceClient(service.address) as client, pytest.raises(BudgetExceededError, match="8 of 8 queries"):

@@ -1,7 +1,14 @@
 import pytest
 
-from privtune.common.corpus import (Document, local_documents, partition, private_partitions, public_corpus,
-                           read_text_file, write_documents)
+from privtune.common.corpus import (
+    Document,
+    local_documents,
+    partition,
+    private_partitions,
+    public_corpus,
+    read_text_file,
+    write_documents,
+)
 from privtune.common.errors import PrivtuneError
 
 

@@ -28,6 +28,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj", "fc1"]}
 
 
@@ -41,19 +43,28 @@ def independent_epsilon(history, delta, orders):
     for sigma, q, steps in history:
         for i, a in enumerate(orders.astype(int)):
             k = np.arange(a + 1)
-            log_terms = (gammaln(a + 1) - gammaln(k + 1) - gammaln(a - k + 1) + (a - k) * np.log1p(-q)
-                         + k * np.log(q) + (k * k - k) / (2 * sigma ** 2))
+            log_terms = (
+                gammaln(a + 1)
+                - gammaln(k + 1)
+                - gammaln(a - k + 1)
+                + (a - k) * np.log1p(-q)
+                + k * np.log(q)
+                + (k * k - k) / (2 * sigma**2)
+            )
             total[i] += steps * logsumexp(log_terms) / (a - 1)
     eps = total + np.log((orders - 1) / orders) - (np.log(delta) + np.log(orders)) / (orders - 1)
     return float(eps.min())
 
 
-@pytest.mark.parametrize("history", [
-    [(1.1, 0.01, 1000)],
-    [(0.9, 0.05, 300)],
-    [(2.0, 0.2, 60)],
-    [(1.0, 0.02, 500), (1.5, 0.04, 200)],  # two rounds with different noise and sampling
-])
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(1.1, 0.01, 1000)],
+        [(0.9, 0.05, 300)],
+        [(2.0, 0.2, 60)],
+        [(1.0, 0.02, 500), (1.5, 0.04, 200)],  # two rounds with different noise and sampling
+    ],
+)
 def test_epsilon_matches_an_independent_rdp_computation(history):
     orders = range(2, 64)
     ours = epsilon_for(history, 1e-5, orders=orders)
@@ -94,8 +105,17 @@ def adapter_model(family, mode):
     model.requires_grad_(False)
     adapter = [0, SPEC.n_layers - 1]
     if mode == "lora":
-        return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=LORA_TARGETS[family],
-                                                layers_to_transform=adapter, init_lora_weights=False))
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=2,
+                lora_alpha=4,
+                lora_dropout=0.0,
+                target_modules=LORA_TARGETS[family],
+                layers_to_transform=adapter,
+                init_lora_weights=False,
+            ),
+        )
     for i in adapter:
         get_blocks(model)[i].requires_grad_(True)
     return model
@@ -132,8 +152,15 @@ def test_one_step_applies_exactly_the_clipped_mean_of_per_example_gradients(fami
         for n in expected:
             expected[n] -= lr * factor * grads[n] / len(data)
     optimizer = torch.optim.SGD(list(trainable.values()), lr=lr)
-    train_round(model, optimizer, data, batch_size=len(data), steps=1,
-                config=DpSgdConfig(noise_multiplier=1e-12, max_grad_norm=clip), seed=0)
+    train_round(
+        model,
+        optimizer,
+        data,
+        batch_size=len(data),
+        steps=1,
+        config=DpSgdConfig(noise_multiplier=1e-12, max_grad_norm=clip),
+        seed=0,
+    )
     for name, p in model.named_parameters():
         if name in trainable:
             torch.testing.assert_close(p.detach() - before[name], expected[name], rtol=1e-4, atol=1e-7)
@@ -155,11 +182,20 @@ def test_only_adapter_modules_are_hooked_and_only_adapter_parameters_change(fami
                 hooked_during_round.add(name)
                 assert any(p.requires_grad for p in module.parameters(recurse=False)), f"frozen module {name} hooked"
         from privtune.common.dpsgd import lm_per_sample_loss
+
         return lm_per_sample_loss(private, batch)
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    result = train_round(model, optimizer, examples(24), batch_size=8, steps=3,
-                         config=DpSgdConfig(noise_multiplier=1.0), loss_fn=spying_loss, seed=1)
+    result = train_round(
+        model,
+        optimizer,
+        examples(24),
+        batch_size=8,
+        steps=3,
+        config=DpSgdConfig(noise_multiplier=1.0),
+        loss_fn=spying_loss,
+        seed=1,
+    )
     assert hooked_during_round and len(result.losses) >= 1
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == trainable
@@ -176,11 +212,20 @@ def test_empty_poisson_batches_still_take_a_noise_only_step():
     def counting_loss(private, batch):
         calls.append(len(batch))
         from privtune.common.dpsgd import lm_per_sample_loss
+
         return lm_per_sample_loss(private, batch)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    result = train_round(model, optimizer, examples(50), batch_size=1, steps=12,
-                         config=DpSgdConfig(noise_multiplier=1.0), loss_fn=counting_loss, seed=3)
+    result = train_round(
+        model,
+        optimizer,
+        examples(50),
+        batch_size=1,
+        steps=12,
+        config=DpSgdConfig(noise_multiplier=1.0),
+        loss_fn=counting_loss,
+        seed=3,
+    )
     assert len(calls) < 12, "test design: the seed must produce at least one empty batch"
     assert result.plan.steps == 12
 
@@ -203,8 +248,14 @@ def test_a_token_flattening_layer_is_refused_rather_than_clipped_per_token():
 def test_optimizer_must_hold_trainable_parameters_only():
     model = adapter_model("llama", "lora")
     with pytest.raises(PrivtuneError, match="trainable"):
-        train_round(model, torch.optim.SGD(model.parameters(), lr=0.1), examples(8), batch_size=4, steps=1,
-                    config=DpSgdConfig(noise_multiplier=1.0))
+        train_round(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            examples(8),
+            batch_size=4,
+            steps=1,
+            config=DpSgdConfig(noise_multiplier=1.0),
+        )
 
 
 # ---------------------------------------------------------------- budgets
@@ -217,7 +268,9 @@ def test_rounds_accumulate_in_the_ledger_and_the_round_over_budget_is_refused_be
     for round_number in range(2):
         ledger = Ledger(path)  # a fresh process per round would do the same
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        result = train_round(model, optimizer, data, batch_size=4, steps=4, config=config, ledger=ledger, seed=round_number)
+        result = train_round(
+            model, optimizer, data, batch_size=4, steps=4, config=config, ledger=ledger, seed=round_number
+        )
     sigma = result.plan.noise_multiplier
     assert result.epsilon == pytest.approx(epsilon_for([(sigma, 0.125, 4), (sigma, 0.125, 4)], 1e-5))
     assert result.epsilon == pytest.approx(independent_epsilon([(sigma, 0.125, 8)], 1e-5, range(2, 64)), rel=0.1)

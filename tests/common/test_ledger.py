@@ -105,8 +105,9 @@ def test_a_file_that_is_not_a_ledger_is_reported(tmp_path):
     with pytest.raises(PrivtuneError, match="unreadable"):
         Ledger(junk)
     other = tmp_path / "other.db"
-    sqlite3.connect(other).executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); "
-                                         "INSERT INTO meta VALUES ('format', 'something else');")
+    sqlite3.connect(other).executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('format', 'something else');"
+    )
     with pytest.raises(PrivtuneError, match="not a privtune ledger"):
         Ledger(other)
 

@@ -66,7 +66,9 @@ def test_corrupt_config_and_weights(tmp_path):
 def test_unknown_family_in_folder(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "bert"
     with pytest.raises(PrivtuneError):
@@ -89,7 +91,7 @@ def test_packaged_smollm2_converts_once_and_generates(smollm2):
         logits = model(ids).logits
         out = model.generate(ids, max_new_tokens=6, do_sample=False)
     assert torch.isfinite(logits).all()
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:].tolist())
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :].tolist())
     # The cached safetensors copy exists and a second load is fast.
     assert (smollm2_folder() / "config.json").exists()
     start = time.perf_counter()

@@ -8,6 +8,7 @@ parent pid in /proc just before stopping: SIGTERM, a grace period, then SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -64,10 +65,8 @@ def descendants(pid: int) -> list[int]:
 
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _alive(pid: int) -> bool:
@@ -86,8 +85,15 @@ class Processes:
 
     def start(self, command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
         handle = open(log, "wb")
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, cwd=REPO, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         handle.close()
         self.started.append(proc)
         return proc
@@ -122,7 +128,9 @@ def wait_for_text(log: Path, text: str, proc: subprocess.Popen, timeout: float) 
         if text in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited ({proc.returncode}) before '{text}':\n{log.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"{proc.args[0]} exited ({proc.returncode}) before '{text}':\n{log.read_text(errors='replace')[-3000:]}"
+            )
         time.sleep(0.3)
     pytest.fail(f"no '{text}' in {log} after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
 
@@ -137,5 +145,9 @@ def script_options(script: Path) -> dict[str, bool]:
 
 
 def make_certs(out: Path, nodes: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(DEPLOY / "certs.sh"), "--out", str(out), "--nodes", str(nodes), *extra],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(DEPLOY / "certs.sh"), "--out", str(out), "--nodes", str(nodes), *extra],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -127,5 +127,7 @@ def test_new_host_is_refused_without_force_and_reissued_with_it(tmp_path):
 
 
 def test_bad_arguments_are_reported(tmp_path):
-    result = subprocess.run(["bash", str(DEPLOY / "certs.sh"), "--nodes", "many", "--out", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "certs.sh"), "--nodes", "many", "--out", str(tmp_path)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "--nodes expects a number" in result.stderr

@@ -55,7 +55,10 @@ def pod_specs() -> list[tuple[str, dict]]:
     specs = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in of_kind("Deployment")]
     for cluster in of_kind("RayCluster"):
         specs.append((cluster["metadata"]["name"] + "/head", cluster["spec"]["headGroupSpec"]["template"]["spec"]))
-        specs += [(f"{cluster['metadata']['name']}/{g['groupName']}", g["template"]["spec"]) for g in cluster["spec"]["workerGroupSpecs"]]
+        specs += [
+            (f"{cluster['metadata']['name']}/{g['groupName']}", g["template"]["spec"])
+            for g in cluster["spec"]["workerGroupSpecs"]
+        ]
     return specs
 
 
@@ -77,6 +80,7 @@ def container_named(name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- identity
 
+
 def test_every_document_has_an_identity_and_names_are_unique():
     assert DOCS, "no manifests found"
     seen = set()
@@ -90,7 +94,9 @@ def test_every_document_has_an_identity_and_names_are_unique():
 
 
 def test_kustomization_lists_every_manifest_and_sets_the_namespace():
-    assert sorted(KUSTOMIZATION["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(KUSTOMIZATION["resources"]) == sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
     namespaces = [d["metadata"]["name"] for d in of_kind("Namespace")]
     assert namespaces == [KUSTOMIZATION["namespace"]]
 
@@ -110,6 +116,7 @@ def test_generators_read_exactly_what_certs_sh_makes(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------- references
+
 
 def test_every_referenced_secret_configmap_and_claim_exists():
     defined = {
@@ -170,6 +177,7 @@ def test_files_the_scripts_read_are_in_the_mounted_secrets():
 
 # ------------------------------------------------------------------------------------ selectors/ports
 
+
 def test_deployments_select_their_own_pods_and_services_select_one_deployment():
     deployments = of_kind("Deployment")
     for d in deployments:
@@ -179,7 +187,11 @@ def test_deployments_select_their_own_pods_and_services_select_one_deployment():
         selector = service["spec"]["selector"]
         matches = [d for d in deployments if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
         assert len(matches) == 1, f"Service {service['metadata']['name']} selects {len(matches)} Deployments"
-        ports = {p["name"]: p["containerPort"] for c in matches[0]["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        ports = {
+            p["name"]: p["containerPort"]
+            for c in matches[0]["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        }
         for port in service["spec"]["ports"]:
             target = port["targetPort"]
             assert target in ports or target in ports.values(), (service["metadata"]["name"], target)
@@ -199,7 +211,10 @@ def test_ports_and_addresses_agree_across_roles():
             assert host in services and int(port) == link_port, owner
 
     cluster = of_kind("RayCluster")[0]
-    head_ports = {p["name"]: p["containerPort"] for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    head_ports = {
+        p["name"]: p["containerPort"]
+        for p in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    }
     serve = container_named("privtune-serve")
     # KubeRay names the head's Service <cluster>-head-svc; the Ray client listens on the `client` port.
     assert flag(serve["args"], "--address") == f"ray://{cluster['metadata']['name']}-head-svc:{head_ports['client']}"
@@ -209,11 +224,14 @@ def test_ports_and_addresses_agree_across_roles():
 def test_the_superlink_certificate_covers_the_name_supernodes_dial():
     instructions = [line for line in (K8S / "kustomization.yaml").read_text().splitlines() if "certs.sh" in line]
     hosts = {h for line in instructions for h in re.findall(r"--host\s+(\S+)", line)}
-    dialled = {flag(c["args"], "--superlink").rpartition(":")[0] for _, _, c in containers() if runs_script(c, "supernode.sh")}
+    dialled = {
+        flag(c["args"], "--superlink").rpartition(":")[0] for _, _, c in containers() if runs_script(c, "supernode.sh")
+    }
     assert dialled and dialled <= hosts
 
 
 # --------------------------------------------------------------------------------- commands and image
+
 
 def test_script_commands_are_the_deploy_scripts_with_options_they_accept():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
@@ -260,8 +278,13 @@ def test_one_image_everywhere_with_the_pinned_ray():
 
     images = {c["image"] for _, _, c in containers()}
     assert len(images) == 1, images
-    pins = dict(re.match(r"([\w\[\]-]+)==(\S+)", dep).groups() for dep in
-                tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] if "==" in dep)
+    pins = dict(
+        re.match(r"([\w\[\]-]+)==(\S+)", dep).groups()
+        for dep in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+        if "==" in dep
+    )
     assert of_kind("RayCluster")[0]["spec"]["rayVersion"] == pins["ray"] == ray.__version__
     tag = next(iter(images))
-    assert f"-t {tag} " in (DEPLOY / "Dockerfile").read_text() and f"-t {tag} " in (K8S / "kustomization.yaml").read_text()
+    assert (
+        f"-t {tag} " in (DEPLOY / "Dockerfile").read_text() and f"-t {tag} " in (K8S / "kustomization.yaml").read_text()
+    )

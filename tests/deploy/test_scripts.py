@@ -35,7 +35,14 @@ def test_supernode_refuses_missing_inputs_with_a_fix(tmp_path):
         (): "--key is required",
         ("--key", str(tmp_path / "absent")): "does not exist",
         ("--key", str(key)): "--data is required",
-        ("--key", str(key), "--data", str(tmp_path), "--ca", str(tmp_path / "ca.crt")): "ask the model owner for ca.crt",
+        (
+            "--key",
+            str(key),
+            "--data",
+            str(tmp_path),
+            "--ca",
+            str(tmp_path / "ca.crt"),
+        ): "ask the model owner for ca.crt",
     }
     for args, message in cases.items():
         result = subprocess.run(["bash", str(DEPLOY / "supernode.sh"), *args], capture_output=True, text=True)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from flwr.app import Context, Message
-from safetensors.torch import load_file
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
 
 from privtune.client.app import handle_train
 from privtune.common.federation.config import FederationConfig
@@ -17,8 +17,18 @@ from privtune.simulate import simulate
 
 pytestmark = pytest.mark.slow
 
-BASE = {"model": "tiny-llama", "num-server-rounds": 2, "local-steps": 15, "batch-size": 8, "block-size": 64,
-        "max-train-blocks": 96, "learning-rate": 0.003, "k-bottom": 1, "k-top": 1, "n-emulator": 2}
+BASE = {
+    "model": "tiny-llama",
+    "num-server-rounds": 2,
+    "local-steps": 15,
+    "batch-size": 8,
+    "block-size": 64,
+    "max-train-blocks": 96,
+    "learning-rate": 0.003,
+    "k-bottom": 1,
+    "k-top": 1,
+    "n-emulator": 2,
+}
 
 
 def config(tmp_path, **extra) -> FederationConfig:
@@ -73,9 +83,15 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
 
     cfg = config(tmp_path, **{"dp-epsilon": 1.0, "min-train-nodes": 4})
     workspaces = {i: str(tmp_path / "owners" / f"owner-{i}") for i in range(4)}
-    run_simulation(server_app=build_app(cfg.to_run_config()), client_app=faulty_client(cfg, workspaces), num_supernodes=4,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app=build_app(cfg.to_run_config()),
+        client_app=faulty_client(cfg, workspaces),
+        num_supernodes=4,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
     metrics = json.loads((tmp_path / "server" / "metrics.json").read_text())
     for entry in metrics["rounds"]:
         reasons = " | ".join(r["reason"] for r in entry["rejected"])
@@ -90,7 +106,9 @@ def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
     """FedAdam: a run stopped after round 1 and resumed ends where an uninterrupted run ends (the
     optimiser's moments, its round count and the clients' per-round seeds all carry over)."""
     fedadam = {"strategy": "fedadam", "server-learning-rate": 0.01}
-    first = simulate(config(tmp_path / "resumed", **fedadam, **{"num-server-rounds": 1}), owners=2, out=tmp_path / "resumed")
+    first = simulate(
+        config(tmp_path / "resumed", **fedadam, **{"num-server-rounds": 1}), owners=2, out=tmp_path / "resumed"
+    )
     assert [r["round"] for r in first["rounds"]] == [1]
     # The same run folder with a longer plan: the server finds round 1's checkpoint and runs round 2 only.
     second = simulate(config(tmp_path / "resumed", **fedadam), owners=2, out=tmp_path / "resumed")
@@ -100,8 +118,10 @@ def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
     assert second["rounds"][1]["emulator_sent_to"] == 2  # a restarted server does not know who has the emulator
     straight = simulate(config(tmp_path / "straight", **fedadam), owners=2, out=tmp_path / "straight")
     assert second["rounds"][1]["loss"] == pytest.approx(straight["rounds"][1]["loss"], rel=1e-6)
-    resumed, uninterrupted = (load_file(str(tmp_path / run / "server" / "adapters" / "aggregate" / "adapter.safetensors"))
-                              for run in ("resumed", "straight"))
+    resumed, uninterrupted = (
+        load_file(str(tmp_path / run / "server" / "adapters" / "aggregate" / "adapter.safetensors"))
+        for run in ("resumed", "straight")
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)

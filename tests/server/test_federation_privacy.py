@@ -60,7 +60,9 @@ def ult_model(tmp_path_factory):
     from privtune.common.corpus import public_corpus
 
     folder = tmp_path_factory.mktemp("ult-model")
-    table = build_table([d.text[:100_000] for d in public_corpus()], UltConfig(vocab_size=768, patch_size=8, band_width=16))
+    table = build_table(
+        [d.text[:100_000] for d in public_corpus()], UltConfig(vocab_size=768, patch_size=8, band_width=16)
+    )
     save_model(LoadedModel(tiny_model("llama", vocab_size=768), UltTokenizer(table), "tiny-ult"), folder)
     return folder
 
@@ -79,10 +81,22 @@ def ult_run(tmp_path_factory, ult_model) -> UltRun:
     """A 3-owner ULT + LDP federation with every message recorded."""
     tmp_path = tmp_path_factory.mktemp("ult-run")
     owners = 3
-    cfg = FederationConfig.from_run_config({
-        "model": str(ult_model), "encoding": "ult", "num-server-rounds": 2, "local-steps": 5, "max-train-blocks": 16,
-        "block-size": 64, "k-bottom": 1, "k-top": 1, "n-emulator": 2, "ldp-epsilon": 20.0, "ldp-embedding": "tiny",
-        "run-dir": str(tmp_path / "server")})
+    cfg = FederationConfig.from_run_config(
+        {
+            "model": str(ult_model),
+            "encoding": "ult",
+            "num-server-rounds": 2,
+            "local-steps": 5,
+            "max-train-blocks": 16,
+            "block-size": 64,
+            "k-bottom": 1,
+            "k-top": 1,
+            "n-emulator": 2,
+            "ldp-epsilon": 20.0,
+            "ldp-embedding": "tiny",
+            "run-dir": str(tmp_path / "server"),
+        }
+    )
     nodes = {i: {"workspace": str(tmp_path / "owners" / f"owner-{i}")} for i in range(owners)}
     cfg = prepare_ult_federation(cfg, owners, tmp_path, nodes)
     wire: list[bytes] = []
@@ -92,9 +106,15 @@ def ult_run(tmp_path_factory, ult_model) -> UltRun:
     def main(grid: Grid, context: Context) -> None:
         run_federation(RecordingGrid(grid, wire), cfg)
 
-    run_simulation(server_app=server, client_app=build_client(cfg.to_run_config(), nodes), num_supernodes=owners,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    run_simulation(
+        server_app=server,
+        client_app=build_client(cfg.to_run_config(), nodes),
+        num_supernodes=owners,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": 2, "include_dashboard": False},
+        },
+    )
     return UltRun(tmp_path, cfg, nodes, wire, owners)
 
 
@@ -110,7 +130,7 @@ def test_ult_ldp_run_sends_no_text_and_no_table(ult_run):
     for part in private_partitions(owners, cfg.seed):
         for doc in part:
             for start in range(0, min(len(doc.text), 20_000), 2_000):
-                snippet = doc.text[start:start + 32].encode()
+                snippet = doc.text[start : start + 32].encode()
                 if len(snippet.strip()) >= 24:
                     assert snippet not in blob
     for i in range(owners):
@@ -131,19 +151,62 @@ def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
     node, root = ult_run.nodes[0], ult_run.root
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    serve = ["--run", str(root / "server"), "--queries", "8", "--q", "0.5", "--num-cpus", "2", "--port", "0",
-             "--ledger", str(root / "pmixed.sqlite")]
+    serve = [
+        "--run",
+        str(root / "server"),
+        "--queries",
+        "8",
+        "--q",
+        "0.5",
+        "--num-cpus",
+        "2",
+        "--port",
+        "0",
+        "--ledger",
+        str(root / "pmixed.sqlite"),
+    ]
     with pytest.raises(PrivtuneError, match="members are ULT-keyed"):
         cli.start(parser.parse_args(serve))
     p0 = root / "keyed-p0.safetensors"
-    assert privtune(["ult", "keyed-public", "--model", ult_run.cfg.model, "--table", node["ult-table"],
-                     "--key-file", node["ult-key"], "-o", str(p0)]) == 0
+    assert (
+        privtune(
+            [
+                "ult",
+                "keyed-public",
+                "--model",
+                ult_run.cfg.model,
+                "--table",
+                node["ult-table"],
+                "--key-file",
+                node["ult-key"],
+                "-o",
+                str(p0),
+            ]
+        )
+        == 0
+    )
     started = cli.start(parser.parse_args([*serve, "--public-embeddings", str(p0)]))
     try:
         assert started.service.n_members == ult_run.owners
         capsys.readouterr()
-        assert privtune(["query", "--address", f"127.0.0.1:{started.port}", "--prompt", "To be, or not",
-                         "--max-new-tokens", "6", "--table", node["ult-table"], "--key-file", node["ult-key"]]) == 0
+        assert (
+            privtune(
+                [
+                    "query",
+                    "--address",
+                    f"127.0.0.1:{started.port}",
+                    "--prompt",
+                    "To be, or not",
+                    "--max-new-tokens",
+                    "6",
+                    "--table",
+                    node["ult-table"],
+                    "--key-file",
+                    node["ult-key"],
+                ]
+            )
+            == 0
+        )
         captured = capsys.readouterr()
         assert captured.out.startswith("To be, or not") and len(captured.out.strip()) > len("To be, or not")
         assert "6 token(s) privately sampled; 2 queries left" in captured.err
@@ -157,11 +220,17 @@ def test_the_demo_serves_continuations_until_its_budget_cannot_pay(ult_run, caps
 
     node, run = ult_run.nodes[0], ult_run.root / "server"
     settings = DemoServing(tokens=3, queries=8, q=0.5)
-    serve_and_sample(run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings)
+    serve_and_sample(
+        run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings
+    )
     first = capsys.readouterr().out
-    assert [line.split(" -> ")[0].strip() for line in first.splitlines() if " -> " in line] == [repr(p) for p in PROMPTS[:2]]
+    assert [line.split(" -> ")[0].strip() for line in first.splitlines() if " -> " in line] == [
+        repr(p) for p in PROMPTS[:2]
+    ]
     assert "budget: 6 of 8 queries spent" in first and (run / "keyed-p0.safetensors").is_file()
-    serve_and_sample(run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings)
+    serve_and_sample(
+        run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings
+    )
     second = capsys.readouterr().out
     assert " -> " not in second and "cannot pay for another 3-token continuation" in second
     assert "budget: 6 of 8 queries spent" in second

@@ -4,11 +4,16 @@ import pytest
 import torch
 
 from privtune.cli import main
+from privtune.common.corpus import Document
 from privtune.common.offsite import (
-    EmulatorPackage, TrainConfig, adapter_manifest, adapter_state, save_adapter, train_adapter,
+    EmulatorPackage,
+    TrainConfig,
+    adapter_manifest,
+    adapter_state,
+    save_adapter,
+    train_adapter,
 )
 from privtune.common.packing import pack
-from privtune.common.corpus import Document
 from privtune.common.text_tokenizer import ByteTokenizer
 
 TEXT = "Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought death. " * 40
@@ -27,14 +32,33 @@ def text_folder(tmp_path):
     folder = tmp_path / "text"
     folder.mkdir()
     for i in range(3):
-        (folder / f"doc{i}.txt").write_text(TEXT[i * 7:])
+        (folder / f"doc{i}.txt").write_text(TEXT[i * 7 :])
     return folder
 
 
 def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, capsys):
     out = tmp_path / "prep"
-    code = main(["prepare", "--model", "tiny-llama", "--k-bottom", "1", "--k-top", "1", "--n-emulator", "2",
-                 "--distill-steps", "4", "--block-size", "32", "--public-data", str(text_folder), "-o", str(out)])
+    code = main(
+        [
+            "prepare",
+            "--model",
+            "tiny-llama",
+            "--k-bottom",
+            "1",
+            "--k-top",
+            "1",
+            "--n-emulator",
+            "2",
+            "--distill-steps",
+            "4",
+            "--block-size",
+            "32",
+            "--public-data",
+            str(text_folder),
+            "-o",
+            str(out),
+        ]
+    )
     assert code == 0
     package = EmulatorPackage.load(out / "emulator")
     assert package.split.kept == [0, 1, 4, 5]
@@ -51,8 +75,25 @@ def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, ca
     train_adapter(model, blocks, TrainConfig(steps=2, batch_size=2, seed=0), progress=False)
     adapter_dir = save_adapter(tmp_path / "adapter", adapter_state(model), adapter_manifest(model))
     table_path = tmp_path / "table.json"
-    code = main(["evaluate", "--package", str(out), "--adapter", str(adapter_dir), "--data", str(text_folder),
-                 "--block-size", "32", "--eval-blocks", "2", "--full-ft-steps", "1", "--json", str(table_path)])
+    code = main(
+        [
+            "evaluate",
+            "--package",
+            str(out),
+            "--adapter",
+            str(adapter_dir),
+            "--data",
+            str(text_folder),
+            "--block-size",
+            "32",
+            "--eval-blocks",
+            "2",
+            "--full-ft-steps",
+            "1",
+            "--json",
+            str(table_path),
+        ]
+    )
     assert code == 0
     table = json.loads(table_path.read_text())
     assert set(table) == {"zero_shot", "emulator", "emulator_adapter", "plugin", "full_ft"}
@@ -61,19 +102,73 @@ def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, ca
 
 def test_prepare_without_distillation_and_evaluate_training_here(tmp_path, text_folder):
     out = tmp_path / "prep"
-    assert main(["prepare", "--model", "tiny-gpt2", "--k-bottom", "1", "--k-top", "1", "--n-emulator", "1",
-                 "--no-distill", "--adapter", "full", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--model",
+                "tiny-gpt2",
+                "--k-bottom",
+                "1",
+                "--k-top",
+                "1",
+                "--n-emulator",
+                "1",
+                "--no-distill",
+                "--adapter",
+                "full",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert EmulatorPackage.load(out / "emulator").manifest["distillation"] is None
     table_path = tmp_path / "table.json"
-    assert main(["evaluate", "--package", str(out / "emulator"), "--model", "tiny-gpt2", "--train-steps", "2",
-                 "--data", str(text_folder), "--block-size", "32", "--eval-blocks", "2", "--json", str(table_path)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--package",
+                str(out / "emulator"),
+                "--model",
+                "tiny-gpt2",
+                "--train-steps",
+                "2",
+                "--data",
+                str(text_folder),
+                "--block-size",
+                "32",
+                "--eval-blocks",
+                "2",
+                "--json",
+                str(table_path),
+            ]
+        )
+        == 0
+    )
     table = json.loads(table_path.read_text())
     assert table["full_ft"] is None and table["plugin"] > 1
 
 
 def test_bad_settings_end_with_a_message(tmp_path, capsys):
-    assert main(["prepare", "--model", "tiny-opt", "--k-bottom", "3", "--k-top", "3", "--no-distill",
-                 "-o", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--model",
+                "tiny-opt",
+                "--k-bottom",
+                "3",
+                "--k-top",
+                "3",
+                "--no-distill",
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "leaves no middle block" in capsys.readouterr().err
     assert main(["evaluate", "--package", str(tmp_path / "missing"), "--model", "tiny-opt"]) == 2
     assert "not an emulator package" in capsys.readouterr().err

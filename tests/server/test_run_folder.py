@@ -34,8 +34,10 @@ def test_corrupt_checkpoint_names_the_folder(tmp_path):
 
 def test_metrics_are_strict_json_and_plots_are_written(tmp_path):
     folder = RunFolder(tmp_path)
-    rounds = [{"round": 1, "loss": 2.0, "plugin_ppl": math.nan, "emulator_adapter_ppl": 5.0, "privacy": {}},
-              {"round": 2, "loss": 1.5, "plugin_ppl": 4.0, "emulator_adapter_ppl": 4.5, "privacy": {}}]
+    rounds = [
+        {"round": 1, "loss": 2.0, "plugin_ppl": math.nan, "emulator_adapter_ppl": 5.0, "privacy": {}},
+        {"round": 2, "loss": 1.5, "plugin_ppl": 4.0, "emulator_adapter_ppl": 4.5, "privacy": {}},
+    ]
     folder.write_metrics({"zero_shot_ppl": math.inf, "rounds": rounds})
     text = (tmp_path / "metrics.json").read_text()
     assert "NaN" not in text and "Infinity" not in text

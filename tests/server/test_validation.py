@@ -19,15 +19,18 @@ def test_an_honest_update_within_the_bound_passes():
     assert check_update(state, REFERENCE, clip=1.0) is None  # norm = 0.1 * sqrt(32) = 0.566
 
 
-@pytest.mark.parametrize("state,reason", [
-    ({"block.0.q.lora_A": torch.zeros(4, 8)}, "missing"),
-    (updated(extra=torch.zeros(1)), "unexpected"),
-    (updated(**{"block.0.q.lora_A": torch.zeros(4, 9)}), "shape"),
-    (updated(**{"block.0.q.lora_A": torch.zeros(4, 8, dtype=torch.float64)}), "dtype"),
-    (updated(**{"block.0.q.lora_B": torch.full((8, 4), math.nan)}), "NaN"),
-    (updated(**{"block.0.q.lora_B": torch.full((8, 4), math.inf)}), "infinite"),
-    (updated(**{"block.0.q.lora_A": torch.full((4, 8), 1.0)}), "exceeds the bound"),
-])
+@pytest.mark.parametrize(
+    "state,reason",
+    [
+        ({"block.0.q.lora_A": torch.zeros(4, 8)}, "missing"),
+        (updated(extra=torch.zeros(1)), "unexpected"),
+        (updated(**{"block.0.q.lora_A": torch.zeros(4, 9)}), "shape"),
+        (updated(**{"block.0.q.lora_A": torch.zeros(4, 8, dtype=torch.float64)}), "dtype"),
+        (updated(**{"block.0.q.lora_B": torch.full((8, 4), math.nan)}), "NaN"),
+        (updated(**{"block.0.q.lora_B": torch.full((8, 4), math.inf)}), "infinite"),
+        (updated(**{"block.0.q.lora_A": torch.full((4, 8), 1.0)}), "exceeds the bound"),
+    ],
+)
 def test_bad_updates_are_refused_with_a_reason(state, reason):
     assert reason in check_update(state, REFERENCE, clip=1.0)
 

@@ -116,8 +116,9 @@ def test_santext_probabilities_match_the_closed_form(santext, raw):
 
 def test_custext_partition_and_probabilities_match_the_closed_form(custext, raw):
     cells = greedy_partition(raw, K)
-    assert sorted(sorted(c) for c in cells) == sorted(sorted(custext.members[g][custext.members[g] >= 0].tolist())
-                                                      for g in range(len(custext.members)))
+    assert sorted(sorted(c) for c in cells) == sorted(
+        sorted(custext.members[g][custext.members[g] >= 0].tolist()) for g in range(len(custext.members))
+    )
     assert all(K <= len(c) < 2 * K for c in cells)
     assert np.allclose(custext.probabilities(torch.arange(V)).numpy(), custext_expected(raw, K), rtol=1e-9, atol=1e-300)
 
@@ -159,7 +160,10 @@ def test_santext_empirical_log_ratios_respect_metric_and_pure_bounds(santext, sa
     worst = max(np.max(np.abs(exact[x] - exact[x2]) - EPS * d[x, x2]) for x in range(V) for x2 in range(V))
     assert worst <= 1e-12, "the exact distribution itself violates eps * d"
     # the metric bound is not vacuous here: the closest pair uses a good part of it
-    assert max(np.max(np.abs(exact[x] - exact[x2])) / (EPS * d[x, x2]) for x in range(V) for x2 in range(V) if x != x2) > 0.5
+    assert (
+        max(np.max(np.abs(exact[x] - exact[x2])) / (EPS * d[x, x2]) for x in range(V) for x2 in range(V) if x != x2)
+        > 0.5
+    )
 
 
 def test_custext_empirical_log_ratios_respect_eps_within_cells(custext, custext_counts, raw):
@@ -205,7 +209,9 @@ def test_chunked_sampling_equals_unchunked(space, raw):
     torch.testing.assert_close(tiny_chunks.probabilities(ids), whole.probabilities(ids), rtol=1e-13, atol=0)
     assert np.allclose(whole.probabilities(ids).numpy(), santext_expected(raw)[ids.numpy()], rtol=1e-9)
     small = CusText(space, EPS, top_k=K, memory_cap_mb=1e-4)
-    torch.testing.assert_close(small.probabilities(ids), CusText(space, EPS, top_k=K).probabilities(ids), rtol=1e-13, atol=0)
+    torch.testing.assert_close(
+        small.probabilities(ids), CusText(space, EPS, top_k=K).probabilities(ids), rtol=1e-13, atol=0
+    )
 
 
 def test_every_position_is_sampled_from_its_own_token(space):

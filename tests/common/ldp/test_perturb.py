@@ -7,8 +7,16 @@ import torch
 
 from privtune.cli import main
 from privtune.common.errors import BudgetExceededError, PrivtuneError
-from privtune.common.ldp import (CusText, EmbeddingSpace, LdpConfig, SanText, build_mechanism, load_embedding, make_generator,
-                        perturb_text)
+from privtune.common.ldp import (
+    CusText,
+    EmbeddingSpace,
+    LdpConfig,
+    SanText,
+    build_mechanism,
+    load_embedding,
+    make_generator,
+    perturb_text,
+)
 from privtune.common.ledger import Ledger
 from privtune.common.text_tokenizer import ByteTokenizer
 
@@ -83,8 +91,21 @@ def test_ledger_records_before_sampling_and_refusal_releases_nothing(tiny, tmp_p
 def test_cli_perturbs_a_file_and_records_it(tmp_path, capsys):
     source, target, ledger_path = tmp_path / "in.txt", tmp_path / "out.txt", tmp_path / "ledger.db"
     source.write_text("To be, or not to be,\nthat is the question.\n")
-    args = ["ldp", "perturb", "--epsilon", "40", "--embedding", "tiny", "--ledger", str(ledger_path), "--seed", "7",
-            str(source), "-o", str(target)]
+    args = [
+        "ldp",
+        "perturb",
+        "--epsilon",
+        "40",
+        "--embedding",
+        "tiny",
+        "--ledger",
+        str(ledger_path),
+        "--seed",
+        "7",
+        str(source),
+        "-o",
+        str(target),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "per token:" in printed and "per document:" in printed and "record #1" in printed
@@ -105,8 +126,26 @@ def test_cli_perturbs_a_file_and_records_it(tmp_path, capsys):
 def test_cli_custext(tmp_path):
     source, target = tmp_path / "in.txt", tmp_path / "out.txt"
     source.write_text("All the world's a stage")
-    assert main(["ldp", "perturb", "--epsilon", "3", "--embedding", "tiny", "--mechanism", "custext", "--top-k", "6",
-                 str(source), "-o", str(target)]) == 0
+    assert (
+        main(
+            [
+                "ldp",
+                "perturb",
+                "--epsilon",
+                "3",
+                "--embedding",
+                "tiny",
+                "--mechanism",
+                "custext",
+                "--top-k",
+                "6",
+                str(source),
+                "-o",
+                str(target),
+            ]
+        )
+        == 0
+    )
     assert target.exists()
 
 
@@ -119,11 +158,13 @@ def _status_mb(key):
 
 def test_49k_vocabulary_stays_within_the_memory_cap():
     """128 distinct tokens over a random 49152 x 576 matrix: unchunked that is 100 MB of working arrays."""
+
     class Wide(ByteTokenizer):
         vocab_size = 49152
 
-    space = EmbeddingSpace.from_matrix(torch.randn(49152, 576, generator=torch.Generator().manual_seed(0)), Wide(),
-                                       name="random49k")
+    space = EmbeddingSpace.from_matrix(
+        torch.randn(49152, 576, generator=torch.Generator().manual_seed(0)), Wide(), name="random49k"
+    )
     cap_mb = 16
     mechanism = SanText(space, 1.0, memory_cap_mb=cap_mb)
     assert mechanism.rows_per_chunk * mechanism.bytes_per_row() <= cap_mb << 20

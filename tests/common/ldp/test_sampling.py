@@ -11,8 +11,13 @@ def test_every_draw_comes_from_its_own_row_for_rare_and_frequent_rows():
     m, k = 300, 7
     weights = torch.zeros(m, k, dtype=torch.float64)
     weights[torch.arange(m), torch.arange(m) % k] = 2.5
-    rows = torch.cat([torch.arange(m), torch.zeros(5 * BATCHED_OCCURRENCES, dtype=torch.long),
-                      torch.full((BATCHED_OCCURRENCES + 1,), 5)])
+    rows = torch.cat(
+        [
+            torch.arange(m),
+            torch.zeros(5 * BATCHED_OCCURRENCES, dtype=torch.long),
+            torch.full((BATCHED_OCCURRENCES + 1,), 5),
+        ]
+    )
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     assert torch.equal(sample_rows(weights, rows, torch.Generator().manual_seed(1)), rows % k)
 

@@ -5,14 +5,25 @@ import torch
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.offsite import (
-    EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, build_emulator_model, load_adapter,
-    load_adapter_state, prepare_adapter, save_adapter, train_adapter,
+    EmulatorPackage,
+    OffsiteConfig,
+    TrainConfig,
+    adapter_manifest,
+    adapter_state,
+    build_emulator_model,
+    load_adapter,
+    load_adapter_state,
+    prepare_adapter,
+    save_adapter,
+    train_adapter,
 )
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
 
 def test_names_are_canonical_and_keyed_by_original_block_index():
-    package = EmulatorPackage.build(tiny("llama"), OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", lora_r=4))
+    package = EmulatorPackage.build(
+        tiny("llama"), OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", lora_r=4)
+    )
     state = adapter_state(package.instantiate())
     blocks = {name.split(".")[1] for name in state}
     assert blocks == {"0", "5"}  # block 5 sits at position 3 of the emulator
@@ -24,17 +35,22 @@ def test_names_are_canonical_and_keyed_by_original_block_index():
 
 
 def test_gpt2_conv1d_lora_shapes_follow_in_out_features():
-    state = adapter_state(EmulatorPackage.build(tiny("gpt2"), OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1)).instantiate())
+    state = adapter_state(
+        EmulatorPackage.build(tiny("gpt2"), OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1)).instantiate()
+    )
     assert state["block.0.attn.c_attn.lora_A"].shape == (8, 32)  # c_attn maps 32 -> 96
     assert state["block.0.attn.c_attn.lora_B"].shape == (96, 8)
 
 
-@pytest.mark.parametrize("cfg", [
-    OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="full"),
-    OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora"),
-    OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", carry_embeddings=True),
-    OffsiteConfig(k_bottom=0, k_top=2, n_emulator=3, adapter="full", carry_embeddings=True),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="full"),
+        OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora"),
+        OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", carry_embeddings=True),
+        OffsiteConfig(k_bottom=0, k_top=2, n_emulator=3, adapter="full", carry_embeddings=True),
+    ],
+)
 def test_training_changes_only_adapter_parameters(family, cfg):
     model = EmulatorPackage.build(tiny(family), cfg).instantiate(seed=1)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -36,7 +36,7 @@ def test_distillation_reduces_kd_and_trains_only_the_middle(family):
     prefix = blocks_prefix(emulator) + "."
     changed = [k for k, v in emulator.state_dict().items() if not torch.equal(emulator_before[k], v)]
     assert all(k.startswith(prefix) for k in changed)
-    assert {int(k[len(prefix):].split(".")[0]) for k in changed} == {1, 2}  # positions of the kept middle blocks
+    assert {int(k[len(prefix) :].split(".")[0]) for k in changed} == {1, 2}  # positions of the kept middle blocks
     assert all(p.requires_grad for p in emulator.parameters())  # trainability restored afterwards
 
 
@@ -64,5 +64,6 @@ def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tm
     again = distill_emulator(full, build_emulator_model(full, CFG), blocks, cfg, checkpoint=checkpoint, progress=False)
     assert again.resumed_from == 8 and again.kd_losses == []
     with pytest.raises(PrivtuneError, match="another model, split, data or settings"):
-        distill_emulator(full, build_emulator_model(full, CFG), blocks, DistillConfig(steps=9), checkpoint=checkpoint,
-                         progress=False)
+        distill_emulator(
+            full, build_emulator_model(full, CFG), blocks, DistillConfig(steps=9), checkpoint=checkpoint, progress=False
+        )

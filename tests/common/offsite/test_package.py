@@ -5,7 +5,13 @@ import torch
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.offsite import (
-    EmulatorPackage, OffsiteConfig, TrainConfig, adapter_state, build_emulator_model, cache_package, load_cached,
+    EmulatorPackage,
+    OffsiteConfig,
+    TrainConfig,
+    adapter_state,
+    build_emulator_model,
+    cache_package,
+    load_cached,
     train_adapter,
 )
 from privtune.common.offsite.package import MANIFEST_FILE, TENSORS_FILE

@@ -6,7 +6,13 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import get_blocks
 from privtune.common.offsite import (
-    EmulatorPackage, OffsiteConfig, TrainConfig, adapter_manifest, adapter_state, plug_in, train_adapter,
+    EmulatorPackage,
+    OffsiteConfig,
+    TrainConfig,
+    adapter_manifest,
+    adapter_state,
+    plug_in,
+    train_adapter,
 )
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
@@ -88,8 +94,9 @@ def test_mismatched_adapters_are_refused():
     moved = {k.replace("block.5.", "block.4."): v for k, v in state.items()}
     with pytest.raises(PrivtuneError, match="missing"):
         plug_in(tiny("llama"), moved, manifest)
-    forged = dataclasses.replace(manifest, indices=[0, 1, 4], shapes={k.replace("block.5.", "block.4."): v
-                                                                     for k, v in manifest.shapes.items()})
+    forged = dataclasses.replace(
+        manifest, indices=[0, 1, 4], shapes={k.replace("block.5.", "block.4."): v for k, v in manifest.shapes.items()}
+    )
     with pytest.raises(PrivtuneError, match="not the ones"):
         plug_in(tiny("llama"), moved, forged)
     name = "block.5.mlp.up_proj.lora_B"

@@ -40,11 +40,14 @@ def test_one_block_emulator_keeps_the_first_middle_block():
     assert split_indices(10, OffsiteConfig(k_bottom=2, k_top=2, n_emulator=1)).middle_kept == [2]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"k_bottom": 3, "k_top": 3, "n_emulator": 1}, "leaves no middle block"),
-    ({"k_bottom": 2, "k_top": 2, "n_emulator": 3}, "out of range"),
-    ({"k_bottom": 1, "k_top": 1, "n_emulator": 0}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"k_bottom": 3, "k_top": 3, "n_emulator": 1}, "leaves no middle block"),
+        ({"k_bottom": 2, "k_top": 2, "n_emulator": 3}, "out of range"),
+        ({"k_bottom": 1, "k_top": 1, "n_emulator": 0}, "out of range"),
+    ],
+)
 def test_invalid_splits_are_refused(kwargs, message):
     with pytest.raises(PrivtuneError, match=message):
         split_indices(6, OffsiteConfig(**kwargs))

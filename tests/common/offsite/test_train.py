@@ -15,7 +15,9 @@ CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora")
 def test_bf16_training_runs_and_learns():
     model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
     data = token_blocks(4, 24).repeat(4, 1)  # few distinct blocks: the loss must fall quickly
-    result = train_adapter(model, data, TrainConfig(steps=30, batch_size=4, lr=3e-2, dtype="bf16", seed=0), progress=False)
+    result = train_adapter(
+        model, data, TrainConfig(steps=30, batch_size=4, lr=3e-2, dtype="bf16", seed=0), progress=False
+    )
     assert result.steps == 30 and math.isfinite(result.last_loss)
     assert result.last_loss < result.mean_loss
     assert all(t.dtype == torch.float32 for t in adapter_state(model).values())  # autocast keeps fp32 weights
@@ -38,8 +40,13 @@ def test_same_seed_same_result_and_an_injected_optimizer_and_loader():
     result = train_adapter(model, blocks, TrainConfig(steps=3), optimizer=sgd, batches=loader, progress=False)
     assert result.tokens == 3 * 5 * 24
     assert all(torch.equal(before[k], v) for k, v in adapter_state(model).items())
-    result = train_adapter(model, blocks, TrainConfig(steps=2, lr=0.5), progress=False,
-                           optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5))
+    result = train_adapter(
+        model,
+        blocks,
+        TrainConfig(steps=2, lr=0.5),
+        progress=False,
+        optimizer_factory=lambda ps: torch.optim.SGD(ps, lr=0.5),
+    )
     assert any(not torch.equal(before[k], v) for k, v in adapter_state(model).items())
 
 

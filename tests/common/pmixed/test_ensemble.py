@@ -83,8 +83,9 @@ def test_members_with_different_adapter_blocks_share_the_rest():
     full = [plug_in(base, m.state, m.manifest) for m in (a, b)]
     session = ensemble.session([3, 4, 5])
     for chosen in ([1], [0, 1], [0]):
-        torch.testing.assert_close(session.logits(chosen), reference([base] + [full[c] for c in chosen], session.tokens),
-                                   rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            session.logits(chosen), reference([base] + [full[c] for c in chosen], session.tokens), rtol=0, atol=1e-10
+        )
         session.extend([42])
 
 
@@ -146,9 +147,12 @@ def test_keyed_members_and_keyed_p0(family):
     full = [plug_in(base, m.state, m.manifest) for m in members]
     session = ensemble.session([20, 21, 22, 23])
     for chosen in ([0, 2], [], [1], [0, 1, 2]):
-        torch.testing.assert_close(session.logits(chosen),
-                                   reference([relabel_model(base, rows)] + [full[c] for c in chosen], session.tokens),
-                                   rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            session.logits(chosen),
+            reference([relabel_model(base, rows)] + [full[c] for c in chosen], session.tokens),
+            rtol=0,
+            atol=1e-10,
+        )
         session.extend([99])
 
 

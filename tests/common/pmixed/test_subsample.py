@@ -43,8 +43,10 @@ def test_members_independent_and_sizes_binomial():
     # Pairwise independence on a few pairs (2x2 contingency, Fisher exact test).
     pairs = [(0, 1), (0, 79), (17, 18), (40, 63)]
     for a, b in pairs:
-        table = [[np.sum(incl[:, a] & incl[:, b]), np.sum(incl[:, a] & ~incl[:, b])],
-                 [np.sum(~incl[:, a] & incl[:, b]), np.sum(~incl[:, a] & ~incl[:, b])]]
+        table = [
+            [np.sum(incl[:, a] & incl[:, b]), np.sum(incl[:, a] & ~incl[:, b])],
+            [np.sum(~incl[:, a] & incl[:, b]), np.sum(~incl[:, a] & ~incl[:, b])],
+        ]
         assert stats.fisher_exact(table).pvalue > ALPHA / 4 / len(pairs)
 
 

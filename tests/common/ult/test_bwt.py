@@ -32,7 +32,9 @@ alphabets = st.sampled_from([2, 3, 27, 200, 0x110000])
 @st.composite
 def batches(draw):
     n = draw(st.integers(1, 16))
-    rows = draw(st.lists(st.lists(st.integers(0, draw(alphabets) - 1), min_size=n, max_size=n), min_size=1, max_size=12))
+    rows = draw(
+        st.lists(st.lists(st.integers(0, draw(alphabets) - 1), min_size=n, max_size=n), min_size=1, max_size=12)
+    )
     period = draw(st.integers(1, n))
     base = draw(st.lists(st.integers(0, 0x10FFFF), min_size=period, max_size=period))
     rows.append([base[i % period] for i in range(n)])

@@ -22,16 +22,53 @@ def files(tmp_path):
 def test_build_encode_decode_round_trip_byte_for_byte(files, capsys):
     tmp, corpus, data = files
     table, key = tmp / "table.json", tmp / "owner.key"
-    assert main(["ult", "build-table", str(corpus), "-o", str(table), "--patch-size", "10", "--vocab-size", "1024", "--band-width", "8"]) == 0
+    assert (
+        main(
+            [
+                "ult",
+                "build-table",
+                str(corpus),
+                "-o",
+                str(table),
+                "--patch-size",
+                "10",
+                "--vocab-size",
+                "1024",
+                "--band-width",
+                "8",
+            ]
+        )
+        == 0
+    )
     loaded = load_table(table)
     assert (loaded.config.patch_size, loaded.config.vocab_size, loaded.config.band_width) == (10, 1024, 8)
     assert main(["ult", "new-key", "-o", str(key)]) == 0
     assert main(["ult", "bind-key", "--table", str(table), "--key-file", str(key), "-o", str(tmp / "bound.json")]) == 0
     encoded, decoded = tmp / "enc.txt", tmp / "dec.txt"
-    assert main(["ult", "encode", "--table", str(tmp / "bound.json"), "--key-file", str(key), str(data), "-o", str(encoded)]) == 0
+    assert (
+        main(
+            ["ult", "encode", "--table", str(tmp / "bound.json"), "--key-file", str(key), str(data), "-o", str(encoded)]
+        )
+        == 0
+    )
     ids = [int(t) for t in encoded.read_text().split()]
     assert ids and all(0 <= i < 1024 for i in ids)
-    assert main(["ult", "decode", "--table", str(tmp / "bound.json"), "--key-file", str(key), str(encoded), "-o", str(decoded)]) == 0
+    assert (
+        main(
+            [
+                "ult",
+                "decode",
+                "--table",
+                str(tmp / "bound.json"),
+                "--key-file",
+                str(key),
+                str(encoded),
+                "-o",
+                str(decoded),
+            ]
+        )
+        == 0
+    )
     assert decoded.read_bytes() == SAMPLE
 
 
@@ -55,9 +92,27 @@ def test_wrong_key_exits_2_with_a_clear_message(files, capsys):
     main(["ult", "new-key", "-o", str(key)])
     main(["ult", "new-key", "-o", str(other)])
     assert main(["ult", "build-table", str(corpus), "-o", str(table), "--key-file", str(key)]) == 0
-    assert main(["ult", "encode", "--table", str(table), "--key-file", str(key), str(data), "-o", str(tmp / "enc.txt")]) == 0
+    assert (
+        main(["ult", "encode", "--table", str(table), "--key-file", str(key), str(data), "-o", str(tmp / "enc.txt")])
+        == 0
+    )
     capsys.readouterr()
-    assert main(["ult", "decode", "--table", str(table), "--key-file", str(other), str(tmp / "enc.txt"), "-o", str(tmp / "x")]) == 2
+    assert (
+        main(
+            [
+                "ult",
+                "decode",
+                "--table",
+                str(table),
+                "--key-file",
+                str(other),
+                str(tmp / "enc.txt"),
+                "-o",
+                str(tmp / "x"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "wrong ULT key" in err and "Traceback" not in err
     assert main(["ult", "decode", "--table", str(table), str(tmp / "enc.txt"), "-o", str(tmp / "x")]) == 2
@@ -69,12 +124,60 @@ def test_passphrase_from_environment(files, monkeypatch, capsys):
     table = tmp / "table.json"
     monkeypatch.setenv("ULT_PASS", "a long shared federation passphrase")
     assert main(["ult", "build-table", str(corpus), "-o", str(table), "--passphrase-env", "ULT_PASS"]) == 0
-    assert main(["ult", "encode", "--table", str(table), "--passphrase-env", "ULT_PASS", str(data), "-o", str(tmp / "e")]) == 0
-    assert main(["ult", "decode", "--table", str(table), "--passphrase-env", "ULT_PASS", str(tmp / "e"), "-o", str(tmp / "d")]) == 0
+    assert (
+        main(["ult", "encode", "--table", str(table), "--passphrase-env", "ULT_PASS", str(data), "-o", str(tmp / "e")])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "ult",
+                "decode",
+                "--table",
+                str(table),
+                "--passphrase-env",
+                "ULT_PASS",
+                str(tmp / "e"),
+                "-o",
+                str(tmp / "d"),
+            ]
+        )
+        == 0
+    )
     assert (tmp / "d").read_bytes() == SAMPLE
     monkeypatch.setenv("ULT_PASS", "another passphrase")
-    assert main(["ult", "decode", "--table", str(table), "--passphrase-env", "ULT_PASS", str(tmp / "e"), "-o", str(tmp / "d")]) == 2
-    assert main(["ult", "decode", "--table", str(table), "--passphrase-env", "UNSET_VAR_XYZ", str(tmp / "e"), "-o", str(tmp / "d")]) == 2
+    assert (
+        main(
+            [
+                "ult",
+                "decode",
+                "--table",
+                str(table),
+                "--passphrase-env",
+                "ULT_PASS",
+                str(tmp / "e"),
+                "-o",
+                str(tmp / "d"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "ult",
+                "decode",
+                "--table",
+                str(table),
+                "--passphrase-env",
+                "UNSET_VAR_XYZ",
+                str(tmp / "e"),
+                "-o",
+                str(tmp / "d"),
+            ]
+        )
+        == 2
+    )
     assert "UNSET_VAR_XYZ" in capsys.readouterr().err
 
 
@@ -95,17 +198,19 @@ def test_user_errors_exit_2_naming_the_file(files, capsys):
 
 
 def test_tolerant_decode_of_model_output(files):
-    tmp, corpus, data = files
+    tmp, corpus, _data = files
     table = tmp / "table.json"
     main(["ult", "build-table", str(corpus), "-o", str(table)])
     (tmp / "model.txt").write_text("1 4 9999 3 5 2 0 0\n")
     assert main(["ult", "decode", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 2
-    assert main(["ult", "decode", "--tolerant", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 0
+    assert (
+        main(["ult", "decode", "--tolerant", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 0
+    )
     assert "\ufffd" in (tmp / "d").read_text()
 
 
 def test_a_failed_decode_leaves_no_output(files):
-    tmp, corpus, data = files
+    tmp, corpus, _data = files
     table = tmp / "table.json"
     main(["ult", "build-table", str(corpus), "-o", str(table)])
     (tmp / "model.txt").write_text("1 4 9999 3 5 2 0 0\n")

@@ -67,7 +67,9 @@ def test_ragged_colour_images_keep_their_shape_through_a_keyed_table():
     codec = DctImageCodec()
     rng = np.random.default_rng(3)
     images = [rng.uniform(0, 1, (13, 10, 3)) for _ in range(4)]
-    table = build_symbol_table((codec.encode(im) for im in images[:2]), UltConfig(vocab_size=300), "image", codec.params())
+    table = build_symbol_table(
+        (codec.encode(im) for im in images[:2]), UltConfig(vocab_size=300), "image", codec.params()
+    )
     mapper = SymbolMapper(table, KEY, codec.valid_codes)
     codes = codec.encode(images[3])
     ids, _ = mapper.to_ids(codes)

@@ -21,8 +21,15 @@ def mapper(symbols=(7, 8, 9), key=KEY) -> SymbolMapper:
 
 def test_escape_spells_the_code_in_base_16_most_significant_first():
     ids, starts = mapper().to_ids(np.array([0x1A3, SEP_MARK, 0]))
-    assert ids.tolist() == [ESCAPE_ID, CONTINUE_DIGIT_ID + 1, CONTINUE_DIGIT_ID + 0xA, FINAL_DIGIT_ID + 3,
-                            SEP_ID, ESCAPE_ID, FINAL_DIGIT_ID]
+    assert ids.tolist() == [
+        ESCAPE_ID,
+        CONTINUE_DIGIT_ID + 1,
+        CONTINUE_DIGIT_ID + 0xA,
+        FINAL_DIGIT_ID + 3,
+        SEP_ID,
+        ESCAPE_ID,
+        FINAL_DIGIT_ID,
+    ]
     assert starts.tolist() == [0, 4, 5, 7]
 
 

@@ -48,7 +48,9 @@ def test_series_go_through_the_same_table_key_and_escape_path():
     codec = MuLawCodec(max_abs=1.0, precision=8)
     rng = np.random.default_rng(2)
     # The table only saw small values; large ones must be escaped, and all must come back.
-    table = build_symbol_table([codec.encode(rng.normal(0, 0.05, 5000))], UltConfig(vocab_size=200), "numeric", codec.params())
+    table = build_symbol_table(
+        [codec.encode(rng.normal(0, 0.05, 5000))], UltConfig(vocab_size=200), "numeric", codec.params()
+    )
     mapper = SymbolMapper(table, KEY, codec.valid_codes)
     series = rng.uniform(-1, 1, 500)
     codes = codec.encode(series)

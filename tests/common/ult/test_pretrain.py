@@ -23,13 +23,17 @@ def test_model_trained_on_encoded_text_generates_readable_text_for_the_key_holde
     public = UltTokenizer(table)
     model = resize_for_ult(tiny_model("llama", spec=SMALL), table.config)
     docs = [Document("hamlet", ENGLISH)]
-    result = pretrain_ult(model, public, docs, PretrainConfig(steps=300, batch_size=8, block_size=64, lr=3e-3), progress=False)
+    result = pretrain_ult(
+        model, public, docs, PretrainConfig(steps=300, batch_size=8, block_size=64, lr=3e-3), progress=False
+    )
     assert np.mean(result.losses[-20:]) < 0.5 < result.losses[0]
 
     # The key holder warm-starts from the public model and prompts it with keyed ids.
     keyed_model = copy.deepcopy(model)
     with torch.no_grad():
-        keyed_model.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight[torch.from_numpy(permuted_rows(table, KEY))])
+        keyed_model.get_input_embeddings().weight.copy_(
+            model.get_input_embeddings().weight[torch.from_numpy(permuted_rows(table, KEY))]
+        )
     keyed = UltTokenizer(table, KEY)
     prompt = pack(docs, keyed, 64)[:, :16]
     out = keyed_model.generate(prompt, max_new_tokens=48, do_sample=False, attention_mask=torch.ones_like(prompt))
@@ -64,7 +68,9 @@ def test_resume_continues_the_step_count_and_reproduces_the_run(tmp_path):
     first = resize_for_ult(tiny_model("llama", spec=spec), table.config)
     with pytest.raises(Interrupted):
         pretrain_ult(first, tok, docs, cfg, checkpoint=path, progress=False, on_step=stop_at_4)
-    resumed = resize_for_ult(tiny_model("llama", spec=spec, seed=1), table.config, seed=1)  # fresh process: other weights
+    resumed = resize_for_ult(
+        tiny_model("llama", spec=spec, seed=1), table.config, seed=1
+    )  # fresh process: other weights
     result = pretrain_ult(resumed, tok, docs, cfg, checkpoint=path, progress=False)
     assert (result.resumed_from, result.steps, len(result.losses)) == (4, 6, 2)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -72,7 +78,14 @@ def test_resume_continues_the_step_count_and_reproduces_the_run(tmp_path):
     assert torch.load(path, weights_only=True)["step"] == 6
 
     with pytest.raises(PrivtuneError, match="another model, table"):
-        pretrain_ult(resumed, tok, docs, PretrainConfig(steps=8, batch_size=4, block_size=32, lr=1e-3), checkpoint=path, progress=False)
+        pretrain_ult(
+            resumed,
+            tok,
+            docs,
+            PretrainConfig(steps=8, batch_size=4, block_size=32, lr=1e-3),
+            checkpoint=path,
+            progress=False,
+        )
 
 
 def test_resize_replaces_every_row_and_the_special_ids():
@@ -90,9 +103,17 @@ def test_resize_replaces_every_row_and_the_special_ids():
     assert torch.allclose(new.mean(0), old.mean(0), atol=4 * old.std() / 300**0.5)
     assert torch.allclose(new.std(0).mean(), old.std(0).mean(), rtol=0.15)
 
-    untied = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, tie_word_embeddings=False))
+    untied = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
     with torch.no_grad():
         untied.get_output_embeddings().weight.add_(5.0)
     resize_for_ult(untied, config)
@@ -104,4 +125,10 @@ def test_resize_replaces_every_row_and_the_special_ids():
 def test_pretrain_refuses_a_model_of_another_vocabulary():
     table = build_table([ENGLISH], UltConfig(vocab_size=128))
     with pytest.raises(PrivtuneError, match="resize_for_ult"):
-        pretrain_ult(tiny_model("llama", spec=SMALL), UltTokenizer(table), [Document("d", ENGLISH)], PretrainConfig(steps=1), progress=False)
+        pretrain_ult(
+            tiny_model("llama", spec=SMALL),
+            UltTokenizer(table),
+            [Document("d", ENGLISH)],
+            PretrainConfig(steps=1),
+            progress=False,
+        )

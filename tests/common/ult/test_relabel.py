@@ -24,7 +24,9 @@ def ult_model(family: str, seed: int = 0) -> torch.nn.Module:
     model = tiny_model(family, vocab_size=english_table().config.vocab_size, spec=SPEC, seed=seed).eval()
     if family == "llama":
         model.config.tie_word_embeddings = False
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed)))
+        model.lm_head.weight = torch.nn.Parameter(
+            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(seed))
+        )
     return model
 
 
@@ -62,7 +64,11 @@ def test_keyed_public_file_round_trip(tmp_path, family):
     path = save_keyed_public(model, rows(), tmp_path / "p0.safetensors")
     loaded = load_keyed_public(path, model)
     expected = embedding_tensors(relabel_model(model, rows()))
-    assert set(loaded) == set(expected) == ({INPUT_EMBEDDINGS} if family == "gpt2" else {INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS})
+    assert (
+        set(loaded)
+        == set(expected)
+        == ({INPUT_EMBEDDINGS} if family == "gpt2" else {INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS})
+    )
     for name in expected:
         assert torch.equal(loaded[name], expected[name])
 
@@ -92,7 +98,9 @@ def test_keyed_public_file_refuses_trained_rows_another_model_and_garbage(tmp_pa
 def test_cli_writes_what_the_service_loads_and_checks_the_key(tmp_path, capsys):
     table = bind_key(english_table(), KEY)
     model = ult_model("gpt2")
-    folder = save_model(LoadedModel(model, UltTokenizer(english_table()), "tiny-ult"), tmp_path / "model")  # public table
+    folder = save_model(
+        LoadedModel(model, UltTokenizer(english_table()), "tiny-ult"), tmp_path / "model"
+    )  # public table
     save_table(table, tmp_path / "table.json")
     key_file = tmp_path / "federation.key"
     new_key_file(key_file, secret=KEY.secret)

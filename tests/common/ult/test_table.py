@@ -60,8 +60,14 @@ def test_save_load_round_trip(tmp_path):
 def _valid_payload() -> dict:
     table = build_table([ENGLISH], UltConfig(vocab_size=300))
     return {
-        "format": "privtune-ult-table", "version": 1, "modality": "text", "config": table.config.to_dict(),
-        "base": table.config.base, "codec": {}, "key_check": None, "symbols": list(table.symbols),
+        "format": "privtune-ult-table",
+        "version": 1,
+        "modality": "text",
+        "config": table.config.to_dict(),
+        "base": table.config.base,
+        "codec": {},
+        "key_check": None,
+        "symbols": list(table.symbols),
     }
 
 

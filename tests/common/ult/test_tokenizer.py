@@ -9,9 +9,22 @@ from privtune.common.ult.config import BOS_ID, CONTINUE_DIGIT_ID, EOS_ID, ESCAPE
 from .conftest import ENGLISH, KEY, OTHER_KEY, english_table, tokenizer
 
 EXPLICIT = [
-    "", "\n", "\t", "\x00", "\r\n\r\n", "\U0010ffff", "\U0001f600", "a\x00b\n\tc\U0010ffff",
-    "aaaaaaaaaaaaaaaaaaaaaaaaa", "abababababababab", " " * 17, "\x00" * 9, "\U0010ffff\x00" * 8,
-    "日本語のテキスト🎉🎉", "\ufffd", ENGLISH,
+    "",
+    "\n",
+    "\t",
+    "\x00",
+    "\r\n\r\n",
+    "\U0010ffff",
+    "\U0001f600",
+    "a\x00b\n\tc\U0010ffff",
+    "aaaaaaaaaaaaaaaaaaaaaaaaa",
+    "abababababababab",
+    " " * 17,
+    "\x00" * 9,
+    "\U0010ffff\x00" * 8,
+    "日本語のテキスト🎉🎉",
+    "\ufffd",
+    ENGLISH,
 ]
 
 

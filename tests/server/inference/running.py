@@ -43,21 +43,42 @@ class Running:
 
 
 @contextmanager
-def running_service(folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5,
-                    extra: tuple[str, ...] = ()) -> Iterator[Running]:
+def running_service(
+    folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5, extra: tuple[str, ...] = ()
+) -> Iterator[Running]:
     """What ``privtune serve --model tiny-llama --adapters ... --port 0 EXTRA`` starts, on a 2-CPU Ray."""
     from privtune.server.inference import cli
 
     adapters = make_adapters(folder / "adapters")
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    args = parser.parse_args([
-        "--model", MODEL, "--adapters", *adapters, "--queries", str(queries), "--q", str(q), "--epsilon", "8",
-        "--num-replicas", str(num_replicas), "--ledger", str(folder / "ledger.sqlite"), "--num-cpus", "2",
-        "--port", "0", *extra,
-    ])
+    args = parser.parse_args(
+        [
+            "--model",
+            MODEL,
+            "--adapters",
+            *adapters,
+            "--queries",
+            str(queries),
+            "--q",
+            str(q),
+            "--epsilon",
+            "8",
+            "--num-replicas",
+            str(num_replicas),
+            "--ledger",
+            str(folder / "ledger.sqlite"),
+            "--num-cpus",
+            "2",
+            "--port",
+            "0",
+            *extra,
+        ]
+    )
     started = cli.start(args)
     try:
-        yield Running(f"127.0.0.1:{started.port}", started.service, folder / "ledger.sqlite", started.service.config.budget)
+        yield Running(
+            f"127.0.0.1:{started.port}", started.service, folder / "ledger.sqlite", started.service.config.budget
+        )
     finally:
         started.stop()

@@ -19,8 +19,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_arguments_make_the_budget_and_ledger(tmp_path):
     adapters = make_adapters(tmp_path / "a", n=2)
-    args = parse(["--model", MODEL, "--adapters", *adapters, "--epsilon", "6", "--queries", "12", "--q", "0.25",
-                  "--num-replicas", "3", "--ledger", str(tmp_path / "l.sqlite")])
+    args = parse(
+        [
+            "--model",
+            MODEL,
+            "--adapters",
+            *adapters,
+            "--epsilon",
+            "6",
+            "--queries",
+            "12",
+            "--q",
+            "0.25",
+            "--num-replicas",
+            "3",
+            "--ledger",
+            str(tmp_path / "l.sqlite"),
+        ]
+    )
     config = cli.service_config(args)
     assert config.budget.n_members == 2 and config.budget.T == 12 and config.budget.q == 0.25
     assert config.budget.epsilon == 6 and config.budget.alpha == 3 and config.num_replicas == 3

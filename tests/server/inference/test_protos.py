@@ -23,7 +23,8 @@ def test_the_api_never_carries_a_distribution():
     token = service.methods_by_name["NextToken"].output_type
     assert service.methods_by_name["Generate"].output_type is token
     assert {f.name: f.type for f in token.fields} == {
-        "id": FieldDescriptor.TYPE_UINT32, "text": FieldDescriptor.TYPE_STRING,
+        "id": FieldDescriptor.TYPE_UINT32,
+        "text": FieldDescriptor.TYPE_STRING,
         "queries_remaining": FieldDescriptor.TYPE_UINT64,
     }
     # No message holds a repeated number (probabilities, logits, the subset) or bytes (a packed tensor).

@@ -8,8 +8,8 @@ import time
 import grpc
 import pytest
 
-from privtune.client.query import InferenceClient
 from privtune.cli import main as privtune
+from privtune.client.query import InferenceClient
 from privtune.common.errors import BudgetExceededError
 from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
 from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
@@ -133,4 +133,3 @@ def test_invalid_prompts_are_invalid_argument(service):
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the model's vocabulary" in bad.value.details()
     channel.close()
-
