@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.privtune-installed
 
-.PHONY: setup demo test bench protos clean-cache
+.PHONY: setup demo test lint typecheck bench protos clean-cache
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,20 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/privtune demo
 
-test: $(STAMP)
+test: lint typecheck
 	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# mypy sees the installed layout (privtune.server, ...) through a tree of links to the folders.
+TYPECHECK := build/typecheck
+typecheck: $(STAMP)
+	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/privtune
+	@ln -s $(CURDIR)/orchestration/*.py $(TYPECHECK)/privtune/
+	@for d in server client common; do ln -s $(CURDIR)/$$d $(TYPECHECK)/privtune/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy -p privtune --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache
 
 bench: $(STAMP)
 	for b in load offsite ult ldp federated pmixed; do $(PY) -m bench.$$b || exit 1; done
