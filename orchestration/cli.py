@@ -28,6 +28,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("evaluate", "privtune.server.evaluate", "perplexity table: zero-shot / emulator / plug-in / full FT"),
     Command("simulate", "privtune.simulate", "run a simulated federation (Flower Simulation Engine)"),
     Command("serve", "privtune.server.inference.cli", "start the PMixED private next-token service on Ray"),
+    Command("audit", "privtune.audit.cli", "attack a finished run: canaries, membership inference, DP limits"),
     Command("query", "privtune.client.query", "query the private next-token service over gRPC"),
     Command("ult", "privtune.common.ult.cli", "build ULT tables, encode and decode files"),
     Command("ldp", "privtune.common.ldp.cli", "locally perturb text with the exponential mechanism"),

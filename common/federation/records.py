@@ -55,7 +55,7 @@ def decline_reason(message: Message) -> str | None:
         return f"error: {message.error.reason}"
     status = message.content.config_records.get(STATUS)
     if status is not None and status.get("state") == "declined":
-        return f"declined: {status.get('reason')}"
+        return f"declined: {status.get('reason')!s}"
     return None
 
 
@@ -64,6 +64,6 @@ def content_bytes(content: RecordDict) -> int:
     total = 0
     for record in content.array_records.values():
         total += record.count_bytes()
-    for record in list(content.config_records.values()) + list(content.metric_records.values()):
-        total += record.count_bytes()
+    for values in list(content.config_records.values()) + list(content.metric_records.values()):
+        total += values.count_bytes()
     return total

@@ -60,24 +60,25 @@ class PretrainResult:
 
 def resize_for_ult(model: nn.Module, config: UltConfig, noise: float = 1.0, seed: int = 0) -> nn.Module:
     """Give ``model`` (in place) an input embedding and LM head of ``config.vocab_size`` ULT ids."""
-    embedding = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    # the transformers methods below are typed as tensors by nn.Module.__getattr__
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
     tied = head is not None and head.weight is embedding.weight
     stats = [_row_stats(embedding.weight)] + ([] if tied or head is None else [_row_stats(head.weight)])
     head_bias = None if tied or head is None or getattr(head, "bias", None) is None else head.bias.detach().mean()
-    model.resize_token_embeddings(config.vocab_size, mean_resizing=False)
+    model.resize_token_embeddings(config.vocab_size, mean_resizing=False)  # type: ignore[operator]
     generator = torch.Generator().manual_seed(seed)
-    matrices = [model.get_input_embeddings().weight] + (
-        [] if len(stats) == 1 else [model.get_output_embeddings().weight]
+    matrices = [model.get_input_embeddings().weight] + (  # type: ignore[operator]
+        [] if len(stats) == 1 else [model.get_output_embeddings().weight]  # type: ignore[operator]
     )
     with torch.no_grad():
         for weight, (mean, std) in zip(matrices, stats):
             weight.copy_(mean + noise * std * torch.randn(weight.shape, generator=generator))
         if head_bias is not None:
-            model.get_output_embeddings().bias.fill_(head_bias)
+            model.get_output_embeddings().bias.fill_(head_bias)  # type: ignore[operator]
     for target in (model.config, getattr(model, "generation_config", None)):
         if target is not None:
-            target.pad_token_id, target.bos_token_id, target.eos_token_id = PAD_ID, BOS_ID, EOS_ID
+            target.pad_token_id, target.bos_token_id, target.eos_token_id = PAD_ID, BOS_ID, EOS_ID  # type: ignore[union-attr]
     return model
 
 
@@ -104,7 +105,7 @@ def pretrain_ult(
     steps and at the end; a later call with the same arguments resumes where the last one stopped
     and reproduces the uninterrupted run (batches depend only on seed and step).
     """
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().weight.shape[0]  # type: ignore[operator]  # a transformers method
     if vocab != tokenizer.vocab_size:
         raise PrivtuneError(
             f"the model has {vocab} embedding rows but the ULT vocabulary has {tokenizer.vocab_size}; "
