@@ -121,7 +121,12 @@ def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
         return float(config.noise_multiplier)
     from opacus.accountants.utils import get_noise_multiplier
 
-    steps = config.total_steps if config.total_steps is not None else math.ceil(config.total_epochs / sample_rate)
+    if config.total_steps is not None:
+        steps = config.total_steps
+    elif config.total_epochs is not None:
+        steps = math.ceil(config.total_epochs / sample_rate)
+    else:
+        raise PrivtuneError("a DP-SGD target epsilon needs the planned training length: total_steps or total_epochs")
     return float(
         get_noise_multiplier(
             target_epsilon=config.target_epsilon,
@@ -286,7 +291,8 @@ def train_round(
 
 def _check_one_row_per_example(model: nn.Module, batch_size: int) -> None:
     for name, p in model.named_parameters():
-        rows = None if getattr(p, "grad_sample", None) is None else p.grad_sample.shape[0]
+        grad_sample = getattr(p, "grad_sample", None)  # set by Opacus
+        rows = None if grad_sample is None else grad_sample.shape[0]
         if p.requires_grad and rows != batch_size:
             raise PrivtuneError(
                 f"DP-SGD: per-example gradients of {name} have {rows} rows for a batch of {batch_size} examples; the "
@@ -337,8 +343,8 @@ def _batch_first_opt_mlps(model: nn.Module) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-        for layer, attr, inner in restore:
-            setattr(layer, attr, inner)
+        for owner, attr, inner in restore:
+            setattr(owner, attr, inner)
 
 
 def _forever(loader) -> Iterator:

@@ -8,6 +8,7 @@ in one table instead of scattered ``if model_type == ...`` branches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -59,7 +60,11 @@ def _resolve(model: nn.Module, dotted: str) -> nn.Module:
 
 
 def get_blocks(model: nn.Module) -> nn.ModuleList:
-    return _resolve(model, family_of(model).blocks)
+    path = family_of(model).blocks
+    blocks = _resolve(model, path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise PrivtuneError(f"{path} of this model is a {type(blocks).__name__}, not a list of transformer blocks")
+    return blocks
 
 
 def get_final_norm(model: nn.Module) -> nn.Module:
@@ -86,7 +91,7 @@ def set_blocks(model: nn.Module, blocks: list[nn.Module], source_indices: list[i
     family = family_of(model)
     parent_path, _, attr = family.blocks.rpartition(".")
     setattr(_resolve(model, parent_path), attr, nn.ModuleList(blocks))
-    config = model.config
+    config: Any = model.config
     setattr(config, family.num_layers_key, len(blocks))
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and layer_types:
@@ -98,4 +103,4 @@ def set_blocks(model: nn.Module, blocks: list[nn.Module], source_indices: list[i
     for new_idx, block in enumerate(blocks):
         for sub in block.modules():
             if hasattr(sub, "layer_idx"):
-                sub.layer_idx = new_idx
+                sub.layer_idx = new_idx  # type: ignore[assignment]  # torch types Module attributes as tensors

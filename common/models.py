@@ -63,6 +63,7 @@ def tiny_model(
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
 
     family_by_name(family)
+    config: GPT2Config | LlamaConfig | OPTConfig
     if family == "gpt2":
         config = GPT2Config(
             vocab_size=vocab_size,
@@ -192,7 +193,7 @@ def save_model(loaded: LoadedModel, folder: Path | str) -> Path:
     """Save a model and its tokenizer so that :func:`load_model` reads the folder back."""
     folder = Path(folder)
     with quiet_weights_progress():
-        loaded.model.save_pretrained(folder)
+        loaded.model.save_pretrained(folder)  # type: ignore[operator]  # a transformers method
     if isinstance(loaded.tokenizer, ByteTokenizer):
         (folder / BYTE_TOKENIZER_MARKER).write_text('{"type": "utf-8 bytes"}\n')
     elif hasattr(loaded.tokenizer, "table"):

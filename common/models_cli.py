@@ -28,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt:
         ids = torch.tensor([loaded.tokenizer.encode(args.prompt)])
         with torch.no_grad():
-            out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+            # a transformers method, typed as a tensor by nn.Module.__getattr__
+            out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)  # type: ignore[operator]
         print("continuation", repr(loaded.tokenizer.decode(out[0, ids.shape[1] :].tolist())))
     return 0

@@ -148,7 +148,7 @@ def load_embedding(source: str = "smollm2") -> EmbeddingSpace:
     from privtune.common.models import load_model
 
     loaded = load_model("tiny-llama" if source == TINY_ALIAS else source)
-    matrix = loaded.model.get_input_embeddings().weight
+    matrix = loaded.model.get_input_embeddings().weight  # type: ignore[operator]  # a transformers method
     hf = getattr(loaded.tokenizer, "hf", None)
     unk = getattr(hf, "unk_token_id", None)
     unknown_id = (

@@ -20,7 +20,8 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor], extra: Any = None) -> st
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(canonical_json([name, str(t.dtype).removeprefix("torch."), list(t.shape)]))
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        # numpy's stubs declare ndarray's buffer protocol only for Python >= 3.12
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     if extra is not None:
         h.update(canonical_json(extra))
     return h.hexdigest()

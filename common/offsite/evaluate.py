@@ -70,7 +70,7 @@ def evaluation_table(
         "full_ft": full_ft,
     }
     results = {
-        row.key: (perplexity(models[row.key], heldout, batch_size) if models[row.key] is not None else None)
+        row.key: (None if (model := models[row.key]) is None else perplexity(model, heldout, batch_size))
         for row in ROWS
     }
     width = max(len(row.label) for row in ROWS)

@@ -46,7 +46,7 @@ HASH_KEY = "content_hash"
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     """The model's transformers config as plain JSON data (without the owner's local paths)."""
-    data = json.loads(model.config.to_json_string(use_diff=False))
+    data = json.loads(model.config.to_json_string(use_diff=False))  # type: ignore[union-attr, operator]
     return {k: v for k, v in data.items() if not k.startswith("_")}
 
 

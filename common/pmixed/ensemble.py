@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,8 @@ class _Stem:
 
     def __init__(self, model: nn.Module) -> None:
         self.family = family_of(model).name
-        self.model = model
+        # reached through each family's own attribute paths, which nn.Module's stubs cannot express
+        self.model: Any = model
         config = model.config
         self.max_positions = int(
             getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0
@@ -165,7 +167,7 @@ class _RoutedBlock:
             if path not in self.layers:
                 self.layers[path] = _RowLoRA(self.block.get_submodule(path))
                 self.block.set_submodule(path, self.layers[path])
-            dtype = self.layers[path].layer.weight.dtype
+            dtype = self.layers[path].layer.get_parameter("weight").dtype
             lora_b = state[name.removesuffix("_A") + "_B"]
             self.layers[path].factors[row] = (lora_a.to(dtype), lora_b.to(dtype), scale)
 
@@ -221,7 +223,11 @@ class Ensemble:
             else:
                 self.own_blocks.append({i: blocks[i].eval() for i in indices})
             if member.manifest.carry_embeddings:
-                self.own_embeddings[row] = (plugged.get_input_embeddings(), plugged.get_output_embeddings())
+                # transformers methods, typed as tensors by nn.Module.__getattr__
+                self.own_embeddings[row] = (
+                    plugged.get_input_embeddings(),  # type: ignore[operator]
+                    plugged.get_output_embeddings(),  # type: ignore[operator]
+                )
             del plugged
         modules = [
             self.base,
@@ -237,7 +243,9 @@ class Ensemble:
 
     def extra_bytes(self) -> int:
         """Bytes held on top of the base model: block copies, LoRA factors, carried embeddings, keyed p0."""
-        tensors = [t for own in self.own_blocks for block in own.values() for t in block.parameters()]
+        tensors: list[torch.Tensor] = [
+            t for own in self.own_blocks for block in own.values() for t in block.parameters()
+        ]
         tensors += [
             t
             for pair in [*self.own_embeddings.values(), *([self.public_pair] if self.public_pair else [])]
@@ -271,7 +279,7 @@ class Ensemble:
             return self.own_embeddings[row]
         if row == PUBLIC and self.public_pair is not None:
             return self.public_pair
-        return self.base.get_input_embeddings(), self.base.get_output_embeddings()
+        return self.base.get_input_embeddings(), self.base.get_output_embeddings()  # type: ignore[operator]
 
     def session(self, prompt: Sequence[int]) -> EnsembleSession:
         return EnsembleSession(self, prompt)
@@ -317,9 +325,9 @@ def _public_pair(
     check_p0_order(members, public_embeddings is not None)
     if public_embeddings is None:
         return None
-    embed = copy.deepcopy(base.get_input_embeddings())
+    embed = copy.deepcopy(base.get_input_embeddings())  # type: ignore[operator]  # a transformers method
     embed.weight = nn.Parameter(public_embeddings[INPUT_EMBEDDINGS].to(embed.weight.dtype), requires_grad=False)
-    head = copy.deepcopy(base.get_output_embeddings())
+    head = copy.deepcopy(base.get_output_embeddings())  # type: ignore[operator]
     head.weight = (
         embed.weight
         if OUTPUT_EMBEDDINGS not in public_embeddings
@@ -438,6 +446,10 @@ class EnsembleSession:
                     if routed is not None:
                         routed.route([])  # a plan is for one call; a stray later call gets no member's update
                 out[:, idx] = result[0] if isinstance(result, tuple) else result
+                if cache.new is None:
+                    raise PrivtuneError(
+                        f"block {index} wrote no keys and values to its KV cache; its attention is unsupported"
+                    )
                 self._store(index, [rows[i] for i in group], [n - starts[i] for i in group], cache.new)
             hidden = out
         last = torch.tensor([int(sl[-1]) for sl in token_slices])

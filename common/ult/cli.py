@@ -140,7 +140,10 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _bind(args: argparse.Namespace) -> int:
-    save_table(bind_key(load_table(args.table), _key(args)), args.output)
+    key = _key(args)
+    if key is None:
+        raise PrivtuneError("binding a table needs the ULT key: give --key-file or --passphrase-env")
+    save_table(bind_key(load_table(args.table), key), args.output)
     return 0
 
 

@@ -90,8 +90,8 @@ class SymbolMapper:
         if codes.max() >> (4 * _MAX_DIGITS):
             raise ValueError(f"symbol code {int(codes.max())} is too large to escape ({4 * _MAX_DIGITS} bits at most)")
         n_digits = np.ones(codes.size, dtype=np.int64)
-        for shift in range(1, _MAX_DIGITS):
-            n_digits += (codes >> (4 * shift)) > 0
+        for place in range(1, _MAX_DIGITS):
+            n_digits += (codes >> (4 * place)) > 0
         lengths[escaped] += n_digits
         np.cumsum(lengths, out=starts[1:])
         out = np.empty(int(starts[-1]), dtype=np.int64)
