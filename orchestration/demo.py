@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from privtune.common.ledger import Ledger
+    from privtune.common.ledger import Ledger, render
     from privtune.common.models import ULT_TABLE_FILE
     from privtune.demo_model import demo_model
     from privtune.demo_serving import serve_and_sample
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.owners):
         ledger = out / "owners" / f"owner-{i}" / "ledger.sqlite"
         if ledger.exists():
-            print(f"\n== owner-{i} ==\n{Ledger(ledger, create=False).render()}")
+            print(f"\n== owner-{i} ==\n{render(Ledger(ledger, read_only=True).report())}")
     summary = {k: metrics.get(k) for k in ("zero_shot_ppl", "emulator_ppl", "emulator_adapter_ppl", "plugin_ppl")}
     print(
         f"\nsummary: {json.dumps(summary)}\n"

@@ -24,7 +24,7 @@ def write_simulation_outputs(cfg: FederationConfig, out: Path, owners: int) -> d
         if ledger_path.exists():
             from privtune.common.ledger import Ledger
 
-            privacy[f"owner-{i}"] = Ledger(ledger_path, create=False).report()
+            privacy[f"owner-{i}"] = Ledger(ledger_path, read_only=True).report()
         else:
             privacy[f"owner-{i}"] = {"releases": []}
     (out / "privacy.json").write_text(json.dumps(privacy, indent=2, sort_keys=True) + "\n")

@@ -9,8 +9,6 @@ from privtune.common.pmixed.accountant import (
     PMixedBudget,
     epsilon_spent,
     per_query_rdp,
-    rdp_budget_total,
-    rdp_to_epsilon,
     solve_beta,
 )
 from privtune.common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
@@ -30,8 +28,6 @@ __all__ = [
     "per_query_rdp",
     "poisson_subsample",
     "project",
-    "rdp_budget_total",
-    "rdp_to_epsilon",
     "renyi_divergence",
     "sample_token",
     "secure_rng",

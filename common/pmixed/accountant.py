@@ -41,10 +41,9 @@ floor under M', no finite bound exists once another member can sit in S; the flo
 S = ∅ branch is what makes the guarantee finite, so the bound depends on N (its leading term grows
 like κ²/π0 ≈ e^(Nq)/N² once Nq is large) and is conservative rather than tight.
 
-Conversion to (ε, δ)-DP: Balle et al. 2020 ("Hypothesis testing interpretations and Rényi
-differential privacy", Thm 21): (α, r)-RDP implies (r + ln((α-1)/α) - (ln δ + ln α)/(α-1), δ)-DP.
-This is the formula of DESIGN.md §5, and tighter than Mironov 2017 (Prop. 3), r + ln(1/δ)/(α-1).
-RDP composes additively over queries (Mironov 2017, Prop. 1), also adaptively.
+Conversion to (ε, δ)-DP: :mod:`privtune.common.privacy.rdp` (Balle et al. 2020, Thm 21), the one
+conversion the ledger uses too. RDP composes additively over queries (Mironov 2017, Prop. 1), also
+adaptively.
 """
 
 from __future__ import annotations
@@ -56,32 +55,23 @@ from dataclasses import dataclass
 from scipy.optimize import brentq
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.privacy.rdp import epsilon_to_rdp, rdp_to_epsilon
 
 
 def _check_order(alpha: float) -> int:
-    if not (float(alpha).is_integer() and alpha >= 2):
+    if not (math.isfinite(alpha) and float(alpha).is_integer() and alpha >= 2):
         raise PrivtuneError(f"PMixED accounting needs an integer Rényi order alpha >= 2, got {alpha}; use e.g. 3")
     return int(alpha)
 
 
 def _check_rate(q: float, n_members: int) -> None:
-    if not 0.0 < q < 1.0:
+    if not 0.0 < q < 1.0:  # NaN fails too
         raise PrivtuneError(
             f"PMixED subsampling rate q must be in (0, 1), got {q}; q = 1 (no subsampling) has no finite "
             "RDP bound because nothing then forces the public distribution into the output"
         )
-    if int(n_members) != n_members or n_members < 1:
+    if not (math.isfinite(n_members) and int(n_members) == n_members >= 1):
         raise PrivtuneError(f"PMixED needs n_members >= 1 ensemble members, got {n_members}")
-
-
-def rdp_budget_total(epsilon: float, delta: float, alpha: float) -> float:
-    """Total RDP at order α whose Balle et al. (2020, Thm 21) conversion is exactly (ε, δ)-DP."""
-    return epsilon - math.log((alpha - 1) / alpha) + (math.log(delta) + math.log(alpha)) / (alpha - 1)
-
-
-def rdp_to_epsilon(rdp: float, alpha: float, delta: float) -> float:
-    """(α, rdp)-RDP -> ε of (ε, δ)-DP (Balle et al. 2020, Thm 21), never below 0."""
-    return max(0.0, rdp + math.log((alpha - 1) / alpha) - (math.log(delta) + math.log(alpha)) / (alpha - 1))
 
 
 def _log_expm1(x: float) -> float:
@@ -93,8 +83,8 @@ def per_query_rdp(alpha: int, beta: float, q: float, n_members: int) -> float:
     """ε_q(α) of one PMixED release (module docstring), evaluated in log space in float64."""
     alpha = _check_order(alpha)
     _check_rate(q, n_members)
-    if beta < 0:
-        raise PrivtuneError(f"beta must be >= 0, got {beta}")
+    if not (math.isfinite(beta) and beta >= 0):
+        raise PrivtuneError(f"beta must be a finite number >= 0, got {beta}")
     if beta == 0:
         return 0.0
     log_pi0 = n_members * math.log1p(-q)
@@ -119,8 +109,8 @@ def solve_beta(rdp_per_query: float, alpha: int, q: float, n_members: int) -> fl
 
     The bound does not look at the realised S, so one β serves every query of a deployment.
     """
-    if not rdp_per_query > 0:
-        raise PrivtuneError(f"per-query RDP budget must be > 0, got {rdp_per_query}")
+    if not (math.isfinite(rdp_per_query) and rdp_per_query > 0):
+        raise PrivtuneError(f"per-query RDP budget must be a finite number > 0, got {rdp_per_query}")
 
     def excess(beta: float) -> float:
         return per_query_rdp(alpha, beta, q, n_members) - rdp_per_query
@@ -138,7 +128,7 @@ def epsilon_spent(queries: int, alpha: int, beta: float, q: float, delta: float,
     """ε of (ε, δ)-DP after ``queries`` PMixED releases at β (RDP composition + Balle et al. 2020)."""
     if queries < 0:
         raise PrivtuneError(f"queries must be >= 0, got {queries}")
-    return rdp_to_epsilon(queries * per_query_rdp(alpha, beta, q, n_members), alpha, delta)
+    return rdp_to_epsilon(queries * per_query_rdp(alpha, beta, q, n_members), delta, alpha)
 
 
 @dataclass(frozen=True)
@@ -158,11 +148,11 @@ class PMixedBudget:
     def __post_init__(self) -> None:
         _check_order(self.alpha)
         _check_rate(self.q, self.n_members)
-        if not self.epsilon > 0:
-            raise PrivtuneError(f"PMixED epsilon must be > 0, got {self.epsilon}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise PrivtuneError(f"PMixED epsilon must be a finite number > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
             raise PrivtuneError(f"PMixED delta must be in (0, 1), got {self.delta}")
-        if int(self.T) != self.T or self.T < 1:
+        if not (math.isfinite(self.T) and int(self.T) == self.T >= 1):
             raise PrivtuneError(f"PMixED query budget T must be a positive integer, got {self.T}")
         if not self.rdp_total() > 0:
             raise PrivtuneError(
@@ -172,7 +162,7 @@ class PMixedBudget:
 
     def rdp_total(self) -> float:
         """RDP at order α available to the whole service."""
-        return rdp_budget_total(self.epsilon, self.delta, self.alpha)
+        return epsilon_to_rdp(self.epsilon, self.delta, self.alpha)
 
     def rdp_per_query(self) -> float:
         """RDP at order α each query may spend: rdp_total / T."""

@@ -8,13 +8,7 @@ import numpy as np
 import pytest
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.pmixed.accountant import (
-    PMixedBudget,
-    epsilon_spent,
-    per_query_rdp,
-    rdp_budget_total,
-    rdp_to_epsilon,
-)
+from privtune.common.pmixed.accountant import PMixedBudget, epsilon_spent, per_query_rdp
 from privtune.common.pmixed.projection import project
 
 DEFAULTS = dict(epsilon=8.0, delta=1e-5, alpha=3, T=1024, q=0.03, n_members=80)
@@ -41,14 +35,28 @@ def _mp_bound(alpha, beta, q, n):
     return float(mpmath.log(total) / (alpha - 1))
 
 
-def test_budget_conversion_is_balle_et_al_2020():
-    alpha, delta = 3, 1e-5
+def test_budget_total_is_the_shared_conversion():
     expected = 8 - math.log(2 / 3) + (math.log(1e-5) + math.log(3)) / 2
-    assert rdp_budget_total(8.0, delta, alpha) == pytest.approx(expected)
-    assert rdp_to_epsilon(rdp_budget_total(8.0, delta, alpha), alpha, delta) == pytest.approx(8.0, rel=1e-14)
-    # Tighter than Mironov 2017: the same RDP maps to a smaller ε.
-    for rdp in (0.5, 3.0, 10.0):
-        assert rdp_to_epsilon(rdp, alpha, delta) < rdp + math.log(1 / delta) / (alpha - 1)
+    assert PMixedBudget(**DEFAULTS).rdp_total() == pytest.approx(expected, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("epsilon", math.inf),
+        ("epsilon", math.nan),
+        ("delta", math.nan),
+        ("alpha", math.inf),
+        ("alpha", math.nan),
+        ("T", math.inf),
+        ("T", math.nan),
+        ("q", math.nan),
+        ("n_members", math.inf),
+    ],
+)
+def test_every_numeric_input_is_finite_and_in_range(field, value):
+    with pytest.raises(PrivtuneError, match=field if field != "T" else "query budget T"):
+        PMixedBudget(**{**DEFAULTS, field: value})
 
 
 @pytest.mark.parametrize("params", BUDGETS)

@@ -1,0 +1,1 @@
+"""Privacy arithmetic shared by every accountant (pure functions, no state)."""
