@@ -5,7 +5,7 @@ against the frozen emulator on locally perturbed and encoded text, reply with th
 number of examples, the loss and the privacy spent. ``evaluate``: perplexity of emulator + global
 adapter on the owner's held-out text. Problems the owner can explain (no data, budget exhausted,
 missing emulator) become a *declined* reply with the reason, which the server logs; the round
-goes on without this owner.
+goes on without this owner. The reason names only the step that failed (see :func:`public_reason`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,32 @@ from flwr.clientapp import ClientApp
 
 from privtune.client.site import SiteConfig
 from privtune.client.trainer import OwnerTrainer
-from privtune.common.errors import PrivtuneError
+from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import ARRAYS, METRICS, OWNER, declined, from_arrays, to_arrays
 
 log = logging.getLogger("privtune.client")
 
 _trainers: dict[tuple, OwnerTrainer] = {}
+
+PUBLIC_REASONS = {
+    "site": "the data owner's site is not set up for this run (configuration or data)",
+    "emulator": "the emulator package is not in the data owner's cache or failed verification",
+    "training": "local training failed",
+    "evaluation": "local evaluation failed",
+}
+BUDGET_REASON = "privacy budget exhausted"
+
+
+def public_reason(err: Exception, stage: str, task: str) -> str:
+    """What the model owner is told about a decline: the step that failed, never the error's text,
+    which can name the site's paths, data sizes or budget figures. The full error stays in the
+    data owner's log (with a traceback when it is not a :class:`PrivtuneError`, i.e. a bug)."""
+    if isinstance(err, PrivtuneError):
+        log.warning("declining to %s: %s", task, err)
+    else:
+        log.exception("declining to %s after an unexpected error", task)
+    return BUDGET_REASON if isinstance(err, BudgetExceededError) else PUBLIC_REASONS[stage]
 
 
 def _trainer(
@@ -47,15 +66,17 @@ def _trainer(
 def handle_train(
     msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]
 ) -> Message:
+    stage = "site"
     try:
         trainer = _trainer(context, overrides, node_overrides)
+        stage = "emulator"
         trainer.receive_emulator(msg.content)
+        stage = "training"
         state, metrics = trainer.train_round(
             from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
         )
-    except PrivtuneError as err:
-        log.warning("declining to train: %s", err)
-        return Message(declined(str(err)), reply_to=msg)
+    except Exception as err:
+        return Message(declined(public_reason(err, stage, "train")), reply_to=msg)
     return Message(
         RecordDict(
             {
@@ -71,14 +92,17 @@ def handle_train(
 def handle_evaluate(
     msg: Message, context: Context, overrides: Mapping[str, Any], node_overrides: Mapping[int, Mapping[str, Any]]
 ) -> Message:
+    stage = "site"
     try:
         trainer = _trainer(context, overrides, node_overrides)
+        stage = "emulator"
         trainer.receive_emulator(msg.content)
+        stage = "evaluation"
         metrics = trainer.evaluate(
             from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
         )
-    except PrivtuneError as err:
-        return Message(declined(str(err)), reply_to=msg)
+    except Exception as err:
+        return Message(declined(public_reason(err, stage, "evaluate")), reply_to=msg)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

@@ -24,7 +24,7 @@ from privtune.common.models import quiet_weights_progress
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.plugin import plug_in
 from privtune.server.model_owner import ModelOwner
-from privtune.server.run_folder import Checkpoint, RunFolder
+from privtune.server.run_folder import Checkpoint, RunFolder, run_identity
 from privtune.server.strategy import make_strategy
 
 log = logging.getLogger("privtune.server")
@@ -35,6 +35,7 @@ EMBEDDINGS_KEYED = "embeddings-keyed"
 
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     folder = RunFolder(cfg.run_dir)
+    folder.bind(run_identity(cfg), overwrite=cfg.overwrite)
     owner = ModelOwner.prepare(cfg)
     manifest = owner.package.adapter_manifest
     checkpoint = folder.load_checkpoint()
@@ -98,7 +99,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             evaluate_config=eval_config,
             evaluate_fn=evaluate,
         )
-        final = from_arrays(result.arrays) if result.arrays is not None else initial
+        final = from_arrays(result.arrays) if len(result.arrays) else initial  # empty: no round aggregated
     else:
         final = initial
     return finish(

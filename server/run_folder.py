@@ -2,9 +2,12 @@
 
 Layout of ``run_dir``::
 
-    checkpoint/           latest global adapter (safetensors) + state.json (last finished round, history)
+    run.json              the run's configuration (a different run is refused here unless overwritten)
+    checkpoint            link to the latest complete checkpoints/round-N-*/ folder, switched atomically
+    checkpoints/round-N-*/  global adapter (safetensors) + state.json (last finished round, history)
                           + optimizer.safetensors (the server optimiser's moments, FedAdam only)
-    adapters/owner-N/     each data owner's latest accepted adapter (the PMixED ensemble members)
+    adapters/<owner>/     each data owner's latest accepted adapter (the PMixED ensemble members), and
+                          adapters/aggregate/; peft folders (see privtune.common.offsite.adapter.folder)
     metrics.json/.csv     per-round figures and the final perplexity table
     plots/*.png           loss and perplexity per round, privacy spent per owner
     model/                the full model with the final aggregate plugged in
@@ -14,8 +17,12 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
+import re
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +31,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+from privtune.common.offsite.adapter import AdapterManifest, save_adapter
 
+log = logging.getLogger("privtune.server")
+
+CHECKPOINT = "checkpoint"
+CHECKPOINTS = "checkpoints"
+ADAPTERS = "adapters"
+ADAPTER_FILE = "adapter.safetensors"
+STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+RUN_FILE = "run.json"
+RUN_ENTRIES = (
+    CHECKPOINT,
+    CHECKPOINTS,
+    ADAPTERS,
+    "metrics.json",
+    "metrics.csv",
+    "plots",
+    "model",
+    "emulator",
+    "adapter_manifest.json",
+)
+"""What a run writes into its folder (and ``--overwrite`` removes)."""
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "run-dir", "eval-ids", "overwrite"})
+MEMBER_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+"""Names of folders under ``adapters/``: an owner's validated name, ``name@node-N``, ``node-N``, ``aggregate``."""
 
 
 @dataclass
@@ -48,6 +80,58 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def inside(root: Path, *parts: str) -> Path:
+    """``root / parts`` after proving it stays inside ``root``: parts built from received values (an
+    owner's name) must not climb out with ``..``, an absolute path or a symlink."""
+    path = root.joinpath(*parts)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise PrivtuneError(f"{'/'.join(parts)!r} would leave {root}; refusing to write there")
+    return path
+
+
+def run_identity(cfg: FederationConfig, emulator_hash: str = "") -> dict[str, Any]:
+    """What makes two starts the same run: every run-config key except those a resumed run may
+    change (a longer plan, a longer timeout, where the folder is, whether to overwrite)."""
+    identity = {k: v for k, v in cfg.to_run_config().items() if k not in RESUMABLE_KEYS}
+    return {**identity, "emulator-hash": emulator_hash} if emulator_hash else identity
+
+
+def bind_run(root: Path, identity: dict[str, Any], entries: tuple[str, ...], *, overwrite: bool) -> None:
+    """Record in ``root/run.json`` which run the folder holds, refusing a different one.
+
+    A folder that holds another run's outputs (``entries``: the names this kind of run writes) is
+    resumed only by the same run: mixing a second configuration's rounds, checkpoint or members
+    into it would give outputs that belong to neither. ``overwrite`` removes those entries (and
+    nothing else in the folder) and starts afresh.
+    """
+    record = root / RUN_FILE
+    recorded = json.loads(record.read_text()) if record.exists() else None
+    present = [name for name in entries if (root / name).exists() or (root / name).is_symlink()]
+    if recorded == identity or (recorded is None and not present):
+        pass
+    elif not overwrite:
+        differs = sorted(
+            k for k in (recorded or {}).keys() | identity.keys() if (recorded or {}).get(k) != identity.get(k)
+        )
+        what = f"a run whose {', '.join(differs[:6])} differ" if recorded is not None else "outputs of an earlier run"
+        raise PrivtuneError(
+            f"{root} holds {what}; choose another folder, or pass --overwrite (run config overwrite=true) "
+            "to delete that run's outputs and start this one"
+        )
+    else:
+        log.warning("overwriting the run in %s (%s)", root, ", ".join(present) or "no outputs yet")
+        for name in present:
+            path = root / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    partial = root / f".{RUN_FILE}.tmp"
+    partial.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, record)
+
+
 class RunFolder:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -55,50 +139,65 @@ class RunFolder:
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.root / "checkpoint"
+        return self.root / CHECKPOINT
+
+    def bind(self, identity: dict[str, Any], *, overwrite: bool = False) -> None:
+        bind_run(self.root, identity, RUN_ENTRIES, overwrite=overwrite)
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-        staging = self.root / ".checkpoint.tmp"
-        staging.mkdir(parents=True, exist_ok=True)
-        for leftover in staging.iterdir():  # of a write that crashed
-            leftover.unlink()
-        save_file({k: v.contiguous() for k, v in checkpoint.adapter.items()}, staging / "adapter.safetensors")
+        """Write the checkpoint into a folder of its own, then switch the ``checkpoint`` link to it.
+
+        The switch is one rename of a symlink, so at every instant the link names a complete
+        checkpoint: the previous one until the rename, this one after. A crash before it leaves
+        a partial folder that nothing names; a crash after it leaves the previous folder. Both are
+        removed by the next save.
+        """
+        store = self.root / CHECKPOINTS
+        store.mkdir(exist_ok=True)
+        folder = store / f"round-{checkpoint.round:06d}-{secrets.token_hex(4)}"
+        folder.mkdir()
+        save_file({k: v.contiguous() for k, v in checkpoint.adapter.items()}, folder / ADAPTER_FILE)
         if checkpoint.optimizer:
-            save_file({k: v.contiguous() for k, v in checkpoint.optimizer.items()}, staging / OPTIMIZER_FILE)
+            save_file({k: v.contiguous() for k, v in checkpoint.optimizer.items()}, folder / OPTIMIZER_FILE)
         state = {"round": checkpoint.round, "history": checkpoint.history, "extra": checkpoint.extra}
-        (staging / "state.json").write_text(json.dumps(state, indent=2))
-        if self.checkpoint_dir.exists():
-            old = self.root / ".checkpoint.old"
-            os.replace(self.checkpoint_dir, old)
-            os.replace(staging, self.checkpoint_dir)
-            for path in old.iterdir():
-                path.unlink()
-            old.rmdir()
-        else:
-            os.replace(staging, self.checkpoint_dir)
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=2))
+        for path in [*folder.iterdir(), folder, store]:
+            _fsync(path)
+        link = self.root / f".{CHECKPOINT}.{secrets.token_hex(4)}"
+        os.symlink(Path(CHECKPOINTS) / folder.name, link)
+        os.replace(link, self.checkpoint_dir)
+        _fsync(self.root)
+        self._remove_stale_checkpoints(keep=folder.name)
+
+    def _remove_stale_checkpoints(self, keep: str) -> None:
+        for path in (self.root / CHECKPOINTS).iterdir():
+            if path.name != keep:
+                shutil.rmtree(path)
+        for path in self.root.glob(f".{CHECKPOINT}.*"):
+            path.unlink()
 
     def load_checkpoint(self) -> Checkpoint | None:
-        state_file = self.checkpoint_dir / "state.json"
-        if not state_file.exists():
+        folder = self.checkpoint_dir
+        if not folder.exists():
+            if folder.is_symlink():
+                raise PrivtuneError(
+                    f"{folder} names {os.readlink(folder)}, which is missing; delete {folder} to start over"
+                )
             return None
         try:
-            state = json.loads(state_file.read_text())
-            adapter = load_file(self.checkpoint_dir / "adapter.safetensors")
-            optimizer_file = self.checkpoint_dir / OPTIMIZER_FILE
+            state = json.loads((folder / STATE_FILE).read_text())
+            adapter = load_file(folder / ADAPTER_FILE)
+            optimizer_file = folder / OPTIMIZER_FILE
             optimizer = load_file(optimizer_file) if optimizer_file.exists() else {}
         except Exception as err:
-            raise PrivtuneError(
-                f"checkpoint in {self.checkpoint_dir} is unreadable ({err}); delete it to start over"
-            ) from None
+            raise PrivtuneError(f"checkpoint in {folder} is unreadable ({err}); delete it to start over") from None
         return Checkpoint(state["round"], adapter, state.get("history", []), state.get("extra", {}), optimizer)
 
     def save_owner_adapter(self, owner: str, adapter: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
-        folder = self.root / "adapters" / owner
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "adapter.safetensors")
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        return folder
+        if not MEMBER_FOLDER.fullmatch(owner):
+            raise PrivtuneError(f"{owner!r} is not a member folder name (letters, digits, '.', '_', '-', '@')")
+        folder = inside(self.root, ADAPTERS, owner)
+        return save_adapter(folder, adapter, AdapterManifest.from_dict(manifest))
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         (self.root / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, sort_keys=True) + "\n")
@@ -160,3 +259,12 @@ class RunFolder:
             plt.close(fig)
             written.append(plots / "privacy.png")
         return written
+
+
+def _fsync(path: Path) -> None:
+    """Push a file's or folder's contents to disk, so a checkpoint named by the link survives a power cut too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

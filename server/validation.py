@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord
 
 from privtune.common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, decline_reason, from_arrays
 
 log = logging.getLogger("privtune.server")
+
+OWNER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""What a data owner may call itself: the name becomes a folder in the model owner's run folder."""
+RESERVED_NAMES = frozenset({"aggregate"})
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,23 @@ def check_update(update: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return None
 
 
+def owner_name_problem(name: str) -> str | None:
+    """Why a reported owner name must not be used, or None if it is acceptable."""
+    if not OWNER_NAME.fullmatch(name):
+        return (
+            f"owner name {name[:80]!r} is not 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        )
+    if name in RESERVED_NAMES or re.fullmatch(r"node-\d+", name):
+        return f"owner name {name!r} is reserved"
+    return None
+
+
+def _example_count(metrics: MetricRecord) -> float:
+    """The declared number of training examples; 0 when it is missing or not a number (a list)."""
+    value = metrics.get(NUM_EXAMPLES, 0)
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 def review(
     replies: list[Message], reference: dict[str, torch.Tensor], clip: float
 ) -> tuple[list[Message], list[Rejection]]:
@@ -60,7 +82,7 @@ def review(
             content = message.content
             if ARRAYS not in content.array_records or METRICS not in content.metric_records:
                 reason = "reply carries no adapter or no metrics"
-            elif float(content.metric_records[METRICS].get(NUM_EXAMPLES, 0)) <= 0:
+            elif _example_count(content.metric_records[METRICS]) <= 0:
                 reason = "reply reports no training examples"
             else:
                 try:

@@ -7,6 +7,7 @@ Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pypro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -41,6 +42,7 @@ class FederationConfig:
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     update_clip: float = 100.0
+    max_examples_per_owner: int = 0
     ldp_epsilon: float = 0.0
     ldp_embedding: str = "smollm2"
     dp_epsilon: float = 0.0
@@ -50,6 +52,7 @@ class FederationConfig:
     seed: int = 0
     run_dir: str = "runs/flwr"
     eval_ids: str = ""
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,7 +62,11 @@ class FederationConfig:
             (self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}"),
             (self.local_steps >= 1 and self.batch_size >= 1, "local-steps and batch-size must be positive"),
             (self.update_clip > 0, "update-clip must be positive"),
-            (self.ldp_epsilon >= 0 and self.dp_epsilon >= 0, "epsilons must be >= 0 (0 turns the mechanism off)"),
+            (
+                all(math.isfinite(e) and e >= 0 for e in (self.ldp_epsilon, self.dp_epsilon)),
+                "epsilons must be finite and >= 0 (0 turns the mechanism off)",
+            ),
+            (self.max_examples_per_owner >= 0, "max-examples-per-owner must be >= 0 (0 weighs owners equally)"),
             (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
         ]
@@ -79,10 +86,20 @@ class FederationConfig:
                 )
             kind = type(getattr(cls, name)) if hasattr(cls, name) else str
             try:
-                values[name] = kind(value)
+                values[name] = _parse_bool(value) if kind is bool else kind(value)
             except (TypeError, ValueError):
                 raise PrivtuneError(f"run-config key {key!r} must be {kind.__name__}, got {value!r}") from None
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+
+def _parse_bool(value: Any) -> bool:
+    """Flower passes TOML booleans; ``--set overwrite=false`` passes text, which ``bool()`` would call true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(value)
+    return text == "true"

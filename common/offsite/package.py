@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ MANIFEST_FILE = "manifest.json"
 EMULATOR_PREFIX = "emulator/"
 ADAPTER_PREFIX = "adapter/"
 HASH_KEY = "content_hash"
+CONTENT_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -253,10 +255,24 @@ class EmulatorPackage:
         return prepare_adapter(model, manifest, seed=seed)
 
 
+def cached_folder(content_hash: str, cache_root: Path | str | None = None) -> Path:
+    """Where the package with this hash lives in the cache, after proving the hash is one.
+
+    The hash arrives from the model owner, who may not be trusted with the owner's file system: as
+    a folder name it must be a sha256 hex digest, so it can name nothing but one cache entry.
+    """
+    if not CONTENT_HASH.fullmatch(content_hash):
+        raise PrivtuneError(f"emulator hash {content_hash[:80]!r} is not a sha256 hex digest; refusing to use it")
+    root = Path(cache_root) if cache_root is not None else cache_dir("emulators")
+    folder = root / content_hash
+    if folder.resolve().parent != root.resolve():
+        raise PrivtuneError(f"{folder} leads out of the emulator cache {root} (a link?); remove it")
+    return folder
+
+
 def cache_package(package: EmulatorPackage, cache_root: Path | str | None = None) -> Path:
     """Store the package under ``<cache_root>/<content hash>`` (once); returns the folder."""
-    root = Path(cache_root) if cache_root is not None else cache_dir("emulators")
-    target = root / package.content_hash
+    target = cached_folder(package.content_hash, cache_root)
     if not (target / MANIFEST_FILE).exists():
         package.save(target)
     return target
@@ -266,10 +282,10 @@ def load_cached(content_hash: str, cache_root: Path | str | None = None) -> Emul
     """The cached package with this hash, or None if absent.
 
     A cached copy that fails verification is reported and removed, so the caller fetches the
-    package again and caches it afresh instead of being stuck on a broken cache.
+    package again and caches it afresh instead of being stuck on a broken cache. Only the cache
+    entry itself is ever removed (see :func:`cached_folder`).
     """
-    root = Path(cache_root) if cache_root is not None else cache_dir("emulators")
-    folder = root / content_hash
+    folder = cached_folder(content_hash, cache_root)
     if not (folder / MANIFEST_FILE).exists():
         return None
     try:
