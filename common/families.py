@@ -24,12 +24,34 @@ class Family:
     blocks: str
     final_norm: str
     num_layers_key: str
+    input_embeddings: str
+    output_embeddings: str
+    transposed_linear: bool
+    """GPT-2's ``Conv1D`` stores linear weights as ``[in, out]`` (peft's ``fan_in_fan_out``)."""
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("gpt2", ("gpt2",), "transformer.h", "transformer.ln_f", "n_layer"),
-    Family("llama", ("llama", "mistral", "qwen2"), "model.layers", "model.norm", "num_hidden_layers"),
-    Family("opt", ("opt",), "model.decoder.layers", "model.decoder.final_layer_norm", "num_hidden_layers"),
+    Family("gpt2", ("gpt2",), "transformer.h", "transformer.ln_f", "n_layer", "transformer.wte", "lm_head", True),
+    Family(
+        "llama",
+        ("llama", "mistral", "qwen2"),
+        "model.layers",
+        "model.norm",
+        "num_hidden_layers",
+        "model.embed_tokens",
+        "lm_head",
+        False,
+    ),
+    Family(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        "model.decoder.final_layer_norm",
+        "num_hidden_layers",
+        "model.decoder.embed_tokens",
+        "lm_head",
+        False,
+    ),
 )
 
 

@@ -21,7 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--package", required=True, type=Path, help="output folder of 'privtune prepare' (or its emulator/)"
     )
     parser.add_argument("--model", help="full model source (default: the one recorded by 'privtune prepare')")
-    parser.add_argument("--adapter", type=Path, help="folder of a saved adapter (adapter.safetensors + adapter.json)")
+    parser.add_argument(
+        "--adapter", type=Path, help="adapter folder (peft folder + manifest.json), e.g. RUN/adapters/aggregate"
+    )
     parser.add_argument("--train-steps", type=int, default=0, help="without --adapter: train one here for N steps")
     parser.add_argument("--full-ft-steps", type=int, default=0, help="full fine-tuning reference: N steps (0: skip)")
     parser.add_argument("--lr", type=float, default=None, help="adapter learning rate (default 1e-3 LoRA, 1e-4 full)")

@@ -12,10 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from privtune.common.offsite.adapter import adapter_state, load_adapter_state
+from privtune.common.offsite.adapter import adapter_state, load_adapter, load_adapter_state
 from privtune.common.offsite.evaluate import evaluation_table
 from privtune.common.offsite.package import EmulatorPackage
 from privtune.common.offsite.plugin import plug_in
@@ -31,7 +30,7 @@ def evaluate_run(
     title: str = "perplexity on the owners' held-out text",
 ) -> dict[str, float | None]:
     package = EmulatorPackage.load(run_dir / "emulator")
-    final = load_file(str(run_dir / "adapters" / "aggregate" / "adapter.safetensors"))
+    final, _ = load_adapter(run_dir / "adapters" / "aggregate")
     emulator = package.instantiate(seed=seed)
     load_adapter_state(emulator, relabel_state(adapter_state(emulator), rows))
     tuned = package.instantiate(seed=seed)

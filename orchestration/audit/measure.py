@@ -69,14 +69,16 @@ def judge(
     if claim is None:
         return
     auc_limit = stats.dp_auc_bound(claim.epsilon, claim.delta)
-    if auc.low > auc_limit:
-        result.violations.append(f"{target}/{attack}: AUC {auc.value:.3f} (95% CI low {auc.low:.3f}) > {auc_limit:.3f}")
+    if auc.floor > auc_limit:
+        result.violations.append(
+            f"{target}/{attack}: AUC {auc.value:.3f} (99.5% lower bound {auc.floor:.3f}) > {auc_limit:.3f}"
+        )
     for f, interval in zip(FPRS, tprs):
         limit = float(stats.dp_tpr_bound(f, claim.epsilon, claim.delta))
-        if interval.low > limit:
+        if f * len(non_members) >= 1 and interval.floor > limit:
             result.violations.append(
                 f"{target}/{attack}: TPR {interval.value:.3f} at FPR {f:g} "
-                f"(95% CI low {interval.low:.3f}) > {limit:.3f}"
+                f"(99.5% lower bound {interval.floor:.3f}) > {limit:.3f}"
             )
 
 

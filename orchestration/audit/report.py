@@ -17,7 +17,7 @@ non-members; 1.0 means it always can. TPR at 1% FPR is how many members it finds
 accusing 1% of non-members. Exposure (bits) says how far a planted secret stands out from random
 secrets of the same format; about 1.4 bits is chance, and the most this estimate can show is
 log2(sample + 1). For a target with a DP claim, the limit column is the best AUC any attack can
-reach under that claim; a measured point whose 95% interval lies above its limit refutes the claim
+reach under that claim; a measured point whose 99.5% lower bound lies above its limit refutes the claim
 and makes `privtune audit` exit with status 1. Attacks below the limit do not prove privacy: they
 show only what these attacks find.
 """

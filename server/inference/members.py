@@ -7,9 +7,9 @@ Two ways to name them:
   ``RUN/adapters/*/`` except ``aggregate`` (the aggregate was trained on every owner's data, so it
   is no member of an ensemble whose privacy
   unit is one owner's shard);
-- explicitly (``--model SRC --adapters DIR ...``), each DIR holding ``adapter.safetensors`` and
-  a manifest (``manifest.json`` as the run folder writes it, or ``adapter.json`` as
-  ``common.offsite.save_adapter`` does).
+- explicitly (``--model SRC --adapters DIR ...``), each DIR an adapter folder as
+  ``common.offsite.save_adapter`` and the run folder write it (a peft folder with privtune's
+  ``manifest.json``).
 
 Members of a ULT federation carry embeddings in the federation key's id order; p0 must then be
 the base model with its rows in that order too, a file a key holder makes (``--public-embeddings``,
@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.offsite.adapter import ADAPTER_FILE, ADAPTER_MANIFEST_FILE, AdapterManifest
+from privtune.common.offsite.adapter import load_adapter
 from privtune.common.pmixed.ensemble import MemberAdapter
 from privtune.common.ult.relabel import load_keyed_public
 
-RUN_MANIFEST_FILE = "manifest.json"
 AGGREGATE = "aggregate"
 
 
@@ -57,21 +56,7 @@ class ServedModel:
 
 
 def load_member(folder: Path) -> MemberAdapter:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    manifests = [folder / name for name in (RUN_MANIFEST_FILE, ADAPTER_MANIFEST_FILE) if (folder / name).exists()]
-    if not (folder / ADAPTER_FILE).exists() or not manifests:
-        raise PrivtuneError(
-            f"{folder} is not an adapter folder: it needs {ADAPTER_FILE} and {RUN_MANIFEST_FILE} (or "
-            f"{ADAPTER_MANIFEST_FILE})"
-        )
-    try:
-        manifest = AdapterManifest.from_dict(json.loads(manifests[0].read_text()))
-        state = load_file(str(folder / ADAPTER_FILE))
-    except (json.JSONDecodeError, SafetensorError, TypeError) as err:
-        raise PrivtuneError(f"adapter in {folder} is corrupt ({err}); export it again") from None
-    manifest.validate_state(state)
+    state, manifest = load_adapter(folder)
     return MemberAdapter(folder.name, state, manifest)
 
 

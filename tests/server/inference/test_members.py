@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.offsite import load_adapter
 from privtune.server.inference.members import from_arguments, from_run_folder
 from privtune.server.run_folder import RunFolder
 from tests.server.inference.running import MODEL, make_adapters
@@ -21,12 +20,10 @@ def adapters(tmp_path_factory):
 
 def run_folder(root, adapters):
     """A run laid out as the federated server writes it (RunFolder), with an aggregate adapter too."""
-    from safetensors.torch import load_file
-
     folder = RunFolder(root)
     for name, source in [("node-1", adapters[0]), ("node-2", adapters[1]), ("aggregate", adapters[2])]:
-        manifest = json.loads(Path(source, "adapter.json").read_text())
-        folder.save_owner_adapter(name, load_file(source + "/adapter.safetensors"), manifest)
+        state, manifest = load_adapter(source)
+        folder.save_owner_adapter(name, state, manifest.to_dict())
     folder.write_metrics({"config": {"model": MODEL}})
     return root
 
@@ -61,6 +58,6 @@ def test_explicit_adapters_and_helpful_errors(tmp_path, adapters):
         from_run_folder(run)
     broken = tmp_path / "broken"
     shutil.copytree(adapters[0], broken)
-    (broken / "adapter.safetensors").write_bytes(b"not a tensor file")
+    (broken / "adapter_model.safetensors").write_bytes(b"not a tensor file")
     with pytest.raises(PrivtuneError, match="corrupt"):
         from_arguments(None, MODEL, [str(broken)]).load_members()
