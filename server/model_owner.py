@@ -67,13 +67,13 @@ def build_package(model: nn.Module, tokenizer, offsite: OffsiteConfig, cfg: Fede
     if cfg.distill_steps <= 0:
         return EmulatorPackage.build(model, offsite)
     from privtune.common.offsite.distill import DistillConfig, distill_emulator
+    from privtune.common.offsite.split import build_emulator_model
 
     if cfg.encoding == "ult":
         raise PrivtuneError("in ULT mode distil the emulator beforehand with 'privtune prepare' and pass package=DIR")
     blocks = pack(public_corpus(), tokenizer, cfg.block_size, max_blocks=cfg.distill_steps * cfg.batch_size)
-    emulator = distill_emulator(
-        model, offsite, blocks, DistillConfig(steps=cfg.distill_steps, batch_size=cfg.batch_size)
-    )
+    emulator = build_emulator_model(model, offsite)
+    distill_emulator(model, emulator, blocks, DistillConfig(steps=cfg.distill_steps, batch_size=cfg.batch_size))
     return EmulatorPackage.build(model, offsite, emulator=emulator)
 
 

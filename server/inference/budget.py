@@ -37,7 +37,10 @@ class BudgetKeeper:
                 f"values, change the budget deliberately with 'privtune ledger budget {self.ledger.path} pmixed ...', "
                 "or use another --ledger"
             )
-        self.cap = self.ledger.budget(KIND).cap
+        kept = self.ledger.budget(KIND)
+        if kept is None:
+            raise PrivtuneError(f"ledger {self.ledger.path} holds no PMixED budget after setting it; is it writable?")
+        self.cap = kept.cap
         self.per_query = budget.rdp_per_query()
 
     def _queries_left(self, spent_rdp: float) -> int:

@@ -7,6 +7,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -14,6 +15,9 @@ from privtune.common.errors import PrivtuneError
 from privtune.common.paths import cache_dir
 from privtune.common.pmixed.accountant import PMixedBudget
 from privtune.server.inference.members import from_arguments
+
+if TYPE_CHECKING:
+    from privtune.server.inference.service import PMixedService
 
 DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
 
@@ -117,7 +121,7 @@ class Running:
 
     server: grpc.Server
     port: int
-    service: object
+    service: PMixedService
     owns_ray: bool
 
     def stop(self) -> None:

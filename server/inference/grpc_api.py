@@ -94,16 +94,15 @@ class _status:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, error, _tb) -> bool:
+    def __exit__(self, kind, error, _tb) -> None:
         if error is None or isinstance(error, (GeneratorExit, grpc.RpcError)):
-            return False
+            return
         error = _cause(error)
         if isinstance(error, BudgetExceededError):
             self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         if isinstance(error, PrivtuneError):
             self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         self.context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-        return False
 
 
 def _cause(error: BaseException) -> BaseException:

@@ -61,7 +61,7 @@ class Replica:
             raise PrivtuneError(
                 f"the budget was computed for {config.budget.n_members} members, {self.ensemble.n_members} were loaded"
             )
-        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])
+        self.vocab_size = int(loaded.model.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
         self._sessions: dict[int, EnsembleSession] = {}
         self._next_id = 0
 
