@@ -19,7 +19,8 @@ from privtune.common.errors import PrivtuneError
 from privtune.common.ldp.embedding import EmbeddingSpace
 from privtune.common.paths import cache_dir
 
-CACHE_VERSION = 1
+DIAMETER_VERSION = 2  # version 1 holds diameters from a pruning that could miss the largest pair
+PARTITION_VERSION = 1
 BYTES_PER_FLOAT64 = 8
 
 
@@ -29,7 +30,7 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
     Cached per embedding digest (computing it for 49k x 576 takes well under a second when the
     pruning below works, and ~30 s when it cannot, e.g. for a random Gaussian matrix).
     """
-    path = _cache_path(space, "diameter", "json")
+    path = _cache_path(space, "diameter", DIAMETER_VERSION, "json")
     if path.exists():
         return float(json.loads(path.read_text())["diameter_bound"])
     start = time.perf_counter()
@@ -53,7 +54,9 @@ def largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
     L found so far needs r_a + r_b > L (triangle inequality through the centroid). A double sweep
     (farthest point from the farthest point) gives a good L first; each row a then only needs the
     rows with r_b >= L - r_a, a prefix of the sorted order, and once r_a + r_max < L no later row can
-    be in a better pair. A margin of a few rounding bounds keeps the pruning exact for computed distances.
+    be in a better pair. A block of rows is searched against the prefix its LARGEST radius needs
+    (the first row of the block), which holds the prefixes of all its rows. A margin of a few
+    rounding bounds keeps the pruning exact for computed distances.
     """
     radii, order = space.sq_norms.sqrt().sort(descending=True)
     r_max = float(radii[0])
@@ -65,8 +68,7 @@ def largest_distance(space: EmbeddingSpace, memory_cap_bytes: int) -> float:
     for start in range(0, space.size, block):
         if float(radii[start]) + r_max < best - margin:
             break
-        smallest_in_block = float(radii[min(start + block, space.size) - 1])
-        threshold = best - smallest_in_block - margin
+        threshold = best - float(radii[start]) - margin
         partners = space.size - int(torch.searchsorted(ascending, torch.tensor([threshold], dtype=ascending.dtype)))
         rows = order[start : start + block]
         dist = space.distances(rows, order[: max(partners, 1)])
@@ -85,7 +87,7 @@ def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int =
     """
     if top_k < 2 or top_k > space.size:
         raise PrivtuneError(f"CusText top-k must be between 2 and the vocabulary size {space.size}, got {top_k}")
-    path = _cache_path(space, f"custext-k{top_k}", "pt")
+    path = _cache_path(space, f"custext-k{top_k}", PARTITION_VERSION, "pt")
     if path.exists():
         return torch.load(path)
     cells = greedy_cells(space.points.to(torch.float32), top_k, memory_cap_bytes)
@@ -134,8 +136,8 @@ def greedy_cells(points: torch.Tensor, top_k: int, memory_cap_bytes: int) -> tor
     return cells
 
 
-def _cache_path(space: EmbeddingSpace, what: str, suffix: str) -> Path:
-    return cache_dir("ldp") / f"{what}-v{CACHE_VERSION}-{space.digest[:24]}.{suffix}"
+def _cache_path(space: EmbeddingSpace, what: str, version: int, suffix: str) -> Path:
+    return cache_dir("ldp") / f"{what}-v{version}-{space.digest[:24]}.{suffix}"
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -4,14 +4,20 @@ SanText (Yue et al., ACL Findings 2021) draws the replacement y of token x with 
 proportional to exp(-eps * d(x, y) / 2) over the whole vocabulary. For any tokens x, x' and output
 y the ratio P(y|x) / P(y|x') is at most exp(eps * d(x, x')) (triangle inequality, once in the
 numerator and once in the normaliser): eps*d metric-LDP per token, hence pure (eps * D)-LDP with D
-the diameter of the space.
+the diameter of the space. Its scope is ``metric``: the guarantee holds between any two tokens.
 
 CusText (Chen et al., ACL Findings 2023) partitions the vocabulary into cells of k..2k-1 nearby
 tokens (``geometry.custext_partition``); a token is replaced by a member of its own cell with
 probability proportional to exp(-eps * d(x, y) / (2 * max_y' d(x, y'))). The normalised distance
 lies in [0, 1], so any two tokens of the same cell are eps-indistinguishable; tokens of different
-cells are not indistinguishable at all (the cell is revealed). The guarantee reported is the exact
-largest log-ratio over all cells, computed from the probabilities actually used.
+cells are not indistinguishable at all (the cell is revealed). Its scope is ``within-cell``.
+
+What is sampled is the integer law of :mod:`common.ldp.sampling`: weight floor(w * 2^m) + F for
+every output, drawn exactly. The floor F mixes the design with the uniform law in weight space,
+which never increases a ratio of the design (each factor of the ratio is a max of 1 and the
+design's), and it bounds every ratio on its own (``sampling.floor_cap``). SanText's printed
+guarantee is derived for that law (quantisation and float rounding included); CusText's is the
+exact largest log-ratio of the integer law itself.
 
 Both mechanisms perturb every token, whitespace and special tokens included: exempting any class
 of tokens would pass it through unchanged and leak it.
@@ -29,22 +35,38 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.ldp.embedding import EmbeddingSpace
 from privtune.common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
-from privtune.common.ldp.sampling import sample_rows
+from privtune.common.ldp.sampling import (
+    cumulative,
+    floor_cap,
+    implemented_law,
+    quantization_error,
+    quantize,
+    sample_rows,
+)
 
-ARRAYS_PER_ROW = 2  # distances (turned into weights in place) and their cumulative sums
+ARRAYS_PER_ROW = 2  # distances (turned into weights in place) and their integer cumulative sums
+LOG_EVALUATION_MARGIN = 1e-12
+"""Covers the float64 evaluation of log(K / N) when CusText's exact largest log-ratio is computed."""
+METRIC = "metric"
+WITHIN_CELL = "within-cell"
 
 
 @dataclass(frozen=True)
 class TokenGuarantee:
     """What one perturbed token guarantees, computed for a mechanism and its embedding.
 
-    ``token_epsilon``: pure eps-LDP for any two input tokens within ``scope``.
+    ``token_epsilon``: eps-LDP for any two input tokens within ``scope`` (``metric``: any two tokens
+    of the vocabulary; ``within-cell``: two tokens of the same CusText cell, while the cell itself
+    is revealed); ``domain`` says which tokens those are in words. Guarantees of different scopes are
+    different promises and must never be added together.
     ``metric_epsilon``/``metric_slack``: where defined (SanText), the tighter metric guarantee
-    eps_metric * d(x, x') + slack for any two tokens x, x'; the slack covers distance rounding.
+    eps_metric * d(x, x') + slack for any two tokens x, x'; the slack covers distance rounding and
+    the sampler's quantisation.
     """
 
     token_epsilon: float
     scope: str
+    domain: str
     metric_epsilon: float | None = None
     metric_slack: float = 0.0
     diameter: float | None = None
@@ -54,11 +76,12 @@ class Mechanism(ABC):
     """A per-token randomiser over an embedding space, sampled in memory-bounded chunks of distinct tokens."""
 
     name: str
+    scope: str
 
     def __init__(self, space: EmbeddingSpace, epsilon: float, memory_cap_mb: float = 256.0) -> None:
         if not (epsilon > 0 and math.isfinite(epsilon)):
             raise PrivtuneError(f"epsilon must be a positive finite number, got {epsilon}")
-        if memory_cap_mb <= 0:
+        if not (memory_cap_mb > 0 and math.isfinite(memory_cap_mb)):
             raise PrivtuneError(f"the memory cap must be positive, got {memory_cap_mb} MB")
         self.space = space
         self.epsilon = float(epsilon)
@@ -66,7 +89,7 @@ class Mechanism(ABC):
 
     @abstractmethod
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Output distributions of distinct tokens: (unnormalised weights, candidate ids or None for all ids)."""
+        """Output laws of distinct tokens: (integer cumulative weights, candidate ids or None for all ids)."""
 
     @abstractmethod
     def bytes_per_row(self) -> int:
@@ -81,7 +104,7 @@ class Mechanism(ABC):
         return max(1, self.memory_cap_bytes // self.bytes_per_row())
 
     def _chunks(self, ids: torch.Tensor):
-        """Yield (distinct tokens' weights, candidates, positions in ids, row of each position)."""
+        """Yield (distinct tokens' cumulative weights, candidates, positions in ids, row of each position)."""
         sorted_ids, order = ids.sort(stable=True)
         tokens, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
         grouped = torch.repeat_interleave(torch.arange(len(tokens)), counts)
@@ -89,22 +112,22 @@ class Mechanism(ABC):
         for start in range(0, len(tokens), step):
             stop = min(start + step, len(tokens))
             lo, hi = torch.searchsorted(grouped, torch.tensor([start, stop])).tolist()
-            weights, candidates = self._rows(tokens[start:stop])
-            yield weights, candidates, order[lo:hi], grouped[lo:hi] - start
+            cumsum, candidates = self._rows(tokens[start:stop])
+            yield cumsum, candidates, order[lo:hi], grouped[lo:hi] - start
 
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One independent draw per position of ``ids`` (ids must lie in the space)."""
         out = torch.empty_like(ids)
-        for weights, candidates, positions, rows in self._chunks(ids):
-            columns = sample_rows(weights, rows, generator)
+        for cumsum, candidates, positions, rows in self._chunks(ids):
+            columns = sample_rows(cumsum, rows, generator)
             out[positions] = columns if candidates is None else candidates[rows, columns]
         return out
 
     def probabilities(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dense output distribution for each position, (len(ids), vocabulary size); for inspection and tests."""
+        """The exact law sampled for each position, (len(ids), vocabulary size), each entry rounded once to float64."""
         out = torch.zeros(len(ids), self.space.size, dtype=torch.float64)
-        for weights, candidates, positions, rows in self._chunks(ids):
-            probs = weights / weights.sum(dim=1, keepdim=True)
+        for cumsum, candidates, positions, rows in self._chunks(ids):
+            probs = implemented_law(cumsum)
             if candidates is None:
                 out[positions] = probs[rows]
             else:
@@ -114,31 +137,47 @@ class Mechanism(ABC):
 
 
 class SanText(Mechanism):
+    """SanText over the whole vocabulary; see the module docstring for the law and its guarantee."""
+
     name = "santext"
+    scope = METRIC
 
     def bytes_per_row(self) -> int:
         return ARRAYS_PER_ROW * BYTES_PER_FLOAT64 * self.space.size
 
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # every row holds its own token at distance 0, so the largest weight is exactly 1: no overflow,
-        # and the row total never underflows
-        return self.space.distances(tokens).mul_(-self.epsilon / 2.0).exp_(), None
+        # every row holds its own token at distance exactly 0, so its largest weight is exactly 1,
+        # which quantize and floor_cap rely on
+        return cumulative(quantize(self.space.distances(tokens).mul_(-self.epsilon / 2.0).exp_())), None
 
     @cached_property
     def guarantee(self) -> TokenGuarantee:
+        """Derived for the integer law sampled, with computed distances within rho of the exact ones.
+
+        Write I_x(y) = w_xy 2^m + F with w = exp(-eps d'/2) from computed distances d'. The design
+        ratio (I_xy / I_x'y) (sum I_x' / sum I_x) has each factor at most max(1, exp(eps (d(x, x') + 2 rho) / 2)),
+        so it is at most exp(eps d(x, x') + 2 eps rho), and at most exp(floor_cap) whatever the
+        distances. The law drawn is within exp(+-eta) of the design (``sampling.quantization_error``).
+        Hence per token: metric eps * d + 2 eps rho + 2 eta, and pure min(eps D + 2 eps rho, floor_cap) + 2 eta.
+        """
         diameter = diameter_bound(self.space, self.memory_cap_bytes)
-        slack = 2.0 * self.epsilon * self.space.rounding_bound
+        distance_slack = 2.0 * self.epsilon * self.space.rounding_bound
+        sampler_slack = 2.0 * quantization_error()
         return TokenGuarantee(
-            token_epsilon=self.epsilon * diameter + slack,
-            scope=f"any two tokens of the {self.space.name} vocabulary ({self.space.size} tokens)",
+            token_epsilon=min(self.epsilon * diameter + distance_slack, floor_cap(self.space.size)) + sampler_slack,
+            scope=self.scope,
+            domain=f"any two tokens of the {self.space.name} vocabulary ({self.space.size} tokens)",
             metric_epsilon=self.epsilon,
-            metric_slack=slack,
+            metric_slack=distance_slack + sampler_slack,
             diameter=diameter,
         )
 
 
 class CusText(Mechanism):
+    """CusText within cells of nearby tokens; see the module docstring for the law and its guarantee."""
+
     name = "custext"
+    scope = WITHIN_CELL
 
     def __init__(self, space: EmbeddingSpace, epsilon: float, top_k: int = 20, memory_cap_mb: float = 256.0) -> None:
         super().__init__(space, epsilon, memory_cap_mb)
@@ -153,12 +192,13 @@ class CusText(Mechanism):
         self.table = self._token_table()
 
     def _token_table(self) -> torch.Tensor:
-        """Row t: token t's output distribution over the members of its cell (in the cell's member order).
+        """Row t: token t's integer cumulative weights over the members of its cell (in the cell's member order).
 
         Distances are computed per cell (a small Gram matrix), in chunks of cells under the memory cap.
+        A token's own weight is exactly 1 (normalised distance 0), as ``sampling.quantize`` expects.
         """
         n_cells, width = self.members.shape
-        table = torch.zeros(self.space.size, width, dtype=torch.float64)
+        table = torch.zeros(self.space.size, width, dtype=torch.long)
         step = max(1, self.memory_cap_bytes // (BYTES_PER_FLOAT64 * width * (self.space.dim + 3 * width)))
         eye = torch.eye(width, dtype=torch.bool)
         for start in range(0, n_cells, step):
@@ -171,9 +211,8 @@ class CusText(Mechanism):
             dist = dist.masked_fill_(eye, 0.0).masked_fill_(~pair_valid, 0.0)
             scale = dist.amax(dim=2, keepdim=True)
             normalised = dist / torch.where(scale > 0, scale, 1.0)
-            logits = (normalised * (-self.epsilon / 2.0)).masked_fill_(~pair_valid, -math.inf)
-            probs = torch.softmax(logits.masked_fill(~valid[:, :, None], 0.0), dim=2)
-            table[members[valid]] = probs[valid]
+            weights = quantize(normalised.mul_(-self.epsilon / 2.0).exp_(), valid=pair_valid)
+            table[members[valid]] = cumulative(weights[valid])
         return table
 
     def bytes_per_row(self) -> int:
@@ -184,15 +223,16 @@ class CusText(Mechanism):
 
     @cached_property
     def guarantee(self) -> TokenGuarantee:
-        """Largest |log P(y|x) - log P(y|x')| over x, x', y of one cell, from the probabilities used."""
+        """Largest |log P(y|x) - log P(y|x')| over x, x', y of one cell, from the exact integer law sampled."""
         n_cells, width = self.members.shape
-        logp = self.table.log()
+        logp = implemented_law(self.table).log()
         index = self.cells[:, None].expand_as(logp)
         highest = torch.full((n_cells, width), -math.inf, dtype=torch.float64).scatter_reduce_(0, index, logp, "amax")
         lowest = torch.full((n_cells, width), math.inf, dtype=torch.float64).scatter_reduce_(0, index, logp, "amin")
-        token_epsilon = float((highest - lowest)[self.members >= 0].max())
+        token_epsilon = float((highest - lowest)[self.members >= 0].max()) + LOG_EVALUATION_MARGIN
         return TokenGuarantee(
             token_epsilon=token_epsilon,
-            scope=f"two tokens in the same CusText cell ({self.top_k} to {width} tokens of the {self.space.name} "
+            scope=self.scope,
+            domain=f"two tokens in the same CusText cell ({self.top_k} to {width} tokens of the {self.space.name} "
             "vocabulary); the cell itself is revealed",
         )

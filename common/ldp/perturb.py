@@ -5,9 +5,10 @@ draw, and the ids are decoded back to text, so the result composes with whatever
 (ULT, another model's tokenizer): re-tokenising is post-processing and costs no privacy.
 
 Per document, the per-token guarantees compose additively: a document of n tokens is
-(n * token_epsilon)-LDP against any other document of n tokens (within the mechanism's scope,
-token by token). The number of tokens itself is released, i.e. not protected. Special tokens
-produced by the mechanism decode to nothing (the tokenizers skip them), which is post-processing too.
+(n * token_epsilon)-LDP against any other document of n tokens whose tokens differ pairwise within
+the mechanism's scope (``metric``: any tokens; ``within-cell``: tokens of the same CusText cell).
+The number of tokens itself is released, i.e. not protected. Special tokens produced by the
+mechanism decode to nothing (the tokenizers skip them), which is post-processing too.
 
 When a ledger is given the release is recorded before anything is sampled, and a release that would
 exceed the ledger's per-document budget is refused with nothing perturbed.
@@ -49,6 +50,7 @@ class LdpRelease:
     token_epsilon: float
     document_epsilon: float
     scope: str
+    domain: str
     metric_epsilon: float | None
     metric_slack: float
     diameter: float | None
@@ -64,10 +66,11 @@ class LdpRelease:
                 f"per token, metric: {self.metric_epsilon:g} * d(x, x') + {self.metric_slack:.2g}-LDP "
                 f"(d = Euclidean distance of the token embeddings, diameter {self.diameter:.6g})"
             )
-        lines.append(f"per token: {self.token_epsilon:.6g}-LDP (pure) for {self.scope}")
+        lines.append(f"per token: {self.token_epsilon:.6g}-LDP ({self.scope} scope) between {self.domain}")
         lines.append(
-            f"per document: {self.document_epsilon:.6g}-LDP (pure) = {self.n_tokens} tokens x "
-            f"{self.token_epsilon:.6g}; the number of tokens is not protected"
+            f"per document: {self.document_epsilon:.6g}-LDP ({self.scope} scope) = {self.n_tokens} tokens x "
+            f"{self.token_epsilon:.6g}, between documents whose tokens differ pairwise within that scope; "
+            "the number of tokens is not protected"
         )
         return "\n".join(lines)
 
@@ -93,6 +96,7 @@ def release_for(mechanism: Mechanism, n_tokens: int) -> LdpRelease:
         token_epsilon=token.token_epsilon,
         document_epsilon=n_tokens * token.token_epsilon,
         scope=token.scope,
+        domain=token.domain,
         metric_epsilon=token.metric_epsilon,
         metric_slack=token.metric_slack,
         diameter=token.diameter,

@@ -1,46 +1,137 @@
-"""Exact, vectorised sampling from many categorical distributions at once.
+"""Exact, vectorised sampling from many categorical distributions given by integer weights.
 
-The mechanisms need one draw per input token from that token's distribution over the vocabulary.
-Gumbel-max would need a vocabulary-sized noise vector per token, which costs as much as computing
-the distances; inverse-CDF sampling needs one random number per token, so the weights are computed
-once per distinct token and each occurrence costs a binary search in its row's cumulative sums.
+Why integers: a float64 inverse-CDF draw (a 52-bit uniform scaled by the row's total, searched in
+the float cumulative sums) gives every output whose weight is below about 2^-53 of its row's total
+probability exactly 0, so an output possible from one input can be impossible from another and the
+per-token privacy loss is infinite. Here a row is a vector of non-negative int64 weights K with
+total N < 2^62, and a draw is an integer residue uniform on [0, N) searched in the exact integer
+cumulative sums: output y is drawn with probability exactly K_y / N, for every y, at any spread of
+the weights (assuming the generator's 64-bit words are uniform, as any sampler must).
 
-The uniform draw is an integer i < 2^52 scaled to i / 2^52 of the row's total weight t, so output j
-is drawn with its float64 probability to within 2^-52, and an output of weight 0 never. The scaled
-target stays below t (t - t*2^-52 rounds below t), so the search always lands on a column.
+The residue is exact: ``torch.randint(0, 2**62)`` reduces one 64-bit generator word modulo 2^62,
+which is uniform; r is kept only when r < N * floor(2^62 / N), so r mod N is uniform on [0, N)
+(rejected draws are redrawn; each is rejected with probability below 1/2).
+
+:func:`quantize` turns float weights in [0, 1] into such integers with a floor F added to every
+output: K_y = floor(w_y * 2^m) + F. The floor is part of the mechanism (a mixture, in weight space,
+with the uniform law); its effect on the guarantees is derived in :func:`quantization_error` and
+:func:`floor_cap` and added by the mechanisms to what they print.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-UNIFORM_BITS = 52
+RANDOM_BITS = 62
+TOTAL_BITS = 61  # m is chosen so that width * 2^m <= 2^61 and width * F <= 2^61: N < 2^62
+FLOOR_BITS = 20
+FLOOR = 1 << FLOOR_BITS
+UNIT_ROUNDOFF = 2.0**-53
+EXP_ROUNDING = 64 * UNIT_ROUNDOFF
+"""Relative error of a computed weight exp(-a) where it can move its quantized value (see quantization_error)."""
 BATCHED_OCCURRENCES = 64  # rows with at most this many draws are searched together, padded to a rectangle
 
 
-def sample_rows(weights: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """For each entry r of ``rows``, a column index drawn with probability proportional to ``weights[r]``.
+def scale_bits(width: int) -> int:
+    """m for rows of ``width`` outputs: width * (2^m + F) < 2^62, so totals and cumulative sums fit in int64."""
+    m = TOTAL_BITS - max(1, math.ceil(math.log2(width)))
+    if m < FLOOR_BITS + 8:
+        raise ValueError(f"rows of {width} outputs are too wide for exact int64 sampling")
+    return m
 
-    ``weights`` is (m, k), non-negative, every row with a positive sum; it need not be normalised.
+
+def quantize(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer weights floor(w * 2^m) + F for float64 ``weights`` in [0, 1]; 0 where ``valid`` is False.
+
+    Consumes ``weights`` (scaled and floored in place).
     """
-    cdf = weights.to(torch.float64).cumsum(dim=1)
-    draws = torch.randint(0, 1 << UNIFORM_BITS, (len(rows),), generator=generator, dtype=torch.long)
-    targets = draws.to(torch.float64).mul_(2.0**-UNIFORM_BITS).mul_(cdf[rows, -1])
+    m = scale_bits(weights.shape[-1])
+    out = weights.mul_(2.0**m).floor_().to(torch.long).add_(FLOOR)
+    if valid is not None:
+        out.masked_fill_(~valid, 0)
+    return out
+
+
+def quantization_error() -> float:
+    """eta: every implemented probability is within exp(+-eta) of the floored design (w_y 2^m + F) / sum.
+
+    With w the exact weights exp(-a_y) and w' the computed ones, K_y = floor(w'_y 2^m) + F differs
+    from I_y = w_y 2^m + F by less than 1 + |w' - w| 2^m, and I_y >= max(F, w 2^m). The computed
+    exponent and exp each round once (relative u and 1 ulp), so |w' - w| <= w (a + 2) u (1 + o(u)),
+    which relative to I_y is at most min((a + 2) u, 2^m e^-a (a + 2) u / F) <= (m ln 2 + 2) u <= 64 u
+    (the maximum is at e^a = 2^m / F; m <= 60). So K_y / I_y and (by summing) N / sum(I) lie in
+    [1 - delta, 1 + delta] with delta = 1/F + 64 u, and K_y / N lies within exp(+-eta) of I_y / sum(I),
+    eta = ln((1 + delta) / (1 - delta)).
+    """
+    delta = 1.0 / FLOOR + EXP_ROUNDING
+    return math.log1p(delta) - math.log1p(-delta)
+
+
+def floor_cap(width: int) -> float:
+    """Largest log-ratio of the design (w 2^m + F) / sum between two rows of weights in [0, 1] that each hold a 1.
+
+    Output y is most likely from a row with w_y = 1 and all else 0, (2^m + F) / (2^m + width F), and
+    least likely from a row with w_y = 0 and all else 1, F / ((width - 1)(2^m + F) + F); their ratio is
+    the cap. So the floor alone makes the mechanism pure LDP with this epsilon, whatever the weights.
+    """
+    two_m = 2.0 ** scale_bits(width)
+    most = math.log(two_m + FLOOR) - math.log(two_m + width * FLOOR)
+    least = math.log(FLOOR) - math.log((width - 1) * (two_m + FLOOR) + FLOOR)
+    return most - least
+
+
+def cumulative(integer_weights: torch.Tensor) -> torch.Tensor:
+    """Row-wise cumulative sums, in place (int64, exact): what :func:`sample_rows` searches."""
+    return integer_weights.cumsum_(dim=1)
+
+
+def uniform_residues(totals: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One integer uniform on [0, totals[i]) per entry, exactly (rejection from 62-bit words)."""
+    limits = (2**RANDOM_BITS // totals) * totals
+    out = torch.empty_like(totals)
+    pending = torch.arange(len(totals))
+    while len(pending):
+        draws = torch.randint(0, 2**RANDOM_BITS, (len(pending),), generator=generator, dtype=torch.long)
+        kept = draws < limits[pending]
+        out[pending[kept]] = draws[kept] % totals[pending[kept]]
+        pending = pending[~kept]
+    return out
+
+
+def columns_for(cumsum: torch.Tensor, residues: torch.Tensor) -> torch.Tensor:
+    """Column y with cumsum[y-1] <= residue < cumsum[y] for each (row, residue): exactly K_y residues map to y."""
+    return torch.searchsorted(cumsum, residues, right=True)
+
+
+def sample_rows(cumsum: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """For each entry r of ``rows``, a column drawn with probability exactly K[r, y] / N[r].
+
+    ``cumsum`` is (m, k) int64 from :func:`cumulative`, every row with a positive total.
+    """
+    residues = uniform_residues(cumsum[rows, -1], generator)
     out = torch.empty(len(rows), dtype=torch.long)
     already_grouped = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
     order = torch.arange(len(rows)) if already_grouped else torch.argsort(rows, stable=True)
     grouped = rows[order]
-    counts = torch.bincount(rows, minlength=len(cdf))
+    counts = torch.bincount(rows, minlength=len(cumsum))
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(len(rows)) - starts[grouped]
     light = counts[grouped] <= BATCHED_OCCURRENCES
     if bool(light.any()):
         width = int(counts[counts <= BATCHED_OCCURRENCES].max())
-        padded = torch.zeros(len(cdf), width, dtype=torch.float64)
-        padded[grouped[light], rank[light]] = targets[order[light]]
-        found = torch.searchsorted(cdf, padded, right=True)
+        padded = torch.zeros(len(cumsum), width, dtype=torch.long)
+        padded[grouped[light], rank[light]] = residues[order[light]]
+        found = columns_for(cumsum, padded)
         out[order[light]] = found[grouped[light], rank[light]]
     for row in (counts > BATCHED_OCCURRENCES).nonzero().squeeze(1).tolist():
         positions = order[int(starts[row]) : int(starts[row] + counts[row])]
-        out[positions] = torch.searchsorted(cdf[row], targets[positions], right=True)
+        out[positions] = columns_for(cumsum[row], residues[positions])
     return out
+
+
+def implemented_law(cumsum: torch.Tensor) -> torch.Tensor:
+    """The exact law :func:`sample_rows` draws from, K / N per row, in float64 (each entry rounded once)."""
+    weights = torch.diff(cumsum, dim=1, prepend=torch.zeros_like(cumsum[:, :1]))
+    return weights.to(torch.float64) / cumsum[:, -1:].to(torch.float64)
