@@ -196,6 +196,7 @@ def save_model(loaded: LoadedModel, folder: Path | str) -> Path:
         loaded.model.save_pretrained(folder)  # type: ignore[operator]  # a transformers method
     if isinstance(loaded.tokenizer, ByteTokenizer):
         (folder / BYTE_TOKENIZER_MARKER).write_text('{"type": "utf-8 bytes"}\n')
+        loaded.tokenizer.save(folder)
     elif hasattr(loaded.tokenizer, "table"):
         from privtune.common.ult.table import save_table
 

@@ -39,6 +39,23 @@ class ByteTokenizer:
         data = bytes(i - self.offset for i in ids if self.offset <= i < self.offset + 256)
         return data.decode("utf-8", errors="replace")
 
+    def save(self, folder) -> None:
+        """Write the same codec as a Hugging Face tokenizer, so ``AutoTokenizer`` reads the folder too.
+
+        Byte-level BPE without merges: each UTF-8 byte is one token, ``offset + byte``, as here.
+        """
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        vocab = {"<pad>": self.pad_token_id, "<s>": self.bos_token_id, "</s>": self.eos_token_id}
+        vocab.update({char: byte + self.offset for byte, char in bytes_to_unicode().items()})
+        codec = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        codec.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        codec.decoder = decoders.ByteLevel()
+        hf = PreTrainedTokenizerFast(tokenizer_object=codec, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+        hf.save_pretrained(folder)
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer seen through :class:`TextTokenizer` (no special tokens added)."""

@@ -10,7 +10,9 @@ Layout of ``run_dir``::
                           adapters/aggregate/; peft folders (see privtune.common.offsite.adapter.folder)
     metrics.json/.csv     per-round figures and the final perplexity table
     plots/*.png           loss and perplexity per round, privacy spent per owner
-    model/                the full model with the final aggregate plugged in
+    model/                the full model with the final aggregate plugged in, and its tokenizer: it loads with
+                          AutoModelForCausalLM + AutoTokenizer and 'privtune models'; a ULT run keeps the
+                          public ULT table there instead (ids are in the federation key's order: decode with the key)
 """
 
 from __future__ import annotations
@@ -29,16 +31,20 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
+from privtune.common.models import LoadedModel, save_model
 from privtune.common.offsite.adapter import AdapterManifest, save_adapter
+from privtune.common.text_tokenizer import TextTokenizer
 
 log = logging.getLogger("privtune.server")
 
 CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
+MODEL = "model"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -50,7 +56,7 @@ RUN_ENTRIES = (
     "metrics.json",
     "metrics.csv",
     "plots",
-    "model",
+    MODEL,
     "emulator",
     "adapter_manifest.json",
 )
@@ -132,6 +138,25 @@ def bind_run(root: Path, identity: dict[str, Any], entries: tuple[str, ...], *, 
     os.replace(partial, record)
 
 
+def locate_run(path: Path) -> Path:
+    """The server's run folder at ``path``, or in the ``--out`` folder of simulate/demo that holds it as ``server/``."""
+    for candidate in (path, path / "server"):
+        if (candidate / ADAPTERS).is_dir():
+            return candidate
+    raise PrivtuneError(f"{path} has no {ADAPTERS}/ folder: is it a finished federated run (privtune simulate --out)?")
+
+
+def recorded_model(run: Path) -> str:
+    """The base model source a finished run recorded (``config.model`` in its metrics.json)."""
+    metrics = run / "metrics.json"
+    try:
+        return str(json.loads(metrics.read_text())["config"]["model"])
+    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+        raise PrivtuneError(
+            f"{metrics} does not name the run's base model (config.model); pass it with --model"
+        ) from None
+
+
 class RunFolder:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
@@ -198,6 +223,9 @@ class RunFolder:
             raise PrivtuneError(f"{owner!r} is not a member folder name (letters, digits, '.', '_', '-', '@')")
         folder = inside(self.root, ADAPTERS, owner)
         return save_adapter(folder, adapter, AdapterManifest.from_dict(manifest))
+
+    def save_model(self, model: nn.Module, tokenizer: TextTokenizer) -> Path:
+        return save_model(LoadedModel(model, tokenizer, str(self.root / MODEL)), self.root / MODEL)
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         (self.root / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, sort_keys=True) + "\n")
