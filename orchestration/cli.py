@@ -26,6 +26,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("demo", "privtune.demo", "run the whole pipeline on the embedded defaults"),
     Command("prepare", "privtune.server.prepare", "model owner: build (and distil) an emulator package"),
     Command("evaluate", "privtune.server.evaluate", "perplexity table: zero-shot / emulator / plug-in / full FT"),
+    Command("export", "privtune.server.export", "a run's result as a merged model or a peft adapter folder"),
     Command("simulate", "privtune.simulate", "run a simulated federation (Flower Simulation Engine)"),
     Command("serve", "privtune.server.inference.cli", "start the PMixED private next-token service on Ray"),
     Command("audit", "privtune.audit.cli", "attack a finished run: canaries, membership inference, DP limits"),

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import from_arrays, manifest_record, to_arrays
-from privtune.common.models import quiet_weights_progress
+from privtune.common.models import load_tokenizer
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.plugin import plug_in
 from privtune.server.model_owner import ModelOwner
@@ -185,8 +185,7 @@ def finish(
 ) -> dict[str, Any]:
     manifest = owner.package.adapter_manifest
     plugged = plug_in(owner.full_model, final, manifest)
-    with quiet_weights_progress():
-        plugged.save_pretrained(folder.root / "model")
+    folder.save_model(plugged, load_tokenizer(cfg.model))
     owner.package.save(folder.root / "emulator")
     for owner_name, adapter in strategy.latest_adapters.items():
         folder.save_owner_adapter(owner_name, adapter, manifest.to_dict())
