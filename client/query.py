@@ -97,9 +97,9 @@ class _errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind, error, _tb) -> bool:
+    def __exit__(self, kind, error, _tb) -> None:
         if not isinstance(error, grpc.RpcError):
-            return False
+            return
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             raise BudgetExceededError(details) from None

@@ -68,6 +68,8 @@ class OwnerTrainer:
         return self._data
 
     def _model(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]):
+        if self.package is None:
+            raise PrivtuneError(f"{self.site.owner}: no emulator package yet; a round's message carries or names one")
         model = self.package.instantiate(seed=self.cfg.seed)
         if self.cfg.encoding == "ult" and not config.get(EMBEDDINGS_KEYED, False):
             global_state = self._warm_start_keyed(global_state)
@@ -83,7 +85,10 @@ class OwnerTrainer:
         """
         from privtune.common.ult.relabel import key_rows, relabel_state
 
-        return relabel_state(state, key_rows(self.site.ult_table, self.site.ult_key))
+        table, key = self.site.ult_table, self.site.ult_key
+        if table is None or key is None:
+            raise PrivtuneError(f"{self.site.owner}: ULT encoding needs the site's ULT table and key files")
+        return relabel_state(state, key_rows(table, key))
 
     def train_round(
         self, global_state: dict[str, torch.Tensor], config: dict[str, Any]
