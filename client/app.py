@@ -1,11 +1,13 @@
 """The data owner's Flower ClientApp.
 
 ``train``: receive the global adapter (and, once per run, the emulator package), train the adapter
-against the frozen emulator on locally perturbed and encoded text, reply with the adapter, the
-number of examples, the loss and the privacy spent. ``evaluate``: perplexity of emulator + global
-adapter on the owner's held-out text. Problems the owner can explain (no data, budget exhausted,
-missing emulator) become a *declined* reply with the reason, which the server logs; the round
-goes on without this owner. The reason names only the step that failed (see :func:`public_reason`).
+against the frozen emulator on locally perturbed and encoded text, reply with the adapter and the
+metrics the privacy mode lets the owner release (:mod:`privtune.client.releases`); on the member
+track, reply with the owner's PMixED member adapters. ``evaluate``: perplexity of emulator + global
+adapter on the owner's held-out text, without protection only (withheld under LDP or DP-SGD).
+Problems the owner can explain (no data, budget exhausted, missing emulator) become a *declined*
+reply with the reason, which the server logs; the round goes on without this owner. The reason
+names only the step that failed (see :func:`public_reason`).
 """
 
 from __future__ import annotations
@@ -14,14 +16,27 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from privtune.client.releases import EVALUATION_WITHHELD, may_evaluate
 from privtune.client.site import SiteConfig
 from privtune.client.trainer import OwnerTrainer
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.federation.config import FederationConfig
-from privtune.common.federation.records import ARRAYS, METRICS, OWNER, declined, from_arrays, to_arrays
+from privtune.common.federation.records import (
+    ARRAYS,
+    MEMBER_TRACK,
+    METRICS,
+    OWNER,
+    TRACK,
+    declined,
+    from_arrays,
+    member_key,
+    metric_record,
+    round_config,
+    to_arrays,
+)
 
 log = logging.getLogger("privtune.client")
 
@@ -72,21 +87,25 @@ def handle_train(
         stage = "emulator"
         trainer.receive_emulator(msg.content)
         stage = "training"
-        state, metrics = trainer.train_round(
-            from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
-        )
+        content = train_reply(trainer, msg.content)
     except Exception as err:
         return Message(declined(public_reason(err, stage, "train")), reply_to=msg)
-    return Message(
-        RecordDict(
-            {
-                ARRAYS: to_arrays(state),
-                METRICS: MetricRecord(metrics),
-                OWNER: ConfigRecord({"name": trainer.site.owner}),
-            }
-        ),
-        reply_to=msg,
-    )
+    return Message(content, reply_to=msg)
+
+
+def train_reply(trainer: OwnerTrainer, request: RecordDict) -> RecordDict:
+    """Everything a train reply carries: the federated track's adapter and releasable metrics, or the
+    member track's members; the owner's name either way."""
+    config = dict(round_config(request))
+    start = from_arrays(request.array_records[ARRAYS])
+    if config.get(TRACK) == MEMBER_TRACK:
+        members = trainer.train_members(start, config)
+        content = RecordDict({member_key(i): to_arrays(state) for i, state in enumerate(members)})
+    else:
+        state, metrics = trainer.train_round(start, config)
+        content = RecordDict({ARRAYS: to_arrays(state), METRICS: metric_record(metrics)})
+    content[OWNER] = ConfigRecord({"name": trainer.site.owner})
+    return content
 
 
 def handle_evaluate(
@@ -95,15 +114,15 @@ def handle_evaluate(
     stage = "site"
     try:
         trainer = _trainer(context, overrides, node_overrides)
+        if not may_evaluate(trainer.cfg):
+            return Message(declined(EVALUATION_WITHHELD), reply_to=msg)
         stage = "emulator"
         trainer.receive_emulator(msg.content)
         stage = "evaluation"
-        metrics = trainer.evaluate(
-            from_arrays(msg.content.array_records[ARRAYS]), dict(msg.content.config_records["config"])
-        )
+        metrics = trainer.evaluate(from_arrays(msg.content.array_records[ARRAYS]), dict(round_config(msg.content)))
     except Exception as err:
         return Message(declined(public_reason(err, stage, "evaluate")), reply_to=msg)
-    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS: metric_record(metrics)}), reply_to=msg)
 
 
 def build_app(

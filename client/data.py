@@ -1,5 +1,9 @@
 """The data owner's training and held-out blocks: load, LDP-perturb (once), encode, pack.
 
+The training documents are also split into ``member-shards`` disjoint shards by whole documents
+(document i goes to shard i mod m), each packed on its own: shard i trains PMixED member i, and a
+document never feeds two members.
+
 The LDP perturbation runs once per owner and data version: the perturbed text is cached in the
 workspace and the release is recorded in the ledger only when it is made. Re-running a round (or a
 whole run) reuses the same perturbed text, which spends no further privacy; perturbing afresh each
@@ -16,6 +20,7 @@ import torch
 
 from privtune.client.site import SiteConfig, cap_characters, documents_fingerprint, site_documents
 from privtune.common.corpus import Document
+from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.packing import holdout_split, pack
 from privtune.common.text_tokenizer import TextTokenizer
@@ -29,6 +34,7 @@ class OwnerData:
     train: torch.Tensor
     heldout: torch.Tensor
     ldp: dict[str, float]
+    shards: list[torch.Tensor]
 
 
 def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
@@ -36,8 +42,6 @@ def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
         from privtune.common.ult.tokenizer import UltTokenizer
 
         if site.ult_table is None or site.ult_key is None:
-            from privtune.common.errors import PrivtuneError
-
             raise PrivtuneError(
                 f"{site.owner}: encoding 'ult' needs node config ult-table and ult-key "
                 "(the federation table and the shared federation key file)"
@@ -88,11 +92,25 @@ def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextToke
     train_docs = cap_characters(split.train, 2 * cfg.max_train_blocks * cfg.block_size)
     train_docs, ldp = perturbed_documents(site, cfg, train_docs)
     heldout_docs = cap_characters(split.heldout, 2 * MAX_EVAL_BLOCKS * cfg.block_size)
+    train = pack(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks)
     return OwnerData(
-        train=pack(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks),
+        train=train,
         heldout=pack(heldout_docs, tokenizer, cfg.block_size, MAX_EVAL_BLOCKS),
         ldp=ldp,
+        shards=member_shards(train, train_docs, tokenizer, cfg),
     )
+
+
+def member_shards(
+    train: torch.Tensor, documents: list[Document], tokenizer: TextTokenizer, cfg: FederationConfig
+) -> list[torch.Tensor]:
+    """The training blocks of each member shard (all of them for one shard); refuses an empty shard."""
+    m = cfg.member_shards
+    if m <= 1:
+        return [train][:m]
+    if len(documents) < m:
+        raise PrivtuneError(f"member-shards {m} needs at least {m} training documents, this owner has {len(documents)}")
+    return [pack(documents[i::m], tokenizer, cfg.block_size, cfg.max_train_blocks) for i in range(m)]
 
 
 def describe(data: OwnerData) -> str:

@@ -1,9 +1,16 @@
-"""DP-SGD for a data owner's adapter round, with the owner's own ledger and budget.
+"""DP-SGD for a data owner's training (federated rounds and PMixED members), with its own ledger and budget.
 
-The noise multiplier is solved once for the whole run (``dp-epsilon`` reached after all planned
-rounds of ``local-steps``), so every round adds the same noise and the accountant's cumulative
-epsilon reaches the target exactly at the last round. The owner's ledger budget (``dp-budget`` in
-node config) is checked before training: a round that would exceed it is declined, not run.
+The noise multiplier is solved once for the whole run over everything an example takes part in
+(:func:`dp_schedule`): every federated round (``local-steps`` at rate batch/n) and then the member
+track (``member-steps`` on each shard at rate batch/n_shard). The ledger composes all of it in one
+history, so ``dp-epsilon`` is reached exactly when the last member is trained. Composing the shards
+sequentially over-counts (a document sits in one shard only, so parallel composition would allow
+less noise); it keeps one history and one figure per owner. The owner's ledger budget (``dp-budget``
+in node config) is checked before training: a round that would exceed it is declined, not run.
+
+Nothing from this training but the noised adapter leaves the site: the mean loss, the epsilon and
+the noise multiplier (all functions of the private examples or of their number) stay in the ledger
+and the owner's log.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import time
 
 import torch
 
+from privtune.client.data import OwnerData
 from privtune.client.site import SiteConfig
 from privtune.common.dpsgd import DpSgdConfig, train_round
 from privtune.common.federation.config import FederationConfig
@@ -20,17 +28,28 @@ from privtune.common.ledger import Ledger
 from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
 
 
+def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, int], ...]:
+    """(sample rate, steps) of all the private training planned for this owner's examples."""
+    federated = (cfg.batch_size / len(data.train), cfg.num_server_rounds * cfg.local_steps)
+    members = tuple((cfg.batch_size / len(shard), cfg.member_track_steps) for shard in data.shards)
+    return (federated, *members)
+
+
 def train_with_dpsgd(
-    model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, site: SiteConfig, cfg: FederationConfig
-) -> tuple[TrainResult, dict[str, float]]:
+    model: torch.nn.Module,
+    blocks: torch.Tensor,
+    train_cfg: TrainConfig,
+    site: SiteConfig,
+    cfg: FederationConfig,
+    schedule: tuple[tuple[float, int], ...],
+    proximal_mu: float = 0.0,
+    release: str = "",
+) -> TrainResult:
     ledger = Ledger(site.ledger_path, site.owner)
     if ledger.budget("dpsgd") is None:
         ledger.set_budget("dpsgd", site.dp_budget, delta=cfg.dp_delta)
     dp_cfg = DpSgdConfig(
-        max_grad_norm=cfg.dp_max_grad_norm,
-        delta=cfg.dp_delta,
-        target_epsilon=cfg.dp_epsilon,
-        total_steps=cfg.num_server_rounds * cfg.local_steps,
+        max_grad_norm=cfg.dp_max_grad_norm, delta=cfg.dp_delta, target_epsilon=cfg.dp_epsilon, schedule=schedule
     )
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=train_cfg.lr)
     start = time.perf_counter()
@@ -43,14 +62,14 @@ def train_with_dpsgd(
         config=dp_cfg,
         ledger=ledger,
         seed=train_cfg.seed,
+        proximal_mu=proximal_mu,
+        release=release,
     )
-    seconds = time.perf_counter() - start
     losses = result.losses or [math.nan]
-    summary = TrainResult(
+    return TrainResult(
         mean_loss=sum(losses) / len(losses),
         last_loss=losses[-1],
         steps=train_cfg.steps,
         tokens=int(train_cfg.steps * train_cfg.batch_size * blocks.shape[1]),
-        seconds=seconds,
+        seconds=time.perf_counter() - start,
     )
-    return summary, {"dp-epsilon": result.epsilon, "dp-noise-multiplier": result.plan.noise_multiplier}

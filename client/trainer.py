@@ -3,6 +3,12 @@
 The emulator package arrives once per run (the server attaches it the first time it addresses this
 node) and is cached by content hash in the owner's workspace; every round after that carries the
 adapter only. Data is loaded, perturbed and encoded once per run.
+
+Two tracks train on the owner's data. The federated track starts each round from the global
+aggregate, so after round 1 it depends on every owner's data. The member track trains the owner's
+PMixED members: from the public starting adapter the server sends (never an aggregate), member i on
+shard i of this owner's documents alone, so each member depends on one shard of one owner. Under
+DP-SGD both tracks are private training charged to the owner's ledger.
 """
 
 from __future__ import annotations
@@ -13,23 +19,26 @@ from typing import Any
 import torch
 
 from privtune.client.data import OwnerData, load_owner_data, owner_tokenizer
+from privtune.client.releases import EVALUATION_WITHHELD, may_evaluate, train_metrics
 from privtune.client.site import SiteConfig
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import (
+    EMBEDDINGS_KEYED,
     EMULATOR,
+    EMULATOR_HASH,
     EMULATOR_MANIFEST,
     NUM_EXAMPLES,
+    PROXIMAL_MU,
+    SERVER_ROUND,
     from_arrays,
     manifest_from_record,
+    round_config,
 )
 from privtune.common.offsite.adapter import adapter_state, load_adapter_state
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
-from privtune.common.offsite.train import TrainConfig, train_adapter
-
-EMULATOR_HASH = "emulator-hash"
-EMBEDDINGS_KEYED = "embeddings-keyed"
+from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapter
 
 
 class OwnerTrainer:
@@ -52,7 +61,7 @@ class OwnerTrainer:
             cache_package(package, self.emulator_cache)
             self.package = package
             return
-        wanted = str(content.config_records["config"].get(EMULATOR_HASH, ""))
+        wanted = str(round_config(content).get(EMULATOR_HASH, ""))
         if self.package is not None and self.package.content_hash == wanted:
             return
         self.package = load_cached(wanted, self.emulator_cache) if wanted else None
@@ -93,40 +102,61 @@ class OwnerTrainer:
     def train_round(
         self, global_state: dict[str, torch.Tensor], config: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The federated track: one round from the global adapter; the metrics this mode may release."""
         data = self.data()
         model = self._model(global_state, config)
-        train_cfg = TrainConfig(
-            steps=self.cfg.local_steps,
-            batch_size=self.cfg.batch_size,
-            lr=self.cfg.learning_rate,
-            seed=self.cfg.seed + int(config.get("server-round", 0)),
+        server_round = int(config.get(SERVER_ROUND, 0))
+        result = self._train(
+            model,
+            data.train,
+            self._train_config(self.cfg.local_steps, server_round),
+            float(config.get(PROXIMAL_MU, 0.0)),
+            f"federated adapter, round {server_round}",
         )
-        mu = float(config.get("proximal-mu", 0.0))
-        hooks = _proximal_hooks(model, mu) if mu > 0 else []
-        privacy: dict[str, float] = dict(data.ldp)
-        try:
-            if self.cfg.dp_epsilon > 0:
-                from privtune.client.private_training import train_with_dpsgd
+        return adapter_state(model), train_metrics(self.cfg, data, result)
 
-                result, dp = train_with_dpsgd(model, data.train, train_cfg, self.site, self.cfg)
-                privacy.update(dp)
-            else:
-                result = train_adapter(model, data.train, train_cfg, progress=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
+    def train_members(self, public_state: dict[str, torch.Tensor], config: dict[str, Any]) -> list[dict]:
+        """The member track: one adapter per shard, each from the public start on that shard alone."""
+        data = self.data()
+        if not data.shards:
+            raise PrivtuneError(f"{self.site.owner}: member-shards is 0, this run trains no PMixED members")
+        seed = int(config.get(SERVER_ROUND, 0))
+        members = []
+        for shard, blocks in enumerate(data.shards):
+            model = self._model(public_state, {EMBEDDINGS_KEYED: False})
+            release = f"PMixED member {shard + 1} of {len(data.shards)} (its shard only, from the public start)"
+            self._train(model, blocks, self._train_config(self.cfg.member_track_steps, seed + shard), 0.0, release)
+            members.append(adapter_state(model))
+        return members
+
+    def _train_config(self, steps: int, seed_offset: int) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate, seed=self.cfg.seed + seed_offset
+        )
+
+    def _train(
+        self, model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, mu: float, release: str
+    ) -> TrainResult:
+        """Train ``model`` in place: DP-SGD when configured (charged to the ledger as ``release``), else plain."""
+        if self.cfg.dp_epsilon > 0:
+            from privtune.client.private_training import dp_schedule, train_with_dpsgd
+
+            schedule = dp_schedule(self.cfg, self.data())
+            result = train_with_dpsgd(model, blocks, train_cfg, self.site, self.cfg, schedule, mu, release)
+        else:
+            hooks = _proximal_hooks(model, mu) if mu > 0 else []
+            try:
+                result = train_adapter(model, blocks, train_cfg, progress=False)
+            finally:
+                for hook in hooks:
+                    hook.remove()
         if not math.isfinite(result.mean_loss):
             raise PrivtuneError(f"{self.site.owner}: training diverged (loss {result.mean_loss}); lower learning-rate")
-        metrics = {
-            NUM_EXAMPLES: float(len(data.train)),
-            "train-loss": result.mean_loss,
-            "train-seconds": result.seconds,
-            "train-tokens": float(result.tokens),
-            **privacy,
-        }
-        return adapter_state(model), metrics
+        return result
 
     def evaluate(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, float]:
+        if not may_evaluate(self.cfg):
+            raise PrivtuneError(f"{self.site.owner}: {EVALUATION_WITHHELD}")
         data = self.data()
         model = self._model(global_state, config)
         ppl = perplexity(model, data.heldout)
@@ -134,8 +164,10 @@ class OwnerTrainer:
 
 
 def _proximal_hooks(model: torch.nn.Module, mu: float) -> list:
-    """FedProx: add mu * (w - w_global) to each trainable parameter's gradient, which is the
-    gradient of the proximal term mu/2 * ||w - w_global||^2 (w_global = the weights at round start)."""
+    """FedProx without DP: add mu * (w - w_global) to each trainable parameter's gradient, which is the
+    gradient of the proximal term mu/2 * ||w - w_global||^2 (w_global = the weights at round start).
+    Under DP-SGD Opacus overwrites these gradients; :func:`privtune.common.dpsgd.train_round` adds
+    the term after privatisation instead."""
     hooks = []
     for param in model.parameters():
         if param.requires_grad:

@@ -61,13 +61,22 @@ class DpSgdConfig:
     target_epsilon: float | None = None
     total_steps: int | None = None
     total_epochs: float | None = None
+    schedule: tuple[tuple[float, int], ...] | None = None
+    """All the training an example takes part in, as (sample rate, steps) pairs (rounds at different
+    sample rates, e.g. a federated track over the whole data and a member track over one shard)."""
 
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise PrivtuneError("DP-SGD needs exactly one of noise_multiplier and target_epsilon")
-        if self.target_epsilon is not None and (self.total_steps is None) == (self.total_epochs is None):
+        lengths = [self.total_steps, self.total_epochs, self.schedule]
+        if self.target_epsilon is not None and sum(x is not None for x in lengths) != 1:
             raise PrivtuneError(
-                "a DP-SGD target epsilon needs the planned training length: exactly one of total_steps and total_epochs"
+                "a DP-SGD target epsilon needs the planned training length: exactly one of total_steps, total_epochs "
+                "and schedule"
+            )
+        if self.schedule is not None and not all(0 < q <= 1 and n >= 1 for q, n in self.schedule):
+            raise PrivtuneError(
+                f"a DP-SGD schedule needs sample rates in (0, 1] and positive step counts, got {self.schedule}"
             )
         if not self.max_grad_norm > 0:
             raise PrivtuneError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
@@ -119,6 +128,8 @@ def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
     """
     if config.noise_multiplier is not None:
         return float(config.noise_multiplier)
+    if config.schedule is not None and config.target_epsilon is not None:
+        return _noise_for_schedule(config.target_epsilon, config.delta, config.schedule)
     from opacus.accountants.utils import get_noise_multiplier
 
     if config.total_steps is not None:
@@ -136,6 +147,27 @@ def noise_multiplier_for(config: DpSgdConfig, sample_rate: float) -> float:
             accountant="rdp",
         )
     )
+
+
+def _noise_for_schedule(target: float, delta: float, schedule: tuple[tuple[float, int], ...]) -> float:
+    """The smallest noise multiplier (to 0.1%) whose epsilon over the whole schedule is at most ``target``.
+
+    Epsilon falls as the noise grows, so bisection finds it; the upper end is returned, so the planned
+    training never exceeds the target.
+    """
+
+    def epsilon(sigma: float) -> float:
+        return epsilon_for([(sigma, q, n) for q, n in schedule], delta)
+
+    low, high = 0.0, 1.0
+    while epsilon(high) > target:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise PrivtuneError(f"no noise multiplier reaches epsilon {target} at delta {delta} over {schedule}")
+    while high - low > 1e-3 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if epsilon(middle) > target else (low, middle)
+    return high
 
 
 def history_of(records: Sequence[Record]) -> list[Step]:
@@ -178,8 +210,11 @@ def plan_round(
     return plan
 
 
-def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "") -> Record:
-    """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction."""
+def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: str = "") -> Record:
+    """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction.
+
+    ``release`` names what the round's training is released as (e.g. "federated adapter, round 2"),
+    so the ledger lists every kind of release its DP-SGD epsilon covers."""
     return ledger.set_cumulative(
         "dpsgd",
         lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
@@ -191,6 +226,7 @@ def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "") -> Record:
             "steps": plan.steps,
             "max_grad_norm": plan.max_grad_norm,
             "accountant": "rdp (opacus)",
+            "release": release,
         },
     )
 
@@ -224,12 +260,19 @@ def train_round(
     subject: str = "",
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
     seed: int | None = None,
+    proximal_mu: float = 0.0,
+    release: str = "",
 ) -> RoundResult:
     """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids), Poisson batches of mean size ``batch_size``.
 
     ``optimizer`` must hold exactly the trainable parameters. The round is planned and reserved in the
     ledger before the first step (raising :class:`BudgetExceededError` without training when it
     does not fit). The model is returned to a plain module (no hooks) afterwards.
+
+    ``proximal_mu`` > 0 adds FedProx's proximal gradient mu * (w - w_start) to each privatised
+    gradient (after clipping, noise and scaling; a gradient hook would be overwritten by Opacus). It
+    depends only on the weights at the round's start and the current weights, not on the examples,
+    so adding it is post-processing and costs no privacy.
     """
     from opacus import GradSampleModule
     from opacus.data_loader import DPDataLoader
@@ -249,7 +292,7 @@ def train_round(
         )
     sample_rate = batch_size / len(examples)
     plan = plan_round(config, sample_rate, steps, ledger, subject)
-    record = reserve_round(ledger, plan, subject) if ledger is not None else None
+    record = reserve_round(ledger, plan, subject, release) if ledger is not None else None
     generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
     was_training = model.training
     loader = DPDataLoader(TensorDataset(examples), sample_rate=sample_rate, generator=generator)
@@ -263,6 +306,8 @@ def train_round(
             expected_batch_size=sample_rate * len(examples),
             generator=generator,
         )
+        if proximal_mu > 0:
+            dp_optimizer.attach_step_hook(_proximal_step(dp_optimizer.params, proximal_mu))
         model.train()
         try:
             batches = _forever(loader)
@@ -287,6 +332,18 @@ def train_round(
             private.to_standard_module()
             model.train(was_training)
     return RoundResult(plan, record.total if record is not None else plan.epsilon_after, losses, record)
+
+
+def _proximal_step(params: list[nn.Parameter], mu: float) -> Callable[[object], None]:
+    """A DPOptimizer step hook (it runs after the gradient is privatised) adding mu * (w - w_start)."""
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_gradient(_optimizer: object) -> None:
+        for param, anchor in zip(params, anchors, strict=True):
+            if param.grad is not None:
+                param.grad.add_(param.detach() - anchor, alpha=mu)
+
+    return add_proximal_gradient
 
 
 def _check_one_row_per_example(model: nn.Module, batch_size: int) -> None:

@@ -3,6 +3,10 @@
 Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pyproject.toml, plus
 ``--run-config`` overrides). This dataclass is its typed form; field ``foo_bar`` is run-config key
 ``foo-bar``. The defaults here and in pyproject.toml must agree (a test checks it).
+
+``member-shards`` (m) and ``member-steps``: after the federated rounds every owner trains m PMixED
+members from the public starting adapter, member i on the i-th of m disjoint shards of its own
+documents only (0 turns the member track off); ``member-steps`` steps each (0: rounds x local-steps).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class FederationConfig:
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
+    member_shards: int = 1
+    member_steps: int = 0
     round_timeout: float = 600.0
     seed: int = 0
     run_dir: str = "runs/flwr"
@@ -69,10 +75,22 @@ class FederationConfig:
             (self.max_examples_per_owner >= 0, "max-examples-per-owner must be >= 0 (0 weighs owners equally)"),
             (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+            (self.member_shards >= 0, "member-shards must be >= 0 (0: no PMixED members)"),
+            (self.member_steps >= 0, "member-steps must be >= 0 (0: as many as the federated track)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise PrivtuneError(f"invalid run config: {message}")
+
+    @property
+    def private(self) -> bool:
+        """Whether the owners' data is protected (LDP or DP-SGD), which limits what they may release."""
+        return self.ldp_epsilon > 0 or self.dp_epsilon > 0
+
+    @property
+    def member_track_steps(self) -> int:
+        """Training steps of each PMixED member: ``member-steps``, or as many as the federated track takes."""
+        return self.member_steps or self.num_server_rounds * self.local_steps
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:

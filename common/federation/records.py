@@ -1,16 +1,22 @@
 """Names and shapes of what travels in Flower messages, in one place for both sides.
 
-Server -> client (train): ``arrays`` (the global adapter), ``config`` (round settings) and, the
-first time a node is addressed in a run, ``emulator`` + ``emulator-manifest`` (the emulator
-package; clients cache it by content hash). Client -> server: ``arrays`` (the trained adapter),
-``metrics`` (``num-examples``, ``train-loss``, privacy spent), ``owner`` (the owner's name) or,
-when the owner declines to train (no data, budget exhausted), only ``status`` with the reason.
-Nothing else crosses; in particular no text and no ULT table.
+Server -> client (train): ``arrays`` (the global adapter), ``config`` (round settings: the keys
+below) and, the first time a node is addressed in a run, ``emulator`` + ``emulator-manifest`` (the
+emulator package; clients cache it by content hash). Client -> server: ``arrays`` (the trained
+adapter), ``metrics`` (what the owner may release in its privacy mode, see
+:mod:`privtune.client.releases`), ``owner`` (the owner's name) or, when the owner declines to train
+(no data, budget exhausted), only ``status`` with the reason.
+
+The member track (``config[TRACK] == MEMBER_TRACK``, once per run after the federated rounds) sends
+the public starting adapter as ``arrays``; the reply carries ``member-<i>`` (the adapter trained on
+shard ``i`` of the owner's data alone) and ``owner``, nothing else. Nothing else crosses; in
+particular no text and no ULT table.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,6 +31,29 @@ EMULATOR_MANIFEST = "emulator-manifest"
 NUM_EXAMPLES = "num-examples"
 OWNER = "owner"
 
+# keys of the ``config`` record the server sends
+EMULATOR_HASH = "emulator-hash"
+EMBEDDINGS_KEYED = "embeddings-keyed"
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+TRACK = "track"
+MEMBER_TRACK = "member"
+MEMBER_PREFIX = "member-"
+
+
+def member_key(shard: int) -> str:
+    return f"{MEMBER_PREFIX}{shard}"
+
+
+def member_shard(key: str) -> int | None:
+    """The shard index of a ``member-<i>`` record key, None for any other key."""
+    suffix = key.removeprefix(MEMBER_PREFIX)
+    return int(suffix) if key.startswith(MEMBER_PREFIX) and suffix.isdigit() else None
+
+
+def round_config(content: RecordDict) -> ConfigRecord:
+    return content.config_records.get(CONFIG, ConfigRecord())
+
 
 def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
@@ -32,6 +61,10 @@ def to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
 
 def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    return MetricRecord({name: float(value) for name, value in values.items()})
 
 
 def manifest_record(manifest: dict[str, Any]) -> ConfigRecord:

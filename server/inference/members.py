@@ -4,12 +4,17 @@ Two ways to name them:
 
 - a federated run folder (``--run RUN``, or the ``--out`` folder holding it as ``server/``): the
   base model is the run's ``config.model`` in ``RUN/metrics.json`` and the members are
-  ``RUN/adapters/*/`` except ``aggregate`` (the aggregate was trained on every owner's data, so it
-  is no member of an ensemble whose privacy
-  unit is one owner's shard);
+  ``RUN/adapters/*/`` except ``aggregate``: the member track's adapters, each trained from the
+  public start on one owner's data (or one disjoint shard of it) alone;
 - explicitly (``--model SRC --adapters DIR ...``), each DIR an adapter folder as
   ``common.offsite.save_adapter`` and the run folder write it (a peft folder with privtune's
   ``manifest.json``).
+
+Either way every member's manifest must record ``depends_on`` (see
+:mod:`privtune.common.federation.provenance`), and the set is refused, naming the members, unless
+each depends on one owner, no two share an owner's data and no two are identical: the privacy unit
+of PMixED is one member's data, so an aggregate (trained on everyone's data), two adapters of one
+owner, or one adapter named twice would make the per-member figure protect no one.
 
 Members of a ULT federation carry embeddings in the federation key's id order; p0 must then be
 the base model with its rows in that order too, a file a key holder makes (``--public-embeddings``,
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.federation.provenance import DependsOn, check_disjoint_members, depends_on_of, manifest_file
 from privtune.common.offsite.adapter import load_adapter
 from privtune.common.pmixed.ensemble import MemberAdapter
 from privtune.common.ult.relabel import load_keyed_public
@@ -55,9 +61,36 @@ class ServedModel:
         return load_keyed_public(self.public_embeddings, base_model)
 
 
-def load_member(folder: Path) -> MemberAdapter:
+def read_member(folder: Path) -> tuple[MemberAdapter, DependsOn]:
+    """The member adapter in ``folder`` and the data it depends on, both checked."""
     state, manifest = load_adapter(folder)
-    return MemberAdapter(folder.name, state, manifest)
+    try:
+        recorded = json.loads(manifest_file(folder).read_text())
+    except json.JSONDecodeError as err:
+        raise PrivtuneError(f"adapter in {folder} is corrupt ({err}); export it again") from None
+    return MemberAdapter(folder.name, state, manifest), depends_on_of(recorded, f"adapter {folder}")
+
+
+def load_member(folder: Path) -> MemberAdapter:
+    return read_member(folder)[0]
+
+
+def check_members(folders: tuple[str, ...]) -> None:
+    """Refuse members that are not one owner's data each, pairwise disjoint and distinct (see module doc)."""
+    from privtune.common.offsite.digest import tensors_digest
+
+    resolved = [str(Path(f).resolve()) for f in folders]
+    repeated = sorted({f for f in folders if resolved.count(str(Path(f).resolve())) > 1})
+    if repeated:
+        raise PrivtuneError(
+            f"adapter folder(s) {', '.join(repeated)} named more than once: one member's data would count as "
+            "several members; name each member once"
+        )
+    described = []
+    for folder in folders:
+        member, depends_on = read_member(Path(folder))
+        described.append((folder, depends_on, tensors_digest(member.state)))
+    check_disjoint_members(described)
 
 
 def from_run_folder(run: Path, model: str | None = None, public_embeddings: str | None = None) -> ServedModel:
@@ -82,6 +115,7 @@ def from_run_folder(run: Path, model: str | None = None, public_embeddings: str 
             raise PrivtuneError(
                 f"{metrics} does not name the run's base model (config.model); pass it with --model"
             ) from None
+    check_members(tuple(folders))
     return ServedModel(str(model), tuple(folders), public_embeddings)
 
 
@@ -101,4 +135,6 @@ def from_arguments(
     missing = [a for a in adapters if not Path(a).is_dir()]
     if missing:
         raise PrivtuneError(f"adapter folder(s) {', '.join(missing)} do not exist")
-    return ServedModel(model, tuple(str(Path(a)) for a in adapters), public_embeddings)
+    folders = tuple(str(Path(a)) for a in adapters)
+    check_members(folders)
+    return ServedModel(model, folders, public_embeddings)

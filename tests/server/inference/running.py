@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from privtune.common.federation.provenance import DependsOn, record_depends_on
 from privtune.common.models import load_model
 from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter, save_adapter
 from privtune.common.pmixed import PMixedBudget
@@ -19,7 +20,8 @@ MODEL = "tiny-llama"
 
 
 def make_adapters(folder: Path, n: int = 4, model: str = MODEL) -> list[str]:
-    """``n`` LoRA adapters on ``model``, perturbed away from zero so members differ."""
+    """``n`` LoRA adapters on ``model``, perturbed away from zero so members differ, each recorded as
+    depending on one owner's data (``owner-<i>``)."""
     base = load_model(model).model
     cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", lora_r=4, lora_alpha=8)
     folders = []
@@ -30,7 +32,9 @@ def make_adapters(folder: Path, n: int = 4, model: str = MODEL) -> list[str]:
             for param in adapted.parameters():
                 if param.requires_grad:
                     param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-        folders.append(str(save_adapter(folder / f"owner-{seed}", adapter_state(adapted), adapter_manifest(adapted))))
+        saved = save_adapter(folder / f"owner-{seed}", adapter_state(adapted), adapter_manifest(adapted))
+        record_depends_on(saved, DependsOn((f"owner-{seed}",)))
+        folders.append(str(saved))
     return folders
 
 
