@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 
@@ -7,6 +8,17 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.server.run_folder import Checkpoint, RunFolder, run_identity
+
+
+@functools.cache
+def owner_adapter() -> tuple[dict[str, torch.Tensor], dict]:
+    """A real (tiny) adapter state and manifest: the run folder writes it as a checked peft folder."""
+    from privtune.common.models import tiny_model
+    from privtune.common.offsite import EmulatorPackage, OffsiteConfig, adapter_manifest, adapter_state
+
+    cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, lora_r=2)
+    model = EmulatorPackage.build(tiny_model("llama"), cfg).instantiate()
+    return adapter_state(model), adapter_manifest(model).to_dict()
 
 
 def test_checkpoint_round_trip_and_overwrite(tmp_path):
@@ -127,7 +139,7 @@ def test_a_crash_at_any_step_of_a_checkpoint_leaves_a_complete_one(tmp_path, mon
 def test_an_owner_name_cannot_place_a_member_outside_the_run_folder(tmp_path, owner):
     folder = RunFolder(tmp_path / "run")
     with pytest.raises(PrivtuneError):
-        folder.save_owner_adapter(owner, {"w": torch.ones(2)}, {})
+        folder.save_owner_adapter(owner, *owner_adapter())
     assert not (tmp_path / "escaped").exists()
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["run"]
 
@@ -138,9 +150,9 @@ def test_a_member_folder_that_links_elsewhere_is_refused(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "run" / "adapters" / "owner-0").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(PrivtuneError, match="would leave"):
-        folder.save_owner_adapter("owner-0", {"w": torch.ones(2)}, {})
+        folder.save_owner_adapter("owner-0", *owner_adapter())
     assert list((tmp_path / "elsewhere").iterdir()) == []
-    assert folder.save_owner_adapter("owner-1@node-7", {"w": torch.ones(2)}, {}).parent == tmp_path / "run" / "adapters"
+    assert folder.save_owner_adapter("owner-1@node-7", *owner_adapter()).parent == tmp_path / "run" / "adapters"
 
 
 def identity(**changes):
@@ -151,7 +163,7 @@ def test_a_run_folder_refuses_a_different_run_unless_overwritten(tmp_path):
     folder = RunFolder(tmp_path)
     folder.bind(identity())
     folder.save_checkpoint(Checkpoint(1, {"w": torch.ones(2)}))
-    folder.save_owner_adapter("owner-0", {"w": torch.ones(2)}, {})
+    folder.save_owner_adapter("owner-0", *owner_adapter())
     (tmp_path / "notes.txt").write_text("the user's own file")
     folder.bind(identity(**{"num-server-rounds": 5, "round-timeout": 5.0}))  # a longer plan resumes
     with pytest.raises(PrivtuneError, match=r"dp-epsilon.*--overwrite"):
