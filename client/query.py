@@ -16,8 +16,13 @@ from pathlib import Path
 import grpc
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.inference_api import BUDGET_EXHAUSTED, ERROR_KIND, RESTARTING
 from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
 from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
+
+
+class ServiceUnavailableError(PrivtuneError):
+    """The service answered but a part of it is restarting; asking again in a few seconds may work."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,13 @@ class _errors:
             return
         code, details = error.code(), error.details()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            raise BudgetExceededError(details) from None
+            if (ERROR_KIND, BUDGET_EXHAUSTED) in (error.trailing_metadata() or ()):
+                raise BudgetExceededError(details) from None
+            raise PrivtuneError(f"the service at {self.address} refused the request as too large: {details}") from None
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             raise PrivtuneError(details) from None
+        if code == grpc.StatusCode.UNAVAILABLE and (ERROR_KIND, RESTARTING) in (error.trailing_metadata() or ()):
+            raise ServiceUnavailableError(f"the service at {self.address} is unavailable: {details}") from None
         if code == grpc.StatusCode.UNAVAILABLE:
             raise PrivtuneError(
                 f"cannot reach a privtune service at {self.address} ({details}); start one with "

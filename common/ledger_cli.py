@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from contextlib import suppress
 from pathlib import Path
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.ledger import KINDS, Ledger
 from privtune.common.ledger.marker import reset
+from privtune.common.ledger.registry import default_registry, forget
 from privtune.common.ledger.render import render
 
 BACKUPS = (
@@ -62,12 +64,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"{args.path}: backed up to {ledger.backup(args.destination)}")
         return 0
     if args.action == "reset":
-        if not Path(args.path).exists() and not Path(args.path + ".marker.json").exists():
-            raise PrivtuneError(f"no privacy ledger at {args.path} and no marker of one: nothing to reset")
-        moved = reset(Path(args.path), args.reason)
-        print(f"{args.path}: reset ({args.reason}); old ledger kept as {moved or '(none: it was missing)'}")
-        return 0
+        return _reset(Path(args.path), args.reason)
     with Ledger(args.path, owner=args.owner) as ledger:
         budget = ledger.set_budget(args.kind, args.epsilon, delta=args.delta, alpha=args.alpha)
     print(f"{args.path}: {KINDS[args.kind].title} budget set to {budget.describe()}")
+    return 0
+
+
+def _reset(path: Path, reason: str) -> int:
+    ledger_id = None
+    if path.exists() and path.stat().st_size:
+        with suppress(PrivtuneError):  # a damaged or replaced file: the marker names the ledger that was there
+            ledger_id = Ledger(path, read_only=True).ledger_id
+    moved, marker = reset(path, reason)
+    ids = {i for i in (ledger_id, marker.ledger_id if marker else None) if i}
+    released = forget(default_registry(), path, ids)
+    print(
+        f"{path}: reset ({reason}); old ledger kept as {moved or '(none: it was missing)'}; "
+        f"{released} served artefact(s) released from it"
+    )
     return 0

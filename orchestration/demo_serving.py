@@ -8,7 +8,6 @@ port) and ``privtune query``'s client, which ULT-encodes the prompt and decodes 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,33 +32,22 @@ def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: D
     from privtune.server.inference import cli as serve_cli
 
     keyed_p0 = save_keyed_public(load_model(str(model)).model, key_rows(table, key), run / "keyed-p0.safetensors")
-    parser = argparse.ArgumentParser()
-    serve_cli.configure(parser)
-    args = parser.parse_args(
-        [
-            "--run",
-            str(run),
-            "--public-embeddings",
-            str(keyed_p0),
-            "--queries",
-            str(settings.queries),
-            "--q",
-            str(settings.q),
-            "--epsilon",
-            str(settings.epsilon),
-            "--num-cpus",
-            "2",
-            "--port",
-            "0",
-        ]
+    config = serve_cli.ServeConfig(
+        run=str(run),
+        public_embeddings=str(keyed_p0),
+        queries=settings.queries,
+        q=settings.q,
+        epsilon=settings.epsilon,
+        num_cpus=2,
+        port=0,
     )
     print(
         f"\n[demo] PMixED service: the owners' adapters as ensemble members, the public model as p0 (in the key's "
-        f"order, from a key holder); ({settings.epsilon:g}, {args.delta:g})-DP over {settings.queries} queries, "
+        f"order, from a key holder); ({settings.epsilon:g}, {config.delta:g})-DP over {settings.queries} queries, "
         f"member sampling rate q={settings.q:g}",
         flush=True,
     )
-    running = serve_cli.start(args)
+    running = serve_cli.start(config)
     try:
         with InferenceClient(f"127.0.0.1:{running.port}") as client:
             status = client.budget_status()
@@ -67,8 +55,9 @@ def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: D
             if not prompts:
                 print(
                     f"[demo] the service's budget cannot pay for another {settings.tokens}-token continuation: these "
-                    f"members were queried before (ledger {serve_cli.ledger_path(args)}). Delete {run.parent} to "
-                    "train fresh members, or raise the budget deliberately ('privtune ledger')."
+                    f"members were queried before (ledger {running.service.config.ledger}). Raise the budget "
+                    "deliberately ('privtune ledger budget'), or retire it ('privtune ledger reset') and train "
+                    "fresh members."
                 )
             else:
                 ult = UltTokenizer.from_files(table, key_file=key)

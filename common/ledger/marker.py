@@ -62,11 +62,11 @@ def write_marker(ledger: Path, marker: Marker) -> None:
     os.replace(partial, path)
 
 
-def reset(ledger: Path, reason: str) -> Path | None:
+def reset(ledger: Path, reason: str) -> tuple[Path | None, Marker | None]:
     """Forget that ``ledger`` existed: move the ledger (if any) aside, drop the marker, log it.
 
-    Returns where the old ledger was moved. The old file is kept, never deleted: a reset by mistake
-    can be undone by moving it back.
+    Returns where the old ledger was moved and the marker it had. The old file is kept, never
+    deleted: a reset by mistake can be undone by moving it back.
     """
     if not reason.strip():
         raise PrivtuneError("a ledger reset needs a reason (--reason), recorded in the reset log")
@@ -85,8 +85,9 @@ def reset(ledger: Path, reason: str) -> Path | None:
         "marker": None if marker is None else asdict(marker),
         "moved_to": None if moved is None else str(moved),
     }
+    ledger.parent.mkdir(parents=True, exist_ok=True)  # a reset log survives the run folder that held the ledger
     with open(reset_log_path(ledger), "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     marker_path(ledger).unlink(missing_ok=True)
     log.warning("privacy ledger %s reset: %s (old ledger kept as %s)", ledger, reason, moved)
-    return moved
+    return moved, marker

@@ -34,6 +34,7 @@ FORMAT = "privtune-ledger"
 VERSION = "2"
 RELATIVE_TOLERANCE = 1e-9  # lets exactly T spends of budget/T fit despite float summation
 BUSY_TIMEOUT_S = 60.0
+ARTEFACT = "pays-for:"  # meta keys of the artefacts (by content hash) this ledger pays for
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +76,7 @@ class Ledger:
                     f"no privacy ledger at {self.path}; check the path (ledgers are created by the "
                     "first release or by 'privtune ledger budget')"
                 )
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction() as con:
             meta = self._open(con, owner)
             releases = _releases(con)
@@ -238,6 +240,18 @@ class Ledger:
     def budget(self, kind: str) -> Budget | None:
         with self._transaction() as con:
             return _budget(con, kind_of(kind).name)
+
+    def record_artefacts(self, artefacts: dict[str, str]) -> None:
+        """Note the content hashes (-> names) of what this ledger pays for (see :mod:`.registry`)."""
+        with self._transaction() as con:
+            con.executemany(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"{ARTEFACT}{h}", n) for h, n in artefacts.items()]
+            )
+
+    def artefacts(self) -> dict[str, str]:
+        with self._transaction() as con:
+            rows = con.execute("SELECT key, value FROM meta WHERE key LIKE ?", (ARTEFACT + "%",)).fetchall()
+        return {key[len(ARTEFACT) :]: name for key, name in rows}
 
     # ------------------------------------------------------------------ spending
     def spend(

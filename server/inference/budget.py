@@ -10,22 +10,40 @@ cannot be reset by accident by changing flags; raising it is a deliberate ledger
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
-from privtune.common.pmixed.accountant import PMixedBudget, rdp_to_epsilon
+from privtune.common.ledger.registry import bind
+from privtune.common.offsite.digest import tensors_digest
+from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.ensemble import MemberAdapter
+from privtune.common.privacy.rdp import rdp_to_epsilon
 
 KIND = "pmixed"
 LEDGER_OWNER = "pmixed-service"
 
 
-class BudgetKeeper:
-    """Check-and-spend on the ledger file; ``service.BudgetActor`` is this class as one Ray actor."""
+def member_artefacts(folders: tuple[str, ...], members: list[MemberAdapter]) -> dict[str, str]:
+    """Each member's content hash (of its adapter tensors) -> its folder, for the ledger binding.
 
-    def __init__(self, ledger_path: str, budget: PMixedBudget) -> None:
+    Content, not paths: the same members reached through another path or copied elsewhere are the
+    same data, paid for by the same ledger.
+    """
+    return {tensors_digest(member.state): folder for folder, member in zip(folders, members, strict=True)}
+
+
+class BudgetKeeper:
+    """Check-and-spend on the ledger file; ``service.BudgetActor`` is this class as one Ray actor.
+
+    The ledger is bound to the members it pays for (``registry``): no second ledger can serve them.
+    """
+
+    def __init__(self, ledger_path: str, budget: PMixedBudget, artefacts: dict[str, str], registry: str) -> None:
         self.budget = budget
         self.ledger = Ledger(ledger_path, owner=LEDGER_OWNER)
+        bind(Path(registry), self.ledger, artefacts)
         stored = self.ledger.budget(KIND)
         wanted = (float(budget.epsilon), float(budget.delta), float(budget.alpha))
         if stored is None:
@@ -46,6 +64,10 @@ class BudgetKeeper:
     def _queries_left(self, spent_rdp: float) -> int:
         # The ledger accepts a spend while the total stays within cap * (1 + tolerance).
         return max(0, math.floor((self.cap * (1 + RELATIVE_TOLERANCE) - spent_rdp) / self.per_query))
+
+    def close(self) -> None:
+        """A clean shutdown: the ledger's WAL is folded into its file and its marker updated."""
+        self.ledger.close()
 
     def spend(self) -> int:
         """Charge one query; returns the queries left after it, or raises BudgetExceededError."""
@@ -83,8 +105,7 @@ class BudgetKeeper:
             "queries_left": left,
             "rdp_total": self.cap,
             "rdp_spent": spent_rdp,
-            # RDP 0 is perfect privacy; the conversion's delta term would otherwise show as spent.
-            "epsilon_spent": rdp_to_epsilon(spent_rdp, b.alpha, b.delta) if spent_rdp > 0 else 0.0,
+            "epsilon_spent": rdp_to_epsilon(spent_rdp, b.delta, b.alpha),
             "n_members": b.n_members,
             "q": b.q,
             "beta": b.beta(),

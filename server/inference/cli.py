@@ -1,25 +1,77 @@
-"""``privtune serve``: start Ray (or join a cluster), the PMixED replicas and the gRPC API."""
+"""``privtune serve``: start Ray (or join a cluster), the PMixED replicas and the gRPC API.
+
+:class:`ServeConfig` is what a service starts from: the CLI parses its arguments into one, and a
+program (the demo, tests) builds one directly and calls :func:`start`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.ledger.registry import default_registry
 from privtune.common.paths import cache_dir
 from privtune.common.pmixed.accountant import PMixedBudget
-from privtune.server.inference.members import from_arguments
+from privtune.server.inference.members import ServedModel, from_arguments
 
 if TYPE_CHECKING:
-    from privtune.server.inference.service import PMixedService
+    from privtune.server.inference.service import PMixedService, ServiceConfig
 
 DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``privtune serve`` starts from (defaults = the CLI's defaults)."""
+
+    # what to serve
+    run: str | None = None
+    model: str | None = None
+    adapters: tuple[str, ...] = ()
+    public_embeddings: str | None = None
+    # privacy budget (PMixED)
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    alpha: int = 3
+    queries: int = 1024
+    q: float = 0.03
+    ledger: str | None = None
+    registry: str | None = None  # which ledger pays for which members; default: the privtune cache's
+    # Ray
+    address: str | None = None
+    num_cpus: int | None = None
+    num_replicas: int = 1
+    cpus_per_replica: float = 1.0
+    # network and TLS
+    host: str = "127.0.0.1"
+    port: int = 50051
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServeConfig:
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**given, "adapters": tuple(args.adapters or ())})
+
+
+DEFAULTS = ServeConfig()
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +83,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "with --run it overrides the run's model",
     )
     what.add_argument(
-        "--adapters", nargs="+", metavar="DIR", help="member adapter folders (adapter.safetensors + manifest)"
+        "--adapters", nargs="+", metavar="DIR", help="member adapter folders (peft folders + privtune's manifest.json)"
     )
     what.add_argument(
         "--public-embeddings",
@@ -39,32 +91,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="ULT-keyed members only: p0's embedding rows in the federation key's order, from a key "
         "holder's 'privtune ult keyed-public'",
     )
-    budget = parser.add_argument_group("privacy budget (PMixED, DESIGN.md section 5)")
-    budget.add_argument("--epsilon", type=float, default=8.0, help="total epsilon over all queries (default 8)")
-    budget.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
-    budget.add_argument("--alpha", type=int, default=3, help="Renyi order of the accounting (default 3)")
+    budget = parser.add_argument_group("privacy budget (PMixED)")
+    budget.add_argument(
+        "--epsilon", type=_finite, default=DEFAULTS.epsilon, help="total epsilon over all queries (default 8)"
+    )
+    budget.add_argument("--delta", type=_finite, default=DEFAULTS.delta, help="delta (default 1e-5)")
+    budget.add_argument("--alpha", type=int, default=DEFAULTS.alpha, help="Renyi order of the accounting (default 3)")
     budget.add_argument(
         "--queries",
         "-T",
         dest="queries",
         type=int,
-        default=1024,
+        default=DEFAULTS.queries,
         help="queries (= released tokens) the budget is split over (default 1024)",
     )
-    budget.add_argument("--q", type=float, default=0.03, help="Poisson subsampling rate of members (default 0.03)")
+    budget.add_argument(
+        "--q", type=_finite, default=DEFAULTS.q, help="Poisson subsampling rate of members (default 0.03)"
+    )
     budget.add_argument(
         "--ledger",
-        help=f"ledger file shared by all replicas (default RUN/{DEFAULT_LEDGER_NAME}, or one in the privtune cache)",
+        help=f"ledger file shared by all replicas (default RUN/{DEFAULT_LEDGER_NAME}, or one in the privtune cache); "
+        "the members are bound to it: no other ledger may serve them",
+    )
+    budget.add_argument(
+        "--ledger-registry",
+        dest="registry",
+        metavar="FILE",
+        help="the record of which ledger pays for which members (default: one per user in the privtune cache)",
     )
     ray_group = parser.add_argument_group("Ray and network")
     ray_group.add_argument(
         "--address", help="existing Ray cluster (e.g. ray://host:10001 or 'auto'); default: start one"
     )
     ray_group.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    ray_group.add_argument("--num-replicas", type=int, default=1, help="ensemble replicas (default 1)")
-    ray_group.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs (torch threads) per replica")
-    ray_group.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    ray_group.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
+    ray_group.add_argument(
+        "--num-replicas", type=int, default=DEFAULTS.num_replicas, help="ensemble replicas (default 1)"
+    )
+    ray_group.add_argument(
+        "--cpus-per-replica", type=_finite, default=DEFAULTS.cpus_per_replica, help="CPUs (torch threads) per replica"
+    )
+    ray_group.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default 127.0.0.1)")
+    ray_group.add_argument(
+        "--port", type=int, default=DEFAULTS.port, help="gRPC port (default 50051; 0 = any free port)"
+    )
     tls = parser.add_argument_group("TLS (required off loopback; deploy/certs.sh makes the files)")
     tls.add_argument("--tls-cert", metavar="PEM", help="server certificate chain, e.g. deploy/certs/server.pem")
     tls.add_argument("--tls-key", metavar="KEY", help="its private key, e.g. deploy/certs/server.key")
@@ -75,41 +144,51 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def ledger_path(args: argparse.Namespace) -> Path:
-    if args.ledger:
-        return Path(args.ledger).expanduser()
-    if args.run:
-        return Path(args.run) / DEFAULT_LEDGER_NAME
+def ledger_path(config: ServeConfig, served: ServedModel) -> Path:
+    """--ledger, else the run's own ledger, found from its members (so RUN and its --out folder give one file)."""
+    if config.ledger:
+        return Path(config.ledger).expanduser()
+    if config.run:
+        return Path(served.adapters[0]).resolve().parent.parent / DEFAULT_LEDGER_NAME
     return cache_dir("ledgers") / DEFAULT_LEDGER_NAME
 
 
-def service_config(args: argparse.Namespace):
+def service_config(config: ServeConfig) -> ServiceConfig:
     from privtune.server.inference.service import ServiceConfig
 
-    served = from_arguments(args.run, args.model, args.adapters, args.public_embeddings)
+    served = from_arguments(config.run, config.model, list(config.adapters) or None, config.public_embeddings)
     budget = PMixedBudget(
-        epsilon=args.epsilon, delta=args.delta, alpha=args.alpha, T=args.queries, q=args.q, n_members=served.n_members
+        epsilon=config.epsilon,
+        delta=config.delta,
+        alpha=config.alpha,
+        T=config.queries,
+        q=config.q,
+        n_members=served.n_members,
     )
-    return ServiceConfig(served, budget, str(ledger_path(args)), args.num_replicas, args.cpus_per_replica)
+    return ServiceConfig(
+        served,
+        budget,
+        str(ledger_path(config, served)),
+        config.num_replicas,
+        config.cpus_per_replica,
+        config.registry or str(default_registry()),
+    )
 
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
-
-
-def server_credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+def server_credentials(config: ServeConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from --tls-cert/--tls-key; None (plaintext) only on loopback or with --insecure."""
-    if bool(args.tls_cert) != bool(args.tls_key):
+    if bool(config.tls_cert) != bool(config.tls_key):
         raise PrivtuneError("give both --tls-cert and --tls-key (deploy/certs.sh writes server.pem and server.key)")
-    if not args.tls_cert:
-        if args.host not in LOOPBACK and not args.insecure:
+    if not config.tls_cert or not config.tls_key:
+        if config.host not in LOOPBACK and not config.insecure:
             raise PrivtuneError(
-                f"--host {args.host} is reachable from the network and no TLS was given: prompts and released tokens "
-                "would travel in plaintext. Give --tls-cert/--tls-key (deploy/certs.sh --host NAME makes them), "
-                "or --insecure to accept that"
+                f"--host {config.host} is reachable from the network and no TLS was given: prompts and released "
+                "tokens would travel in plaintext. Give --tls-cert/--tls-key (deploy/certs.sh --host NAME makes "
+                "them), or --insecure to accept that"
             )
         return None
     try:
-        chain, key = Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()
+        chain, key = Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes()
     except OSError as err:
         raise PrivtuneError(f"cannot read the TLS files: {err}") from None
     return grpc.ssl_server_credentials([(key, chain)])
@@ -133,27 +212,28 @@ class Running:
             ray.shutdown()
 
 
-def start(args: argparse.Namespace) -> Running:
+def start(config: ServeConfig) -> Running:
     import ray
 
     from privtune.common.models import load_tokenizer
     from privtune.server.inference.grpc_api import start_server
     from privtune.server.inference.service import PMixedService
 
-    config = service_config(args)
-    credentials = server_credentials(args)
+    service_cfg = service_config(config)
+    credentials = server_credentials(config)
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(
-            address=args.address,
-            num_cpus=None if args.address else args.num_cpus,
+            address=config.address,
+            num_cpus=None if config.address else config.num_cpus,
             include_dashboard=False,
             namespace="privtune",
             log_to_driver=False,
         )
     try:
-        service = PMixedService(config)
-        server, port = start_server(service, load_tokenizer(config.served.model), args.host, args.port, credentials)
+        service = PMixedService(service_cfg)
+        tokenizer = load_tokenizer(service_cfg.served.model)
+        server, port = start_server(service, tokenizer, config.host, config.port, credentials)
     except BaseException:
         if owns_ray:
             ray.shutdown()
@@ -162,12 +242,13 @@ def start(args: argparse.Namespace) -> Running:
 
 
 def run(args: argparse.Namespace) -> int:
-    running = start(args)
+    config = ServeConfig.from_args(args)
+    running = start(config)
     budget = running.service.budget_status()
     print(
         f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
-        f"{args.num_replicas} replica(s), gRPC{' (TLS)' if args.tls_cert else ''} on "
-        f"{args.host}:{running.port}; budget {budget['queries_left']} of "
+        f"{config.num_replicas} replica(s), gRPC{' (TLS)' if config.tls_cert else ''} on "
+        f"{config.host}:{running.port}; budget {budget['queries_left']} of "
         f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
         f"{budget['ledger']}); Ctrl-C stops",
         flush=True,

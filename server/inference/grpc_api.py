@@ -1,7 +1,10 @@
 """The gRPC face of the service (``protos/privtune/v1/inference.proto``).
 
 Status codes: an exhausted budget is RESOURCE_EXHAUSTED (the message says spent/total and how to get
-a new budget), a request the user can fix is INVALID_ARGUMENT, anything else INTERNAL.
+a new budget; trailing metadata ``privtune-error: budget-exhausted`` tells it apart from gRPC's own
+RESOURCE_EXHAUSTED for oversized messages), a request the user can fix (an oversized prompt included)
+is INVALID_ARGUMENT, a replica or budget keeper that is restarting is UNAVAILABLE, anything else
+INTERNAL. No status carries Ray's text (actor ids, PIDs, node addresses).
 """
 
 from __future__ import annotations
@@ -10,15 +13,23 @@ from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayError, RayTaskError
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.inference_api import (
+    BUDGET_EXHAUSTED,
+    ERROR_KIND,
+    MAX_PROMPT_TEXT_BYTES,
+    MAX_PROMPT_TOKENS,
+    RESTARTING,
+)
 from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
 from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
 from privtune.common.text_tokenizer import TextTokenizer
-from privtune.server.inference.service import PMixedService
+from privtune.server.inference.service import PMixedService, ServiceUnavailableError
 
 REPLACEMENT = "\ufffd"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # gRPC itself answers larger messages, with RESOURCE_EXHAUSTED
 
 
 class IncrementalDecoder:
@@ -48,6 +59,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.tokenizer = tokenizer
 
     def _prompt(self, prompt: pb.Prompt) -> list[int]:
+        check_prompt_size(prompt)
         kind = prompt.WhichOneof("kind")
         ids = list(prompt.token_ids.ids) if kind == "token_ids" else self.tokenizer.encode(prompt.text) if kind else []
         return ids or [self.tokenizer.bos_token_id]
@@ -80,9 +92,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthResponse:
         try:
             health = self.service.health()
-        except Exception:  # a dead or hung replica is exactly what Health reports
+        except Exception:  # a dead or hung service is exactly what Health reports
             return pb.HealthResponse(status=pb.HealthResponse.NOT_SERVING)
-        return pb.HealthResponse(status=pb.HealthResponse.SERVING, **health)
+        serving = pb.HealthResponse.SERVING if health["replicas"] else pb.HealthResponse.NOT_SERVING
+        return pb.HealthResponse(status=serving, **health)
+
+
+def check_prompt_size(prompt: pb.Prompt) -> None:
+    """Refuse prompts larger than any model here can read, before tokenising them."""
+    if prompt.WhichOneof("kind") == "text" and len(prompt.text.encode()) > MAX_PROMPT_TEXT_BYTES:
+        raise PrivtuneError(
+            f"the prompt is {len(prompt.text.encode())} bytes; the service accepts at most {MAX_PROMPT_TEXT_BYTES} "
+            "bytes of text: shorten it"
+        )
+    if prompt.WhichOneof("kind") == "token_ids" and len(prompt.token_ids.ids) > MAX_PROMPT_TOKENS:
+        raise PrivtuneError(
+            f"the prompt has {len(prompt.token_ids.ids)} token ids; the service accepts at most {MAX_PROMPT_TOKENS}: "
+            "shorten it"
+        )
 
 
 class _status:
@@ -99,9 +126,15 @@ class _status:
             return
         error = _cause(error)
         if isinstance(error, BudgetExceededError):
+            self.context.set_trailing_metadata(((ERROR_KIND, BUDGET_EXHAUSTED),))
             self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        if isinstance(error, ServiceUnavailableError):
+            self.context.set_trailing_metadata(((ERROR_KIND, RESTARTING),))
+            self.context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
         if isinstance(error, PrivtuneError):
             self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if isinstance(error, RayError):
+            self.context.abort(grpc.StatusCode.INTERNAL, "the service failed internally; its log has the details")
         self.context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
@@ -122,7 +155,9 @@ def start_server(
 ) -> tuple[grpc.Server, int]:
     """Start serving on ``host:port`` (port 0 picks a free one), with TLS when ``credentials`` are
     given; returns the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
+    # Room well past the largest prompt we accept, so that most oversized ones get our size check's answer.
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(service, tokenizer), server)
     address = f"{host}:{port}"
     bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)

@@ -9,26 +9,37 @@ The budget keeper is ONE actor per service, pinned to the node of the process th
 service (the node where ``--ledger`` is a real path), with ``max_concurrency=1``: every spend of
 every replica goes through it in turn. Its ledger is SQLite with atomic check-and-spend, so even
 a second service or a ``privtune ledger`` command on the same file cannot overspend.
+
+Availability: Ray restarts a replica or the budget keeper that dies (``max_restarts``); the keeper's
+state is the ledger file, so a restarted keeper goes on from what was spent. While an actor is down
+the router skips it (a watcher thread brings it back once it answers again), a request that hit it
+is answered UNAVAILABLE with a plain message (never Ray's text, which names actor ids, PIDs and node
+addresses), and no token is released without a spend: a spend that cannot reach the keeper fails.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.ledger.registry import default_registry
 from privtune.common.pmixed.accountant import PMixedBudget
 from privtune.common.pmixed.ensemble import check_p0_order
-from privtune.server.inference.budget import BudgetKeeper
+from privtune.server.inference.budget import BudgetKeeper, member_artefacts
 from privtune.server.inference.members import ServedModel
 from privtune.server.inference.replica import Release, Replica, ReplicaConfig
+
+Handle: TypeAlias = Any
+"""A Ray actor handle. Ray types a handle's method attributes as ``Never`` (typed calls need
+``@ray.method`` on each method), which would make mypy treat all code after a call as unreachable."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class ServiceConfig:
     ledger: str
     num_replicas: int = 1
     cpus_per_replica: float = 1.0
+    registry: str = field(default_factory=lambda: str(default_registry()))
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -46,7 +58,22 @@ class ServiceConfig:
             raise PrivtuneError(f"--cpus-per-replica must be positive, got {self.cpus_per_replica}")
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
+RESTARTS = -1  # Ray restarts a dead actor for as long as the service runs
+WATCH_INTERVAL_S = 0.5
+PROBE_TIMEOUT_S = 5.0
+T = TypeVar("T")
+
+
+class ServiceUnavailableError(PrivtuneError):
+    """A replica or the budget keeper is down (Ray is restarting it); the request may be retried."""
+
+
+class ReplicaDownError(ServiceUnavailableError):
+    """The replica a request went to died; another replica may answer it."""
+
+
+# Ray's overloads omit max_concurrency
+@ray.remote(num_cpus=0, max_concurrency=1)  # type: ignore[call-overload]
 class BudgetActor(BudgetKeeper):
     """The service's single ledger; calls run one at a time."""
 
@@ -54,7 +81,7 @@ class BudgetActor(BudgetKeeper):
 class _RemoteLedger:
     """A replica's view of the budget actor (a handle is picklable; this wrapper is built inside the actor)."""
 
-    def __init__(self, actor: ray.actor.ActorHandle) -> None:
+    def __init__(self, actor: Handle) -> None:
         self.actor = actor
 
     def spend(self) -> int:
@@ -63,7 +90,7 @@ class _RemoteLedger:
 
 @ray.remote
 class ReplicaActor:
-    def __init__(self, config: ReplicaConfig, budget_actor: ray.actor.ActorHandle) -> None:
+    def __init__(self, config: ReplicaConfig, budget_actor: Handle) -> None:
         self.replica = Replica(config, _RemoteLedger(budget_actor))
 
     def info(self) -> dict[str, int]:
@@ -83,7 +110,7 @@ class ReplicaActor:
 
 
 class PMixedService:
-    """Starts the actors on the connected Ray cluster and routes each request to the least busy replica."""
+    """Starts the actors on the connected Ray cluster and routes each request to the least busy live replica."""
 
     def __init__(self, config: ServiceConfig) -> None:
         if not ray.is_initialized():
@@ -97,14 +124,17 @@ class PMixedService:
                 f"{config.num_replicas} replica(s) x {config.cpus_per_replica:g} CPU need more than the Ray cluster's "
                 f"{cpus:g} CPUs; lower --num-replicas or --cpus-per-replica"
             )
-        BudgetKeeper(config.ledger, config.budget)  # a refused ledger fails here, with its own message
-        # so do missing or corrupt adapters, and keyed members without a keyed p0
-        check_p0_order(config.served.load_members(), config.served.public_embeddings is not None)
+        members = config.served.load_members()  # missing or corrupt adapters fail here
+        check_p0_order(members, config.served.public_embeddings is not None)  # so do keyed members without keyed p0
+        keeper_args = (config.ledger, config.budget, member_artefacts(config.served.adapters, members), config.registry)
+        BudgetKeeper(*keeper_args).close()  # and a refused ledger or binding, each with its own message
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self.budget_actor = BudgetActor.options(scheduling_strategy=here).remote(config.ledger, config.budget)
+        self.budget_actor = BudgetActor.options(scheduling_strategy=here, max_restarts=RESTARTS).remote(*keeper_args)
         replica_config = ReplicaConfig(config.served, config.budget, threads=max(1, int(config.cpus_per_replica)))
         self.replicas = [
-            ReplicaActor.options(num_cpus=config.cpus_per_replica).remote(replica_config, self.budget_actor)
+            ReplicaActor.options(num_cpus=config.cpus_per_replica, max_restarts=RESTARTS).remote(
+                replica_config, self.budget_actor
+            )
             for _ in range(config.num_replicas)
         ]
         try:
@@ -115,22 +145,68 @@ class PMixedService:
         self.n_members = infos[0]["n_members"]
         self.vocab_size = infos[0]["vocab_size"]
         self._busy = [0] * len(self.replicas)
+        self._down: set[int] = set()
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="replica-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        """Bring replicas that Ray restarted back into the rotation once they answer again."""
+        while not self._stopped.wait(WATCH_INTERVAL_S):
+            with self._lock:
+                down = sorted(self._down)
+            for index in down:
+                try:
+                    ray.get(self.replicas[index].info.remote(), timeout=PROBE_TIMEOUT_S)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    continue
+                with self._lock:
+                    self._down.discard(index)
 
     @contextmanager
-    def _replica(self) -> Iterator[ray.actor.ActorHandle]:
+    def _replica(self) -> Iterator[Handle]:
+        """The least busy live replica; one that fails with a Ray actor error is taken out of the rotation."""
         with self._lock:
-            index = min(range(len(self.replicas)), key=self._busy.__getitem__)
+            live = [i for i in range(len(self.replicas)) if i not in self._down]
+            if not live:
+                raise ServiceUnavailableError(
+                    "every replica of the service is restarting; no token was released. Retry in a few seconds"
+                )
+            index = min(live, key=self._busy.__getitem__)
             self._busy[index] += 1
         try:
             yield self.replicas[index]
+        except ray.exceptions.RayActorError as err:
+            raise self._unavailable(index, err) from None
         finally:
             with self._lock:
                 self._busy[index] -= 1
 
+    def _unavailable(self, index: int, err: ray.exceptions.RayActorError) -> ServiceUnavailableError:
+        if isinstance(err, ray.exceptions.RayTaskError):  # the replica lives; the budget keeper it called does not
+            return ServiceUnavailableError(
+                "the service's privacy budget keeper is restarting; no token was released. Retry in a few seconds"
+            )
+        with self._lock:
+            self._down.add(index)
+        return ReplicaDownError(
+            "the replica serving this request stopped and is restarting; no further token was released. Retry"
+        )
+
+    def _on_any_replica(self, call: Callable[[Handle], T]) -> T:
+        """``call`` on a live replica, again on another if the first one turns out dead (each try pays first)."""
+        for attempt in range(len(self.replicas)):
+            try:
+                with self._replica() as replica:
+                    return call(replica)
+            except ReplicaDownError:
+                if attempt == len(self.replicas) - 1:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     def next_token(self, prompt: list[int]) -> Release:
-        with self._replica() as replica:
-            return ray.get(replica.next_token.remote(prompt))
+        return self._on_any_replica(lambda replica: ray.get(replica.next_token.remote(prompt)))
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> Iterator[Release]:
         """Tokens one at a time from one replica (it holds the KV caches); stopping early spends nothing more."""
@@ -146,18 +222,37 @@ class PMixedService:
                 replica.close.remote(session)
 
     def budget_status(self) -> dict[str, Any]:
-        return ray.get(self.budget_actor.status.remote())
+        try:
+            return ray.get(self.budget_actor.status.remote())
+        except ray.exceptions.RayActorError:
+            raise ServiceUnavailableError(
+                "the service's privacy budget keeper is restarting; retry in a few seconds"
+            ) from None
 
     def health(self) -> dict[str, Any]:
-        alive = ray.get([r.info.remote() for r in self.replicas], timeout=30)
+        """Serving while at least one replica answers; ``replicas`` counts those that do."""
+        alive = 0
+        for replica in self.replicas:
+            try:
+                ray.get(replica.info.remote(), timeout=PROBE_TIMEOUT_S)
+                alive += 1
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                continue
         return {
-            "replicas": len(alive),
+            "replicas": alive,
             "n_members": self.n_members,
             "model": self.config.served.model,
             "vocab_size": self.vocab_size,
         }
 
     def shutdown(self) -> None:
+        """Stop the watcher and the actors; the budget keeper first closes its ledger (WAL folded in)."""
+        stopped = getattr(self, "_stopped", None)
+        if stopped is not None:
+            stopped.set()
+        # a keeper that is down has nothing open; its WAL is folded in by the next open
+        with suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            ray.get(self.budget_actor.close.remote(), timeout=30)
         for actor in [*self.replicas, self.budget_actor]:
             ray.kill(actor)
 

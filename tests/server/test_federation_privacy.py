@@ -164,9 +164,11 @@ def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
         "0",
         "--ledger",
         str(root / "pmixed.sqlite"),
+        "--ledger-registry",
+        str(root / "ledger-registry.json"),
     ]
     with pytest.raises(PrivtuneError, match="members are ULT-keyed"):
-        cli.start(parser.parse_args(serve))
+        cli.start(cli.ServeConfig.from_args(parser.parse_args(serve)))
     p0 = root / "keyed-p0.safetensors"
     assert (
         privtune(
@@ -185,7 +187,7 @@ def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
         )
         == 0
     )
-    started = cli.start(parser.parse_args([*serve, "--public-embeddings", str(p0)]))
+    started = cli.start(cli.ServeConfig.from_args(parser.parse_args([*serve, "--public-embeddings", str(p0)])))
     try:
         assert started.service.n_members == ult_run.owners
         capsys.readouterr()

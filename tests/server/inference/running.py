@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,38 +48,26 @@ class Running:
 
 @contextmanager
 def running_service(
-    folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5, extra: tuple[str, ...] = ()
+    folder: Path, queries: int, num_replicas: int = 2, q: float = 0.5, **settings: Any
 ) -> Iterator[Running]:
-    """What ``privtune serve --model tiny-llama --adapters ... --port 0 EXTRA`` starts, on a 2-CPU Ray."""
+    """What ``privtune serve --model tiny-llama --adapters ... --port 0`` starts, on a 2-CPU Ray, with its own
+    ledger and ledger registry in ``folder``."""
     from privtune.server.inference import cli
 
-    adapters = make_adapters(folder / "adapters")
-    parser = argparse.ArgumentParser()
-    cli.configure(parser)
-    args = parser.parse_args(
-        [
-            "--model",
-            MODEL,
-            "--adapters",
-            *adapters,
-            "--queries",
-            str(queries),
-            "--q",
-            str(q),
-            "--epsilon",
-            "8",
-            "--num-replicas",
-            str(num_replicas),
-            "--ledger",
-            str(folder / "ledger.sqlite"),
-            "--num-cpus",
-            "2",
-            "--port",
-            "0",
-            *extra,
-        ]
+    config = cli.ServeConfig(
+        model=MODEL,
+        adapters=tuple(make_adapters(folder / "adapters")),
+        queries=queries,
+        q=q,
+        epsilon=8.0,
+        num_replicas=num_replicas,
+        ledger=str(folder / "ledger.sqlite"),
+        registry=str(folder / "ledger-registry.json"),
+        num_cpus=2,
+        port=0,
+        **settings,
     )
-    started = cli.start(args)
+    started = cli.start(config)
     try:
         yield Running(
             f"127.0.0.1:{started.port}", started.service, folder / "ledger.sqlite", started.service.config.budget

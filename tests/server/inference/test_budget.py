@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+from pathlib import Path
 
 import pytest
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.ledger import Ledger
+from privtune.common.ledger.registry import forget
 from privtune.common.pmixed import PMixedBudget
-from privtune.server.inference.budget import BudgetKeeper
+from privtune.server.inference.budget import BudgetKeeper, member_artefacts
 from privtune.server.inference.members import ServedModel
 from privtune.server.inference.replica import Replica, ReplicaConfig
 from tests.server.inference.running import MODEL, make_adapters
@@ -17,15 +20,20 @@ from tests.server.inference.running import MODEL, make_adapters
 BUDGET = PMixedBudget(epsilon=6.0, delta=1e-5, alpha=3, T=10, q=0.3, n_members=4)
 
 
+def keeper(path: str, budget: PMixedBudget = BUDGET, artefacts: dict[str, str] | None = None) -> BudgetKeeper:
+    """A keeper whose ledger registry sits beside its ledger (never the user's)."""
+    return BudgetKeeper(path, budget, artefacts or {}, path + ".registry.json")
+
+
 def test_exactly_T_queries_then_a_clear_refusal(tmp_path):
-    keeper = BudgetKeeper(str(tmp_path / "ledger.sqlite"), BUDGET)
-    assert [keeper.spend() for _ in range(10)] == list(range(9, -1, -1))
+    service = keeper(str(tmp_path / "ledger.sqlite"))
+    assert [service.spend() for _ in range(10)] == list(range(9, -1, -1))
     with pytest.raises(BudgetExceededError) as refused:
-        keeper.spend()
+        service.spend()
     message = str(refused.value)
     assert "10 of 10 queries spent" in message and "No token was released" in message
     assert f"privtune ledger budget {tmp_path / 'ledger.sqlite'} pmixed" in message
-    status = keeper.status()
+    status = service.status()
     assert status["exhausted"] and status["queries_spent"] == 10
     assert status["epsilon_spent"] == pytest.approx(6.0, abs=1e-9)
     assert status["rdp_spent"] == pytest.approx(BUDGET.rdp_total())
@@ -33,27 +41,27 @@ def test_exactly_T_queries_then_a_clear_refusal(tmp_path):
 
 def test_spending_survives_a_restart_and_the_budget_cannot_be_reset_by_flags(tmp_path):
     path = str(tmp_path / "ledger.sqlite")
-    first = BudgetKeeper(path, BUDGET)
+    first = keeper(path)
     for _ in range(4):
         first.spend()
-    again = BudgetKeeper(path, BUDGET)
+    again = keeper(path)
     assert again.status()["queries_spent"] == 4 and again.spend() == 5
     # Another T or q only changes what each query costs; the RDP already spent still counts.
-    finer = BudgetKeeper(path, PMixedBudget(6.0, 1e-5, 3, T=20, q=0.3, n_members=4))
+    finer = keeper(path, PMixedBudget(6.0, 1e-5, 3, T=20, q=0.3, n_members=4))
     assert finer.status()["queries_left"] == 10
     with pytest.raises(PrivtuneError, match="holds a PMixED budget"):
-        BudgetKeeper(path, PMixedBudget(8.0, 1e-5, 3, T=10, q=0.3, n_members=4))
+        keeper(path, PMixedBudget(8.0, 1e-5, 3, T=10, q=0.3, n_members=4))
     Ledger(tmp_path / "owner.sqlite", owner="owner-1")
     with pytest.raises(PrivtuneError, match="belongs to"):
-        BudgetKeeper(str(tmp_path / "owner.sqlite"), BUDGET)
+        keeper(str(tmp_path / "owner.sqlite"))
 
 
 def _spend_all(path: str, out) -> None:
-    keeper = BudgetKeeper(path, BUDGET)
+    spender = keeper(path)
     count = 0
     try:
         while True:
-            keeper.spend()
+            spender.spend()
             count += 1
     except BudgetExceededError:
         out.put(count)
@@ -73,8 +81,8 @@ def test_two_processes_on_one_ledger_file_share_one_budget(tmp_path):
 
 def test_a_replica_charges_before_every_token(tmp_path):
     adapters = make_adapters(tmp_path / "adapters")
-    keeper = BudgetKeeper(str(tmp_path / "ledger.sqlite"), BUDGET)
-    replica = Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), BUDGET), keeper)
+    spender = keeper(str(tmp_path / "ledger.sqlite"))
+    replica = Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), BUDGET), spender)
     assert replica.next_token([5, 6, 7]).queries_remaining == 9
     session = replica.open([5, 6, 7], max_new_tokens=20)
     released = []
@@ -82,8 +90,34 @@ def test_a_replica_charges_before_every_token(tmp_path):
         while True:
             released.append(replica.step(session))
     assert [r.queries_remaining for r in released] == list(range(8, -1, -1))
-    assert keeper.status()["queries_spent"] == 10
+    assert spender.status()["queries_spent"] == 10
     with pytest.raises(PrivtuneError, match="positions"):
         replica.open([5] * 250, max_new_tokens=10)
     with pytest.raises(PrivtuneError, match="budget was computed for 3 members"):
-        Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 3)), keeper)
+        Replica(ReplicaConfig(ServedModel(MODEL, tuple(adapters)), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 3)), spender)
+
+
+def test_members_are_bound_to_one_ledger(tmp_path):
+    adapters = tuple(make_adapters(tmp_path / "adapters", n=2))
+    served = ServedModel(MODEL, adapters)
+    artefacts = member_artefacts(adapters, served.load_members())
+    registry = str(tmp_path / "registry.json")
+    first = BudgetKeeper(
+        str(tmp_path / "run" / "ledger.sqlite"), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 2), artefacts, registry
+    )
+    first.spend()
+    assert first.ledger.artefacts() == artefacts  # the ledger records what it pays for
+    copies = tuple(str(tmp_path / "copy" / Path(a).name) for a in adapters)
+    for source, copy in zip(adapters, copies):
+        shutil.copytree(source, copy)  # the same members through another path
+    moved = member_artefacts(copies, ServedModel(MODEL, copies).load_members())
+    assert set(moved) == set(artefacts)
+    with pytest.raises(PrivtuneError, match=r"already paid for by the ledger .*run/ledger.sqlite"):
+        BudgetKeeper(str(tmp_path / "other.sqlite"), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 2), moved, registry)
+    assert not Ledger(tmp_path / "other.sqlite").artefacts()
+    again = BudgetKeeper(
+        str(tmp_path / "run" / "ledger.sqlite"), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 2), moved, registry
+    )
+    assert again.status()["queries_spent"] == 1
+    assert forget(Path(registry), tmp_path / "run" / "ledger.sqlite", set()) == 2  # what a reset does
+    BudgetKeeper(str(tmp_path / "other.sqlite"), PMixedBudget(6.0, 1e-5, 3, 10, 0.3, 2), moved, registry)

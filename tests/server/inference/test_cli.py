@@ -1,49 +1,60 @@
-"""``privtune serve`` arguments -> the service configuration (the running service is in test_service)."""
+"""``privtune serve`` arguments -> ServeConfig -> the service configuration (the running service is in test_service)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
 from privtune.common.errors import PrivtuneError
 from privtune.server.inference import cli
+from privtune.server.inference.members import ServedModel
 from tests.server.inference.running import MODEL, make_adapters
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse(argv: list[str]) -> cli.ServeConfig:
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    return parser.parse_args(argv)
+    return cli.ServeConfig.from_args(parser.parse_args(argv))
 
 
-def test_arguments_make_the_budget_and_ledger(tmp_path):
+def test_arguments_make_the_typed_config_budget_and_ledger(tmp_path):
     adapters = make_adapters(tmp_path / "a", n=2)
-    args = parse(
-        [
-            "--model",
-            MODEL,
-            "--adapters",
-            *adapters,
-            "--epsilon",
-            "6",
-            "--queries",
-            "12",
-            "--q",
-            "0.25",
-            "--num-replicas",
-            "3",
-            "--ledger",
-            str(tmp_path / "l.sqlite"),
-        ]
+    argv = ["--model", MODEL, "--adapters", *adapters, "--epsilon", "6", "--queries", "12", "--q", "0.25"]
+    config = parse([*argv, "--num-replicas", "3", "--ledger", str(tmp_path / "l.sqlite"), "--port", "0"])
+    assert config == cli.ServeConfig(
+        model=MODEL,
+        adapters=tuple(adapters),
+        epsilon=6.0,
+        queries=12,
+        q=0.25,
+        num_replicas=3,
+        ledger=str(tmp_path / "l.sqlite"),
+        port=0,
     )
-    config = cli.service_config(args)
-    assert config.budget.n_members == 2 and config.budget.T == 12 and config.budget.q == 0.25
-    assert config.budget.epsilon == 6 and config.budget.alpha == 3 and config.num_replicas == 3
-    assert config.ledger == str(tmp_path / "l.sqlite")
-    run_args = parse(["--run", str(tmp_path / "run")])
-    assert cli.ledger_path(run_args) == tmp_path / "run" / cli.DEFAULT_LEDGER_NAME
+    assert parse(["--model", MODEL]) == cli.ServeConfig(model=MODEL)  # the CLI's defaults are the config's
+    service = cli.service_config(config)
+    assert service.budget.n_members == 2 and service.budget.T == 12 and service.budget.q == 0.25
+    assert service.budget.epsilon == 6 and service.budget.alpha == 3 and service.num_replicas == 3
+    assert service.ledger == str(tmp_path / "l.sqlite")
     with pytest.raises(PrivtuneError, match="num-replicas"):
         cli.service_config(parse(["--model", MODEL, "--adapters", *adapters, "--num-replicas", "0"]))
     with pytest.raises(PrivtuneError, match="subsampling rate"):
         cli.service_config(parse(["--model", MODEL, "--adapters", *adapters, "--q", "1.5"]))
+
+
+@pytest.mark.parametrize("flag", ["--epsilon", "--delta", "--q", "--cpus-per-replica"])
+def test_non_finite_numbers_are_refused(flag):
+    for value in ("inf", "nan"):
+        with pytest.raises(SystemExit):
+            parse(["--model", MODEL, flag, value])
+
+
+def test_a_run_and_its_out_folder_have_one_default_ledger(tmp_path):
+    out = tmp_path / "out"
+    members = ServedModel(MODEL, (str(out / "server" / "adapters" / "owner-0"),))
+    from_out = cli.ledger_path(cli.ServeConfig(run=str(out)), members)
+    from_run = cli.ledger_path(cli.ServeConfig(run=str(out / "server")), members)
+    assert from_out == from_run == (out / "server" / cli.DEFAULT_LEDGER_NAME).resolve()
+    assert cli.ledger_path(cli.ServeConfig(run=str(out), ledger=str(tmp_path / "x")), members) == Path(tmp_path / "x")

@@ -25,9 +25,14 @@ def small_ray():
 def test_start_errors(small_ray, tmp_path):
     budget = PMixedBudget(8.0, 1e-5, 3, T=4, q=0.5, n_members=1)
     foreign = make_adapters(tmp_path / "gpt2", n=1, model="tiny-gpt2")  # another family than the served model
-    config = ServiceConfig(ServedModel("tiny-llama", tuple(foreign)), budget, str(tmp_path / "ledger.sqlite"))
+    served, ledger, registry = (
+        ServedModel("tiny-llama", tuple(foreign)),
+        str(tmp_path / "l.sqlite"),
+        str(tmp_path / "r"),
+    )
+    config = ServiceConfig(served, budget, ledger, registry=registry)
     with pytest.raises(PrivtuneError, match="a replica failed to start: adapter refused: it was trained for a gpt2"):
         PMixedService(config)
-    too_many = ServiceConfig(ServedModel("tiny-llama", tuple(foreign)), budget, str(tmp_path / "ledger.sqlite"), 2)
+    too_many = ServiceConfig(served, budget, ledger, 2, registry=registry)
     with pytest.raises(PrivtuneError, match="need more than the Ray cluster's 1 CPUs"):
         PMixedService(too_many)

@@ -13,10 +13,10 @@ from tests.deploy.conftest import make_certs
 from tests.server.inference.running import running_service
 
 
-def serve_args(*argv: str) -> argparse.Namespace:
+def serve_args(*argv: str) -> cli.ServeConfig:
     parser = argparse.ArgumentParser()
     cli.configure(parser)
-    return parser.parse_args(["--model", "tiny-llama", "--adapters", "a", *argv])
+    return cli.ServeConfig.from_args(parser.parse_args(["--model", "tiny-llama", "--adapters", "a", *argv]))
 
 
 def test_plaintext_is_refused_off_loopback_unless_asked_for(tmp_path):
@@ -36,8 +36,8 @@ def test_tls_service_answers_clients_that_trust_its_ca_only(tmp_path):
     for folder in (certs, other):
         made = make_certs(folder, 0)
         assert made.returncode == 0, made.stderr
-    tls = ("--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"))
-    with running_service(tmp_path / "service", queries=4, num_replicas=1, extra=tls) as service:
+    tls = {"tls_cert": str(certs / "server.pem"), "tls_key": str(certs / "server.key")}
+    with running_service(tmp_path / "service", queries=4, num_replicas=1, **tls) as service:
         with InferenceClient(service.address, timeout=20, tls_ca=(certs / "ca.crt").read_bytes()) as client:
             assert client.health()["status"] == "SERVING"
             assert client.next_token([5, 6, 7]).queries_remaining == 3
