@@ -1,8 +1,9 @@
 """Offsite-tuning: the model owner ships an emulator + adapter, data owners train the adapter, the owner plugs it in.
 
 Modules: ``config`` (the split), ``split`` (block indices, emulator model), ``package`` (what travels,
-hash-verified), ``adapter`` (trainable part, canonical names), ``plugin`` (back into the full model),
-``train`` / ``distill`` / ``evaluate`` (loops and the perplexity table).
+hash-verified), ``adapter`` (trainable part: canonical names, manifest, injection, the peft folder
+on disk), ``plugin`` (back into the full model), ``train`` / ``distill`` / ``evaluate`` (loops and
+the perplexity table).
 """
 
 from privtune.common.offsite.adapter import (

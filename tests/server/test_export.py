@@ -99,3 +99,18 @@ def test_export_writes_a_merged_model_or_a_peft_folder(finished_run, tmp_path, c
     assert "not empty" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
     assert "no adapters/ folder" in capsys.readouterr().err
+
+
+def test_a_ult_runs_model_folder_keeps_the_public_table_as_its_tokenizer(tmp_path, capsys):
+    from privtune.common.models import ULT_TABLE_FILE, TinySpec, tiny_model
+    from privtune.common.ult.tokenizer import UltTokenizer
+    from tests.common.ult.conftest import english_table
+
+    table = english_table()
+    model = tiny_model("llama", vocab_size=table.config.vocab_size, spec=TinySpec(n_layers=2, hidden=32))
+    folder = RunFolder(tmp_path / "run").save_model(model, UltTokenizer(table))
+    assert (folder / ULT_TABLE_FILE).exists()
+    loaded = load_model(str(folder))
+    assert isinstance(loaded.tokenizer, UltTokenizer) and loaded.tokenizer.table.config == table.config
+    assert main(["models", str(folder)]) == 0
+    assert f"vocabulary  {table.config.vocab_size}" in capsys.readouterr().out
