@@ -50,6 +50,7 @@ from privtune.common.offsite import (
     train_adapter,
 )
 from privtune.common.offsite.evaluate import perplexity
+from privtune.common.offsite.synthetic import perturbed_adapter
 from privtune.common.packing import holdout_split, pack
 from privtune.common.pmixed import PMixedBudget, mixture_distribution, poisson_subsample, sample_token
 from privtune.common.pmixed.ensemble import PUBLIC, Ensemble, MemberAdapter, unique_bytes
@@ -63,12 +64,7 @@ EPSILON, DELTA, ALPHA = 8.0, 1e-5, 3
 
 # ----------------------------------------------------------------------------------------- speed
 def random_member(base: torch.nn.Module, seed: int) -> MemberAdapter:
-    model = prepare_adapter(copy.deepcopy(base), SPLIT, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+    model = perturbed_adapter(base, SPLIT, seed, scale=0.02)
     return MemberAdapter(f"random-{seed}", adapter_state(model), adapter_manifest(model))
 
 

@@ -83,6 +83,22 @@ def test_noise_multiplier_is_solved_for_the_target():
     assert by_epochs == pytest.approx(sigma)
 
 
+def test_noise_multiplier_over_a_schedule_reaches_the_target_over_all_of_it():
+    """A federated track over the whole data and two member shards at their own sample rates."""
+    schedule = ((0.05, 300), (0.1, 100), (0.1, 100))
+    sigma = noise_multiplier_for(DpSgdConfig(target_epsilon=3.0, schedule=schedule), 0.05)
+    reached = epsilon_for([(sigma, q, n) for q, n in schedule], 1e-5)
+    assert 0.99 * 3.0 <= reached <= 3.0
+    one_part = noise_multiplier_for(DpSgdConfig(target_epsilon=3.0, schedule=((0.05, 400),)), 0.05)
+    assert one_part == pytest.approx(
+        noise_multiplier_for(DpSgdConfig(target_epsilon=3.0, total_steps=400), 0.05), rel=0.01
+    )
+    with pytest.raises(PrivtuneError, match="exactly one of total_steps, total_epochs and schedule"):
+        DpSgdConfig(target_epsilon=3.0, total_steps=10, schedule=schedule)
+    with pytest.raises(PrivtuneError, match="sample rates in"):
+        DpSgdConfig(target_epsilon=3.0, schedule=((1.5, 10),))
+
+
 def test_config_is_validated():
     with pytest.raises(PrivtuneError):
         DpSgdConfig()
@@ -297,3 +313,35 @@ def test_ledger_budget_refuses_a_round_with_a_given_noise_multiplier(tmp_path):
         plan_round(config, 0.05, 5000, ledger)
     assert ledger.records() == []
     assert math.isclose(plan.epsilon_before, 0.0)
+
+
+def test_fedprox_proximal_gradient_is_added_after_privatisation():
+    """Same seed, so the same Poisson batches and the same noise: the first step starts at the anchor
+    (no proximal pull), so with SGD the second step differs by exactly -lr * mu * (w1 - w0). A
+    gradient hook would be overwritten by Opacus and give no difference at all."""
+    torch.manual_seed(0)
+    base = adapter_model("llama", "lora")
+    data, lr, mu = examples(6), 0.5, 0.3
+
+    def trained(steps: int, proximal_mu: float) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        train_round(
+            model,
+            torch.optim.SGD(params, lr=lr),
+            data,
+            batch_size=len(data),
+            steps=steps,
+            config=DpSgdConfig(noise_multiplier=1.0, max_grad_norm=0.05),
+            seed=3,
+            proximal_mu=proximal_mu,
+        )
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    start = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
+    first, plain, proximal = trained(1, 0.0), trained(2, 0.0), trained(2, mu)
+    assert any(not torch.equal(first[n], start[n]) for n in start)
+    for name in start:
+        torch.testing.assert_close(
+            proximal[name] - plain[name], -lr * mu * (first[name] - start[name]), rtol=1e-4, atol=1e-7
+        )

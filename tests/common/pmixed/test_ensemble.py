@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import numpy as np
@@ -11,7 +10,8 @@ import torch
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.models import TinySpec, tiny_model
-from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
+from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in
+from privtune.common.offsite.synthetic import perturbed_adapter
 from privtune.common.offsite.adapter import embedding_tensors
 from privtune.common.pmixed import PMixedBudget, mixture_distribution, project
 from privtune.common.pmixed.ensemble import Ensemble, MemberAdapter
@@ -24,12 +24,7 @@ def tiny(family: str) -> torch.nn.Module:
 
 def member(base: torch.nn.Module, cfg: OffsiteConfig, seed: int) -> MemberAdapter:
     """An adapter moved away from the base (LoRA's B starts at 0, so an untrained one changes nothing)."""
-    model = prepare_adapter(copy.deepcopy(base), cfg, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.1)
+    model = perturbed_adapter(base, cfg, seed, scale=0.1)
     return MemberAdapter(f"owner-{seed}", adapter_state(model), adapter_manifest(model))
 
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from privtune.common.federation.provenance import DependsOn, record_depends_on
 from privtune.common.models import load_model
-from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter, save_adapter
+from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, save_adapter
+from privtune.common.offsite.synthetic import perturbed_adapter
 from privtune.common.pmixed import PMixedBudget
 
 MODEL = "tiny-llama"
@@ -26,12 +24,7 @@ def make_adapters(folder: Path, n: int = 4, model: str = MODEL) -> list[str]:
     cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2, adapter="lora", lora_r=4, lora_alpha=8)
     folders = []
     for seed in range(n):
-        adapted = prepare_adapter(copy.deepcopy(base), cfg, seed=seed)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for param in adapted.parameters():
-                if param.requires_grad:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        adapted = perturbed_adapter(base, cfg, seed, scale=0.05)
         saved = save_adapter(folder / f"owner-{seed}", adapter_state(adapted), adapter_manifest(adapted))
         record_depends_on(saved, DependsOn((f"owner-{seed}",)))
         folders.append(str(saved))
