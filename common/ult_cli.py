@@ -1,4 +1,8 @@
-"""``privtune ult``: build tables, make keys, encode and decode text files."""
+"""``privtune ult``: build tables, make keys, encode and decode text files.
+
+It sits above both :mod:`privtune.common.ult` and :mod:`privtune.common.models` (``keyed-public``
+loads a model), so neither of those imports the other's command line.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,14 @@ from typing import BinaryIO
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.ult.config import SEP_ID, UltConfig
-from privtune.common.ult.keys import UltKey, bind_key, key_from_passphrase, load_key_file, new_key_file
+from privtune.common.ult.keys import (
+    UltKey,
+    bind_key,
+    key_from_passphrase,
+    load_key_file,
+    new_key_file,
+    permuted_rows,
+)
 from privtune.common.ult.table import build_table, load_table, save_table
 from privtune.common.ult.tokenizer import UltTokenizer
 
@@ -66,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         _key_options(cmd, "the key the data is (to be) encoded with")
         if action == "decode":
             cmd.add_argument(
-                "--tolerant", action="store_true", help="decode model output: undecodable pieces become U+FFFD"
+                "--tolerant", action="store_true", help="decode model output: ids outside the table become U+FFFD"
             )
 
     public = sub.add_parser(
@@ -178,16 +189,10 @@ def _encode(args: argparse.Namespace) -> int:
 def _decode(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args)
     strict = not args.tolerant
-    patch_size = tokenizer.table.config.patch_size
     with _open(args.input, "rb") as src, _output(args.output) as out:
 
-        def emit(ids: list[int], final: bool) -> None:
-            text = tokenizer.decode(ids, strict=strict)
-            if strict and not final and len(text) % patch_size:
-                raise PrivtuneError(
-                    f"{args.input}: a patch before the last one is shorter than {patch_size} characters"
-                )
-            out.write(_utf8(text, args))
+        def emit(ids: list[int]) -> None:
+            out.write(_utf8(tokenizer.decode(ids, strict=strict), args))
 
         pending: list[int] = []
         for line in src:
@@ -199,9 +204,9 @@ def _decode(args: argparse.Namespace) -> int:
                 ) from None
             if len(pending) >= _DECODE_BATCH_IDS and SEP_ID in pending:
                 cut = len(pending) - 1 - pending[::-1].index(SEP_ID)
-                emit(pending[:cut], final=False)
+                emit(pending[:cut])
                 pending = pending[cut + 1 :]
-        emit(pending, final=True)
+        emit(pending)
     return 0
 
 
@@ -227,7 +232,6 @@ def _keyed_public(args: argparse.Namespace) -> int:
     import torch
 
     from privtune.common.models import load_model
-    from privtune.common.ult.keys import permuted_rows
     from privtune.common.ult.relabel import save_keyed_public
 
     rows = torch.from_numpy(permuted_rows(load_table(args.table), _key(args)))
@@ -249,7 +253,9 @@ def _open(path: Path, mode: str, **kwargs):
 
 @contextlib.contextmanager
 def _output(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only once it is complete (no half output on errors)."""
+    """A binary file that appears at ``path`` only once it is complete (nothing left behind on errors)."""
+    if path.is_dir():
+        raise PrivtuneError(f"{path} is a folder; give the file to write, e.g. {path / 'out.txt'}")
     tmp = path.with_name(f".{path.name}.partial")
     with _open(tmp, "wb") as handle:
         try:
@@ -258,4 +264,8 @@ def _output(path: Path) -> Iterator[BinaryIO]:
             handle.close()
             tmp.unlink(missing_ok=True)
             raise
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PrivtuneError(f"cannot write {path}: {err.strerror or err}") from err

@@ -9,15 +9,15 @@ Typical use::
     ids = tok.encode(text); assert tok.decode(ids, strict=True) == text
     keyed_embedding = public_embedding[permuted_rows(table, key)]       # warm start
 
-Modules: :mod:`.bwt` (batched BWT), :mod:`.text`, :mod:`.numeric`, :mod:`.image` (codecs),
-:mod:`.table` (ranking, files), :mod:`.keys` (key, permutation), :mod:`.mapping` (ids, escapes),
-:mod:`.tokenizer`, :mod:`.fingerprints`, :mod:`.cli`, :mod:`.pretrain`, :mod:`.relabel` (model rows
-into the key's order).
+Modules, each importing only those before it: :mod:`.config` (id layout) and :mod:`.markers`
+(stream markers), :mod:`.bwt` (batched bijective BWT), :mod:`.text` (codec), :mod:`.table`
+(ranking, files), :mod:`.keys` (key, permutation), :mod:`.mapping` (ids, escapes),
+:mod:`.tokenizer`, :mod:`.fingerprints`, :mod:`.pretrain`, :mod:`.relabel` (model rows into the
+key's order). The command line, ``privtune ult``, is :mod:`privtune.common.ult_cli`.
 """
 
 from privtune.common.ult.config import UltConfig
 from privtune.common.ult.fingerprints import table_fingerprints
-from privtune.common.ult.image import DctImageCodec
 from privtune.common.ult.keys import (
     UltKey,
     band_permutation,
@@ -29,15 +29,12 @@ from privtune.common.ult.keys import (
     verify_key,
 )
 from privtune.common.ult.mapping import SymbolMapper
-from privtune.common.ult.numeric import MuLawCodec
 from privtune.common.ult.table import LookupTable, build_symbol_table, build_table, load_table, save_table
 from privtune.common.ult.text import TextCodec
 from privtune.common.ult.tokenizer import UltTokenizer
 
 __all__ = [
-    "DctImageCodec",
     "LookupTable",
-    "MuLawCodec",
     "SymbolMapper",
     "TextCodec",
     "UltConfig",

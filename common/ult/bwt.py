@@ -1,90 +1,213 @@
-"""Burrows–Wheeler transform of many short patches at once, with a virtual end marker.
+"""Bijective Burrows–Wheeler transform (BWTS, Gil & Scott) of many short patches at once.
 
-The original code appended a sentinel *character* and relied on it sorting lowest, which broke for
-every character below it (newline, tab, NUL) and made the sentinel itself unencodable. Here the end
-marker is :data:`END`, the integer -1: it is not a code point, so it cannot collide with any
-character, and it sorts below all of them by construction. Patches are 8–16 characters, so
-per-patch Python work dominates a naive implementation; both directions below run as a handful of
-numpy operations over a whole ``(k, n)`` batch of equal-length patches instead.
+The BWTS needs no end marker: a patch is cut into its Lyndon factorisation ``w1 >= w2 >= ...``,
+the rotations of all factors are sorted by their infinite repetitions (omega order), and the
+last characters of the sorted rotations form the transform. Every string of length n is the
+transform of exactly one string of length n, so :func:`inverse_bwts_batch` accepts *any* column,
+which is what lets a model's output always decode.
+
+Patches are 8–16 characters, so per-patch Python work would dominate; both directions run as a
+handful of numpy operations over a whole ``(k, n)`` batch of equal-length patches:
+
+* forward, common case: each patch packed into one int64, its factorisation found from packed
+  suffix keys, patches grouped by factorisation (at most ``2**(n-1)`` groups), so every shift
+  inside a group is a constant; each rotation's first n characters plus its last character make
+  one int64 key, and a row sort is the transform. Rows whose keys tie where the repetitions may
+  still differ, and batches too wide to pack, take the exact prefix-doubling path.
+* inverse: the stable-sort permutation of the column, walked cycle by cycle (each cycle is one
+  Lyndon factor), all rows in lock step.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-END = -1
-"""Virtual end-of-patch marker in a BWT column (sorts below every code point, is none)."""
-
 _KEY_BITS = 63
+_MAX_MASK_WIDTH = 62
+"""Columns up to this length walk with a visited bitmask in one int64; longer ones row by row."""
 
 
-def bwt_batch(patches: np.ndarray) -> np.ndarray:
-    """Last column of the sorted rotations of ``patch + END`` for each row of ``patches``.
-
-    ``patches`` is a ``(k, n)`` integer array of code points (>= 0). Returns ``(k, n + 1)`` int64
-    with exactly one :data:`END` per row. Each rotation's leading characters (as dense ranks,
-    END = 0) are packed into one int64 key. When a whole rotation fits (patch 8 over an alphabet
-    below 128 does), a plain row sort of the keys is the BWT: a rotation's last character sits
-    in its key's lowest bits. Otherwise keys are argsorted and rows whose prefixes tie are
-    refined by prefix doubling, O(n log n) per patch either way.
-    """
-    patches = np.asarray(patches)
+def bwts_batch(patches: np.ndarray) -> np.ndarray:
+    """BWTS of each row of ``patches``, a ``(k, n)`` array of non-negative integers (code points)."""
+    patches = np.asarray(patches, dtype=np.int64)
     if patches.ndim != 2:
         raise ValueError(f"expected a (k, n) array of code points, got shape {patches.shape}")
     k, n = patches.shape
-    m = n + 1
-    if k == 0:
-        return np.empty((0, m), dtype=np.int64)
-    alphabet, dense = _dense_ranks(patches)
+    if k == 0 or n == 0:
+        return patches.copy()
+    alphabet, ranks = _dense_ranks(patches)
     bits = int(alphabet.size).bit_length()
-    # Rotation-major layout (m, k): every step below is a contiguous whole-batch operation.
-    ranks = np.zeros((m, k), dtype=np.int64)
-    ranks[:n] = dense.T
-    width = min(m, _KEY_BITS // bits)
-    key = _rotation_keys(ranks, width, bits)
-    if width == m:
-        last = np.ascontiguousarray((np.sort(key, axis=0) & ((1 << bits) - 1)).T)
+    if (n + 1) * bits <= _KEY_BITS:
+        last = _bwts_packed(ranks, bits)
     else:
-        key, ranks = np.ascontiguousarray(key.T), np.ascontiguousarray(ranks.T)
-        order = np.argsort(key, axis=1)
-        _break_ties(order, key, ranks, width)
-        # The last character of the rotation starting at i is the one at i - 1 (cyclically).
-        last = np.take_along_axis(np.roll(ranks, 1, axis=1), order, axis=1)
-    return np.concatenate(([END], alphabet))[last]
+        last = _bwts_doubling(ranks)
+    return alphabet[last - 1]
 
 
-def inverse_bwt_batch(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Invert :func:`bwt_batch` by LF-mapping: ``(k, m)`` columns -> ``(k, m - 1)`` patches, valid.
-
-    A row is valid when it holds exactly one :data:`END` and its LF permutation is a single cycle
-    (otherwise it is no BWT of anything; model output can be like that). Invalid rows come back
-    with ``valid[i] == False`` and meaningless content, never an exception.
-    """
-    last = np.asarray(last, dtype=np.int64)
-    k, m = last.shape
-    if k == 0:
-        return np.empty((0, max(m - 1, 0)), dtype=np.int64), np.zeros(0, dtype=bool)
-    # Stable sort of each row = plain sort of keys (char, position), END (-1) first; the position
-    # rides in the low bits, so the sorted keys themselves are the first-to-last mapping.
-    bits = (m - 1).bit_length()
-    flat_next = np.sort(((last + 1) << bits) | np.arange(m), axis=1)
-    flat_next &= (1 << bits) - 1
-    flat_next += (np.arange(k) * m)[:, None]
-    flat_next = flat_next.ravel()
-    flat_last = last.ravel()
-    is_end = last == END
-    position = flat_next[np.arange(k) * m + np.argmax(is_end, axis=1)]
-    out = np.empty((m, k), dtype=np.int64)  # step-major: each step writes one contiguous row
+def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
+    """The unique ``(k, m)`` patches whose BWTS are the rows of ``columns`` (any integers)."""
+    columns = np.asarray(columns, dtype=np.int64)
+    k, m = columns.shape
+    if k == 0 or m == 0:
+        return columns.copy()
+    if m > _MAX_MASK_WIDTH:
+        return np.array([_inverse_bwts_row(row) for row in columns.tolist()], dtype=np.int64).reshape(k, m)
+    # Stable sort as a plain sort of (value, position) keys: the low bits of the sorted keys are
+    # the standard permutation, the high bits the sorted column (what each step emits).
+    pos_bits = (m - 1).bit_length()
+    low, high = int(columns.min()), int(columns.max())
+    alphabet = None
+    if low < 0 or high.bit_length() + pos_bits > _KEY_BITS:
+        alphabet, columns = _dense_ranks(columns - low)
+    flat = np.sort((columns << pos_bits) | np.arange(m), axis=1).ravel()
+    pos_mask = (1 << pos_bits) - 1
+    row_start = np.arange(k, dtype=np.int64) * m
+    visited = np.zeros(k, dtype=np.int64)
+    current = np.zeros(k, dtype=np.int64)
+    cycle_start = np.zeros(k, dtype=np.int64)
+    emitted = np.empty((m, k), dtype=np.int64)
+    started = np.empty((m, k), dtype=np.int64)
     for step in range(m):
-        out[step] = flat_last[position]
-        position = flat_next[position]
-    # A single cycle meets END only at its last step.
-    valid = (is_end.sum(axis=1) == 1) & (out[m - 1] == END) & ~(out[: m - 1] == END).any(axis=0)
-    return out[: m - 1].T, valid
+        visited |= np.left_shift(1, current)
+        entry = flat[row_start + current]
+        emitted[step] = entry >> pos_bits
+        started[step] = cycle_start
+        following = entry & pos_mask
+        closed = ((visited >> following) & 1).astype(bool)
+        if closed.any():
+            free = ~visited
+            lowest = np.log2((free & -free).astype(np.float64)).astype(np.int64)
+            current = np.where(closed, lowest, following)
+            cycle_start[closed] = step + 1
+        else:
+            current = following
+    # Cycles come out in increasing order of their first position; the text holds them reversed.
+    ended = np.empty((m, k), dtype=np.int64)
+    end = np.full(k, m, dtype=np.int64)
+    for step in range(m - 1, -1, -1):
+        ended[step] = end
+        np.copyto(end, step, where=started[step] == step)
+    target = (m - started - ended + np.arange(m)[:, None]) + row_start
+    out = np.empty(k * m, dtype=np.int64)
+    out[target.ravel()] = emitted.ravel()
+    out = out.reshape(k, m)
+    return out if alphabet is None else alphabet[out - 1] + low
+
+
+def _bwts_packed(ranks: np.ndarray, bits: int) -> np.ndarray:
+    """Forward BWTS of dense ranks (>= 1) whose ``n + 1`` ranks fit one int64 key."""
+    k, n = ranks.shape
+    char_mask = (1 << bits) - 1
+    packed = np.zeros(k, dtype=np.int64)
+    for j in range(n):
+        packed <<= bits
+        packed |= ranks[:, j]
+    # A factor starts where the suffix is smaller than every earlier one (zero fill = shorter first).
+    field = (1 << (bits * n)) - 1
+    smallest = packed.copy()
+    shape = np.ones(k, dtype=np.int64)
+    for j in range(1, n):
+        suffix = (packed << (bits * j)) & field
+        shape |= (suffix < smallest).astype(np.int64) << j
+        np.minimum(smallest, suffix, out=smallest)
+    order = np.argsort(shape.astype(np.uint32 if n > 16 else np.uint16), kind="stable")
+    shapes = shape[order]
+    cuts = (np.flatnonzero(shapes[1:] != shapes[:-1]) + 1).tolist()
+    last = np.empty((k, n), dtype=np.int64)
+    for lo, hi in zip([0, *cuts], [*cuts, k]):
+        rows = order[lo:hi]
+        starts = [j for j in range(n) if int(shapes[lo]) >> j & 1]
+        keys = _rotation_keys(packed[rows], starts, n, bits)
+        keys.sort(axis=1)
+        longest = max(e - b for b, e in zip(starts, [*starts[1:], n]))
+        # Repetitions of periods p, q that agree on p + q - 1 characters are equal (Fine–Wilf).
+        if 2 * longest - 1 > n:
+            prefix = keys >> bits
+            tied = (prefix[:, 1:] == prefix[:, :-1]).any(axis=1)
+            if tied.any():
+                keys[tied] = _bwts_doubling(ranks[rows[tied]])
+                keys[~tied] &= char_mask
+                last[rows] = keys
+                continue
+        last[rows] = keys & char_mask
+    return last
+
+
+def _rotation_keys(packed: np.ndarray, starts: list[int], n: int, bits: int) -> np.ndarray:
+    """Per position: the first n characters of its rotation's repetition, then its last character."""
+    keys = np.empty((packed.size, n), dtype=np.int64)
+    for b, e in zip(starts, [*starts[1:], n]):
+        length = e - b
+        top = ((1 << (bits * length)) - 1) << (bits * (n - length))
+        factor = (packed << (bits * b)) & top
+        for d in range(length):
+            rotation = factor if d == 0 else ((factor << (bits * d)) | (factor >> (bits * (length - d)))) & top
+            repeated, span = rotation, length
+            while span < n:
+                repeated = repeated | (repeated >> (bits * span))
+                span *= 2
+            column = keys[:, b + d]
+            np.left_shift(repeated, bits, out=column)
+            column |= (rotation >> (bits * (n - length))) & ((1 << bits) - 1)
+    return keys
+
+
+def _bwts_doubling(ranks: np.ndarray) -> np.ndarray:
+    """Forward BWTS of dense ranks (>= 1) by prefix doubling: exact for any width and alphabet."""
+    k, n = ranks.shape
+    index = np.arange(n)
+    # Suffix ranks (a zero sentinel column ends every suffix), then the Lyndon factor starts.
+    with_end = np.concatenate([ranks, np.zeros((k, 1), dtype=np.int64)], axis=1)
+    successor = np.broadcast_to(np.minimum(np.arange(1, n + 2), n), (k, n + 1))
+    suffix = _rank_by_doubling(with_end, successor, (n + 1).bit_length())[:, :n]
+    earlier = np.minimum.accumulate(suffix, axis=1)
+    start = np.ones((k, n), dtype=bool)
+    start[:, 1:] = suffix[:, 1:] < earlier[:, :-1]
+    begin = np.maximum.accumulate(np.where(start, index, 0), axis=1)
+    next_start = np.full((k, n), n)
+    next_start[:, :-1] = np.where(start[:, 1:], index[1:], n)
+    end = np.minimum.accumulate(next_start[:, ::-1], axis=1)[:, ::-1]
+    # Within its factor each rotation continues cyclically; 2n - 1 characters decide the order.
+    successor = np.where(index + 1 < end, index + 1, begin)
+    previous = np.where(index > begin, index - 1, end - 1)
+    omega = _rank_by_doubling(ranks, successor, (2 * n - 1).bit_length())
+    last = np.take_along_axis(ranks, previous, axis=1)
+    return np.take_along_axis(last, np.argsort(omega, axis=1, kind="stable"), axis=1)
+
+
+def _rank_by_doubling(ranks: np.ndarray, successor: np.ndarray, rounds: int) -> np.ndarray:
+    """Dense ranks, per row, of the sequences ``ranks[i], ranks[succ(i)], ...`` of ``2**rounds`` entries."""
+    successor = np.ascontiguousarray(successor)
+    for _ in range(rounds):
+        pair = ranks * (int(ranks.max()) + 1) + np.take_along_axis(ranks, successor, axis=1)
+        order = np.argsort(pair, axis=1)
+        in_order = np.take_along_axis(pair, order, axis=1)
+        dense = np.zeros(pair.shape, dtype=np.int64)
+        np.cumsum(in_order[:, 1:] != in_order[:, :-1], axis=1, out=dense[:, 1:])
+        ranks = np.empty_like(dense)
+        np.put_along_axis(ranks, order, dense, axis=1)
+        successor = np.take_along_axis(successor, successor, axis=1)
+    return ranks
+
+
+def _inverse_bwts_row(column: list[int]) -> list[int]:
+    """One row of :func:`inverse_bwts_batch` in plain Python, for columns too long for a bitmask."""
+    following = sorted(range(len(column)), key=column.__getitem__)
+    seen = [False] * len(column)
+    words: list[list[int]] = []
+    for first in range(len(column)):
+        word, at = [], first
+        while not seen[at]:
+            seen[at] = True
+            at = following[at]
+            word.append(column[at])
+        if word:
+            words.append(word)
+    return [value for word in reversed(words) for value in word]
 
 
 def _dense_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct values and each value's 1-based rank among them (0 is left for END)."""
+    """Sorted distinct values and each value's 1-based rank among them."""
     top = int(values.max()) + 1
     if top <= 4 * values.size + 65536:
         present = np.zeros(top, dtype=bool)
@@ -93,48 +216,3 @@ def _dense_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.flatnonzero(present), rank_of[values]
     alphabet, inverse = np.unique(values, return_inverse=True)
     return alphabet, inverse.reshape(values.shape) + 1
-
-
-def _rotation_keys(ranks: np.ndarray, width: int, bits: int) -> np.ndarray:
-    """``key[i, r]``: ranks ``ranks[i : i + width, r]`` (cyclically) packed big-endian."""
-    m, k = ranks.shape
-    key = np.empty((m, k), dtype=np.int64)
-    first = key[0]
-    first[:] = 0
-    for j in range(width):
-        first <<= bits
-        first |= ranks[j]
-    mask = (1 << (bits * width)) - 1
-    for i in range(1, m):
-        np.left_shift(key[i - 1], bits, out=key[i])
-        key[i] &= mask
-        key[i] |= ranks[(i + width - 1) % m]
-    return key
-
-
-def _break_ties(order: np.ndarray, key: np.ndarray, ranks: np.ndarray, width: int) -> None:
-    """Finish sorting (in place) the rows of ``order`` where rotations share a ``width`` prefix.
-
-    Few rows have such ties (only near-periodic patches), so prefix doubling runs on those only:
-    each round ranks rotations by their first ``span`` characters, then sorts pairs of ranks
-    ``(rank[i], rank[i + span])``, doubling ``span`` until all ranks differ. END is unique, so
-    rotations always end up distinct.
-    """
-    sorted_key = np.take_along_axis(key, order, axis=1)
-    rows = np.flatnonzero((sorted_key[:, 1:] == sorted_key[:, :-1]).any(axis=1))
-    if rows.size == 0:
-        return
-    m = ranks.shape[1]
-    sub_order, sub_sorted, span = order[rows], sorted_key[rows], width
-    while True:
-        rank_sorted = np.zeros(sub_sorted.shape, dtype=np.int64)
-        np.cumsum(sub_sorted[:, 1:] != sub_sorted[:, :-1], axis=1, out=rank_sorted[:, 1:])
-        if bool((rank_sorted[:, -1] == m - 1).all()):
-            break
-        rank = np.empty_like(rank_sorted)
-        np.put_along_axis(rank, sub_order, rank_sorted, axis=1)
-        pair = rank * m + np.roll(rank, -span, axis=1)
-        sub_order = np.argsort(pair, axis=1)
-        sub_sorted = np.take_along_axis(pair, sub_order, axis=1)
-        span *= 2
-    order[rows] = sub_order

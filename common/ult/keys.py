@@ -1,9 +1,9 @@
 """Secret keys and the keyed permutation of ranks inside frequency bands.
 
-The original's only secret was the frequency ranking, which public statistics of the language
-predict. A key adds a pseudo-random permutation of ranks *within* bands ``[0, w), [w, 2w), ...``:
-an id still says roughly how common its symbol is (what lets a model trained under one table be
-fine-tuned under another), but not which symbol it is. Everything is derived from one 32-byte
+A frequency ranking alone is no secret: public statistics of the language predict it. A key adds
+a pseudo-random permutation of ranks *within* bands ``[0, w), [w, 2w), ...``: an id still says
+roughly how common its symbol is (what lets a model trained under one table be fine-tuned under
+another), but not which symbol it is. Everything is derived from one 32-byte
 secret with domain-separated HMAC-SHA256 / SHAKE-256, so the permutation and the stored check
 value reveal nothing about each other.
 """

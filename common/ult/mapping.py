@@ -1,14 +1,17 @@
 """Symbol streams <-> token ids: the table lookup, the keyed permutation and the escape path.
 
-A *stream* is an int64 array: entries >= 0 are symbol codes, negative entries are structure
-markers (:data:`SEP_MARK` between patches, :data:`BREAK_MARK` between sequences of a batch,
-:data:`INVALID_MARK` where model output held something undecodable). Codecs produce and consume
-streams; only this module knows ids.
+Streams (:mod:`.markers`) hold symbol codes and structure markers; only this module knows ids.
 
 A symbol outside the table (never seen, or ranked past the capacity) is never mapped to a
-neighbour as the original did: it becomes the escape id followed by its code in base 16, most
-significant digit first, the last digit drawn from a separate "final digit" alphabet so the
-spelling ends unambiguously.
+neighbour: it becomes the escape id followed by its code in base 16, most significant digit
+first, the last digit drawn from a separate "final digit" alphabet so the spelling ends
+unambiguously.
+
+Reading ids is total, so a model's output always decodes: pad/bos/eos and escape ids carry no
+content; digits group into spellings (a group ends after a final digit, before any other id, or
+after 15 digits), each spelling one code, which the codec reduces to a symbol it can decode. Only
+an id outside the table (negative, past the vocabulary, or a rank no symbol holds) has no
+meaning: it becomes :data:`INVALID_MARK`.
 """
 
 from __future__ import annotations
@@ -29,36 +32,36 @@ from privtune.common.ult.config import (
     SEP_ID,
 )
 from privtune.common.ult.keys import UltKey, band_permutation, verify_key
+from privtune.common.ult.markers import BREAK_MARK, INVALID_MARK, SEP_MARK
 from privtune.common.ult.table import LookupTable
 
-SEP_MARK = -2
-INVALID_MARK = -3
-BREAK_MARK = -4
-_DROP = -5  # framing ids (pad/bos/eos): not part of the content
-_DIGIT = -6  # escape digit ids, meaningful only right after an escape id
-_ESCAPE = -7
+_DROP = -5  # pad/bos/eos and escape ids: no content of their own
+_DIGIT = -6
 _MAX_DIGITS = 15  # 60 bits: any code a codec makes, and no int64 overflow from model output
 
 
-CodeCheck = Callable[[np.ndarray], np.ndarray]
+Canonical = Callable[[np.ndarray], np.ndarray]
 
 
 class SymbolMapper:
     """Translate streams to ids and back under ``table`` and (optionally) ``key``.
 
-    ``valid_codes`` is the codec's test of which codes it can decode: the table is checked with
-    it once here, and codes spelled by escapes (the only other source) when parsed, so codecs can
-    trust every code in a stream from :meth:`to_stream`.
+    ``canonical`` is the codec's map from any code >= 0 to one it can decode (the identity on the
+    codes it produces): the table is checked against it once here, and codes spelled by digits
+    (the only other source) go through it, so codecs can trust every code from :meth:`to_stream`.
     """
 
-    def __init__(self, table: LookupTable, key: UltKey | None, valid_codes: CodeCheck) -> None:
+    def __init__(self, table: LookupTable, key: UltKey | None, canonical: Canonical) -> None:
         verify_key(table, key)
         config = table.config
         self.vocab_size = config.vocab_size
-        self._valid_codes = valid_codes
+        self._canonical = canonical
         symbols = table.symbol_array()
-        if symbols.size and not valid_codes(symbols).all():
-            raise PrivtuneError(f"this {table.modality} ULT table holds symbols its codec cannot decode; rebuild it")
+        if symbols.size and not np.array_equal(canonical(symbols), symbols):
+            raise PrivtuneError(
+                f"this {table.modality} ULT table holds symbols its codec does not produce; "
+                "rebuild it with 'privtune ult build-table'"
+            )
         ids = config.base + band_permutation(key, config)[: symbols.size]
         self._index = _CodeIndex(symbols, ids)
         # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary,
@@ -66,8 +69,7 @@ class SymbolMapper:
         by_id = np.full(config.vocab_size + 3, INVALID_MARK, dtype=np.int64)
         by_id[ids + 1] = symbols
         by_id[SEP_ID + 1] = SEP_MARK
-        by_id[[PAD_ID + 1, BOS_ID + 1, EOS_ID + 1]] = _DROP
-        by_id[ESCAPE_ID + 1] = _ESCAPE
+        by_id[[PAD_ID + 1, BOS_ID + 1, EOS_ID + 1, ESCAPE_ID + 1]] = _DROP
         by_id[CONTINUE_DIGIT_ID + 1 : FINAL_DIGIT_ID + DIGIT_BASE + 1] = _DIGIT
         by_id[config.vocab_size + 2] = BREAK_MARK
         self._by_id = by_id
@@ -108,9 +110,8 @@ class SymbolMapper:
     def to_stream(self, sequences: Sequence[Sequence[int] | np.ndarray], strict: bool = False) -> np.ndarray:
         """Stream for a batch of id sequences, :data:`BREAK_MARK` between sequences.
 
-        Pad/bos/eos are dropped. Anything undecodable (an id outside the vocabulary or the table,
-        a stray digit, an escape not ending in a final digit) becomes :data:`INVALID_MARK`, or
-        raises PrivtuneError when ``strict``.
+        Ids outside the table become :data:`INVALID_MARK`, or raise PrivtuneError when ``strict``;
+        every other id sequence has a stream (see the module docstring).
         """
         arrays = [np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
@@ -125,14 +126,11 @@ class SymbolMapper:
         index += 1
         index[seq_starts[1:] - 1] = self.vocab_size + 2
         stream = self._by_id[index]
-        framing = stream == _DROP
-        keep = ~framing if framing.any() else None
-        if (stream <= _DIGIT).any():
-            keep = np.ones(stream.size, dtype=bool) if keep is None else keep
-            self._parse_escapes(index - 1, stream, keep)
         if strict:
-            self._refuse_invalid(stream if keep is None else np.where(keep, stream, 0), arrays, seq_starts)
-        return stream if keep is None else stream[keep]
+            self._refuse_invalid(stream, arrays, seq_starts)
+        if (stream == _DIGIT).any():
+            self._spell_digits(index - 1, stream)
+        return stream[stream != _DROP]
 
     @staticmethod
     def _refuse_invalid(stream: np.ndarray, arrays: list[np.ndarray], seq_starts: np.ndarray) -> None:
@@ -141,30 +139,28 @@ class SymbolMapper:
             seq = int(np.searchsorted(seq_starts, bad[0], side="right") - 1)
             offset = int(bad[0] - seq_starts[seq])
             raise PrivtuneError(
-                f"token {offset} of sequence {seq} (id {int(arrays[seq][offset])}) is not a symbol of "
-                "this table, or starts a broken escape sequence"
+                f"token {offset} of sequence {seq} (id {int(arrays[seq][offset])}) is not in this ULT table "
+                "(outside the vocabulary, or a rank no symbol holds)"
             )
 
-    def _parse_escapes(self, ids: np.ndarray, stream: np.ndarray, keep: np.ndarray) -> None:
-        """Replace each escape id by the code its digits spell (in place); digits it used are dropped."""
-        is_digit = stream == _DIGIT
-        stream[is_digit] = INVALID_MARK  # stray digits, unless an escape claims them below
-        n = ids.size
-        ids = ids.tolist()
-        escapes = np.flatnonzero(stream == _ESCAPE)
-        for at in escapes.tolist():
-            code, j, last = 0, at + 1, min(at + _MAX_DIGITS, n - 1)
-            while j < last and CONTINUE_DIGIT_ID <= ids[j] < FINAL_DIGIT_ID:
-                code = code * DIGIT_BASE + ids[j] - CONTINUE_DIGIT_ID
-                j += 1
-            if j <= last and is_digit[j] and ids[j] >= FINAL_DIGIT_ID:
-                stream[at] = code * DIGIT_BASE + ids[j] - FINAL_DIGIT_ID
-                keep[at + 1 : j + 1] = False
-            else:
-                stream[at] = INVALID_MARK
-                keep[at + 1 : j] = False
-        spelled = stream[escapes]
-        stream[escapes[(spelled >= 0) & ~self._valid_codes(np.maximum(spelled, 0))]] = INVALID_MARK
+    def _spell_digits(self, ids: np.ndarray, stream: np.ndarray) -> None:
+        """Replace each group of digit ids by the code it spells (in place, at the group's first digit)."""
+        digit_at = np.flatnonzero(stream == _DIGIT)
+        values = ids[digit_at]
+        final = values >= FINAL_DIGIT_ID
+        digits = np.where(final, values - FINAL_DIGIT_ID, values - CONTINUE_DIGIT_ID)
+        # A run: consecutive digits, broken after a final digit; groups cut runs into 15s.
+        run_start = np.ones(digit_at.size, dtype=bool)
+        run_start[1:] = (digit_at[1:] != digit_at[:-1] + 1) | final[:-1]
+        first_of_run = np.maximum.accumulate(np.where(run_start, np.arange(digit_at.size), 0))
+        group_start = (np.arange(digit_at.size) - first_of_run) % _MAX_DIGITS == 0
+        starts = np.flatnonzero(group_start)
+        group = np.cumsum(group_start) - 1
+        group_len = np.diff(np.append(starts, digit_at.size))
+        power = 4 * (group_len[group] - 1 - (np.arange(digit_at.size) - starts[group]))
+        codes = np.add.reduceat(digits << power, starts)
+        stream[digit_at] = _DROP
+        stream[digit_at[starts]] = self._canonical(codes)
 
 
 class _CodeIndex:

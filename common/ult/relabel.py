@@ -84,7 +84,7 @@ def load_keyed_public(path: str | os.PathLike[str], model: nn.Module) -> dict[st
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not iterable)
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise PrivtuneError(
             f"cannot read keyed public embeddings {path} ({err}); make them with 'privtune ult keyed-public'"

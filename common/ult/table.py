@@ -1,10 +1,9 @@
 """The lookup table: symbols ranked by frequency, built once in one streaming pass, saved as JSON.
 
-A symbol is a non-negative integer code produced by a modality codec (text runs, mu-law levels,
-DCT coefficients); the table does not care which. Keeping symbols as integers is what lets the
-tokenizer look up a whole batch with one ``searchsorted`` and spell any unseen symbol exactly on
-the escape path. The original rebuilt its table after every instance; here counting is one pass
-over the corpus and ranking happens once at the end.
+A symbol is a non-negative integer code produced by the text codec (a BWTS run); the table does
+not care what it means. Keeping symbols as integers is what lets the tokenizer look up a whole
+batch at once and spell any unseen symbol exactly on the escape path. Counting is one pass over
+the corpus and ranking happens once at the end.
 """
 
 from __future__ import annotations
@@ -20,10 +19,12 @@ import numpy as np
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.ult.config import UltConfig
+from privtune.common.ult.text import TextCodec
 
 FORMAT = "privtune-ult-table"
-VERSION = 1
-MODALITIES = ("text", "numeric", "image")
+VERSION = 2
+"""Version 2: symbols are runs of the bijective BWT; version 1 tables (BWT with an end marker) are refused."""
+MODALITIES = ("text",)
 KEY_CHECK_BYTES = 16
 _BATCH_CHARS = 1 << 20
 
@@ -62,12 +63,13 @@ def build_table(corpus: Iterable[str | os.PathLike[str]], config: UltConfig | No
     This is the model owner's public, unkeyed table in a federation; a data owner's secret lies
     in the key applied on top (:mod:`common.ult.keys`), not in this ranking.
     """
-    from privtune.common.ult.text import TextCodec
-
     config = config or UltConfig()
     codec = TextCodec(config.patch_size)
     streams = (codec.encode_batch(batch)[0] for batch in _text_batches(corpus, config.patch_size))
-    return build_symbol_table(streams, config, "text", {})
+    table = build_symbol_table(streams, config, "text", {})
+    if not table.symbols:
+        raise PrivtuneError("the ULT corpus holds no text: give files (or strings) with some characters in them")
+    return table
 
 
 def build_symbol_table(

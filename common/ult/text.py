@@ -1,12 +1,17 @@
-"""Text codec: patches -> BWT with a virtual end marker -> runs ``(count, char)`` as symbol codes.
+"""Text codec: patches -> bijective BWT -> runs ``(count, char)`` as symbol codes.
 
-A run packs into one non-negative code ``count << 21 | (code point + 1)``: every code point
-(U+0000..U+10FFFF, lone surrogates included) plus one fits in 21 bits, and the end marker is the
-run ``(1, END)`` with a zero character field, so no character is ever reserved and nothing
-overflows past U+10FFFF. Patches of a text are separated by :data:`SEP_MARK`.
+A run packs into one non-negative code ``(count - 1) * CODE_POINTS + code point``: every code
+point (U+0000..U+10FFFF, lone surrogates included) is a character, none is reserved. Patches of a
+text are separated by :data:`SEP_MARK`; a patch's length is the sum of its run counts.
+
+Decoding is total. The BWTS is a bijection on strings of each length, so every sequence of runs
+is the transform of exactly one text; a code too large for a run (an escape can spell any
+60-bit number) is first reduced by :meth:`TextCodec.canonical`, which leaves every code of an
+encoded text unchanged; an id outside the table reads as one U+FFFD. Hence ``decode(encode(x))
+== x`` for every string and every id sequence decodes to some text.
 
 Both directions work on a whole batch at once: all patches of equal length go through
-:mod:`common.ult.bwt` together (a text's last patch may be shorter; it joins the group of its length).
+:mod:`.bwt` together (a text's last patch may be shorter; it joins the group of its length).
 """
 
 from __future__ import annotations
@@ -16,24 +21,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from privtune.common.errors import PrivtuneError
-from privtune.common.ult.bwt import END, bwt_batch, inverse_bwt_batch
-from privtune.common.ult.mapping import BREAK_MARK, INVALID_MARK, SEP_MARK
+from privtune.common.ult.bwt import bwts_batch, inverse_bwts_batch
+from privtune.common.ult.markers import BREAK_MARK, INVALID_MARK, SEP_MARK
 
-CHAR_BITS = 21
-_CHAR_MASK = (1 << CHAR_BITS) - 1
-MAX_CODE_POINT = 0x10FFFF
+CODE_POINTS = 0x110000
 REPLACEMENT = 0xFFFD
 
 
 def run_code(count: int, code_point: int) -> int:
-    """Symbol code of ``count`` repeats of ``code_point`` (:data:`END` for the end marker)."""
-    return (count << CHAR_BITS) | (code_point + 1)
+    """Symbol code of ``count`` (>= 1) repeats of ``code_point``."""
+    return (count - 1) * CODE_POINTS + code_point
 
 
 def run_of(code: int) -> tuple[int, int]:
-    """Inverse of :func:`run_code`: ``(count, code point or END)``."""
-    return code >> CHAR_BITS, (code & _CHAR_MASK) - 1
+    """Inverse of :func:`run_code`: ``(count, code point)``."""
+    return code // CODE_POINTS + 1, code % CODE_POINTS
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,12 @@ class TextCodec:
         groups = []
         for length in np.unique(patch_len).tolist():
             members = np.flatnonzero(patch_len == length)
-            last = bwt_batch(cps[starts[members, None] + np.arange(length)])
+            last = bwts_batch(cps[starts[members, None] + np.arange(length)])
             new_run = np.ones(last.shape, dtype=bool)
             np.not_equal(last[:, 1:], last[:, :-1], out=new_run[:, 1:])
             flat = np.flatnonzero(new_run)
             counts = np.diff(np.append(flat, last.size))
-            groups.append((members, (counts << CHAR_BITS) | (last.ravel()[flat] + 1)))
+            groups.append((members, (counts - 1) * CODE_POINTS + last.ravel()[flat]))
             n_runs[members] = new_run.sum(axis=1)
 
         per_patch = n_runs + has_sep
@@ -74,74 +76,36 @@ class TextCodec:
         per_text = np.bincount(text_of_patch, weights=per_patch, minlength=len(texts)).astype(np.int64)
         return stream, per_text
 
-    def valid_codes(self, codes: np.ndarray) -> np.ndarray:
-        """Which codes are runs some text encoding produces (END only ever as a run of one)."""
-        count, char = codes >> CHAR_BITS, (codes & _CHAR_MASK) - 1
-        ok = (codes >= 0) & (count >= 1) & (count <= self.patch_size) & (char <= MAX_CODE_POINT)
-        return ok & ((char != END) | (count == 1))
+    def canonical(self, codes: np.ndarray) -> np.ndarray:
+        """Every code >= 0 as a run of 1..patch_size characters; codes an encoding makes are unchanged."""
+        return (codes // CODE_POINTS) % self.patch_size * CODE_POINTS + codes % CODE_POINTS
 
-    def decode_batch(self, stream: np.ndarray, n_texts: int, strict: bool = False) -> list[str]:
+    def decode_batch(self, stream: np.ndarray, n_texts: int) -> list[str]:
         """Texts of a stream holding ``n_texts`` texts separated by :data:`BREAK_MARK`.
 
-        Entries >= 0 must pass :meth:`valid_codes` (the :class:`SymbolMapper` guarantees it).
-        Tolerant (default): an undecodable patch becomes one U+FFFD and empty patches are
-        skipped, so any model output decodes. ``strict``: any such flaw, or a patch of the wrong
-        length, raises PrivtuneError (an exact round trip is then guaranteed).
+        Codes must be canonical (the :class:`SymbolMapper` sees to it); :data:`INVALID_MARK`
+        reads as the run of one U+FFFD.
         """
         stream = np.asarray(stream, dtype=np.int64)
         is_break = stream == BREAK_MARK
-        bounds = np.flatnonzero(is_break | (stream == SEP_MARK))
         if (n_breaks := int(is_break.sum())) != n_texts - 1:
             raise ValueError(f"stream holds {n_breaks + 1} texts, expected {n_texts}")
+        stream = np.where(stream == INVALID_MARK, REPLACEMENT, stream)
+        bounds = np.flatnonzero(is_break | (stream == SEP_MARK))
         # Slot i (a patch, maybe empty) spans stream[slot_start[i] : slot_start[i + 1]], its closing
         # boundary included; markers count zero characters.
         slot_start = np.concatenate(([0], bounds + 1))
         text_of_slot = np.concatenate(([0], np.cumsum(is_break[bounds])))
-        count = stream >> CHAR_BITS
-        count[stream < 0] = 0
+        symbol = stream >= 0
+        count = np.where(symbol, stream // CODE_POINTS + 1, 0)
         slot_len = np.add.reduceat(np.append(count, 0), slot_start)
-        bad_slot = np.zeros(slot_start.size, dtype=bool)
-        bad_slot[np.searchsorted(bounds, np.flatnonzero(stream == INVALID_MARK))] = True
-        if strict:
-            self._check_layout(slot_len, bad_slot, text_of_slot, n_texts)
-
-        # All characters of all slots in order (END included); each length group gathers its rows.
-        chars = np.repeat((stream & _CHAR_MASK) - 1, count)
+        chars = np.repeat(np.where(symbol, stream % CODE_POINTS, 0), count)
         char_start = np.cumsum(slot_len) - slot_len
-        decoded = []
-        decodable = ~bad_slot & (slot_len > 0)
-        for length in np.unique(slot_len[decodable]).tolist():
-            where = np.flatnonzero(decodable & (slot_len == length))
-            patches, valid = inverse_bwt_batch(chars[char_start[where, None] + np.arange(length)])
-            if strict and not valid.all():
-                raise PrivtuneError(f"patch {int(where[~valid][0])} is not the Burrows–Wheeler transform of any text")
-            bad_slot[where[~valid]] = True
-            decoded.append((where[valid], patches[valid]))
-
-        out_len = np.where(bad_slot, 1, np.maximum(slot_len - 1, 0))
-        out_start = np.cumsum(out_len) - out_len
-        out = np.full(int(out_len.sum()), REPLACEMENT, dtype=np.uint32)
-        for where, patches in decoded:
-            out[(out_start[where, None] + np.arange(patches.shape[1])).ravel()] = patches.ravel()
+        out = np.empty(chars.size, dtype=np.uint32)
+        for length in np.unique(slot_len[slot_len > 0]).tolist():
+            where = np.flatnonzero(slot_len == length)
+            at = char_start[where, None] + np.arange(length)
+            out[at] = inverse_bwts_batch(chars[at])
         text = out.tobytes().decode("utf-32-le", "surrogatepass")
-        ends = np.cumsum(np.bincount(text_of_slot, weights=out_len, minlength=n_texts).astype(np.int64)).tolist()
+        ends = np.cumsum(np.bincount(text_of_slot, weights=slot_len, minlength=n_texts).astype(np.int64)).tolist()
         return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
-
-    def _check_layout(self, slot_len: np.ndarray, bad_slot: np.ndarray, text_of_slot: np.ndarray, n_texts: int) -> None:
-        """Strict mode: every patch full-length and well-formed except each text's (shorter) last."""
-        if bad_slot.any():
-            raise PrivtuneError(
-                f"patch {int(np.flatnonzero(bad_slot)[0])} holds a symbol that no text encoding produces"
-            )
-        chars = slot_len - 1
-        last_of_text = np.ones(slot_len.size, dtype=bool)
-        last_of_text[:-1] = text_of_slot[1:] != text_of_slot[:-1]
-        slots_per_text = np.bincount(text_of_slot, minlength=n_texts)
-        empty_text = (slots_per_text == 1)[text_of_slot] & (slot_len == 0)
-        wrong = ~empty_text & np.where(last_of_text, (chars < 1) | (chars > self.patch_size), chars != self.patch_size)
-        if wrong.any():
-            first = int(np.flatnonzero(wrong)[0])
-            raise PrivtuneError(
-                f"patch {first} decodes to {max(int(chars[first]), 0)} characters; with patch size "
-                f"{self.patch_size} every patch but a text's last has exactly that many"
-            )

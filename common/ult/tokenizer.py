@@ -18,9 +18,9 @@ from privtune.common.ult.text import TextCodec
 class UltTokenizer:
     """Encode text to ids ``< vocab_size`` and decode ids (including a model's output) to text.
 
-    ``decode`` is tolerant by default: pad/bos/eos are ignored and whatever cannot be decoded
-    becomes U+FFFD, so sampling from a model never crashes it. ``strict=True`` raises on any flaw
-    instead and is what guarantees ``decode(encode(x)) == x``.
+    Every id sequence decodes (pad/bos/eos are ignored), and ``decode(encode(x)) == x`` for every
+    string. ``decode`` is tolerant by default: an id outside the table reads as U+FFFD, so sampling
+    from a model never crashes it; ``strict=True`` raises on such an id instead.
     """
 
     def __init__(self, table: LookupTable, key: UltKey | None = None) -> None:
@@ -30,7 +30,7 @@ class UltTokenizer:
             )
         self.table = table
         self._codec = TextCodec(table.config.patch_size)
-        self._mapper = SymbolMapper(table, key, self._codec.valid_codes)
+        self._mapper = SymbolMapper(table, key, self._codec.canonical)
         self.vocab_size = table.config.vocab_size
         self.pad_token_id = PAD_ID
         self.bos_token_id = BOS_ID
@@ -94,4 +94,4 @@ class UltTokenizer:
         if not arrays:
             return []
         stream = self._mapper.to_stream(arrays, strict)
-        return self._codec.decode_batch(stream, len(arrays), strict)
+        return self._codec.decode_batch(stream, len(arrays))

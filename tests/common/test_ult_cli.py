@@ -3,7 +3,7 @@ import pytest
 from privtune.cli import main
 from privtune.common.ult import load_table
 
-from .conftest import ENGLISH
+from .ult.conftest import ENGLISH
 
 SAMPLE = ENGLISH.encode() + "\r\n\t\x00 日本語 🎉 \U0010ffff\n".encode() + b"\xff\xfe not UTF-8\n" + b"no final newline"
 
@@ -73,7 +73,7 @@ def test_build_encode_decode_round_trip_byte_for_byte(files, capsys):
 
 
 def test_long_files_stream_in_chunks(files, monkeypatch):
-    import privtune.common.ult.cli as ult_cli
+    import privtune.common.ult_cli as ult_cli
 
     monkeypatch.setattr(ult_cli, "_PATCHES_PER_LINE", 3)
     monkeypatch.setattr(ult_cli, "_DECODE_BATCH_IDS", 50)

@@ -1,31 +1,35 @@
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privtune.common.ult.bwt import END, bwt_batch, inverse_bwt_batch
+from privtune.common.ult.bwt import bwts_batch, inverse_bwts_batch
 
 
-def naive_bwt(patch: list[int]) -> list[int]:
-    """Textbook definition: sort all rotations of patch + END, take the last column."""
-    text = [*patch, END]
-    rotations = sorted(text[i:] + text[:i] for i in range(len(text)))
-    return [rotation[-1] for rotation in rotations]
+def lyndon_factors(s: list[int]) -> list[list[int]]:
+    """Duval's algorithm: s as a non-increasing sequence of Lyndon words."""
+    factors, i = [], 0
+    while i < len(s):
+        j, k = i + 1, i
+        while j < len(s) and s[k] <= s[j]:
+            k = i if s[k] < s[j] else k + 1
+            j += 1
+        while i <= k:
+            factors.append(s[i : i + j - k])
+            i += j - k
+    return factors
 
 
-def naive_inverse(column: list[int]) -> list[int] | None:
-    """The original's inverse (prepend and sort n times), checked: None if no patch has this column."""
-    table = [[] for _ in column]
-    for _ in column:
-        table = sorted([c, *row] for c, row in zip(column, table))
-    candidates = [row for row in table if row[-1] == END]
-    if len(candidates) != 1 or column.count(END) != 1:
-        return None
-    patch = candidates[0][:-1]
-    return patch if naive_bwt(patch) == column else None
+def naive_bwts(s: list[int]) -> list[int]:
+    """Textbook definition: rotations of all Lyndon factors, sorted by their infinite repetition."""
+    rotations = [w[d:] + w[:d] for w in lyndon_factors(s) for d in range(len(w))]
+    rotations.sort(key=lambda r: (r * (2 * len(s)))[: 2 * len(s)])
+    return [r[-1] for r in rotations]
 
 
-# Rows of one batch share a length; mixing tiny and huge alphabets in one batch exercises every
-# key width (whole rotation in one int64, prefix doubling) and periodic rows exercise ties.
+# Rows of one batch share a length; small and huge alphabets exercise both key widths (one packed
+# int64 per rotation, prefix doubling), periodic rows exercise ties between repeated factors.
 alphabets = st.sampled_from([2, 3, 27, 200, 0x110000])
 
 
@@ -43,36 +47,36 @@ def batches(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(batches())
-def test_bwt_matches_textbook_definition_and_inverts(patches):
-    last = bwt_batch(patches)
-    assert last.tolist() == [naive_bwt(row) for row in patches.tolist()]
-    decoded, valid = inverse_bwt_batch(last)
-    assert valid.all()
-    assert np.array_equal(decoded, patches)
+def test_bwts_matches_textbook_definition_and_inverts(patches):
+    last = bwts_batch(patches)
+    assert last.tolist() == [naive_bwts(row) for row in patches.tolist()]
+    assert np.array_equal(inverse_bwts_batch(last), patches)
 
 
-def test_characters_below_any_sentinel_and_top_code_point():
+def test_every_column_is_the_transform_of_exactly_one_patch():
+    for n in range(1, 8):
+        columns = np.array(list(itertools.product([0, 10, 9], repeat=n)), dtype=np.int64)
+        patches = inverse_bwts_batch(columns)
+        assert len({tuple(p) for p in patches.tolist()}) == len(columns)
+        assert np.array_equal(bwts_batch(patches), columns)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 0x10FFFF), min_size=1, max_size=90), st.integers(0, 3))
+def test_any_column_inverts_at_any_length(column, alphabet):
+    if alphabet:
+        column = [c % (alphabet + 1) for c in column]
+    patch = inverse_bwts_batch(np.array([column]))
+    assert naive_bwts(patch[0].tolist()) == column
+
+
+def test_long_and_short_columns_in_one_call_shape():
+    assert inverse_bwts_batch(np.zeros((0, 8), dtype=np.int64)).shape == (0, 8)
+    assert bwts_batch(np.zeros((0, 8), dtype=np.int64)).shape == (0, 8)
+    run = np.full((2, 70), 32)
+    assert np.array_equal(inverse_bwts_batch(run), run)
+
+
+def test_characters_that_sort_below_everything_and_the_top_code_point():
     patches = np.array([[10, 9, 0, 0x10FFFF, 0, 10, 10, 9]])  # \n \t NUL U+10FFFF
-    decoded, valid = inverse_bwt_batch(bwt_batch(patches))
-    assert valid.all() and np.array_equal(decoded, patches)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=9), st.integers(0, 9))
-def test_inverse_flags_exactly_the_columns_that_are_no_bwt(chars, end_at):
-    column = list(chars)
-    column.insert(min(end_at, len(column)), END)
-    decoded, valid = inverse_bwt_batch(np.array([column]))
-    expected = naive_inverse(column)
-    assert bool(valid[0]) == (expected is not None)
-    if expected is not None:
-        assert decoded[0].tolist() == expected
-
-
-def test_inverse_flags_missing_or_repeated_end():
-    _, valid = inverse_bwt_batch(np.array([[1, 2, 3], [END, END, 1]]))
-    assert not valid.any()
-
-
-def test_empty_batch():
-    assert bwt_batch(np.zeros((0, 8), dtype=np.int64)).shape == (0, 9)
+    assert np.array_equal(inverse_bwts_batch(bwts_batch(patches)), patches)

@@ -3,20 +3,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from privtune.common.errors import PrivtuneError
 from privtune.common.ult import SymbolMapper, UltConfig, build_symbol_table
-from privtune.common.ult.config import CONTINUE_DIGIT_ID, ESCAPE_ID, FINAL_DIGIT_ID, SEP_ID
-from privtune.common.ult.mapping import INVALID_MARK, SEP_MARK
+from privtune.common.ult.config import BOS_ID, CONTINUE_DIGIT_ID, ESCAPE_ID, FINAL_DIGIT_ID, SEP_ID
+from privtune.common.ult.markers import INVALID_MARK, SEP_MARK
 
 from .conftest import KEY
 
 
-def any_code(codes: np.ndarray) -> np.ndarray:
-    return codes >= 0
+def identity(codes: np.ndarray) -> np.ndarray:
+    return codes
 
 
-def mapper(symbols=(7, 8, 9), key=KEY) -> SymbolMapper:
-    table = build_symbol_table([np.array(symbols)], UltConfig(vocab_size=64, band_width=4), "numeric", {})
-    return SymbolMapper(table, key, any_code)
+def mapper(symbols=(7, 8, 9), key=KEY, canonical=identity) -> SymbolMapper:
+    table = build_symbol_table([np.array(symbols)], UltConfig(vocab_size=64, band_width=4), "text", {})
+    return SymbolMapper(table, key, canonical)
 
 
 def test_escape_spells_the_code_in_base_16_most_significant_first():
@@ -47,7 +48,22 @@ def test_codes_beyond_60_bits_are_refused():
         mapper().to_ids(np.array([2**60]))
 
 
-def test_tolerant_stream_marks_what_it_cannot_read():
+def test_digits_always_spell_a_code_and_only_ids_outside_the_table_are_invalid():
     m = mapper()
-    broken = [ESCAPE_ID, CONTINUE_DIGIT_ID, SEP_ID, FINAL_DIGIT_ID, 63, 9999]
-    assert m.to_stream([broken]).tolist() == [INVALID_MARK, SEP_MARK, INVALID_MARK, INVALID_MARK, INVALID_MARK]
+    c, f = CONTINUE_DIGIT_ID, FINAL_DIGIT_ID
+    ids = [ESCAPE_ID, c + 1, SEP_ID, f + 2, BOS_ID, c + 3, c + 4, f + 5, f + 6, ESCAPE_ID, 63, 9999, -1]
+    # "1" cut off by the separator, "2", "345", "6"; escape and bos carry nothing.
+    assert m.to_stream([ids]).tolist() == [0x1, SEP_MARK, 0x2, 0x345, 0x6, INVALID_MARK, INVALID_MARK, INVALID_MARK]
+    with pytest.raises(PrivtuneError, match="token 10 of sequence 0 .id 63. is not in this ULT table"):
+        m.to_stream([ids], strict=True)
+
+
+def test_a_group_holds_at_most_15_digits_and_goes_through_the_codec():
+    m = mapper(canonical=lambda codes: codes % 1000)
+    ids = [CONTINUE_DIGIT_ID + 15] * 16
+    assert m.to_stream([ids], strict=True).tolist() == [(16**15 - 1) % 1000, 15]
+
+
+def test_a_table_with_symbols_its_codec_does_not_make_is_refused():
+    with pytest.raises(PrivtuneError, match="rebuild it"):
+        mapper(canonical=lambda codes: codes % 8)

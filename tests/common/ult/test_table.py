@@ -7,19 +7,18 @@ import pytest
 import privtune.common.ult.table as table_module
 from privtune.common.errors import PrivtuneError
 from privtune.common.ult import LookupTable, UltConfig, bind_key, build_table, load_table, save_table
-from privtune.common.ult.bwt import END
 from privtune.common.ult.text import run_code, run_of
 
 from .conftest import ENGLISH, KEY
-from .test_bwt import naive_bwt
+from .test_bwt import naive_bwts
 
 
 def reference_counts(texts: list[str], patch_size: int) -> Counter:
-    """Symbol counts straight from the definition: patches -> textbook BWT -> runs."""
+    """Symbol counts straight from the definition: patches -> textbook BWTS -> runs."""
     counts: Counter = Counter()
     for text in texts:
         for start in range(0, len(text), patch_size):
-            column = naive_bwt([ord(c) for c in text[start : start + patch_size]])
+            column = naive_bwts([ord(c) for c in text[start : start + patch_size]])
             counts.update(run_code(len(list(run)), char) for char, run in groupby(column))
     return counts
 
@@ -33,11 +32,17 @@ def test_ranking_matches_reference_counts(patch_size):
 
 
 def test_ties_are_broken_by_code_and_capacity_truncates():
-    # "ab" alone: BWT of "ab" is "b", END, "a": three runs of one, all equally frequent.
-    config = UltConfig(vocab_size=UltConfig().base + 2, patch_size=2)
-    table = build_table(["ab"], config)
-    assert table.symbols == (run_code(1, END), run_code(1, ord("a")))
-    assert run_of(table.symbols[1]) == (1, ord("a"))
+    # "abc" alone: one Lyndon word, its BWTS is "cab": three runs of one, all equally frequent.
+    config = UltConfig(vocab_size=UltConfig().base + 2, patch_size=3)
+    table = build_table(["abc"], config)
+    assert table.symbols == (run_code(1, ord("a")), run_code(1, ord("b")))
+    assert run_of(table.symbols[1]) == (1, ord("b"))
+
+
+@pytest.mark.parametrize("corpus", [[], [""], ["", ""]])
+def test_an_empty_corpus_is_refused(corpus):
+    with pytest.raises(PrivtuneError, match="holds no text"):
+        build_table(corpus)
 
 
 def test_build_is_deterministic_and_files_stream_like_strings(tmp_path, monkeypatch):
@@ -61,7 +66,7 @@ def _valid_payload() -> dict:
     table = build_table([ENGLISH], UltConfig(vocab_size=300))
     return {
         "format": "privtune-ult-table",
-        "version": 1,
+        "version": 2,
         "modality": "text",
         "config": table.config.to_dict(),
         "base": table.config.base,
@@ -74,7 +79,7 @@ def _valid_payload() -> dict:
 @pytest.mark.parametrize(
     "change",
     [
-        lambda p: p.update(version=2),
+        lambda p: p.update(version=3),
         lambda p: p.update(format="something-else"),
         lambda p: p.update(modality="audio"),
         lambda p: p.update(symbols=[1, 1]),
@@ -107,3 +112,12 @@ def test_non_tables_name_the_path(tmp_path, content):
         load_table(path)
     with pytest.raises(PrivtuneError, match="missing.json"):
         load_table(tmp_path / "missing.json")
+
+
+def test_a_version_1_table_is_refused_with_how_to_rebuild_it(tmp_path):
+    payload = _valid_payload()
+    payload["version"] = 1
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(PrivtuneError, match="version 1.*rebuild it with 'privtune ult build-table'"):
+        load_table(path)
