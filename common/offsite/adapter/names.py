@@ -31,7 +31,6 @@ from privtune.common.offsite.split import SplitIndices
 INPUT_EMBEDDINGS = "input_embeddings.weight"
 OUTPUT_EMBEDDINGS = "output_embeddings.weight"
 BLOCK_NAME = re.compile(r"^block\.(\d+)\.(.+)$")
-LORA_SUFFIXES = (".lora_A", ".lora_B")
 
 
 def _conv1d_type() -> type:
