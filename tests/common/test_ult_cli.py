@@ -216,3 +216,23 @@ def test_a_failed_decode_leaves_no_output(files):
     (tmp / "model.txt").write_text("1 4 9999 3 5 2 0 0\n")
     assert main(["ult", "decode", "--table", str(table), str(tmp / "model.txt"), "-o", str(tmp / "d")]) == 2
     assert sorted(p.name for p in tmp.iterdir()) == ["corpus", "model.txt", "private.txt", "table.json"]
+
+
+def test_output_to_a_folder_is_refused_and_leaves_nothing_behind(files, capsys):
+    tmp, corpus, data = files
+    table = tmp / "table.json"
+    main(["ult", "build-table", str(corpus), "-o", str(table)])
+    before = sorted(p.name for p in tmp.iterdir())
+    assert main(["ult", "encode", "--table", str(table), str(data), "-o", str(tmp)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp.iterdir()) == before
+
+
+def test_an_empty_corpus_is_refused(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "blank.txt").write_text("")
+    for corpus in (empty, tmp_path / "blank.txt"):
+        assert main(["ult", "build-table", str(corpus), "-o", str(tmp_path / "t.json")]) == 2
+        assert "holds no text" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
