@@ -89,7 +89,7 @@ def peft_config(manifest: AdapterManifest, base_model: str | None = None) -> Any
     family = family_by_name(manifest.family)
     blocks = sorted({_module_and_tensor(manifest, name)[0] for name in manifest.shapes if BLOCK_NAME.match(name)})
     embeddings = [family.input_embeddings, family.output_embeddings] if manifest.carry_embeddings else []
-    common = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True}
+    common: dict[str, Any] = {"task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True}
     if manifest.mode == "full":
         return LNTuningConfig(target_modules=blocks + embeddings, **common)
     return LoraConfig(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from torch import nn
@@ -32,27 +33,32 @@ INPUT_EMBEDDINGS = "input_embeddings.weight"
 OUTPUT_EMBEDDINGS = "output_embeddings.weight"
 BLOCK_NAME = re.compile(r"^block\.(\d+)\.(.+)$")
 
+if TYPE_CHECKING:
+    from transformers.pytorch_utils import Conv1D
 
-def _conv1d_type() -> type:
+LinearLayer: TypeAlias = "nn.Linear | Conv1D"
+
+
+def _conv1d_type() -> type[Conv1D]:
     from transformers.pytorch_utils import Conv1D
 
     return Conv1D
 
 
-def linear_layers(block: nn.Module) -> dict[str, nn.Module]:
+def linear_layers(block: nn.Module) -> dict[str, LinearLayer]:
     """The linear layers of a block (``nn.Linear``, or GPT-2's transposed ``Conv1D``) by path."""
     conv1d = _conv1d_type()
     return {name: m for name, m in block.named_modules() if isinstance(m, (nn.Linear, conv1d))}
 
 
-def in_out_features(layer: nn.Module) -> tuple[int, int]:
+def in_out_features(layer: LinearLayer) -> tuple[int, int]:
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
     in_features, out_features = layer.weight.shape  # Conv1D stores [in, out]
     return int(in_features), int(out_features)
 
 
-def lora_delta(layer: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_delta(layer: LinearLayer, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """The weight update B @ A * scale in the layer's own weight layout (Conv1D is transposed).
 
     Computed in at least float32 (bf16/fp16 weights get an fp32 product), float64 for float64 weights.
@@ -69,8 +75,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def tied(model: nn.Module) -> bool:
-    out = model.get_output_embeddings()
-    return out is not None and out.weight is model.get_input_embeddings().weight
+    # get_*_embeddings are transformers methods, which nn.Module.__getattr__ types as tensors
+    out = model.get_output_embeddings()  # type: ignore[operator]
+    return out is not None and out.weight is model.get_input_embeddings().weight  # type: ignore[operator]
 
 
 def block_positions(model: nn.Module, split: SplitIndices) -> dict[int, int]:
@@ -89,9 +96,9 @@ def block_positions(model: nn.Module, split: SplitIndices) -> dict[int, int]:
 def resolve_parameter(model: nn.Module, positions: Mapping[int, int], name: str) -> nn.Parameter:
     """The model parameter behind a canonical full-weight name (``block.<orig>.<path>`` or embeddings)."""
     if name == INPUT_EMBEDDINGS:
-        return model.get_input_embeddings().weight
+        return model.get_input_embeddings().weight  # type: ignore[operator]
     if name == OUTPUT_EMBEDDINGS:
-        return model.get_output_embeddings().weight
+        return model.get_output_embeddings().weight  # type: ignore[operator]
     match = BLOCK_NAME.match(name)
     if not match or int(match.group(1)) not in positions:
         raise PrivtuneError(
@@ -125,7 +132,7 @@ def base_tensors(model: nn.Module, split: SplitIndices, carry_embeddings: bool) 
     """
     positions = block_positions(model, split)
     blocks = get_blocks(model)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for orig in split.adapter:
         for path, param in blocks[positions[orig]].named_parameters():
             tensors[f"block.{orig}.{path}"] = param
@@ -136,7 +143,7 @@ def base_tensors(model: nn.Module, split: SplitIndices, carry_embeddings: bool) 
 
 def embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's embedding weights by canonical name; the head only when it is not tied to the input."""
-    tensors = {INPUT_EMBEDDINGS: model.get_input_embeddings().weight}
+    tensors = {INPUT_EMBEDDINGS: model.get_input_embeddings().weight}  # type: ignore[operator]
     if not tied(model):
-        tensors[OUTPUT_EMBEDDINGS] = model.get_output_embeddings().weight
+        tensors[OUTPUT_EMBEDDINGS] = model.get_output_embeddings().weight  # type: ignore[operator]
     return tensors
