@@ -10,7 +10,8 @@ import pytest
 
 from privtune.cli import main as privtune
 from privtune.client.query import InferenceClient
-from privtune.common.errors import BudgetExceededError
+from privtune.common.errors import BudgetExceededError, PrivtuneError
+from privtune.common.inference_api import MAX_PROMPT_TEXT_BYTES
 from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
 from privtune.common.proto_gen.privtune.v1 import inference_pb2 as pb
 from privtune.common.proto_gen.privtune.v1 import inference_pb2_grpc as pb_grpc
@@ -133,3 +134,25 @@ def test_invalid_prompts_are_invalid_argument(service):
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "outside the model's vocabulary" in bad.value.details()
     channel.close()
+
+
+def test_an_oversized_prompt_is_invalid_argument_not_a_budget_refusal(service):
+    before = spent(service)
+    channel = grpc.insecure_channel(service.address)
+    stub = pb_grpc.InferenceStub(channel)
+    with pytest.raises(grpc.RpcError) as big:
+        stub.NextToken(pb.NextTokenRequest(prompt=pb.Prompt(text="x" * 5_000_000)), timeout=60)
+    assert big.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_PROMPT_TEXT_BYTES} bytes" in big.value.details()
+    with pytest.raises(grpc.RpcError) as many:
+        stub.NextToken(pb.NextTokenRequest(prompt=pb.Prompt(token_ids=pb.TokenIds(ids=[5] * 70_000))), timeout=60)
+    assert many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+    with InferenceClient(service.address) as client:
+        with pytest.raises(PrivtuneError, match="at most") as refused:
+            client.next_token("x" * 5_000_000)
+        assert not isinstance(refused.value, BudgetExceededError)
+        with pytest.raises(PrivtuneError, match="too large") as huge:  # past gRPC's own message limit
+            client.next_token("x" * 20_000_000)
+        assert not isinstance(huge.value, BudgetExceededError)
+    assert spent(service) == before
