@@ -2,7 +2,8 @@
 
 A ledger is the only memory of what was already released; deleting it, truncating it to zero bytes,
 or putting another (or an older) ledger in its place would silently reset the spending to zero.
-The marker next to it records the ledger's identity and how many releases it held when last seen,
+The marker next to it records the ledger's identity and how many releases it held when last seen
+(at each open, budget change and close, and at most a second behind while releases are recorded),
 so that opening refuses a ledger that is missing, empty, foreign or rolled back while the marker
 says otherwise. Starting again from zero is then an explicit act, ``privtune ledger reset``,
 appended to ``LEDGER.resets.log``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +56,7 @@ def read_marker(ledger: Path) -> Marker | None:
 def write_marker(ledger: Path, marker: Marker) -> None:
     """Atomically (write, fsync, rename), so a crash leaves the old marker or the new one."""
     path = marker_path(ledger)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.partial")  # writers never collide
     with open(partial, "w") as handle:
         json.dump({"format": FORMAT, **asdict(marker)}, handle)
         handle.flush()

@@ -34,6 +34,7 @@ FORMAT = "privtune-ledger"
 VERSION = "2"
 RELATIVE_TOLERANCE = 1e-9  # lets exactly T spends of budget/T fit despite float summation
 BUSY_TIMEOUT_S = 60.0
+MARKER_INTERVAL_S = 1.0  # how far the marker may lag behind the releases (each marker write is an fsync)
 ARTEFACT = "pays-for:"  # meta keys of the artefacts (by content hash) this ledger pays for
 
 SCHEMA = """
@@ -67,6 +68,7 @@ class Ledger:
         self._connection: sqlite3.Connection | None = None
         self._pid = 0
         self._lock = threading.Lock()
+        self._marker_time = 0.0
         marker = read_marker(self.path)
         if not self.path.exists() or self.path.stat().st_size == 0:
             if marker is not None:
@@ -134,10 +136,28 @@ class Ledger:
             "(logged)"
         )
 
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise PrivtuneError(f"ledger {self.path} was opened read-only; open it writable to record anything")
+
     def _write_marker(self, releases: int) -> None:
         """Call inside a transaction: SQLite's write lock orders the marker writes of all processes."""
         if not self.read_only:
             write_marker(self.path, Marker(self.ledger_id, self.owner, releases))
+            self._marker_time = time.monotonic()
+
+    def _note_release(self, record: Record) -> Record:
+        """Advance the marker to a committed release, at most once per MARKER_INTERVAL_S.
+
+        Outside the transaction, so a concurrent writer may leave a lower count than the newest:
+        a marker behind its ledger is always safe, one ahead of it would refuse a sound ledger.
+        """
+        if not self.read_only and record.id and time.monotonic() - self._marker_time >= MARKER_INTERVAL_S:
+            marker = read_marker(self.path)
+            if marker is None or marker.releases < record.id:
+                write_marker(self.path, Marker(self.ledger_id, self.owner, record.id))
+            self._marker_time = time.monotonic()
+        return record
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "owner": self.owner, "ledger_id": self.ledger_id, "read_only": self.read_only}
@@ -224,6 +244,7 @@ class Ledger:
     # ------------------------------------------------------------------ budgets
     def set_budget(self, kind: str, epsilon: float, *, delta: float = 0.0, alpha: float | None = None) -> Budget:
         budget = Budget(kind, float(epsilon), float(delta), None if alpha is None else float(alpha))
+        self._check_writable()
         with self._transaction() as con:
             used_alpha = _alpha_in_use(con, kind)
             if used_alpha is not None and budget.alpha != used_alpha:
@@ -243,6 +264,7 @@ class Ledger:
 
     def record_artefacts(self, artefacts: dict[str, str]) -> None:
         """Note the content hashes (-> names) of what this ledger pays for (see :mod:`.registry`)."""
+        self._check_writable()
         with self._transaction() as con:
             con.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)", [(f"{ARTEFACT}{h}", n) for h, n in artefacts.items()]
@@ -283,7 +305,8 @@ class Ledger:
                     f"RDP at order {alpha:g} cannot be added to it"
                 )
             previous = _last_total(con, kind, scope, subject)
-            return self._commit(con, spec, scope, subject, amount, previous + amount, 0.0, alpha, details, dry_run)
+            record = self._commit(con, spec, scope, subject, amount, previous + amount, 0.0, alpha, details, dry_run)
+        return self._note_release(record)
 
     def set_cumulative(
         self,
@@ -315,7 +338,8 @@ class Ledger:
                     f"{previous:.6g}, got {new_total:.6g}); was the accountant's history lost?"
                 )
             amount = max(new_total - previous, 0.0)
-            return self._commit(con, spec, scope, subject, amount, new_total, delta, None, details, dry_run)
+            record = self._commit(con, spec, scope, subject, amount, new_total, delta, None, details, dry_run)
+        return self._note_release(record)
 
     def _commit(
         self,
@@ -340,6 +364,7 @@ class Ledger:
         )  # fmt: skip
         if dry_run:
             return record
+        self._check_writable()
         cursor = con.execute(
             "INSERT INTO records (time, kind, scope, subject, amount, total, delta, alpha, details) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

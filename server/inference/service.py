@@ -129,10 +129,13 @@ class PMixedService:
         keeper_args = (config.ledger, config.budget, member_artefacts(config.served.adapters, members), config.registry)
         BudgetKeeper(*keeper_args).close()  # and a refused ledger or binding, each with its own message
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        self.budget_actor = BudgetActor.options(scheduling_strategy=here, max_restarts=RESTARTS).remote(*keeper_args)
+        # @ray.remote classes keep their own type in Ray's stubs, without .options
+        self.budget_actor: Handle = BudgetActor.options(  # type: ignore[attr-defined]
+            scheduling_strategy=here, max_restarts=RESTARTS
+        ).remote(*keeper_args)
         replica_config = ReplicaConfig(config.served, config.budget, threads=max(1, int(config.cpus_per_replica)))
-        self.replicas = [
-            ReplicaActor.options(num_cpus=config.cpus_per_replica, max_restarts=RESTARTS).remote(
+        self.replicas: list[Handle] = [
+            ReplicaActor.options(num_cpus=config.cpus_per_replica, max_restarts=RESTARTS).remote(  # type: ignore[attr-defined]
                 replica_config, self.budget_actor
             )
             for _ in range(config.num_replicas)

@@ -245,6 +245,11 @@ def test_show_never_writes_a_file(tmp_path):
         assert main(["ledger", "show", str(path)]) == 2
         assert path.read_bytes() == before[path]
     assert not list(tmp_path.glob("*.marker.json"))
+    _spent_ledger(tmp_path / "l.db")
+    shown = Ledger(tmp_path / "l.db", read_only=True)
+    for write in (lambda: shown.spend("ldp", 1.0, subject="doc", scope=SANTEXT), lambda: shown.set_budget("ldp", 1.0)):
+        with pytest.raises(PrivtuneError, match="read-only"):
+            write()
     with pytest.raises(PrivtuneError, match="not a privtune ledger"):
         Ledger(foreign)  # a writable open refuses it untouched too
     assert foreign.read_bytes() == before[foreign]
