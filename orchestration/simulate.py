@@ -10,14 +10,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
+
+MAX_OWNERS = 64
+"""Simulated owners all run on this machine, each a Ray virtual node that receives its own copy of
+the emulator; beyond this, use a real deployment (deploy/)."""
+SIMULATION_ENTRIES = ("server", "owners", "federation", "metrics.json", "privacy.json")
+"""What a simulation writes into ``--out`` (and ``--overwrite`` removes)."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--owners", type=int, default=4, help="number of simulated data owners (default 4)")
+    parser.add_argument(
+        "--owners", type=int, default=4, help=f"number of simulated data owners, 1 to {MAX_OWNERS} (default 4)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds (default 3)")
     parser.add_argument(
         "--model", default="tiny-llama", help="tiny-gpt2|tiny-llama|tiny-opt|smollm2|PATH (default tiny-llama)"
@@ -38,11 +52,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="any other run-config key, e.g. --set block-size=128",
     )
     parser.add_argument("--out", required=True, help="run folder (metrics.json, privacy.json, plots, model)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a different run found in --out (the same run is resumed without this)",
+    )
 
 
 def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    from privtune.common.errors import PrivtuneError
-
     values = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -64,9 +81,11 @@ def run(args: argparse.Namespace) -> int:
         "local-steps": args.local_steps,
         "run-dir": str(Path(args.out) / "server"),
         "min-train-nodes": min(2, args.owners),
+        "overwrite": args.overwrite,
         **parse_sets(args.set),
     }
-    metrics = simulate(FederationConfig.from_run_config(overrides), args.owners, Path(args.out))
+    with stop_on_signals():
+        metrics = simulate(FederationConfig.from_run_config(overrides), args.owners, Path(args.out))
     print(json.dumps({k: metrics[k] for k in ("zero_shot_ppl", "emulator_adapter_ppl", "plugin_ppl")}, indent=2))
     return 0
 
@@ -92,7 +111,6 @@ def prepare_ult_federation(
     from privtune.client.data import HELDOUT_FRACTION, MAX_EVAL_BLOCKS
     from privtune.client.site import cap_characters
     from privtune.common.corpus import private_partitions
-    from privtune.common.errors import PrivtuneError
     from privtune.common.models import ULT_TABLE_FILE
     from privtune.common.packing import holdout_split, pack
     from privtune.common.ult.keys import new_key_file
@@ -130,17 +148,26 @@ def prepare_ult_federation(
 def simulate(
     cfg: FederationConfig, owners: int, out: Path, node_overrides: dict[int, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """Run the federation in simulation; returns the metrics written to ``out/metrics.json``."""
+    """Run the federation in simulation; returns the metrics written to ``out/metrics.json``.
+
+    ``out`` holds one run: the same run resumes there, a different one is refused unless
+    ``cfg.overwrite`` (see :func:`privtune.server.run_folder.bind_run`).
+    """
     from flwr.simulation import run_simulation
 
     from privtune.client.app import build_app as build_client
     from privtune.report import write_simulation_outputs
     from privtune.server.app import build_app as build_server
+    from privtune.server.run_folder import bind_run, run_identity
 
-    out.mkdir(parents=True, exist_ok=True)
+    if not 1 <= owners <= MAX_OWNERS:
+        raise PrivtuneError(f"--owners must be between 1 and {MAX_OWNERS}, got {owners}")
+    claim_folder(out)
     nodes = {
         i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)
     }
+    identity = {**run_identity(cfg), "owners": owners, "node-overrides": node_overrides or {}}
+    bind_run(out, identity, SIMULATION_ENTRIES, overwrite=cfg.overwrite)
     if cfg.encoding == "ult":
         cfg = prepare_ult_federation(cfg, owners, out, nodes)
     overrides = cfg.to_run_config()
@@ -157,6 +184,59 @@ def simulate(
     if cfg.encoding == "ult":
         metrics = key_holder_evaluation(cfg, out, nodes[0], metrics)
     return metrics
+
+
+def claim_folder(out: Path) -> None:
+    """Make ``out`` (a writable folder) before any work starts, or say why it cannot be one."""
+    if out.exists() and not out.is_dir():
+        raise PrivtuneError(f"--out {out} is a file; give a folder for the run's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PrivtuneError(f"cannot create --out {out}: {err.strerror}; choose a folder you can write to") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PrivtuneError(f"--out {out} is not writable; choose a folder you can write to")
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGINT or SIGTERM end the simulation together with every process it started.
+
+    Ray's processes ignore SIGINT, and those started by a driver interrupted mid-run outlive it (its
+    agents kept running after a killed simulate); Flower's ServerApp thread would keep the
+    interpreter waiting for replies no node will send. So on a signal the processes started here
+    are stopped, and the command leaves without waiting for that thread.
+    """
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as stop:  # Ray's own SIGTERM handler exits with the signal number
+        code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 128 + signal.SIGINT
+        stop_child_processes()
+        print("privtune simulate: interrupted; the simulation's processes are stopped", file=sys.stderr, flush=True)
+        os._exit(code if code > 128 else 128 + code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_child_processes(grace_s: float = 5.0) -> None:
+    """Terminate every process this one started (Ray's head, workers and agents), then kill what is left."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with suppress(psutil.NoSuchProcess):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def key_holder_evaluation(

@@ -110,6 +110,7 @@ def bind_run(root: Path, identity: dict[str, Any], entries: tuple[str, ...], *, 
     into it would give outputs that belong to neither. ``overwrite`` removes those entries (and
     nothing else in the folder) and starts afresh.
     """
+    identity = json.loads(json.dumps(identity))  # as it reads back: tuples become lists, keys text
     record = root / RUN_FILE
     recorded = json.loads(record.read_text()) if record.exists() else None
     present = [name for name in entries if (root / name).exists() or (root / name).is_symlink()]
