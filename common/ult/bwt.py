@@ -20,32 +20,39 @@ handful of numpy operations over a whole ``(k, n)`` batch of equal-length patche
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 _KEY_BITS = 63
 _MAX_MASK_WIDTH = 62
 """Columns up to this length walk with a visited bitmask in one int64; longer ones row by row."""
+_SMALL_MASK_WIDTH = 16
+"""Up to this length the lowest unvisited position comes from a table of all masks."""
 
 
 def bwts_batch(patches: np.ndarray) -> np.ndarray:
-    """BWTS of each row of ``patches``, a ``(k, n)`` array of non-negative integers (code points)."""
-    patches = np.asarray(patches, dtype=np.int64)
-    if patches.ndim != 2:
-        raise ValueError(f"expected a (k, n) array of code points, got shape {patches.shape}")
+    """BWTS of each row of ``patches``, a ``(k, n)`` array of non-negative integers (code points).
+
+    The result is an integer array (int32 when the values allow it).
+    """
+    patches = np.asarray(patches)
+    if patches.ndim != 2 or not np.issubdtype(patches.dtype, np.integer):
+        raise ValueError(f"expected a (k, n) integer array of code points, got {patches.dtype} {patches.shape}")
     k, n = patches.shape
     if k == 0 or n == 0:
         return patches.copy()
-    alphabet, ranks = _dense_ranks(patches)
+    bits = (int(patches.max()) + 1).bit_length()
+    if int(patches.min()) >= 0 and (n + 1) * bits <= _KEY_BITS:
+        return _bwts_packed(patches, 1, bits)  # values + 1 as ranks: no alphabet pass
+    alphabet, ranks = _dense_ranks(patches.astype(np.int64))
     bits = int(alphabet.size).bit_length()
-    if (n + 1) * bits <= _KEY_BITS:
-        last = _bwts_packed(ranks, bits)
-    else:
-        last = _bwts_doubling(ranks)
+    last = _bwts_packed(ranks, 0, bits) if (n + 1) * bits <= _KEY_BITS else _bwts_doubling(ranks)
     return alphabet[last - 1]
 
 
 def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
-    """The unique ``(k, m)`` patches whose BWTS are the rows of ``columns`` (any integers)."""
+    """The unique ``(k, m)`` patches whose BWTS are the rows of ``columns`` (any integers, same type)."""
     columns = np.asarray(columns, dtype=np.int64)
     k, m = columns.shape
     if k == 0 or m == 0:
@@ -59,49 +66,68 @@ def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
     alphabet = None
     if low < 0 or high.bit_length() + pos_bits > _KEY_BITS:
         alphabet, columns = _dense_ranks(columns - low)
-    flat = np.sort((columns << pos_bits) | np.arange(m), axis=1).ravel()
-    pos_mask = (1 << pos_bits) - 1
-    row_start = np.arange(k, dtype=np.int64) * m
-    visited = np.zeros(k, dtype=np.int64)
-    current = np.zeros(k, dtype=np.int64)
-    cycle_start = np.zeros(k, dtype=np.int64)
-    emitted = np.empty((m, k), dtype=np.int64)
-    started = np.empty((m, k), dtype=np.int64)
+    # Narrow types where they suffice: the walk is a few passes over k-vectors per step.
+    key_type = np.int32 if high.bit_length() + pos_bits < 32 else np.int64
+    index_type = np.int32 if k * m < 2**31 else np.int64
+    flat = np.sort((columns.astype(key_type) << pos_bits) | np.arange(m, dtype=key_type), axis=1).ravel()
+    pos_mask = key_type((1 << pos_bits) - 1)
+    row_start = np.arange(0, k * m, m, dtype=index_type)
+    visited = np.zeros(k, dtype=np.int32 if m < 32 else np.int64)
+    one = visited.dtype.type(1)
+    current = np.zeros(k, dtype=index_type)
+    cycle_start = np.zeros(k, dtype=np.int16)
+    emitted = np.empty((m, k), dtype=key_type)
+    started = np.empty((m, k), dtype=np.int16)
     for step in range(m):
-        visited |= np.left_shift(1, current)
+        visited |= np.left_shift(one, current, dtype=visited.dtype)
         entry = flat[row_start + current]
-        emitted[step] = entry >> pos_bits
+        np.right_shift(entry, pos_bits, out=emitted[step])
         started[step] = cycle_start
-        following = entry & pos_mask
+        following = (entry & pos_mask).astype(index_type)
         closed = ((visited >> following) & 1).astype(bool)
         if closed.any():
-            free = ~visited
-            lowest = np.log2((free & -free).astype(np.float64)).astype(np.int64)
-            current = np.where(closed, lowest, following)
+            current = np.where(closed, _lowest_free(visited, m), following).astype(index_type)
             cycle_start[closed] = step + 1
         else:
             current = following
     # Cycles come out in increasing order of their first position; the text holds them reversed.
-    ended = np.empty((m, k), dtype=np.int64)
-    end = np.full(k, m, dtype=np.int64)
+    ended = np.empty((m, k), dtype=np.int16)
+    end = np.full(k, m, dtype=np.int16)
     for step in range(m - 1, -1, -1):
         ended[step] = end
         np.copyto(end, step, where=started[step] == step)
-    target = (m - started - ended + np.arange(m)[:, None]) + row_start
-    out = np.empty(k * m, dtype=np.int64)
+    target = (m - started - ended + np.arange(m, dtype=np.int16)[:, None]) + row_start
+    out = np.empty(k * m, dtype=key_type)
     out[target.ravel()] = emitted.ravel()
     out = out.reshape(k, m)
     return out if alphabet is None else alphabet[out - 1] + low
 
 
-def _bwts_packed(ranks: np.ndarray, bits: int) -> np.ndarray:
-    """Forward BWTS of dense ranks (>= 1) whose ``n + 1`` ranks fit one int64 key."""
-    k, n = ranks.shape
+def _lowest_free(visited: np.ndarray, m: int) -> np.ndarray:
+    """Index of the lowest zero bit of each mask (of ``m`` bits, not all set)."""
+    if m <= _SMALL_MASK_WIDTH:
+        return _lowest_free_table(m)[visited]
+    free = ~visited
+    return np.log2((free & -free).astype(np.float64)).astype(np.int64)
+
+
+@functools.cache
+def _lowest_free_table(m: int) -> np.ndarray:
+    masks = np.arange(1 << m, dtype=np.int64)
+    free = ~masks
+    return np.log2((free & -free).astype(np.float64)).astype(np.int8)
+
+
+def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
+    """Forward BWTS of ranks ``values + offset`` (>= 1) whose ``n + 1`` ranks fit one int64 key."""
+    k, n = values.shape
     char_mask = (1 << bits) - 1
     packed = np.zeros(k, dtype=np.int64)
     for j in range(n):
         packed <<= bits
-        packed |= ranks[:, j]
+        packed |= values[:, j]
+    if offset:
+        packed += sum(offset << (bits * j) for j in range(n))
     # A factor starts where the suffix is smaller than every earlier one (zero fill = shorter first).
     field = (1 << (bits * n)) - 1
     smallest = packed.copy()
@@ -113,23 +139,33 @@ def _bwts_packed(ranks: np.ndarray, bits: int) -> np.ndarray:
     order = np.argsort(shape.astype(np.uint32 if n > 16 else np.uint16), kind="stable")
     shapes = shape[order]
     cuts = (np.flatnonzero(shapes[1:] != shapes[:-1]) + 1).tolist()
-    last = np.empty((k, n), dtype=np.int64)
+    grouped = np.empty((k, n), dtype=np.int32)  # ranks of at most 31 bits here
     for lo, hi in zip([0, *cuts], [*cuts, k]):
         rows = order[lo:hi]
         starts = [j for j in range(n) if int(shapes[lo]) >> j & 1]
+        ends = [*starts[1:], n]
         keys = _rotation_keys(packed[rows], starts, n, bits)
-        keys.sort(axis=1)
-        longest = max(e - b for b, e in zip(starts, [*starts[1:], n]))
-        # Repetitions of periods p, q that agree on p + q - 1 characters are equal (Fine–Wilf).
-        if 2 * longest - 1 > n:
+        # Repetitions of periods p, q that agree on p + q - 1 characters are equal (Fine–Wilf):
+        # below that bound n characters decide; above it a second n (the rotation n further) do.
+        if 2 * max(e - b for b, e in zip(starts, ends)) - 1 <= n:
+            keys.sort(axis=1)
+        else:
+            unsorted = keys.copy()
+            keys.sort(axis=1)
             prefix = keys >> bits
-            tied = (prefix[:, 1:] == prefix[:, :-1]).any(axis=1)
-            if tied.any():
-                keys[tied] = _bwts_doubling(ranks[rows[tied]])
-                keys[~tied] &= char_mask
-                last[rows] = keys
-                continue
-        last[rows] = keys & char_mask
+            tied = np.flatnonzero((prefix[:, 1:] == prefix[:, :-1]).any(axis=1))
+            if tied.size:
+                further = [b + (i - b + n) % (e - b) for b, e in zip(starts, ends) for i in range(b, e)]
+                first = unsorted[tied] >> bits
+                order_in_row = np.lexsort((first[:, further], first), axis=1)
+                keys[tied] = np.take_along_axis(unsorted[tied], order_in_row, axis=1)
+        grouped[lo:hi] = keys & char_mask
+    # Back to the callers' row order: one row gather (np.take beats fancy row scatter by far).
+    position = np.empty(k, dtype=np.int64)
+    position[order] = np.arange(k)
+    last = np.take(grouped, position, axis=0)
+    if offset:
+        last -= offset
     return last
 
 

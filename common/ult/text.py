@@ -1,7 +1,8 @@
 """Text codec: patches -> bijective BWT -> runs ``(count, char)`` as symbol codes.
 
-A run packs into one non-negative code ``(count - 1) * CODE_POINTS + code point``: every code
-point (U+0000..U+10FFFF, lone surrogates included) is a character, none is reserved. Patches of a
+A run packs into one non-negative code ``(count - 1) << 21 | code point``: every code point
+(U+0000..U+10FFFF, lone surrogates included) fits in 21 bits and is a character, none is
+reserved. Patches of a
 text are separated by :data:`SEP_MARK`; a patch's length is the sum of its run counts.
 
 Decoding is total. The BWTS is a bijection on strings of each length, so every sequence of runs
@@ -25,17 +26,19 @@ from privtune.common.ult.bwt import bwts_batch, inverse_bwts_batch
 from privtune.common.ult.markers import BREAK_MARK, INVALID_MARK, SEP_MARK
 
 CODE_POINTS = 0x110000
+CHAR_BITS = 21
+_CHAR_MASK = (1 << CHAR_BITS) - 1
 REPLACEMENT = 0xFFFD
 
 
 def run_code(count: int, code_point: int) -> int:
     """Symbol code of ``count`` (>= 1) repeats of ``code_point``."""
-    return (count - 1) * CODE_POINTS + code_point
+    return (count - 1) << CHAR_BITS | code_point
 
 
 def run_of(code: int) -> tuple[int, int]:
     """Inverse of :func:`run_code`: ``(count, code point)``."""
-    return code // CODE_POINTS + 1, code % CODE_POINTS
+    return (code >> CHAR_BITS) + 1, code & _CHAR_MASK
 
 
 @dataclass(frozen=True)
@@ -46,39 +49,49 @@ class TextCodec:
         """One stream for all ``texts`` and the number of stream entries of each text."""
         size = self.patch_size
         lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-        cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
+        cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         n_patches = -(-lengths // size)
         text_of_patch = np.repeat(np.arange(len(texts)), n_patches)
-        index_in_text = np.arange(text_of_patch.size) - np.repeat(np.cumsum(n_patches) - n_patches, n_patches)
-        starts = (np.cumsum(lengths) - lengths)[text_of_patch] + size * index_in_text
-        patch_len = np.minimum(size, lengths[text_of_patch] - size * index_in_text)
-        has_sep = index_in_text < n_patches[text_of_patch] - 1
+        patch_end = np.cumsum(n_patches)
+        patch_len = np.full(text_of_patch.size, size, dtype=np.int64)
+        patch_len[patch_end[lengths % size > 0] - 1] = lengths[lengths % size > 0] % size
+        # All patches as rows of one matrix (a text's shorter last patch padded), filled in order.
+        column = np.arange(size)
+        filled = column < patch_len[:, None]
+        patches = np.zeros((text_of_patch.size, size), dtype=np.int32)
+        patches[filled] = cps
+        last = bwts_batch(patches)
+        for length in np.unique(patch_len[patch_len < size]).tolist():
+            rows = np.flatnonzero(patch_len == length)
+            last[rows, :length] = bwts_batch(patches[rows, :length])
 
-        n_runs = np.zeros(text_of_patch.size, dtype=np.int64)
-        groups = []
-        for length in np.unique(patch_len).tolist():
-            members = np.flatnonzero(patch_len == length)
-            last = bwts_batch(cps[starts[members, None] + np.arange(length)])
-            new_run = np.ones(last.shape, dtype=bool)
-            np.not_equal(last[:, 1:], last[:, :-1], out=new_run[:, 1:])
-            flat = np.flatnonzero(new_run)
-            counts = np.diff(np.append(flat, last.size))
-            groups.append((members, (counts - 1) * CODE_POINTS + last.ravel()[flat]))
-            n_runs[members] = new_run.sum(axis=1)
-
-        per_patch = n_runs + has_sep
-        patch_start = np.cumsum(per_patch) - per_patch
-        stream = np.full(int(per_patch.sum()), SEP_MARK, dtype=np.int64)
-        for members, codes in groups:
-            runs = n_runs[members]
-            within = np.arange(codes.size) - np.repeat(np.cumsum(runs) - runs, runs)
-            stream[np.repeat(patch_start[members], runs) + within] = codes
+        # Runs: a run starts where the character changes and ends at the next start (or patch end);
+        # small types keep these passes cheap (a count is at most the patch size).
+        new_run = np.empty(last.shape, dtype=bool)
+        new_run[:, 0] = True
+        np.not_equal(last[:, 1:], last[:, :-1], out=new_run[:, 1:])
+        new_run &= filled
+        small = np.int8 if size < 127 else np.int64
+        next_start = np.where(new_run, column.astype(small), small(size))
+        next_start[:, :-1] = np.minimum.accumulate(next_start[:, :0:-1], axis=1)[:, ::-1]
+        next_start[:, -1] = size
+        np.minimum(next_start, patch_len[:, None].astype(small), out=next_start)
+        next_start -= (column + 1).astype(small)
+        # Codes fit 32 bits for patches up to 1024 characters; the stream keeps that type.
+        codes = np.empty((last.shape[0], size + 1), dtype=np.int32 if size <= 1024 else np.int64)
+        np.left_shift(next_start, CHAR_BITS, out=codes[:, :size], dtype=codes.dtype)
+        codes[:, :size] |= last
+        codes[:, size] = SEP_MARK
+        keep = np.empty(codes.shape, dtype=bool)
+        keep[:, :size] = new_run
+        keep[:, size] = np.arange(text_of_patch.size) != patch_end[text_of_patch] - 1
+        per_patch = np.count_nonzero(keep, axis=1)
         per_text = np.bincount(text_of_patch, weights=per_patch, minlength=len(texts)).astype(np.int64)
-        return stream, per_text
+        return codes[keep], per_text
 
     def canonical(self, codes: np.ndarray) -> np.ndarray:
         """Every code >= 0 as a run of 1..patch_size characters; codes an encoding makes are unchanged."""
-        return (codes // CODE_POINTS) % self.patch_size * CODE_POINTS + codes % CODE_POINTS
+        return ((codes >> CHAR_BITS) % self.patch_size) << CHAR_BITS | (codes & _CHAR_MASK) % CODE_POINTS
 
     def decode_batch(self, stream: np.ndarray, n_texts: int) -> list[str]:
         """Texts of a stream holding ``n_texts`` texts separated by :data:`BREAK_MARK`.
@@ -97,15 +110,33 @@ class TextCodec:
         slot_start = np.concatenate(([0], bounds + 1))
         text_of_slot = np.concatenate(([0], np.cumsum(is_break[bounds])))
         symbol = stream >= 0
-        count = np.where(symbol, stream // CODE_POINTS + 1, 0)
+        count = (stream >> CHAR_BITS) + 1
+        count[~symbol] = 0
         slot_len = np.add.reduceat(np.append(count, 0), slot_start)
-        chars = np.repeat(np.where(symbol, stream % CODE_POINTS, 0), count)
-        char_start = np.cumsum(slot_len) - slot_len
-        out = np.empty(chars.size, dtype=np.uint32)
-        for length in np.unique(slot_len[slot_len > 0]).tolist():
-            where = np.flatnonzero(slot_len == length)
-            at = char_start[where, None] + np.arange(length)
-            out[at] = inverse_bwts_batch(chars[at])
-        text = out.tobytes().decode("utf-32-le", "surrogatepass")
+        chars = np.repeat(stream & _CHAR_MASK, count)
+        text = _inverse_slots(chars, slot_len, self.patch_size).tobytes().decode("utf-32-le", "surrogatepass")
         ends = np.cumsum(np.bincount(text_of_slot, weights=slot_len, minlength=n_texts).astype(np.int64)).tolist()
         return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.ndarray:
+    """Inverse BWTS of consecutive slots of ``chars`` (lengths ``slot_len``), as uint32 code points.
+
+    Slots up to ``width`` long (all of them in an encoded text) are rows of one padded matrix, so
+    most rows need no gathering; longer ones (model output without separators) go by length.
+    """
+    if slot_len.size and int(slot_len.max()) > width:
+        out = np.empty(chars.size, dtype=np.uint32)
+        char_start = np.cumsum(slot_len) - slot_len
+        for length in np.unique(slot_len[slot_len > 0]).tolist():
+            at = char_start[slot_len == length, None] + np.arange(length)
+            out[at] = inverse_bwts_batch(chars[at])
+        return out
+    filled = np.arange(width) < slot_len[:, None]
+    columns = np.zeros(filled.shape, dtype=np.int64)
+    columns[filled] = chars
+    patches = inverse_bwts_batch(columns)
+    for length in np.unique(slot_len[(slot_len > 0) & (slot_len < width)]).tolist():
+        rows = np.flatnonzero(slot_len == length)
+        patches[rows, :length] = inverse_bwts_batch(columns[rows, :length])
+    return patches[filled].astype(np.uint32)
