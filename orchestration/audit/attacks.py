@@ -20,7 +20,7 @@ import numpy as np
 from privtune.audit.secrets import CANARY_DIGITS, Canary
 
 MIN_K_FRACTION = 0.2
-EXPOSURE_SAMPLE = 1000
+EXPOSURE_SAMPLE = 255
 
 Scorer = Callable[[list[str]], list[np.ndarray]]
 

@@ -23,7 +23,7 @@ from privtune.audit.stats import group_guarantee
 from privtune.common.errors import PrivtuneError
 from privtune.common.text_tokenizer import TextTokenizer
 
-SCORE_BATCH = 16
+SCORE_BATCH = 64
 
 
 @dataclass(frozen=True)
