@@ -52,6 +52,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="any other run-config key, e.g. --set block-size=128",
     )
     parser.add_argument("--out", required=True, help="run folder (metrics.json, privacy.json, plots, model)")
+    audit = parser.add_argument_group("audit harness (then run 'privtune audit --run OUT')")
+    audit.add_argument(
+        "--canaries",
+        type=int,
+        default=0,
+        metavar="K",
+        help="plant K random secrets in owner-0's text and keep half of its records back as non-members",
+    )
+    audit.add_argument(
+        "--canary-repeats", default="1,4,16", help="copies of each canary, cycled over the K canaries (default 1,4,16)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
@@ -84,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
         "overwrite": args.overwrite,
         **parse_sets(args.set),
     }
+    cfg = FederationConfig.from_run_config(overrides)
+    nodes = None
+    if args.canaries:
+        from privtune.audit.harness import plant_secrets
+
+        repeats = tuple(int(r) for r in args.canary_repeats.split(","))
+        nodes = plant_secrets(cfg, args.owners, Path(args.out), args.canaries, repeats, overwrite=args.overwrite)
     with stop_on_signals():
-        metrics = simulate(FederationConfig.from_run_config(overrides), args.owners, Path(args.out))
+        metrics = simulate(cfg, args.owners, Path(args.out), nodes)
     print(json.dumps({k: metrics[k] for k in ("zero_shot_ppl", "emulator_adapter_ppl", "plugin_ppl")}, indent=2))
     return 0
 
