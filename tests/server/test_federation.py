@@ -13,6 +13,7 @@ from privtune.client.app import handle_train
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import ARRAYS, from_arrays, to_arrays
 from privtune.common.offsite import load_adapter
+from privtune.server.inference.members import from_run_folder
 from privtune.simulate import simulate
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,15 @@ def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy):
     assert rounds[1]["bytes_down"] * 3 < rounds[0]["bytes_down"]
     for name in ("metrics.json", "metrics.csv", "plots/training.png", "model/config.json", "checkpoint/state.json"):
         assert (tmp_path / "server" / name).exists(), name
-    assert len(list((tmp_path / "server" / "adapters").iterdir())) == 4  # three owners + the aggregate
+    assert len(list((tmp_path / "server" / "adapters").iterdir())) == 4  # three owners' members + the aggregate
+    # Each member depends on its owner's data alone, so the service accepts the run's ensemble.
+    split = metrics["members"]["owner-0"]["split"]
+    assert metrics["members"] == {
+        f"owner-{i}": {"owners": [f"owner-{i}"], "shard": 0, "shards": 1, "split": split} for i in range(3)
+    }
+    assert from_run_folder(tmp_path / "server").n_members == 3
+    aggregate = json.loads((tmp_path / "server" / "adapters" / "aggregate" / "manifest.json").read_text())
+    assert aggregate["depends_on"]["owners"] == ["owner-0", "owner-1", "owner-2"]
 
 
 def faulty_client(cfg: FederationConfig, workspaces: dict[int, str]) -> ClientApp:
@@ -100,6 +109,9 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
         assert "NaN" in reasons
         assert "budget" in reasons
     assert metrics["plugin_ppl"] < metrics["zero_shot_ppl"]
+    # The member track is private training too: owner 2 cannot pay for it, owner 0 crashes; owner 1's
+    # members are sound (only its federated update was corrupted).
+    assert sorted(metrics["members"]) == ["owner-1", "owner-3"]
 
 
 def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
@@ -124,3 +136,17 @@ def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_in_which_every_owner_declines_ends_with_its_outputs(tmp_path):
+    """No update is accepted in any round (every owner's DP budget is below one round's cost): the run
+    still writes its metrics and the model with the starting adapter, and no owner has a member."""
+    cfg = config(tmp_path, **{"dp-epsilon": 1.0, "num-server-rounds": 1, "local-steps": 3})
+    metrics = simulate(cfg, owners=2, out=tmp_path, node_overrides={i: {"dp-budget": 0.01} for i in range(2)})
+    assert [(r["accepted"], len(r["rejected"])) for r in metrics["rounds"]] == [(0, 2)]
+    assert all(r["reason"] == "declined: privacy budget exhausted" for r in metrics["rounds"][0]["rejected"])
+    assert metrics["members"] == {} and len(metrics["members_refused"]) == 2
+    assert (tmp_path / "server" / "model" / "config.json").exists()
+    aggregate, _ = load_adapter(tmp_path / "server" / "adapters" / "aggregate")
+    lora_b = [t for name, t in aggregate.items() if name.endswith("lora_B")]
+    assert lora_b and all(not t.any() for t in lora_b), "the aggregate must be the untrained start (LoRA B = 0)"
