@@ -52,54 +52,48 @@ def bwts_batch(patches: np.ndarray) -> np.ndarray:
 
 
 def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
-    """The unique ``(k, m)`` patches whose BWTS are the rows of ``columns`` (any integers, same type)."""
-    columns = np.asarray(columns, dtype=np.int64)
+    """The unique ``(k, m)`` patches whose BWTS are the rows of ``columns`` (an integer array)."""
+    columns = np.asarray(columns)
+    if columns.ndim != 2 or not np.issubdtype(columns.dtype, np.integer):
+        raise ValueError(f"expected a (k, m) integer array of columns, got {columns.dtype} {columns.shape}")
     k, m = columns.shape
     if k == 0 or m == 0:
         return columns.copy()
     if m > _MAX_MASK_WIDTH:
         return np.array([_inverse_bwts_row(row) for row in columns.tolist()], dtype=np.int64).reshape(k, m)
-    # Stable sort as a plain sort of (value, position) keys: the low bits of the sorted keys are
-    # the standard permutation, the high bits the sorted column (what each step emits).
+    # Each cycle of the standard permutation is one Lyndon factor, and the text holds the factors
+    # in reverse order of their first positions. Walking each cycle backwards (position j to its
+    # rank LF(j) in the stable sort, emitting column[j]) emits the whole text reversed, so the
+    # result is the emission read backwards: no bookkeeping of where each cycle goes.
     pos_bits = (m - 1).bit_length()
     low, high = int(columns.min()), int(columns.max())
     alphabet = None
     if low < 0 or high.bit_length() + pos_bits > _KEY_BITS:
-        alphabet, columns = _dense_ranks(columns - low)
+        alphabet, columns = _dense_ranks(columns.astype(np.int64) - low)
+        high = int(columns.max())
     # Narrow types where they suffice: the walk is a few passes over k-vectors per step.
     key_type = np.int32 if high.bit_length() + pos_bits < 32 else np.int64
     index_type = np.int32 if k * m < 2**31 else np.int64
-    flat = np.sort((columns.astype(key_type) << pos_bits) | np.arange(m, dtype=key_type), axis=1).ravel()
+    keyed = columns.astype(key_type) << pos_bits
+    rank = np.argsort(np.sort(keyed | np.arange(m, dtype=key_type), axis=1) & key_type((1 << pos_bits) - 1), axis=1)
+    flat = (keyed | rank.astype(key_type)).ravel()
     pos_mask = key_type((1 << pos_bits) - 1)
     row_start = np.arange(0, k * m, m, dtype=index_type)
     visited = np.zeros(k, dtype=np.int32 if m < 32 else np.int64)
     one = visited.dtype.type(1)
     current = np.zeros(k, dtype=index_type)
-    cycle_start = np.zeros(k, dtype=np.int16)
     emitted = np.empty((m, k), dtype=key_type)
-    started = np.empty((m, k), dtype=np.int16)
     for step in range(m):
         visited |= np.left_shift(one, current, dtype=visited.dtype)
         entry = flat[row_start + current]
         np.right_shift(entry, pos_bits, out=emitted[step])
-        started[step] = cycle_start
         following = (entry & pos_mask).astype(index_type)
         closed = ((visited >> following) & 1).astype(bool)
         if closed.any():
             current = np.where(closed, _lowest_free(visited, m), following).astype(index_type)
-            cycle_start[closed] = step + 1
         else:
             current = following
-    # Cycles come out in increasing order of their first position; the text holds them reversed.
-    ended = np.empty((m, k), dtype=np.int16)
-    end = np.full(k, m, dtype=np.int16)
-    for step in range(m - 1, -1, -1):
-        ended[step] = end
-        np.copyto(end, step, where=started[step] == step)
-    target = (m - started - ended + np.arange(m, dtype=np.int16)[:, None]) + row_start
-    out = np.empty(k * m, dtype=key_type)
-    out[target.ravel()] = emitted.ravel()
-    out = out.reshape(k, m)
+    out = np.ascontiguousarray(emitted[::-1].T)
     return out if alphabet is None else alphabet[out - 1] + low
 
 

@@ -133,7 +133,7 @@ def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.nd
             out[at] = inverse_bwts_batch(chars[at])
         return out
     filled = np.arange(width) < slot_len[:, None]
-    columns = np.zeros(filled.shape, dtype=np.int64)
+    columns = np.zeros(filled.shape, dtype=np.int32)
     columns[filled] = chars
     patches = inverse_bwts_batch(columns)
     for length in np.unique(slot_len[(slot_len > 0) & (slot_len < width)]).tolist():
