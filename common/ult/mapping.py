@@ -76,7 +76,9 @@ class SymbolMapper:
 
     def to_ids(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids for ``stream`` and, per stream entry, where its ids start (plus the total at the end)."""
-        stream = np.asarray(stream, dtype=np.int64)
+        stream = np.asarray(stream)
+        if not np.issubdtype(stream.dtype, np.signedinteger) or stream.dtype.itemsize < 4:
+            stream = stream.astype(np.int64)
         separator = stream < 0
         if (stream[separator] != SEP_MARK).any():
             raise ValueError("a stream to encode holds only symbol codes and SEP_MARK")
@@ -88,7 +90,7 @@ class SymbolMapper:
             return ids, np.arange(stream.size + 1, dtype=np.int64)
         lengths = np.ones(stream.size, dtype=np.int64)
         starts = np.zeros(stream.size + 1, dtype=np.int64)
-        codes = stream[escaped]
+        codes = stream[escaped].astype(np.int64)
         if codes.max() >> (4 * _MAX_DIGITS):
             raise ValueError(f"symbol code {int(codes.max())} is too large to escape ({4 * _MAX_DIGITS} bits at most)")
         n_digits = np.ones(codes.size, dtype=np.int64)
@@ -170,14 +172,14 @@ class _CodeIndex:
     a ``searchsorted`` over the sorted table, and with this load factor few codes need a second.
     """
 
-    _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+    _GOLDEN = np.uint32(0x9E3779B9)
 
     def __init__(self, codes: np.ndarray, ids: np.ndarray) -> None:
         bits = max(4, int(4 * codes.size).bit_length())
         self._mask = (1 << bits) - 1
-        self._shift = np.uint64(64 - bits)
+        self._shift = np.uint32(32 - bits)
         self._codes = np.full(1 << bits, -1, dtype=np.int64)
-        self._ids = np.zeros(1 << bits, dtype=np.int64)
+        self._ids = np.zeros(1 << bits, dtype=np.int32)
         self._max_probe = 0
         for code, id_, slot in zip(codes.tolist(), ids.tolist(), self._slots(codes).tolist()):
             probe = 0
@@ -188,7 +190,10 @@ class _CodeIndex:
             self._max_probe = max(self._max_probe, probe)
 
     def _slots(self, codes: np.ndarray) -> np.ndarray:
-        return ((codes.astype(np.uint64) * self._GOLDEN) >> self._shift).astype(np.int64)
+        """Fibonacci hash of the code's two 32-bit halves xor-ed (32-bit streams skip the fold)."""
+        if codes.dtype.itemsize > 4:
+            codes = (codes ^ (codes >> 32)).astype(np.uint32)
+        return ((codes.view(np.uint32) * self._GOLDEN) >> self._shift).astype(np.intp)
 
     def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids of ``codes`` and whether each was found (ids of missing codes are meaningless)."""
