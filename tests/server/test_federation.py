@@ -36,9 +36,10 @@ def config(tmp_path, **extra) -> FederationConfig:
     return FederationConfig.from_run_config({**BASE, "run-dir": str(tmp_path / "server"), **extra})
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
-def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy):
-    metrics = simulate(config(tmp_path, strategy=strategy, **{"proximal-mu": 0.01}), owners=3, out=tmp_path)
+@pytest.mark.parametrize("strategy,shards", [("fedavg", 1), ("fedprox", 2)])
+def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy, shards):
+    cfg = config(tmp_path, strategy=strategy, **{"proximal-mu": 0.01, "member-shards": shards})
+    metrics = simulate(cfg, owners=3, out=tmp_path)
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["accepted"] == 3 and not r["rejected"] for r in rounds)
@@ -50,13 +51,21 @@ def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy):
     assert rounds[1]["bytes_down"] * 3 < rounds[0]["bytes_down"]
     for name in ("metrics.json", "metrics.csv", "plots/training.png", "model/config.json", "checkpoint/state.json"):
         assert (tmp_path / "server" / name).exists(), name
-    assert len(list((tmp_path / "server" / "adapters").iterdir())) == 4  # three owners' members + the aggregate
-    # Each member depends on its owner's data alone, so the service accepts the run's ensemble.
-    split = metrics["members"]["owner-0"]["split"]
-    assert metrics["members"] == {
-        f"owner-{i}": {"owners": [f"owner-{i}"], "shard": 0, "shards": 1, "split": split} for i in range(3)
+    # Each member depends on one shard of one owner's data, so the service accepts the run's ensemble.
+    split = metrics["members"]["owner-0" if shards == 1 else "owner-0.shard-1-of-2"]["split"]
+    expected = {
+        (f"owner-{i}" if shards == 1 else f"owner-{i}.shard-{k + 1}-of-{shards}"): {
+            "owners": [f"owner-{i}"],
+            "shard": k,
+            "shards": shards,
+            "split": split,
+        }
+        for i in range(3)
+        for k in range(shards)
     }
-    assert from_run_folder(tmp_path / "server").n_members == 3
+    assert metrics["members"] == expected
+    assert sorted(p.name for p in (tmp_path / "server" / "adapters").iterdir()) == sorted([*expected, "aggregate"])
+    assert from_run_folder(tmp_path / "server").n_members == 3 * shards
     aggregate = json.loads((tmp_path / "server" / "adapters" / "aggregate" / "manifest.json").read_text())
     assert aggregate["depends_on"]["owners"] == ["owner-0", "owner-1", "owner-2"]
 
