@@ -17,6 +17,7 @@ from privtune.common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_m
 from privtune.common.paths import cache_dir
 from privtune.common.ult.config import UltConfig
 from privtune.common.ult.pretrain import PretrainConfig, pretrain_ult
+from privtune.common.ult.table import VERSION as ULT_TABLE_VERSION
 from privtune.common.ult.table import build_table
 from privtune.common.ult.tokenizer import UltTokenizer
 
@@ -41,7 +42,8 @@ class DemoModelSpec:
 
 def demo_model(spec: DemoModelSpec = DemoModelSpec()) -> Path:
     """Folder of the ULT-ready demo model (weights + public ULT table), pretraining it if needed."""
-    folder = cache_dir("demo") / f"ult-llama-{spec.digest()}"
+    # A cached model is only as good as its table's format: a new format means a new folder.
+    folder = cache_dir("demo") / f"ult-llama-t{ULT_TABLE_VERSION}-{spec.digest()}"
     if (folder / ULT_TABLE_FILE).exists():
         return folder
     documents = public_corpus()
