@@ -1,21 +1,26 @@
 """Offsite-tuning on the real SmolLM2-135M (30 blocks): cost of training and quality after training.
 
-Three ways a data owner could fine-tune, same data (Shakespeare blocks) and batch:
-  (a) full fine-tuning of the 30-block model,
+Cost. Ways a data owner could fine-tune, same data (Shakespeare blocks) and batch:
+  (a) full fine-tuning of the 30-block model as Hugging Face runs it (the whole logit tensor),
+  (a') the same with the chunked LM head (:func:`lean_lm_loss`), to separate what the head saves,
   (b) the 2-8-2 emulator, training the 4 adapter blocks fully,
   (c) the 2-8-2 emulator with LoRA on the 4 adapter blocks.
+(b) and (c) train as data owners do: chunked LM head, frozen middle recomputed in the backward.
 Each configuration runs in its own process that loads what that party really holds (the full
 model for (a), only the emulator package for (b)/(c)) and trains. Throughput is the median over
 the timed optimizer steps (after a warm-up step) of all its processes; the configurations run in
-interleaved rounds so that load from other processes on a shared machine spreads over all three.
+interleaved rounds so that load from other processes on a shared machine spreads over them.
 Peak memory is the process's VmHWM (peak resident set of its own address space). ru_maxrss is not
 used: Linux carries the parent's high-water mark across fork+exec, so every child would report at
-least the parent's 2 GB. The interpreter + torch baseline is inside the peak, so the increment over
-the post-load RSS is reported as well.
+least the parent's 2 GB. The interpreter with torch and transformers imported (measured before the
+model loads) is inside every peak; ``memory_ratio_*_over_runtime`` compares the peaks above it.
 
-Quality: perplexity on held-out Shakespeare of the zero-shot model, the emulator before and after
-a short distillation on the public corpus (Milton), emulator + adapter and plug-in after the same
-number of training steps, and full fine-tuning for that many steps.
+Quality: perplexity on held-out Shakespeare of the zero-shot model, full fine-tuning, and, for
+each distillation budget (a separate distillation of that many steps on the public corpus, Milton),
+the emulator alone, emulator + LoRA adapter and the plug-in. ``plugin_gain_recovered`` =
+(zero-shot - plug-in) / (zero-shot - full fine-tuning). The ceiling is the same LoRA trained on the
+full model itself (a perfect emulator); the data owners' recipe (learning rate, rank) is swept at
+the largest budget.
 """
 
 from __future__ import annotations
@@ -29,13 +34,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bench.harness import print_table, write_results
 
-WORKERS = ("full", "adapter", "lora")
+WORKERS = ("full", "full_lean", "adapter", "lora")
+SPLIT = {"k_bottom": 2, "k_top": 2, "n_emulator": 8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,35 +51,60 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--timed-steps", type=int, default=2, help="timed optimizer steps per process")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the three processes")
-    parser.add_argument("--distill-steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the cost processes")
+    parser.add_argument("--distill-budgets", default="0,60,300", help="distillation steps, comma-separated")
     parser.add_argument("--distill-lr", type=float, default=3e-4)
+    parser.add_argument("--kd-weight", type=float, default=30.0)
+    parser.add_argument("--logit-kd-weight", type=float, default=0.0)
+    parser.add_argument("--middle-lora-r", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=20, help="steps for every trained row of the ppl table")
     parser.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning and full adapter blocks")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument(
+        "--compare-variants",
+        action="store_true",
+        help="at the first non-zero budget, also distil with logit KD, and with logit KD + middle LoRA",
+    )
+    parser.add_argument("--sweep-lrs", default="", help="LoRA learning rates swept at the largest budget")
+    parser.add_argument("--sweep-ranks", default="", help="LoRA ranks swept at the largest budget")
     parser.add_argument("--eval-blocks", type=int, default=16)
+    parser.add_argument("--skip-cost", action="store_true", help="quality only (no cost processes)")
+    parser.add_argument("--output", default="offsite", help="results name under bench/results")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--blocks", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
+def _numbers(text: str, kind: type) -> list[Any]:
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
 # ---------------------------------------------------------------------------- one configuration per process
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no {key} in /proc/self/status (this benchmark needs Linux)")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process's own address space (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
+    return _status_mb("VmHWM")
 
 
 def worker(args: argparse.Namespace) -> None:
     """Load what the party holds, train ``timed_steps + 1`` steps, print one JSON line."""
+    import transformers  # noqa: F401  (inside the runtime baseline, as the model classes below)
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
     from privtune.common.offsite import EmulatorPackage, TrainConfig, train_adapter
     from privtune.common.offsite.train import shuffled_batches, trainable_parameters
 
     blocks = torch.load(args.blocks)
-    if args.worker == "full":
+    rss_runtime = _status_mb("VmRSS")
+    if args.worker in ("full", "full_lean"):
         from privtune.common.models import load_model
 
         model = load_model("smollm2").model
@@ -86,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     rss_loaded = peak_rss_mb()
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
     batches = shuffled_batches(blocks, args.batch_size, seed=0)
-    cfg = TrainConfig(steps=1, batch_size=args.batch_size, lr=lr)
+    cfg = TrainConfig(steps=1, batch_size=args.batch_size, lr=lr, lean=args.worker != "full")
     times = [
         train_adapter(model, blocks, cfg, optimizer=optimizer, batches=batches, progress=False).seconds
         for _ in range(args.timed_steps + 1)
@@ -97,6 +130,7 @@ def worker(args: argparse.Namespace) -> None:
                 "step_seconds": times[1:],
                 "warmup_seconds": times[0],
                 "peak_rss_mb": peak_rss_mb(),
+                "rss_runtime_mb": rss_runtime,
                 "rss_after_load_mb": rss_loaded,
                 "trainable_params": sum(p.numel() for p in trainable_parameters(model)),
             }
@@ -140,9 +174,45 @@ def summarise(runs: list[dict], tokens_per_step: int) -> dict:
         "step_seconds_median": step,
         "step_seconds": steps,
         "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+        "rss_runtime_mb": statistics.median(r["rss_runtime_mb"] for r in runs),
         "rss_after_load_mb": statistics.median(r["rss_after_load_mb"] for r in runs),
         "trainable_params": runs[0]["trainable_params"],
     }
+
+
+def measure_cost(args: argparse.Namespace, full, emulator, train: torch.Tensor) -> dict[str, dict]:
+    from privtune.common.offsite import EmulatorPackage, OffsiteConfig
+
+    packages = {
+        "adapter": EmulatorPackage.build(full, OffsiteConfig(**SPLIT, adapter="full"), emulator=emulator),
+        "lora": EmulatorPackage.build(
+            full,
+            OffsiteConfig(**SPLIT, adapter="lora", lora_r=args.lora_r, lora_alpha=2 * args.lora_r),
+            emulator=emulator,
+        ),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-offsite-") as tmp:
+        blocks_file = Path(tmp) / "blocks.pt"
+        torch.save(train, blocks_file)
+        folders = {kind: pkg.save(Path(tmp) / kind) for kind, pkg in packages.items()}
+        runs: dict[str, list[dict]] = {kind: [] for kind in WORKERS}
+        for _ in range(args.rounds):
+            for kind in WORKERS:
+                runs[kind].append(run_worker(kind, args, folders.get(kind), blocks_file))
+    return {kind: summarise(rs, args.batch_size * args.block_size) for kind, rs in runs.items()}
+
+
+def memory_ratios(cost: dict[str, dict]) -> dict[str, float]:
+    base = cost["full"]
+    ratios = {}
+    for kind in ("full_lean", "adapter", "lora"):
+        c = cost[kind]
+        ratios[f"memory_ratio_{kind}"] = base["peak_rss_mb"] / c["peak_rss_mb"]
+        ratios[f"memory_ratio_{kind}_over_runtime"] = (base["peak_rss_mb"] - base["rss_runtime_mb"]) / (
+            c["peak_rss_mb"] - c["rss_runtime_mb"]
+        )
+        ratios[f"throughput_ratio_{kind}"] = c["tokens_per_s"] / base["tokens_per_s"]
+    return ratios
 
 
 # ---------------------------------------------------------------------------- analytic FLOP limit
@@ -174,95 +244,253 @@ def flop_limits(full_model, block_size: int, n_kept: int, n_adapter: int, lora_r
     }
 
 
+# ---------------------------------------------------------------------------- quality
+@dataclass(frozen=True)
+class Recipe:
+    """What a data owner trains: adapter kind, steps, learning rate, LoRA rank (alpha = 2 r)."""
+
+    adapter: str
+    steps: int
+    lr: float
+    lora_r: int = 8
+
+    def offsite(self):
+        from privtune.common.offsite import OffsiteConfig
+
+        return OffsiteConfig(**SPLIT, adapter=self.adapter, lora_r=self.lora_r, lora_alpha=2 * self.lora_r)
+
+
+def gain_recovered(zero_shot: float, tuned: float, full_ft: float) -> float:
+    return (zero_shot - tuned) / (zero_shot - full_ft)
+
+
+def transfer(full, emulator, recipe: Recipe, train: torch.Tensor, heldout: torch.Tensor, batch: int) -> dict:
+    """Train ``recipe`` on the emulator, plug it into ``full``: perplexities and seconds."""
+    from privtune.common.offsite import (
+        EmulatorPackage,
+        TrainConfig,
+        adapter_manifest,
+        adapter_state,
+        perplexity,
+        plug_in,
+        train_adapter,
+    )
+
+    model = EmulatorPackage.build(full, recipe.offsite(), emulator=emulator).instantiate(seed=0)
+    trained = train_adapter(
+        model, train, TrainConfig(steps=recipe.steps, batch_size=batch, lr=recipe.lr, seed=0), progress=False
+    )
+    plugged = plug_in(full, adapter_state(model), adapter_manifest(model))
+    return {
+        "emulator_adapter": perplexity(model, heldout, batch),
+        "plugin": perplexity(plugged, heldout, batch),
+        "train_seconds": trained.seconds,
+        "last_loss": trained.last_loss,
+    }
+
+
+def ceiling(full, recipe: Recipe, train: torch.Tensor, heldout: torch.Tensor, batch: int) -> float:
+    """Perplexity of the recipe's adapter trained on the full model itself: what a perfect emulator gives."""
+    from privtune.common.offsite import TrainConfig, perplexity, prepare_adapter, train_adapter
+
+    model = prepare_adapter(copy.deepcopy(full), recipe.offsite(), seed=0)
+    train_adapter(model, train, TrainConfig(steps=recipe.steps, batch_size=batch, lr=recipe.lr, seed=0), progress=False)
+    return perplexity(model, heldout, batch)
+
+
+VARIANTS = {
+    "hidden KD": {"logit_kd_weight": 0.0, "middle_lora_r": 0},
+    "hidden + logit KD": {"logit_kd_weight": 1.0, "middle_lora_r": 0},
+    "hidden + logit KD, middle LoRA r16": {"logit_kd_weight": 1.0, "middle_lora_r": 16, "lr": 1e-3},
+}
+"""Distillation variants of ``--compare-variants`` (LoRA updates take a larger learning rate)."""
+
+
+def distilled(
+    full, public: torch.Tensor, steps: int, args: argparse.Namespace, variant: dict[str, Any] | None = None
+) -> tuple[Any, dict]:
+    from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator
+
+    emulator = build_emulator_model(full, OffsiteConfig(**SPLIT))
+    if steps == 0:
+        return emulator, {"steps": 0, "seconds": 0.0}
+    settings = {"lr": args.distill_lr, "logit_kd_weight": args.logit_kd_weight, "middle_lora_r": args.middle_lora_r}
+    settings.update(variant or {})
+    dcfg = DistillConfig(
+        steps=steps, batch_size=args.batch_size, kd_weight=args.kd_weight, warmup_steps=steps // 10, **settings
+    )
+    result = distill_emulator(full, emulator, public[: steps * args.batch_size], dcfg, progress=False)
+    return emulator, {"steps": steps, "seconds": result.seconds, "lm_last": result.lm_losses[-1]}
+
+
 # ---------------------------------------------------------------------------- the whole benchmark
+def quality_point(full, emulator, lora: Recipe, data: dict[str, torch.Tensor], batch: int, refs: dict) -> dict:
+    from privtune.common.offsite import perplexity
+    from privtune.common.offsite.evaluate import emulator_quality
+
+    point = {
+        "emulator": perplexity(emulator, data["heldout"], batch),
+        "public": emulator_quality(full, emulator, data["public_heldout"], batch),
+        "lora": transfer(full, emulator, lora, data["train"], data["heldout"], batch),
+    }
+    point["plugin_gain_recovered_lora"] = gain_recovered(refs["zero_shot"], point["lora"]["plugin"], refs["full_ft"])
+    print(json.dumps(point), flush=True)
+    return point
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Stages in order of what matters most; the results file is rewritten after each (``complete`` at the end)."""
     args = parse_args(argv)
     if args.worker:
         worker(args)
         return
     from privtune.common.corpus import public_corpus, shakespeare_works
     from privtune.common.models import load_model
-    from privtune.common.offsite import (
-        DistillConfig,
-        EmulatorPackage,
-        OffsiteConfig,
-        TrainConfig,
-        adapter_manifest,
-        adapter_state,
-        build_emulator_model,
-        distill_emulator,
-        perplexity,
-        plug_in,
-        train_adapter,
-    )
+    from privtune.common.offsite import OffsiteConfig, TrainConfig, build_emulator_model, perplexity, train_adapter
     from privtune.common.packing import holdout_split, pack
 
     began = time.perf_counter()
-    load_before = os.getloadavg()[0]
     loaded = load_model("smollm2")
     full, tokenizer = loaded.model, loaded.tokenizer
     private = holdout_split(shakespeare_works(), 0.1)
-    n_train = max(args.train_steps, args.timed_steps + 1) * args.batch_size
-    train = pack(private.train, tokenizer, args.block_size, max_blocks=n_train)
-    heldout = pack(private.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks)
-    public = pack(public_corpus(), tokenizer, args.block_size, max_blocks=max(args.distill_steps, 1) * args.batch_size)
+    budgets = _numbers(args.distill_budgets, int)
+    public_split = holdout_split(public_corpus(), 0.02)
+    batch = args.batch_size
+    data = {
+        "train": pack(private.train, tokenizer, args.block_size, max_blocks=max(args.train_steps, 3) * batch),
+        "heldout": pack(private.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
+        "public": pack(public_split.train, tokenizer, args.block_size, max_blocks=max(max(budgets), 1) * batch),
+        "public_heldout": pack(public_split.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
+    }
+    results: dict[str, Any] = {"settings": settings(args), "load_average_at_start": os.getloadavg()[0]}
 
-    cfg = OffsiteConfig(k_bottom=2, k_top=2, n_emulator=8, adapter="full")
-    lora_cfg = OffsiteConfig(k_bottom=2, k_top=2, n_emulator=8, adapter="lora", lora_r=8, lora_alpha=16)
-    emulator = build_emulator_model(full, cfg)
-    ppl = {"zero_shot": perplexity(full, heldout, args.batch_size)}
-    ppl["emulator_undistilled"] = perplexity(emulator, heldout, args.batch_size)
-    distilled = distill_emulator(
-        full,
-        emulator,
-        public,
-        DistillConfig(
-            steps=args.distill_steps,
-            batch_size=args.batch_size,
-            lr=args.distill_lr,
-            warmup_steps=args.distill_steps // 10,
-        ),
+    def stage(**figures: Any) -> None:
+        results.update(figures)
+        results["wall_seconds"] = time.perf_counter() - began
+        results["load_average_at_end"] = os.getloadavg()[0]
+        write_results(args.output, {**results, "complete": False})
+
+    if not args.skip_cost:  # cost does not depend on the emulator's weights
+        cost = measure_cost(args, full, build_emulator_model(full, OffsiteConfig(**SPLIT)), data["train"])
+        limits = flop_limits(full, args.block_size, n_kept=12, n_adapter=4, lora_r=args.lora_r)
+        report_cost(args, cost, limits)
+        stage(**memory_ratios(cost), cost=cost, analytic=limits)
+
+    refs = {"zero_shot": perplexity(full, data["heldout"], batch)}
+    full_ft_model = copy.deepcopy(full)
+    for p in full_ft_model.parameters():
+        p.requires_grad_(True)
+    tcfg = TrainConfig(steps=args.train_steps, batch_size=batch, lr=args.lr, seed=0, lean=False)
+    full_ft_run = train_adapter(full_ft_model, data["train"], tcfg, progress=False)
+    refs["full_ft"] = perplexity(full_ft_model, data["heldout"], batch)
+    del full_ft_model
+    lora = Recipe("lora", args.train_steps, args.lora_lr, args.lora_r)
+    refs["ceiling_lora"] = ceiling(full, lora, data["train"], data["heldout"], batch)
+    stage(
+        ppl=dict(refs),
+        ceiling_gain_recovered_lora=gain_recovered(refs["zero_shot"], refs["ceiling_lora"], refs["full_ft"]),
+        training={"full_ft": {"last_loss": full_ft_run.last_loss, "seconds": full_ft_run.seconds}},
     )
-    packages = {
-        "adapter": EmulatorPackage.build(full, cfg, emulator=emulator),
-        "lora": EmulatorPackage.build(full, lora_cfg, emulator=emulator),
+
+    curve: list[dict[str, Any]] = []
+    variants: list[dict[str, Any]] = []
+    emulator = None
+    for steps in budgets:
+        emulator, distillation = distilled(full, data["public"], steps, args)
+        curve.append({"distill_steps": steps, "distill_seconds": distillation["seconds"]})
+        curve[-1].update(quality_point(full, emulator, lora, data, batch, refs))
+        if steps > 0 and args.compare_variants and not variants:
+            variants = compare_variants(args, full, steps, curve[-1], lora, data, refs)
+        stage(
+            curve=curve,
+            variants=variants,
+            budget={
+                "distill_steps": [p["distill_steps"] for p in curve],
+                "distill_seconds": [p["distill_seconds"] for p in curve],
+                "distill_batch": [batch, args.block_size],
+                "cores": os.cpu_count(),
+            },
+            plugin_gain_recovered_lora=curve[-1]["plugin_gain_recovered_lora"],
+        )
+    assert emulator is not None
+    last = curve[-1]
+    last["adapter"] = transfer(
+        full, emulator, Recipe("full", args.train_steps, args.lr), data["train"], data["heldout"], batch
+    )
+    last["plugin_gain_recovered"] = gain_recovered(refs["zero_shot"], last["adapter"]["plugin"], refs["full_ft"])
+    ppl = {
+        **refs,
+        "emulator": last["emulator"],
+        "emulator_adapter": last["adapter"]["emulator_adapter"],
+        "plugin": last["adapter"]["plugin"],
+        "emulator_adapter_lora": last["lora"]["emulator_adapter"],
+        "plugin_lora": last["lora"]["plugin"],
+    }
+    stage(curve=curve, ppl=ppl, plugin_gain_recovered=last["plugin_gain_recovered"])
+
+    sweep = []
+    for lr in _numbers(args.sweep_lrs, float):
+        for rank in _numbers(args.sweep_ranks, int) or [args.lora_r]:
+            recipe = Recipe("lora", args.train_steps, lr, rank)
+            result = transfer(full, emulator, recipe, data["train"], data["heldout"], batch)
+            result["plugin_gain_recovered"] = gain_recovered(refs["zero_shot"], result["plugin"], refs["full_ft"])
+            sweep.append({"recipe": asdict(recipe), **result})
+            print(json.dumps(sweep[-1]), flush=True)
+            stage(sweep=sweep)
+    report_quality(args, refs, curve, variants, sweep)
+    results["complete"] = True
+    write_results(args.output, results)
+
+
+def compare_variants(
+    args: argparse.Namespace, full, steps: int, point: dict, lora: Recipe, data: dict, refs: dict
+) -> list[dict[str, Any]]:
+    """The distillation variants at ``steps``; the one the curve already ran is taken from it."""
+    variants = []
+    current = {"logit_kd_weight": args.logit_kd_weight, "middle_lora_r": args.middle_lora_r, "lr": args.distill_lr}
+    for name, variant in VARIANTS.items():
+        entry: dict[str, Any] = {"variant": name, "settings": variant, "distill_steps": steps}
+        if {**current, **variant} == current:
+            entry.update({k: point[k] for k in point if k != "distill_steps"})
+        else:
+            candidate, distillation = distilled(full, data["public"], steps, args, variant)
+            entry["distill_seconds"] = distillation["seconds"]
+            entry.update(quality_point(full, candidate, lora, data, args.batch_size, refs))
+        variants.append(entry)
+    return variants
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": "smollm2 (SmolLM2-135M-Instruct, 30 blocks)",
+        "split": "2-8-2",
+        "batch": [args.batch_size, args.block_size],
+        "dtype": "fp32",
+        "timed_steps": args.timed_steps,
+        "rounds": args.rounds,
+        "distill": {
+            "corpus": "Milton (public)",
+            "lr": args.distill_lr,
+            "kd_weight": args.kd_weight,
+            "logit_kd_weight": args.logit_kd_weight,
+            "middle_lora_r": args.middle_lora_r,
+            "warmup": "10% of steps, then cosine",
+        },
+        "train_steps": args.train_steps,
+        "lr": args.lr,
+        "lora_lr": args.lora_lr,
+        "lora_r": args.lora_r,
+        "eval_blocks": args.eval_blocks,
+        "memory": "VmHWM (peak RSS) of one process per configuration, median over rounds",
     }
 
-    with tempfile.TemporaryDirectory(prefix="bench-offsite-") as tmp:
-        blocks_file = Path(tmp) / "blocks.pt"
-        torch.save(train, blocks_file)
-        folders = {kind: pkg.save(Path(tmp) / kind) for kind, pkg in packages.items()}
-        runs: dict[str, list[dict]] = {kind: [] for kind in WORKERS}
-        for _ in range(args.rounds):
-            for kind in WORKERS:
-                runs[kind].append(run_worker(kind, args, folders.get(kind), blocks_file))
-    cost = {kind: summarise(rs, args.batch_size * args.block_size) for kind, rs in runs.items()}
 
-    steps_cfg = {"steps": args.train_steps, "batch_size": args.batch_size, "seed": 0, "log_every": 5}
-    ppl["emulator"] = perplexity(packages["adapter"].instantiate(), heldout, args.batch_size)
-    rows_trained = {}
-    for kind, lr in (("adapter", args.lr), ("lora", args.lora_lr)):
-        model = packages[kind].instantiate(seed=0)
-        rows_trained[kind] = train_adapter(model, train, TrainConfig(lr=lr, **steps_cfg))
-        suffix = "" if kind == "adapter" else "_lora"
-        ppl[f"emulator_adapter{suffix}"] = perplexity(model, heldout, args.batch_size)
-        plugged = plug_in(full, adapter_state(model), adapter_manifest(model))
-        ppl[f"plugin{suffix}"] = perplexity(plugged, heldout, args.batch_size)
-        del model, plugged
-    full_ft = copy.deepcopy(full)
-    for p in full_ft.parameters():
-        p.requires_grad_(True)
-    rows_trained["full_ft"] = train_adapter(full_ft, train, TrainConfig(lr=args.lr, **steps_cfg))
-    ppl["full_ft"] = perplexity(full_ft, heldout, args.batch_size)
-    del full_ft
-
-    limits = flop_limits(full, args.block_size, n_kept=12, n_adapter=4, lora_r=lora_cfg.lora_r)
+def report_cost(args: argparse.Namespace, cost: dict, limits: dict) -> None:
     base = cost["full"]
     print_table(
         f"SmolLM2-135M training cost, batch {args.batch_size}x{args.block_size}, fp32, "
-        f"{torch.get_num_threads()} threads "
-        f"(median of {args.rounds}x{args.timed_steps} steps; peak RSS (VmHWM) per process)",
-        ["configuration", "tokens/s", "x full", "peak RSS MB", "x less", "train incr. MB", "trainable"],
+        f"{torch.get_num_threads()} threads (median of {args.rounds}x{args.timed_steps} steps; VmHWM per process)",
+        ["configuration", "tokens/s", "x full", "peak RSS MB", "x less", "x less over runtime", "trainable"],
         [
             [
                 label,
@@ -270,76 +498,61 @@ def main(argv: list[str] | None = None) -> None:
                 c["tokens_per_s"] / base["tokens_per_s"],
                 c["peak_rss_mb"],
                 base["peak_rss_mb"] / c["peak_rss_mb"],
-                c["peak_rss_mb"] - c["rss_after_load_mb"],
+                (base["peak_rss_mb"] - base["rss_runtime_mb"]) / (c["peak_rss_mb"] - c["rss_runtime_mb"]),
                 c["trainable_params"],
             ]
             for label, c in (
                 ("(a) full fine-tuning", cost["full"]),
+                ("(a') full FT, chunked head", cost["full_lean"]),
                 ("(b) 2-8-2 emulator, 4 blocks", cost["adapter"]),
-                ("(c) 2-8-2 emulator + LoRA r8", cost["lora"]),
+                (f"(c) 2-8-2 emulator + LoRA r{args.lora_r}", cost["lora"]),
             )
         ],
     )
-    print(
-        f"analytic FLOP limit: {limits['flop_ratio_adapter']:.2f}x (b), {limits['flop_ratio_lora']:.2f}x (c); "
-        f"LM head = {limits['head_share_full_forward']:.0%} of a full forward, "
-        f"{limits['head_share_emulator_forward']:.0%} of the emulator's"
-    )
-    print_table(
-        f"perplexity on {len(heldout)}x{args.block_size} held-out Shakespeare tokens "
-        f"(distillation {args.distill_steps} steps, training {args.train_steps} steps)",
-        ["row", "perplexity"],
-        [[k, v] for k, v in ppl.items()],
-    )
+    print(f"analytic FLOP limit: {limits['flop_ratio_adapter']:.2f}x (b), {limits['flop_ratio_lora']:.2f}x (c)")
 
-    write_results(
-        "offsite",
-        {
-            "throughput_ratio_adapter": cost["adapter"]["tokens_per_s"] / base["tokens_per_s"],
-            "throughput_ratio_lora": cost["lora"]["tokens_per_s"] / base["tokens_per_s"],
-            "memory_ratio_adapter": base["peak_rss_mb"] / cost["adapter"]["peak_rss_mb"],
-            "memory_ratio_lora": base["peak_rss_mb"] / cost["lora"]["peak_rss_mb"],
-            "memory_increment_ratio_adapter": (base["peak_rss_mb"] - base["rss_after_load_mb"])
-            / (cost["adapter"]["peak_rss_mb"] - cost["adapter"]["rss_after_load_mb"]),
-            "memory_increment_ratio_lora": (base["peak_rss_mb"] - base["rss_after_load_mb"])
-            / (cost["lora"]["peak_rss_mb"] - cost["lora"]["rss_after_load_mb"]),
-            "ppl": ppl,
-            "cost": cost,
-            "analytic": limits,
-            "distillation": {
-                "steps": distilled.steps,
-                "lr": args.distill_lr,
-                "corpus": "Milton (public)",
-                "lm_first": distilled.lm_losses[:1],
-                "lm_last": distilled.lm_losses[-1:],
-                "kd_first": distilled.kd_losses[:1],
-                "kd_last": distilled.kd_losses[-1:],
-                "seconds": distilled.seconds,
-            },
-            "training": {
-                k: {"mean_loss": r.mean_loss, "last_loss": r.last_loss, "seconds": r.seconds}
-                for k, r in rows_trained.items()
-            },
-            "settings": {
-                "model": "smollm2 (SmolLM2-135M-Instruct, 30 blocks)",
-                "split": "2-8-2",
-                "batch": [args.batch_size, args.block_size],
-                "dtype": "fp32",
-                "timed_steps": args.timed_steps,
-                "rounds": args.rounds,
-                "distill_steps": args.distill_steps,
-                "distill_lr": args.distill_lr,
-                "train_steps": args.train_steps,
-                "lr": args.lr,
-                "lora_lr": args.lora_lr,
-                "eval_blocks": args.eval_blocks,
-                "memory": "VmHWM (peak RSS) of one process per configuration, median over rounds",
-            },
-            "load_average_at_start": load_before,
-            "load_average_at_end": os.getloadavg()[0],
-            "wall_seconds": time.perf_counter() - began,
-        },
+
+def report_quality(args: argparse.Namespace, refs: dict, curve: list, variants: list, sweep: list) -> None:
+    columns = ["emulator", "emulator/full (public)", "emu+LoRA", "plug-in LoRA", "recovered"]
+
+    def row(p: dict) -> list:
+        lora = p["lora"]
+        return [
+            p["emulator"],
+            p["public"]["ratio"],
+            lora["emulator_adapter"],
+            lora["plugin"],
+            p["plugin_gain_recovered_lora"],
+        ]
+
+    print_table(
+        f"perplexity on held-out Shakespeare ({args.eval_blocks}x{args.block_size} tokens), {args.train_steps} "
+        f"training steps: zero-shot {refs['zero_shot']:.2f}, full FT {refs['full_ft']:.2f}, "
+        f"LoRA on the full model {refs['ceiling_lora']:.2f}",
+        ["distill steps", "seconds", *columns],
+        [[p["distill_steps"], p["distill_seconds"], *row(p)] for p in curve],
     )
+    if variants:
+        print_table(
+            "distillation variants",
+            ["variant", "steps", *columns],
+            [[v["variant"], v["distill_steps"], *row(v)] for v in variants],
+        )
+    if sweep:
+        print_table(
+            "LoRA recipe at the largest budget",
+            ["lr", "rank", "emu+LoRA", "plug-in", "recovered"],
+            [
+                [
+                    s["recipe"]["lr"],
+                    s["recipe"]["lora_r"],
+                    s["emulator_adapter"],
+                    s["plugin"],
+                    s["plugin_gain_recovered"],
+                ]
+                for s in sweep
+            ],
+        )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from privtune.common.checkpoint import remove_checkpoint
 from privtune.common.corpus import public_corpus
 from privtune.common.models import ULT_TABLE_FILE, LoadedModel, TinySpec, save_model, tiny_model
 from privtune.common.paths import cache_dir
@@ -84,5 +85,5 @@ def demo_model(spec: DemoModelSpec = DemoModelSpec()) -> Path:
     staging = folder.with_name(folder.name + ".tmp")
     save_model(LoadedModel(model, tokenizer, "demo"), staging)
     staging.rename(folder)
-    checkpoint.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint)
     return folder

@@ -79,3 +79,14 @@ def evaluation_table(
         value = results[row.key]
         print(f"  {row.label:<{width}}  {'-' if value is None else f'{value:10.2f}'}")
     return results
+
+
+def emulator_quality(full_model: nn.Module, emulator: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> dict:
+    """How well the emulator stands in for the full model on public held-out text.
+
+    The ratio emulator / full perplexity is what the package records: near 1 the adapters data
+    owners train against it transfer; far above 1 they learn to repair the emulator instead.
+    """
+    full = perplexity(full_model, blocks, batch_size)
+    emulated = perplexity(emulator, blocks, batch_size)
+    return {"emulator_ppl": emulated, "full_ppl": full, "ratio": emulated / full, "blocks": list(blocks.shape)}

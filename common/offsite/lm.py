@@ -1,21 +1,43 @@
-"""Next-token loss on packed blocks, shared by adapter training, distillation and evaluation."""
+"""Next-token loss on packed blocks, shared by adapter training, distillation and evaluation.
+
+Two ways to compute the training loss. :func:`lm_loss` runs the model as Hugging Face does and
+materialises the whole ``batch x seq x vocab`` logit tensor (SmolLM2: 49k columns, so at batch 4 x
+128 the logits, their fp32 log-softmax and their gradient each weigh 100 MB). :func:`lean_lm_loss`
+gives the same value and gradients at a fraction of the memory, for training against an emulator:
+
+- the LM head and cross-entropy run on chunks of :data:`HEAD_CHUNK` tokens, each under activation
+  checkpointing, so at most one chunk's logits exist at a time, in the forward and in the backward;
+- blocks without a trainable parameter (the emulator's frozen middle) keep only their input for the
+  backward and recompute their inside when the gradient passes through them to the bottom adapter.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from privtune.common.families import get_blocks
+
+HEAD_CHUNK = 256
+"""Tokens per LM-head chunk: 256 x 49k fp32 logits = 50 MB at a time."""
+
+
+def _positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """``position_ids`` expanded to the batch: Opacus' per-example gradients need every input to carry the batch
+    dimension (GPT-2 otherwise broadcasts a [1, T] tensor)."""
+    batch, length = input_ids.shape
+    return torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits for a batch of blocks.
-
-    ``position_ids`` are passed expanded to the batch: Opacus' per-example gradients need every
-    input to carry the batch dimension (GPT-2 otherwise broadcasts a [1, T] tensor).
-    """
-    batch, length = input_ids.shape
-    position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(batch, length)
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    """Logits for a batch of blocks."""
+    return model(input_ids=input_ids, position_ids=_positions(input_ids), use_cache=False).logits
 
 
 def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -26,3 +48,65 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str
 
 def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return next_token_nll(forward_logits(model, input_ids), input_ids)
+
+
+def supports_lean(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal LM itself.
+
+    A wrapper (Opacus' GradSampleModule) is not: its per-sample hooks must see each layer run once
+    per step, which recomputation would break.
+    """
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and model.get_output_embeddings() is not None
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The hidden state the LM head reads (after the final norm), without running the head."""
+    base = model.base_model  # a transformers property, typed as a tensor by nn.Module.__getattr__
+    return base(input_ids=input_ids, position_ids=_positions(input_ids), use_cache=False).last_hidden_state  # type: ignore[operator]
+
+
+def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_nll(
+    head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK
+) -> torch.Tensor:
+    """Mean next-token NLL of ``head(hidden)`` without holding more than ``chunk`` tokens' logits at once."""
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        piece = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_nll, head, states[piece], targets[piece], use_reentrant=False)
+    return total / len(targets)
+
+
+def _frozen(block: nn.Module) -> bool:
+    return not any(p.requires_grad for p in block.parameters())
+
+
+@contextlib.contextmanager
+def recompute_frozen_blocks(model: nn.Module) -> Iterator[int]:
+    """Within the context, blocks with no trainable parameter keep only their input for the backward.
+
+    Yields how many blocks are recomputed. Nothing changes in the model's state dict or modules: the
+    blocks' ``forward`` is shadowed by an instance attribute and restored on exit.
+    """
+    frozen = [block for block in get_blocks(model) if _frozen(block)]
+    for block in frozen:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield len(frozen)
+    finally:
+        for block in frozen:
+            del block.forward
+
+
+def lean_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """:func:`lm_loss` for a Hugging Face model (see :func:`supports_lean`), in less memory."""
+    with recompute_frozen_blocks(model):
+        hidden = final_hidden(model, input_ids)
+    return chunked_nll(model.get_output_embeddings(), hidden, input_ids, chunk)  # type: ignore[operator]

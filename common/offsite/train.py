@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.offsite.lm import lm_loss
+from privtune.common.offsite.lm import lean_lm_loss, lm_loss, supports_lean
 
 DTYPES = ("fp32", "bf16")
 
@@ -46,6 +46,8 @@ class TrainConfig:
     seed: int | None = None
     log_every: int = 10
     weight_decay: float = 0.0
+    lean: bool = True
+    """Chunked LM head and recomputed frozen blocks (:func:`lean_lm_loss`) where the model allows it."""
 
     def __post_init__(self) -> None:
         check_loop_settings("training", self.dtype, self.steps, self.batch_size, self.lr)
@@ -135,6 +137,7 @@ def train_adapter(
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
         batches = shuffled_batches(blocks, cfg.batch_size, seed)
     stream = iter(batches)
+    loss_of = lean_lm_loss if cfg.lean and supports_lean(model) else lm_loss
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -148,7 +151,7 @@ def train_adapter(
                 batch = batch[0]
             optimizer.zero_grad(set_to_none=True)
             with autocast(cfg.dtype):
-                loss = lm_loss(model, batch)
+                loss = loss_of(model, batch)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

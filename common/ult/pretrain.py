@@ -14,7 +14,6 @@ owner later warm-starts from it with :func:`common.ult.keys.permuted_rows`.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from privtune.common.checkpoint import load_checkpoint, save_checkpoint
 from privtune.common.corpus import Document, public_corpus
 from privtune.common.errors import PrivtuneError
 from privtune.common.offsite.lm import lm_loss
@@ -122,7 +122,7 @@ def pretrain_ult(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.steps, 1))
     path = Path(checkpoint) if checkpoint is not None else None
-    start_step = _resume(path, fingerprint, model, optimizer, scheduler) if path and path.exists() else 0
+    start_step = _resume(path, fingerprint, model, optimizer, scheduler) if path else 0
     result = PretrainResult(steps=start_step, resumed_from=start_step)
     batches = shuffled_batches(blocks, cfg.batch_size, cfg.seed, start_step)
     was_training = model.training
@@ -157,34 +157,20 @@ def _save(
     path: Path, step: int, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
 ) -> None:
     state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "fingerprint": fingerprint,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_checkpoint(path, CHECKPOINT_FORMAT, step, fingerprint, state)
 
 
 def _resume(path: Path, fingerprint: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    try:
-        state = torch.load(path, weights_only=True)
-    except Exception as err:  # torch raises several unrelated types for a damaged file
-        raise PrivtuneError(
-            f"ULT pretraining checkpoint {path} is unreadable ({type(err).__name__}); delete it to start over"
-        ) from None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-        raise PrivtuneError(
-            f"ULT pretraining checkpoint {path} was made for another model, table, corpus or settings; "
-            "delete it to start over, or rerun with the original settings"
-        )
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"])
+    found = load_checkpoint(path, CHECKPOINT_FORMAT, fingerprint, "ULT pretraining", "model, table, corpus or settings")
+    if found is None:
+        return 0
+    model.load_state_dict(found.state["model"])
+    optimizer.load_state_dict(found.state["optimizer"])
+    scheduler.load_state_dict(found.state["scheduler"])
+    torch.set_rng_state(found.state["rng"])
+    return found.step

@@ -16,6 +16,21 @@ from privtune.common.offsite import (
 from privtune.common.packing import pack
 from privtune.common.text_tokenizer import ByteTokenizer
 
+PREPARE_ARGS = [
+    "--model",
+    "tiny-llama",
+    "--k-bottom",
+    "1",
+    "--k-top",
+    "1",
+    "--n-emulator",
+    "2",
+    "--distill-steps",
+    "4",
+    "--block-size",
+    "32",
+    "--public-data",
+]
 TEXT = "Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought death. " * 40
 
 
@@ -38,36 +53,23 @@ def text_folder(tmp_path):
 
 def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, capsys):
     out = tmp_path / "prep"
-    code = main(
-        [
-            "prepare",
-            "--model",
-            "tiny-llama",
-            "--k-bottom",
-            "1",
-            "--k-top",
-            "1",
-            "--n-emulator",
-            "2",
-            "--distill-steps",
-            "4",
-            "--block-size",
-            "32",
-            "--public-data",
-            str(text_folder),
-            "-o",
-            str(out),
-        ]
-    )
+    cache = tmp_path / "cache"
+    code = main(["prepare", "--distill-cache", str(cache), *PREPARE_ARGS, str(text_folder), "-o", str(out)])
     assert code == 0
     package = EmulatorPackage.load(out / "emulator")
     assert package.split.kept == [0, 1, 4, 5]
     distillation = package.manifest["distillation"]
-    assert distillation["steps"] == 4 and distillation["corpus"] == "text"
+    assert distillation["steps"] == 4 and distillation["corpus"] == "text" and "history" not in distillation
+    quality = package.manifest["emulator_quality"]
+    assert quality["ratio"] == pytest.approx(quality["emulator_ppl"] / quality["full_ppl"]) and quality["ratio"] > 0
+    assert len(json.loads((out / "distillation.json").read_text())["history"]) == 4
+    assert (out / "distillation.png").read_bytes().startswith(b"\x89PNG")
     reference = json.loads((out / "model.json").read_text())
     assert reference["source"] == "tiny-llama" and reference["package_hash"] == package.content_hash
-    assert not (out / "distill.ckpt").exists()
-    assert "held-out public KD" in capsys.readouterr().out
+    (cached,) = cache.iterdir()  # the distilled middle, its record and curve; the checkpoint is gone
+    assert sorted(p.name for p in cached.iterdir()) == ["distillation.json", "distillation.png", "middle.safetensors"]
+    printed = capsys.readouterr().out
+    assert "emulator quality on held-out public text" in printed and "(resumed at 0)" in printed
 
     # a data owner's adapter, saved, then scored by 'privtune evaluate'
     model = package.instantiate(seed=0)
@@ -98,6 +100,45 @@ def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, ca
     table = json.loads(table_path.read_text())
     assert set(table) == {"zero_shot", "emulator", "emulator_adapter", "plugin", "full_ft"}
     assert all(v > 1 for v in table.values())
+
+    # the same preparation again: the distillation is read from the cache, and the package is the same
+    again = tmp_path / "again"
+    assert main(["prepare", "--distill-cache", str(cache), *PREPARE_ARGS, str(text_folder), "-o", str(again)]) == 0
+    assert "cached in" in capsys.readouterr().out
+    assert EmulatorPackage.load(again / "emulator").content_hash == package.content_hash
+
+
+def test_an_interrupted_distillation_resumes_from_the_cache(tmp_path, text_folder, monkeypatch, capsys):
+    from privtune.common.offsite import distill as distill_module
+
+    cache = tmp_path / "cache"
+    original = distill_module.distill_emulator
+
+    def interrupted(*args, **kwargs):
+        def stop(step, losses):
+            if step == 3:
+                raise KeyboardInterrupt
+
+        return original(*args, **kwargs, on_step=stop)
+
+    out = str(tmp_path / "p")
+    argv = [
+        "prepare",
+        "--distill-cache",
+        str(cache),
+        "--checkpoint-every",
+        "2",
+        *PREPARE_ARGS,
+        str(text_folder),
+        "-o",
+        out,
+    ]
+    monkeypatch.setattr(distill_module, "distill_emulator", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(distill_module, "distill_emulator", original)
+    assert main(argv) == 0
+    assert "(resumed at 2)" in capsys.readouterr().out
 
 
 def test_prepare_without_distillation_and_evaluate_training_here(tmp_path, text_folder):

@@ -4,7 +4,7 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import blocks_prefix
 from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
-from privtune.common.offsite.distill import kd_loss
+from privtune.common.offsite.distill import kd_loss, logit_kd_loss
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
 CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2)
@@ -63,7 +63,76 @@ def test_resume_continues_the_step_count_and_reproduces_the_uninterrupted_run(tm
 
     again = distill_emulator(full, build_emulator_model(full, CFG), blocks, cfg, checkpoint=checkpoint, progress=False)
     assert again.resumed_from == 8 and again.kd_losses == []
-    with pytest.raises(PrivtuneError, match="another model, split, data or settings"):
+    with pytest.raises(PrivtuneError, match="another model, data or settings"):
         distill_emulator(
             full, build_emulator_model(full, CFG), blocks, DistillConfig(steps=9), checkpoint=checkpoint, progress=False
         )
+
+
+def test_logit_kd_is_the_mean_kl_from_the_teacher():
+    teacher = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])
+    student = torch.tensor([[[0.0, 1.0, 0.0], [0.5, 0.5, 0.5]]])
+    p, q = teacher.softmax(-1), student.softmax(-1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert logit_kd_loss(teacher, student).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert logit_kd_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@torch.no_grad()
+def _logit_kl(full, emulator, blocks):
+    full.eval()
+    emulator.eval()
+    return logit_kd_loss(full(blocks).logits, emulator(blocks).logits).item()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])  # GPT-2's transposed Conv1D and nn.Linear
+def test_middle_lora_with_logit_kd_lowers_both_kds_and_merges_into_the_middle(family):
+    full = tiny(family)
+    emulator = build_emulator_model(full, CFG)
+    blocks = token_blocks(32, 24, seed=0)
+    before = snapshot(emulator)
+    names = set(before)
+    cfg = DistillConfig(steps=25, batch_size=4, lr=1e-2, lm_weight=0.0, logit_kd_weight=1.0, middle_lora_r=4)
+    heldout = token_blocks(8, 24, seed=1)
+    kd_before, kl_before = middle_kd(full, emulator, heldout), _logit_kl(full, emulator, heldout)
+    result = distill_emulator(full, emulator, blocks, cfg, progress=False)
+    assert middle_kd(full, emulator, heldout) < 0.95 * kd_before  # rank 4 of 32 dimensions: a small step
+    assert _logit_kl(full, emulator, heldout) < kl_before
+    assert all(loss > 0 for loss in result.logit_kd_losses)
+    after = emulator.state_dict()
+    assert set(after) == names  # merged: a plain model again, no LoRA tensors left
+    prefix = blocks_prefix(emulator) + "."
+    changed = {int(k[len(prefix) :].split(".")[0]) for k in names if not torch.equal(before[k], after[k])}
+    assert changed == {1, 2}
+    assert all(p.requires_grad for p in emulator.parameters())
+
+
+def test_resume_with_middle_lora_reproduces_the_run_and_keeps_one_step(tmp_path):
+    full, blocks = tiny("llama"), token_blocks(16, 24)
+    cfg = DistillConfig(steps=6, batch_size=4, lr=3e-3, checkpoint_every=2, middle_lora_r=2, logit_kd_weight=0.5)
+    straight = build_emulator_model(full, CFG)
+    whole = distill_emulator(full, straight, blocks, cfg, progress=False)
+
+    def stop_at_3(step, losses):
+        if step == 3:
+            raise Interrupted
+
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):
+        distill_emulator(
+            full, build_emulator_model(full, CFG), blocks, cfg, checkpoint=checkpoint, progress=False, on_step=stop_at_3
+        )
+    fresh = build_emulator_model(full, CFG)
+    result = distill_emulator(full, fresh, blocks, cfg, checkpoint=checkpoint, progress=False)
+    assert result.resumed_from == 2 and result.steps == 6
+    assert torch.allclose(torch.tensor(result.history), torch.tensor(whole.history))  # the whole run, resumed part too
+    expected, got = straight.state_dict(), fresh.state_dict()
+    assert all(torch.allclose(expected[k], got[k], atol=1e-7) for k in expected)
+    assert [p.name for p in checkpoint.iterdir()] == ["step-000000006"]
+
+
+def test_bad_distillation_settings_are_refused():
+    with pytest.raises(PrivtuneError, match=">= 0"):
+        DistillConfig(logit_kd_weight=-1.0)
+    with pytest.raises(PrivtuneError, match=">= 0"):
+        DistillConfig(middle_lora_r=-2)

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from privtune.common.offsite import evaluation_table, perplexity
+from privtune.common.offsite import OffsiteConfig, build_emulator_model, evaluation_table, perplexity
+from privtune.common.offsite.evaluate import emulator_quality
 from tests.common.offsite.conftest import tiny, token_blocks
 
 
@@ -33,3 +34,14 @@ def test_evaluation_table_reports_given_models_and_skips_others(capsys):
     assert table["zero_shot"] == table["plugin"] == pytest.approx(perplexity(full, blocks))
     assert table["emulator"] is table["emulator_adapter"] is table["full_ft"] is None
     assert "plug-in" in capsys.readouterr().out
+
+
+def test_emulator_quality_puts_the_emulator_next_to_the_full_model():
+    full = tiny("llama")
+    blocks = token_blocks(4, 16)
+    same = emulator_quality(full, full, blocks, batch_size=3)
+    assert same["ratio"] == pytest.approx(1.0) and same["emulator_ppl"] == pytest.approx(perplexity(full, blocks))
+    thinned = build_emulator_model(full, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1))
+    quality = emulator_quality(full, thinned, blocks)
+    assert quality["emulator_ppl"] == pytest.approx(perplexity(thinned, blocks))
+    assert quality["ratio"] == pytest.approx(quality["emulator_ppl"] / quality["full_ppl"]) and quality["ratio"] != 1

@@ -5,7 +5,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.families import get_blocks
 from privtune.common.offsite import EmulatorPackage, OffsiteConfig, TrainConfig, adapter_state, train_adapter
+from privtune.common.offsite.lm import final_hidden, lean_lm_loss, lm_loss, recompute_frozen_blocks, supports_lean
 from privtune.common.offsite.train import shuffled_batches
 from tests.common.offsite.conftest import tiny, token_blocks
 
@@ -79,3 +81,75 @@ def test_bad_settings_are_refused():
         train_adapter(model, token_blocks(), TrainConfig(steps=1), progress=False)
     with pytest.raises(PrivtuneError, match="non-empty"):
         train_adapter(model, torch.zeros(0, 8, dtype=torch.long), TrainConfig(steps=1), progress=False)
+
+
+def _loss_and_grads(model, blocks, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, blocks)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lean_loss_gives_the_plain_loss_and_gradients(family):
+    """Chunked head (chunks that do not divide the tokens) and recomputed frozen blocks change no number."""
+    model = EmulatorPackage.build(tiny(family), CFG).instantiate(seed=0)
+    model.eval()  # dropout off (tiny GPT-2/OPT have it): both passes see the same function
+    with torch.no_grad():  # a non-zero B, so the LoRA A factors get gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    blocks = token_blocks(3, 24)
+    plain, plain_grads = _loss_and_grads(model, blocks, lm_loss)
+    lean, lean_grads = _loss_and_grads(model, blocks, lambda m, b: lean_lm_loss(m, b, chunk=10))
+    assert lean == pytest.approx(plain, rel=1e-6)
+    assert set(lean_grads) == set(plain_grads) and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        assert torch.allclose(lean_grads[name], grad, atol=1e-6), name
+
+
+def test_only_frozen_blocks_are_recomputed_and_their_forward_is_restored():
+    model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
+    blocks = get_blocks(model)
+    with recompute_frozen_blocks(model) as count:
+        assert count == 2  # the emulator's two middle blocks; the adapter blocks hold LoRA factors
+        assert [("forward" in vars(b)) for b in blocks] == [False, True, True, False]
+    assert not any("forward" in vars(b) for b in blocks)
+
+
+def _saved_for_backward(model, fn) -> tuple[int, list[tuple[int, ...]]]:
+    """Bytes (one count per storage) and shapes of what autograd keeps for the backward, weights aside."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    shapes: list[tuple[int, ...]] = []
+
+    def keep(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+            shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        fn()
+    return sum(storages.values()), shapes
+
+
+def test_lean_training_keeps_no_logits_and_only_block_inputs_of_the_frozen_middle():
+    model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
+    vocab = model.config.vocab_size
+    blocks = token_blocks(4, 48)
+    _, plain_shapes = _saved_for_backward(model, lambda: lm_loss(model, blocks))
+    _, lean_shapes = _saved_for_backward(model, lambda: lean_lm_loss(model, blocks, chunk=16))
+    assert any(shape[-1] == vocab for shape in plain_shapes)
+    assert not any(shape[-1] == vocab for shape in lean_shapes)
+
+    kept, _ = _saved_for_backward(model, lambda: final_hidden(model, blocks))
+    with recompute_frozen_blocks(model):
+        recomputed, _ = _saved_for_backward(model, lambda: final_hidden(model, blocks))
+    assert recomputed < 0.75 * kept  # 2 of 4 blocks keep only their input
+
+
+def test_lean_is_skipped_for_a_wrapper():
+    model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
+    assert supports_lean(model)
+    assert not supports_lean(torch.nn.Sequential(model))
