@@ -29,3 +29,49 @@ def write_simulation_outputs(cfg: FederationConfig, out: Path, owners: int) -> d
             privacy[f"owner-{i}"] = {"releases": []}
     (out / "privacy.json").write_text(json.dumps(privacy, indent=2, sort_keys=True) + "\n")
     return metrics
+
+
+PERPLEXITIES = (
+    ("zero_shot_ppl", "public model (zero-shot)"),
+    ("emulator_ppl", "emulator alone"),
+    ("emulator_adapter_ppl", "emulator + trained adapter (what data owners see)"),
+    ("plugin_ppl", "full model + aggregated adapter (plug-in)"),
+)
+
+
+def markdown_run_section(title: str, out: Path, report_dir: Path) -> list[str]:
+    """One run of a simulation as report text: perplexities, each owner's guarantees, its plots."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    privacy = json.loads((out / "privacy.json").read_text()) if (out / "privacy.json").exists() else {}
+    config = metrics.get("config", {})
+    lines = [
+        f"## {title}",
+        "",
+        f"Model `{config.get('model')}`, encoding {config.get('encoding')}, "
+        f"{config.get('num-server-rounds')} rounds, run folder `{out}`.",
+        "",
+    ]
+    lines += ["| held-out perplexity | value |", "|---|---|"]
+    for key, label in PERPLEXITIES:
+        value = metrics.get(key)
+        lines.append(f"| {label} | {'not measured' if value is None else f'{value:.2f}'} |")
+    lines += ["", "| owner | guarantee | unit | scope | what it says |", "|---|---|---|---|---|"]
+    for owner, report in sorted(privacy.items()):
+        for g in report.get("guarantees", []):
+            lines.append(
+                f"| {owner} | {g.get('title', g.get('kind'))} | {g.get('unit', '-')} | {g.get('scope', '-')} | "
+                f"{g.get('statement', '')} |"
+            )
+    for plot in sorted((out / "server" / "plots").glob("*.png")):
+        target = report_dir / f"{out.name}-{plot.name}"
+        shutil.copy(plot, target)
+        lines += ["", f"![{plot.stem}]({target.name})"]
+    return lines + [""]
+
+
+def write_markdown_report(report_dir: Path, title: str, sections: list[list[str]]) -> Path:
+    """``report.md`` in ``report_dir`` from sections of lines (plots are copied beside it)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    path = report_dir / "report.md"
+    path.write_text("\n".join([f"# {title}", "", *[line for section in sections for line in section]]) + "\n")
+    return path
