@@ -22,7 +22,7 @@ import torch
 
 from privtune.client.data import OwnerData
 from privtune.client.site import SiteConfig
-from privtune.common.dpsgd import DpSgdConfig, train_round
+from privtune.common.dpsgd import DpSgdConfig, Release, train_round
 from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
 from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
@@ -43,7 +43,7 @@ def train_with_dpsgd(
     cfg: FederationConfig,
     schedule: tuple[tuple[float, int], ...],
     proximal_mu: float = 0.0,
-    release: str = "",
+    release: Release | None = None,
 ) -> TrainResult:
     ledger = Ledger(site.ledger_path, site.owner)
     if ledger.budget("dpsgd") is None:

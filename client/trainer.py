@@ -21,6 +21,7 @@ import torch
 from privtune.client.data import OwnerData, load_owner_data, owner_tokenizer
 from privtune.client.releases import EVALUATION_WITHHELD, may_evaluate, train_metrics
 from privtune.client.site import SiteConfig
+from privtune.common.dpsgd import Release
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import (
@@ -111,7 +112,7 @@ class OwnerTrainer:
             data.train,
             self._train_config(self.cfg.local_steps, server_round),
             float(config.get(PROXIMAL_MU, 0.0)),
-            f"federated adapter, round {server_round}",
+            Release("federated adapter", f"round {server_round}"),
         )
         return adapter_state(model), train_metrics(self.cfg, data, result)
 
@@ -124,7 +125,7 @@ class OwnerTrainer:
         members = []
         for shard, blocks in enumerate(data.shards):
             model = self._model(public_state, {EMBEDDINGS_KEYED: False})
-            release = f"PMixED member {shard + 1} of {len(data.shards)} (its shard only, from the public start)"
+            release = Release("PMixED member", f"shard {shard + 1} of {len(data.shards)}, from the public start")
             self._train(model, blocks, self._train_config(self.cfg.member_track_steps, seed + shard), 0.0, release)
             members.append(adapter_state(model))
         return members
@@ -135,7 +136,7 @@ class OwnerTrainer:
         )
 
     def _train(
-        self, model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, mu: float, release: str
+        self, model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, mu: float, release: Release
     ) -> TrainResult:
         """Train ``model`` in place: DP-SGD when configured (charged to the ledger as ``release``), else plain."""
         if self.cfg.dp_epsilon > 0:

@@ -87,6 +87,16 @@ class DpSgdConfig:
 
 
 @dataclass(frozen=True)
+class Release:
+    """What a round's training is released as (recorded with the round in the ledger)."""
+
+    kind: str = ""
+    """e.g. "federated adapter", "PMixED member"."""
+    part: str = ""
+    """Which one, e.g. "round 2", "shard 1 of 2"."""
+
+
+@dataclass(frozen=True)
 class RoundPlan:
     noise_multiplier: float
     sample_rate: float
@@ -210,11 +220,12 @@ def plan_round(
     return plan
 
 
-def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: str = "") -> Record:
+def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: Release | None = None) -> Record:
     """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction.
 
-    ``release`` names what the round's training is released as (e.g. "federated adapter, round 2"),
-    so the ledger lists every kind of release its DP-SGD epsilon covers."""
+    ``release`` says what the round's training is released as, so the ledger lists every kind of
+    release its DP-SGD epsilon covers."""
+    release = release or Release()
     return ledger.set_cumulative(
         "dpsgd",
         lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
@@ -226,7 +237,8 @@ def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: s
             "steps": plan.steps,
             "max_grad_norm": plan.max_grad_norm,
             "accountant": "rdp (opacus)",
-            "release": release,
+            "release": release.kind,
+            "part": release.part,
         },
     )
 
@@ -261,7 +273,7 @@ def train_round(
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
     seed: int | None = None,
     proximal_mu: float = 0.0,
-    release: str = "",
+    release: Release | None = None,
 ) -> RoundResult:
     """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids), Poisson batches of mean size ``batch_size``.
 

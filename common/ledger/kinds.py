@@ -192,16 +192,18 @@ class Dpsgd(Kind):
     def _state(self, worst: float, subjects: int, records: list[Record], budget: Budget | None) -> dict[str, Any]:
         delta = records[-1].delta if records else (budget.delta if budget else 0.0)
         steps = sum(int(r.details.get("steps", 0)) for r in records)
+        covered = sorted({str(r.details["release"]) for r in records if r.details.get("release")})
         return {
             "epsilon": worst,
             "delta": delta,
             "steps": steps,
             "rounds": len(records),
+            "releases_covered": covered,
             "spent_text": f"eps {worst:.4g} at delta {delta:g}",
             "statement": (
                 f"({worst:.6g}, {delta:g})-DP for each training example of this owner's data, from the RDP "
                 f"accountant over all {steps} DP-SGD steps in {len(records)} round(s); unit: one training "
-                "example (one token block)"
+                "example (one token block)" + (f"; covers: {', '.join(covered)}" if covered else "")
             ),
         }
 

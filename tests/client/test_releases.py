@@ -121,11 +121,16 @@ def test_dpsgd_charges_both_tracks_and_reaches_the_target_exactly(tmp_path, pack
     train_reply(trainer, request(package, {SERVER_ROUND: 1}))
     train_reply(trainer, request(package, {TRACK: MEMBER_TRACK, SERVER_ROUND: 2}))
     records = Ledger(trainer.site.ledger_path, create=False).records("dpsgd")
-    assert [r.details["release"] for r in records] == [
-        "federated adapter, round 1",
-        "PMixED member 1 of 2 (its shard only, from the public start)",
-        "PMixED member 2 of 2 (its shard only, from the public start)",
+    assert [(r.details["release"], r.details["part"]) for r in records] == [
+        ("federated adapter", "round 1"),
+        ("PMixED member", "shard 1 of 2, from the public start"),
+        ("PMixED member", "shard 2 of 2, from the public start"),
     ]
+    dpsgd = next(
+        g for g in Ledger(trainer.site.ledger_path, create=False).report()["guarantees"] if g["kind"] == "dpsgd"
+    )
+    assert dpsgd["releases_covered"] == ["PMixED member", "federated adapter"]
+    assert "covers: PMixED member, federated adapter" in dpsgd["statement"]
     assert 8.0 * 0.99 < records[-1].total <= 8.0 * (1 + 1e-9)
     # the plan is spent: one more round is refused, not trained
     with pytest.raises(PrivtuneError, match="refused"):
