@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
         nodes = plant_secrets(cfg, args.owners, Path(args.out), args.canaries, repeats, overwrite=args.overwrite)
     with stop_on_signals():
         metrics = simulate(cfg, args.owners, Path(args.out), nodes)
+    from privtune.report import markdown_run_section, write_markdown_report
+
+    out = Path(args.out)
+    report = write_markdown_report(out, "privtune simulate", [markdown_run_section("Federated run", out, out)])
+    print(f"report: {report}")
     print(json.dumps({k: metrics[k] for k in ("zero_shot_ppl", "emulator_adapter_ppl", "plugin_ppl")}, indent=2))
     return 0
 
