@@ -115,13 +115,15 @@ class SymbolMapper:
         Ids outside the table become :data:`INVALID_MARK`, or raise PrivtuneError when ``strict``;
         every other id sequence has a stream (see the module docstring).
         """
-        arrays = [np.asarray(seq, dtype=np.int64).reshape(-1) for seq in sequences]
+        arrays = [np.asarray(seq).reshape(-1) for seq in sequences]
+        # Signed integers of 32 or 64 bits pass as they are (clipping below needs room for the vocabulary).
+        arrays = [a if a.dtype.kind == "i" and a.dtype.itemsize >= 4 else a.astype(np.int64) for a in arrays]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
         seq_starts = np.cumsum(lengths + 1) - lengths - 1
         if len(arrays) == 1:
             joined = arrays[0]
         else:
-            joined = np.empty(int(lengths.sum()) + len(arrays) - 1, dtype=np.int64)
+            joined = np.empty(int(lengths.sum()) + len(arrays) - 1, dtype=np.result_type(*arrays))
             for start, array in zip(seq_starts.tolist(), arrays):
                 joined[start : start + array.size] = array
         index = np.clip(joined, -1, self.vocab_size)
@@ -148,7 +150,7 @@ class SymbolMapper:
     def _spell_digits(self, ids: np.ndarray, stream: np.ndarray) -> None:
         """Replace each group of digit ids by the code it spells (in place, at the group's first digit)."""
         digit_at = np.flatnonzero(stream == _DIGIT)
-        values = ids[digit_at]
+        values = ids[digit_at].astype(np.int64)
         final = values >= FINAL_DIGIT_ID
         digits = np.where(final, values - FINAL_DIGIT_ID, values - CONTINUE_DIGIT_ID)
         # A run: consecutive digits, broken after a final digit; groups cut runs into 15s.
