@@ -93,10 +93,17 @@ def decline_reason(message: Message) -> str | None:
 
 
 def content_bytes(content: RecordDict) -> int:
-    """Bytes of the tensors and values a message carries (what the wire has to move, roughly)."""
-    total = 0
-    for record in content.array_records.values():
-        total += record.count_bytes()
+    """Bytes of the tensors and values a message carries (what the wire has to move, roughly).
+
+    Counted here rather than by Flower's ``count_bytes``, which raises on an empty text value: a
+    reply carrying one (an owner named "") must be rejected, not stop the model owner's round.
+    """
+    total = sum(record.count_bytes() for record in content.array_records.values())
     for values in list(content.config_records.values()) + list(content.metric_records.values()):
-        total += values.count_bytes()
+        total += sum(len(key) + _value_bytes(value) for key, value in values.items())
     return total
+
+
+def _value_bytes(value: Any) -> int:
+    items = value if isinstance(value, list) else [value]
+    return sum(len(v) if isinstance(v, (str, bytes)) else 1 if isinstance(v, bool) else 8 for v in items)

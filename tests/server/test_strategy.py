@@ -48,7 +48,7 @@ def aggregate(strategy, replies, server_round=1):
 
 
 @pytest.mark.parametrize(
-    "name", ["../../../../tmp/x", "/tmp/x", "a/b", "..", ".hidden", "x" * 65, "aggregate", "node-3"]
+    "name", ["../../../../tmp/x", "/tmp/x", "a/b", "..", ".hidden", "", "x" * 65, "aggregate", "node-3"]
 )
 def test_a_name_that_is_a_path_or_reserved_is_refused(name):
     s = strategy()
