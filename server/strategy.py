@@ -9,8 +9,9 @@ The mixin adds four things to whichever Flower strategy aggregates:
 - each owner's name is checked and bound to its node (it names the owner's member folder), and
   each accepted update is weighted equally, or by its declared example count capped at
   ``max-examples-per-owner``: no owner's claim can outweigh the others beyond that cap;
-- per-round bookkeeping (bytes each way, rejections, each owner's latest accepted adapter, which the
-  PMixED ensemble uses as its members).
+- per-round bookkeeping (bytes each way, rejections, each owner's latest accepted adapter; after
+  round 1 that adapter depends on every owner's data, so PMixED's members come from the member
+  track instead, see :mod:`privtune.server.member_track`).
 
 A resumed run must continue the same optimisation, so the mixin also carries ``round_offset`` (the
 rounds finished before this start: Flower's own strategy, and the clients' per-round seeds, see
