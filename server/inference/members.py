@@ -52,7 +52,8 @@ class ServedModel:
         return len(self.adapters)
 
     def load_members(self) -> list[MemberAdapter]:
-        return [load_member(Path(folder)) for folder in self.adapters]
+        """The members, refused unless each is one owner's data and they are pairwise disjoint."""
+        return checked_members(self.adapters)
 
     def load_public_embeddings(self, base_model: nn.Module) -> dict[str, torch.Tensor] | None:
         """p0's keyed rows, checked against ``base_model``; None when p0 is the base model as it is."""
@@ -75,8 +76,9 @@ def load_member(folder: Path) -> MemberAdapter:
     return read_member(folder)[0]
 
 
-def check_members(folders: tuple[str, ...]) -> None:
-    """Refuse members that are not one owner's data each, pairwise disjoint and distinct (see module doc)."""
+def checked_members(folders: tuple[str, ...]) -> list[MemberAdapter]:
+    """The members in ``folders``, refused unless each is one owner's data and they are pairwise
+    disjoint and distinct (see module doc)."""
     from privtune.common.offsite.digest import tensors_digest
 
     resolved = [str(Path(f).resolve()) for f in folders]
@@ -86,11 +88,9 @@ def check_members(folders: tuple[str, ...]) -> None:
             f"adapter folder(s) {', '.join(repeated)} named more than once: one member's data would count as "
             "several members; name each member once"
         )
-    described = []
-    for folder in folders:
-        member, depends_on = read_member(Path(folder))
-        described.append((folder, depends_on, tensors_digest(member.state)))
-    check_disjoint_members(described)
+    read = [(folder, *read_member(Path(folder))) for folder in folders]
+    check_disjoint_members([(folder, depends_on, tensors_digest(member.state)) for folder, member, depends_on in read])
+    return [member for _, member, _ in read]
 
 
 def from_run_folder(run: Path, model: str | None = None, public_embeddings: str | None = None) -> ServedModel:
@@ -115,7 +115,7 @@ def from_run_folder(run: Path, model: str | None = None, public_embeddings: str 
             raise PrivtuneError(
                 f"{metrics} does not name the run's base model (config.model); pass it with --model"
             ) from None
-    check_members(tuple(folders))
+    checked_members(tuple(folders))  # refused here, before any service starts
     return ServedModel(str(model), tuple(folders), public_embeddings)
 
 
@@ -136,5 +136,5 @@ def from_arguments(
     if missing:
         raise PrivtuneError(f"adapter folder(s) {', '.join(missing)} do not exist")
     folders = tuple(str(Path(a)) for a in adapters)
-    check_members(folders)
+    checked_members(folders)  # refused here, before any service starts
     return ServedModel(model, folders, public_embeddings)

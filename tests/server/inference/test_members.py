@@ -11,7 +11,7 @@ import pytest
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.provenance import DEPENDS_ON, DependsOn, manifest_file, record_depends_on
 from privtune.common.offsite import load_adapter, save_adapter
-from privtune.server.inference.members import from_arguments, from_run_folder
+from privtune.server.inference.members import ServedModel, from_arguments, from_run_folder
 from privtune.server.run_folder import RunFolder
 from tests.server.inference.running import MODEL, make_adapters
 
@@ -108,6 +108,8 @@ def test_members_that_share_data_are_refused_by_name(tmp_path, adapters):
         PrivtuneError, match=r"owner-0 \(owner-0\) and .*second \(owner-0\) share data of owner owner-0"
     ):
         from_arguments(None, MODEL, [a, second])
+    with pytest.raises(PrivtuneError, match="share data of owner owner-0"):  # also where replicas load them
+        ServedModel(MODEL, (a, second)).load_members()
 
 
 def test_disjoint_shards_of_one_owner_are_separate_members(tmp_path, adapters):
