@@ -13,7 +13,8 @@ handful of numpy operations over a whole ``(k, n)`` batch of equal-length patche
   suffix keys, patches grouped by factorisation (at most ``2**(n-1)`` groups), so every shift
   inside a group is a constant; each rotation's first n characters plus its last character make
   one int64 key, and a row sort is the transform. Rows whose keys tie where the repetitions may
-  still differ, and batches too wide to pack, take the exact prefix-doubling path.
+  still differ sort by a second key (the same rotation n characters further); batches too wide to
+  pack take the exact prefix-doubling path.
 * inverse: the stable-sort permutation of the column, walked cycle by cycle (each cycle is one
   Lyndon factor), all rows in lock step.
 """
@@ -79,7 +80,7 @@ def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
     flat = (keyed | rank.astype(key_type)).ravel()
     pos_mask = key_type((1 << pos_bits) - 1)
     row_start = np.arange(0, k * m, m, dtype=index_type)
-    visited = np.zeros(k, dtype=np.int32 if m < 32 else np.int64)
+    visited: np.ndarray = np.zeros(k, dtype=np.int32 if m < 32 else np.int64)
     one = visited.dtype.type(1)
     current = np.zeros(k, dtype=index_type)
     emitted = np.empty((m, k), dtype=key_type)
