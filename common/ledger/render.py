@@ -21,4 +21,7 @@ def render(report: dict) -> str:
         lines.append("(no releases, no budgets)")
     lines += ["", "guarantees (each row its own promise; rows are never added together):"]
     lines += [f"  {g['kind']} [{g['scope']}]: {g['statement']}" for g in report["guarantees"]]
+    if report.get("pays_for"):
+        lines += ["", "pays for (no other ledger may release from these; content hash, last served from):"]
+        lines += [f"  sha256 {digest[:16]}  {name}" for digest, name in sorted(report["pays_for"].items())]
     return "\n".join(lines)

@@ -431,7 +431,8 @@ class Ledger:
             scopes = list(dict.fromkeys(r.scope for r in mine)) or ([spec.scope] if budgets[spec.name] else [])
             for scope in scopes:
                 guarantees.append(spec.summarise(scope, [r for r in mine if r.scope == scope], budgets[spec.name]))
-        return {"ledger": str(self.path), "owner": self.owner, "guarantees": guarantees}
+        report = {"ledger": str(self.path), "owner": self.owner, "guarantees": guarantees}
+        return {**report, "pays_for": self.artefacts()}
 
 
 # ---------------------------------------------------------------------- SQL helpers (inside a transaction)

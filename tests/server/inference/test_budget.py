@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
-from privtune.common.ledger import Ledger
+from privtune.common.ledger import Ledger, render
 from privtune.common.ledger.registry import forget
 from privtune.common.pmixed import PMixedBudget
 from privtune.server.inference.budget import BudgetKeeper, member_artefacts
@@ -107,6 +107,7 @@ def test_members_are_bound_to_one_ledger(tmp_path):
     )
     first.spend()
     assert first.ledger.artefacts() == artefacts  # the ledger records what it pays for
+    assert all(name in render(first.ledger.report()) for name in adapters)
     copies = tuple(str(tmp_path / "copy" / Path(a).name) for a in adapters)
     for source, copy in zip(adapters, copies):
         shutil.copytree(source, copy)  # the same members through another path
