@@ -218,21 +218,18 @@ def test_key_holders_serve_the_keyed_members_with_a_keyed_p0(ult_run, capsys):
 
 def test_the_demo_serves_continuations_until_its_budget_cannot_pay(ult_run, capsys):
     from privtune.common.models import ULT_TABLE_FILE
-    from privtune.demo_serving import PROMPTS, DemoServing, serve_and_sample
+    from privtune.demo_serving import PROMPTS, DemoServing, KeyHolder, serve_and_sample
 
     node, run = ult_run.nodes[0], ult_run.root / "server"
     settings = DemoServing(tokens=3, queries=8, q=0.5)
-    serve_and_sample(
-        run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings
-    )
+    holder = KeyHolder(Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]))
+    serve_and_sample(run, settings, holder)
     first = capsys.readouterr().out
     assert [line.split(" -> ")[0].strip() for line in first.splitlines() if " -> " in line] == [
         repr(p) for p in PROMPTS[:2]
     ]
     assert "budget: 6 of 8 queries spent" in first and (run / "keyed-p0.safetensors").is_file()
-    serve_and_sample(
-        run, Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]), settings
-    )
+    serve_and_sample(run, settings, holder)
     second = capsys.readouterr().out
     assert " -> " not in second and "cannot pay for another 3-token continuation" in second
     assert "budget: 6 of 8 queries spent" in second
