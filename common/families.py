@@ -1,8 +1,11 @@
-"""The one place that knows where each model family keeps its transformer blocks.
+"""The one place that knows where each model family keeps its transformer blocks, and what sits around them.
 
 Offsite-tuning, plug-in, the PMixED ensemble and DP-SGD all need to find, cut and reassemble a
 causal LM's block stack. Doing that through this module keeps the family-specific attribute paths
-in one table instead of scattered ``if model_type == ...`` branches.
+in one table instead of scattered ``if model_type == ...`` branches. A :class:`Stem` per family
+says how positions enter the blocks (GPT-2 and OPT add learned position embeddings, LLaMA rotates
+q/k inside them) and what sits between the last block and the head (OPT's optional final norm and
+projection), for code that runs the blocks itself (the PMixED ensemble).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from privtune.common.errors import PrivtuneError
@@ -126,3 +130,55 @@ def set_blocks(model: nn.Module, blocks: list[nn.Module], source_indices: list[i
         for sub in block.modules():
             if hasattr(sub, "layer_idx"):
                 sub.layer_idx = new_idx  # type: ignore[assignment]  # torch types Module attributes as tensors
+
+
+class Stem:
+    """A loaded model's parts around its blocks: embeddings with positions in, per-token block arguments, head out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # reached through each family's own attribute paths, which nn.Module's stubs cannot express
+        self.model: Any = model
+        config = model.config
+        self.max_positions = int(
+            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0
+        )
+
+    def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Block input from the token embeddings (each row's own embedding table was applied already)."""
+        return token_embeds
+
+    def block_kwargs(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Per-token tensors every block needs (sliced along dim 1 for a subset of rows)."""
+        return {}
+
+    def logits(self, last_hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        return head(get_final_norm(self.model)(last_hidden))
+
+
+class _Gpt2Stem(Stem):
+    def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return token_embeds + self.model.transformer.wpe(positions)
+
+
+class _LlamaStem(Stem):
+    def block_kwargs(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {"position_embeddings": self.model.model.rotary_emb(hidden, position_ids=positions)}
+
+
+class _OptStem(Stem):
+    def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        decoder = self.model.model.decoder
+        hidden = token_embeds if decoder.project_in is None else decoder.project_in(token_embeds)
+        return hidden + decoder.embed_positions(None, 0, position_ids=positions)
+
+    def logits(self, last_hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+        decoder = self.model.model.decoder
+        hidden = last_hidden if decoder.final_layer_norm is None else decoder.final_layer_norm(last_hidden)
+        return head(hidden if decoder.project_out is None else decoder.project_out(hidden))
+
+
+_STEMS: dict[str, type[Stem]] = {"gpt2": _Gpt2Stem, "llama": _LlamaStem, "opt": _OptStem}
+
+
+def stem_of(model: nn.Module) -> Stem:
+    return _STEMS[family_of(model).name](model)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.ldp.perturb import MECHANISMS, LdpConfig, build_mechanism, perturb_text
+from privtune.common.ldp.perturb import MECHANISMS, LdpConfig, build_mechanism, perturb_file
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     perturb.add_argument(
         "--document-id",
         default=None,
-        help="ledger subject; releases with the same id add up (default: the input's absolute path)",
+        help="ledger subject; releases with the same id add up (default: sha256:<hash of the file's content>, "
+        "so a renamed or copied document keeps its budget)",
     )
     perturb.add_argument("--seed", type=int, default=None, help="fixed seed: reproducible but NOT private; tests only")
 
@@ -43,10 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from privtune.common.ledger import Ledger
 
-    try:
-        text = args.input.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PrivtuneError(f"cannot read {args.input} as UTF-8 text ({err})") from None
+    if not args.input.is_file():
+        raise PrivtuneError(f"cannot read {args.input}: not a file")
     if args.seed is not None:
         print("privtune ldp: warning: --seed makes the noise predictable; the output is not private", file=sys.stderr)
     config = LdpConfig(
@@ -58,20 +57,12 @@ def run(args: argparse.Namespace) -> int:
     )
     mechanism = build_mechanism(config)
     ledger = Ledger(args.ledger) if args.ledger is not None else None
-    document_id = args.document_id if args.document_id is not None else str(args.input.resolve())
-    perturbed, release = perturb_text(text, mechanism, seed=args.seed, ledger=ledger, document_id=document_id)
-    try:
-        args.output.write_text(perturbed, encoding="utf-8")
-    except OSError as err:
-        raise PrivtuneError(
-            f"cannot write {args.output} ({err}); the release is already recorded in the ledger"
-        ) from None
+    release, subject = perturb_file(
+        args.input, args.output, mechanism, seed=args.seed, ledger=ledger, document_id=args.document_id
+    )
     print(f"perturbed {release.n_tokens} tokens of {args.input} -> {args.output}")
     print(release.describe())
     if ledger is not None:
-        record = ledger.records("ldp", document_id)[-1]
-        print(
-            f"ledger {ledger.path}: record #{record.id}, document {document_id!r} now at "
-            f"{record.total:.6g}-LDP in total"
-        )
+        record = ledger.records("ldp", subject)[-1]
+        print(f"ledger {ledger.path}: record #{record.id}, document {subject!r} now at {record.total:.6g}-LDP in total")
     return 0

@@ -72,6 +72,14 @@ class TokenGuarantee:
     diameter: float | None = None
 
 
+def check_parameters(epsilon: float, memory_cap_mb: float) -> None:
+    """Refuse an epsilon or memory cap that is not a positive finite number (NaN included)."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise PrivtuneError(f"epsilon must be a positive finite number, got {epsilon}")
+    if not (memory_cap_mb > 0 and math.isfinite(memory_cap_mb)):
+        raise PrivtuneError(f"the memory cap must be a positive finite number of MB, got {memory_cap_mb}")
+
+
 class Mechanism(ABC):
     """A per-token randomiser over an embedding space, sampled in memory-bounded chunks of distinct tokens."""
 
@@ -79,10 +87,7 @@ class Mechanism(ABC):
     scope: str
 
     def __init__(self, space: EmbeddingSpace, epsilon: float, memory_cap_mb: float = 256.0) -> None:
-        if not (epsilon > 0 and math.isfinite(epsilon)):
-            raise PrivtuneError(f"epsilon must be a positive finite number, got {epsilon}")
-        if not (memory_cap_mb > 0 and math.isfinite(memory_cap_mb)):
-            raise PrivtuneError(f"the memory cap must be positive, got {memory_cap_mb} MB")
+        check_parameters(epsilon, memory_cap_mb)
         self.space = space
         self.epsilon = float(epsilon)
         self.memory_cap_bytes = int(memory_cap_mb * (1 << 20))

@@ -12,13 +12,12 @@ from privtune.common.pmixed.accountant import (
     solve_beta,
 )
 from privtune.common.pmixed.divergence import renyi_divergence, symmetric_renyi_divergence
-from privtune.common.pmixed.mechanism import MemberProbs, TokenRelease, mixture_distribution, next_token, sample_token
+from privtune.common.pmixed.mechanism import TokenRelease, mixture_distribution, next_token, sample_token
 from privtune.common.pmixed.projection import DEFAULT_TOL, Projection, project
 from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 __all__ = [
     "DEFAULT_TOL",
-    "MemberProbs",
     "PMixedBudget",
     "Projection",
     "TokenRelease",

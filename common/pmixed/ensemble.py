@@ -25,9 +25,8 @@ each adapter block whose linear layers add each token's own low-rank update (``_
 block, too, runs once over p0 and every LoRA row; the base weight is read once per step instead of
 once per sampled member, and N members cost N sets of LoRA factors instead of N block copies.
 
-Family knowledge beyond where the blocks are (``common.families``) lives in ``_Stem``: how
-positions enter (GPT-2 and OPT add learned position embeddings, LLaMA rotates q/k), and what sits
-between the last block and the head (OPT's optional final norm and projection).
+What differs between families around the blocks (how positions enter, what sits between the last
+block and the head) is ``common.families.Stem``.
 """
 
 from __future__ import annotations
@@ -35,20 +34,18 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.families import family_of, get_blocks
+from privtune.common.families import get_blocks, stem_of
 from privtune.common.offsite.adapter import INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS, AdapterManifest
 from privtune.common.offsite.plugin import plug_in
 from privtune.common.pmixed.accountant import PMixedBudget
-from privtune.common.pmixed.mechanism import mixture_distribution, sample_token
+from privtune.common.pmixed.mechanism import next_token
 from privtune.common.pmixed.projection import DEFAULT_TOL
-from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
 PUBLIC = -1
 """Row key of the public model p0; members are 0..N-1."""
@@ -61,49 +58,6 @@ class MemberAdapter:
     name: str
     state: Mapping[str, torch.Tensor]
     manifest: AdapterManifest
-
-
-class _Stem:
-    """Embeddings with positions, per-token block arguments, and the head, for one family."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.family = family_of(model).name
-        # reached through each family's own attribute paths, which nn.Module's stubs cannot express
-        self.model: Any = model
-        config = model.config
-        self.max_positions = int(
-            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0
-        )
-
-    def embed(self, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Block input from the token embeddings (each row's own embedding table was applied already)."""
-        hidden = token_embeds
-        if self.family == "gpt2":
-            return hidden + self.model.transformer.wpe(positions)
-        if self.family == "opt":
-            decoder = self.model.model.decoder
-            if decoder.project_in is not None:
-                hidden = decoder.project_in(hidden)
-            return hidden + decoder.embed_positions(None, 0, position_ids=positions)
-        return hidden
-
-    def block_kwargs(self, hidden: torch.Tensor, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per-token tensors every block needs (sliced along dim 1 for a subset of rows)."""
-        if self.family == "llama":
-            return {"position_embeddings": self.model.model.rotary_emb(hidden, position_ids=positions)}
-        return {}
-
-    def logits(self, last_hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
-        if self.family == "gpt2":
-            hidden = self.model.transformer.ln_f(last_hidden)
-        elif self.family == "opt":
-            decoder = self.model.model.decoder
-            hidden = last_hidden if decoder.final_layer_norm is None else decoder.final_layer_norm(last_hidden)
-            if decoder.project_out is not None:
-                hidden = decoder.project_out(hidden)
-        else:
-            hidden = self.model.model.norm(last_hidden)
-        return head(hidden)
 
 
 class _PackedCache:
@@ -201,7 +155,7 @@ class Ensemble:
             raise PrivtuneError("a PMixED ensemble needs at least one member adapter")
         self.public_pair = _public_pair(base_model, members, public_embeddings)
         self.base = base_model.eval()
-        self.stem = _Stem(base_model)
+        self.stem = stem_of(base_model)
         self.base_blocks = list(get_blocks(base_model))
         self.names = [m.name for m in members]
         # own_blocks[member][block index] -> the block that member's rows run through there
@@ -508,18 +462,16 @@ class EnsembleSession:
     def private_next_token(
         self, budget: PMixedBudget, rng: np.random.Generator | None = None, tol: float = DEFAULT_TOL
     ) -> int:
-        """One PMixED release (DESIGN.md §5 steps 1-3) over this session; does NOT append the token.
+        """One PMixED release (``common.pmixed.next_token``) over this session; does NOT append the token.
 
-        The same steps as ``common.pmixed.next_token``, reordered so p0 is computed in the same
-        batch as the sampled members instead of before S is known. Charging the ledger is the
-        caller's job and must happen before the token leaves the process.
+        Every member's distribution is computed for every token, whichever S the query draws, so
+        the work (and the time) of a query does not depend on S; it costs N member rows where an
+        S-only forward would cost |S| on average qN. Charging the ledger is the caller's job and
+        must happen before the token leaves the process.
         """
         if budget.n_members != self.ensemble.n_members:
             raise PrivtuneError(
                 f"the budget was set up for {budget.n_members} members but the ensemble has {self.ensemble.n_members}"
             )
-        rng = secure_rng() if rng is None else rng
-        chosen = poisson_subsample(budget.n_members, budget.q, rng)
-        probs = self.probs(chosen.tolist())
-        dist = mixture_distribution(probs[1:] if chosen.size else None, probs[0], budget.alpha, budget.beta(), tol)
-        return sample_token(dist, rng)
+        probs = self.probs(range(self.ensemble.n_members))
+        return next_token(probs[0], probs[1:], budget, rng, tol).token

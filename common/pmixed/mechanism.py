@@ -1,15 +1,23 @@
-"""One PMixED query: subsample, project, average, sample one token (DESIGN.md §5, steps 1-3).
+"""One PMixED query: subsample, project, average, sample one token (the one path the service uses).
 
 ``next_token`` releases only the sampled token id plus the data-independent RDP it costs. It never
 returns the mixture, S, |S| or the λ's: the accounting hides S (amplification by subsampling, and
-the P(S = ∅) floor the bound rests on), so revealing even |S| would void the guarantee.
-``mixture_distribution`` exposes the distribution for a given S, for tests and benchmarks only.
+the P(S = ∅) floor the bound rests on), so revealing even |S| would void the guarantee. That
+includes timing: the caller passes the distributions of ALL N members, every member is projected,
+and the average over S is one fixed-size product with S's indicator, so the work per query does
+not depend on S (see ``EnsembleSession.private_next_token``).
+
+The mean over S is computed in float64 (relative error at most (N + 1) u per entry, u = 2^-53),
+which moves a Rényi divergence by orders of magnitude less than the margin the projection keeps
+(``projection.FEASIBILITY_SLACK``). The token is then drawn from exactly that float64 vector
+(``sample_token``): no output of positive probability is ever impossible, and none is rounded.
 Counting queries against T and refusing after T is the service's ledger's job, not this module's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +28,8 @@ from privtune.common.pmixed.divergence import Probs, as_distribution
 from privtune.common.pmixed.projection import DEFAULT_TOL, project
 from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
 
-MemberProbs = Callable[[np.ndarray], Probs]
-"""Given sorted member indices S (never empty), the (|S|, V) next-token distributions of those
-members; called only for sampled members so the ensemble forward runs on S alone."""
+MANTISSA_BITS = 53
+HALF_BITS = 26  # bucket sums of 53-bit mantissas are taken in two halves so that int64 never overflows
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,21 @@ class TokenRelease:
     token: int
     rdp: float
     alpha: int
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """A float64 weight vector as exact integers: outputs grouped by binary exponent.
+
+    Output ``support[i]`` has weight ``mantissas[i] * 2^(exponent of its bucket - 53)`` exactly, with
+    ``mantissas`` in [2^52, 2^53); ``totals[b]`` is bucket b's exact weight in units of the smallest
+    bucket's 2^(e - 53), a Python int.
+    """
+
+    support: np.ndarray
+    mantissas: np.ndarray
+    starts: np.ndarray
+    totals: list[int]
 
 
 def mixture_distribution(
@@ -44,26 +66,77 @@ def mixture_distribution(
     return project(member_probs, p0, alpha, beta, tol).mixed.mean(dim=0)
 
 
-def sample_token(probs: torch.Tensor, rng: np.random.Generator) -> int:
-    """Inverse-CDF draw in float64; zero-probability tokens can never be returned."""
-    cdf = torch.cumsum(probs.to(torch.float64), dim=0).numpy()
-    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+def buckets(probs: Probs) -> Buckets:
+    """The exact integer form of the non-negative float64 vector ``probs`` (zeros left out)."""
+    p = torch.as_tensor(probs, dtype=torch.float64).numpy()
+    support = np.flatnonzero(p > 0)
+    fractions, exponents = np.frexp(p[support])  # p = f * 2^e, f in [0.5, 1): f * 2^53 is an exact integer
+    order = np.argsort(exponents, kind="stable")
+    support, exponents = support[order], exponents[order]
+    mantissas = (fractions[order] * 2.0**MANTISSA_BITS).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, exponents[1:] != exponents[:-1]])
+    high = np.add.reduceat(mantissas >> HALF_BITS, starts)
+    low = np.add.reduceat(mantissas & ((1 << HALF_BITS) - 1), starts)
+    smallest = int(exponents[0])
+    totals = [
+        ((int(h) << HALF_BITS) + int(lo)) << (int(e) - smallest)
+        for h, lo, e in zip(high, low, exponents[starts], strict=True)
+    ]
+    return Buckets(support, mantissas, starts, totals)
+
+
+def uniform_below(n: int, rng: np.random.Generator) -> int:
+    """An integer uniform on [0, n) for any positive Python int n: uniform bits, rejection above n."""
+    bits = n.bit_length()
+    size = (bits + 7) // 8
+    while True:
+        value = int.from_bytes(rng.bytes(size), "little") >> (8 * size - bits)
+        if value < n:
+            return value
+
+
+def sample_token(probs: Probs, rng: np.random.Generator) -> int:
+    """A draw with probability exactly probs[y] / sum(probs), for every y, from the float64 values as given.
+
+    A bucket (outputs of one binary exponent) is chosen with its exact integer weight; within it,
+    a uniform member is accepted with probability mantissa / 2^53 (at least 1/2), which makes each
+    member's chance proportional to its mantissa. Together: probs[y] / sum(probs), exactly (given
+    uniform generator bits); zero-probability outputs are never drawn.
+    """
+    b = buckets(probs)
+    cumulative = list(itertools.accumulate(b.totals))
+    bucket = bisect.bisect_right(cumulative, uniform_below(cumulative[-1], rng))
+    start = int(b.starts[bucket])
+    stop = int(b.starts[bucket + 1]) if bucket + 1 < len(b.starts) else len(b.support)
+    while True:
+        member = start + int(rng.integers(stop - start))
+        if int(rng.integers(1 << MANTISSA_BITS)) < int(b.mantissas[member]):
+            return int(b.support[member])
 
 
 def next_token(
     public_probs: Probs,
-    member_probs: MemberProbs,
+    member_probs: Probs,
     budget: PMixedBudget,
     rng: np.random.Generator | None = None,
     tol: float = DEFAULT_TOL,
 ) -> TokenRelease:
-    """Answer one PMixED query with a token id; ``rng`` defaults to a fresh ``secure_rng()``."""
+    """Answer one PMixED query with a token id; ``member_probs`` are ALL N members' distributions (N, V).
+
+    ``rng`` defaults to a fresh ``secure_rng()``.
+    """
     rng = secure_rng() if rng is None else rng
+    p0 = as_distribution(public_probs, "public_probs")
+    members = as_distribution(member_probs, "member_probs")
+    if members.shape != (budget.n_members, p0.shape[0]):
+        raise ValueError(
+            f"member_probs has shape {tuple(members.shape)}, expected ({budget.n_members}, {p0.shape[0]}): "
+            "every member's distribution, every query"
+        )
     chosen = poisson_subsample(budget.n_members, budget.q, rng)
-    members = None
-    if chosen.size:
-        members = torch.as_tensor(member_probs(chosen))
-        if members.ndim != 2 or members.shape[0] != chosen.size:
-            raise ValueError(f"member_probs returned shape {tuple(members.shape)} for {chosen.size} members")
-    dist = mixture_distribution(members, public_probs, budget.alpha, budget.beta(), tol)
+    projected = project(members, p0, budget.alpha, budget.beta(), tol).mixed
+    selector = torch.zeros(budget.n_members, dtype=torch.float64)
+    selector[torch.from_numpy(chosen)] = 1.0 / max(len(chosen), 1)
+    empty = torch.tensor(float(len(chosen) == 0), dtype=torch.float64)
+    dist = selector @ projected + empty * p0
     return TokenRelease(token=sample_token(dist, rng), rdp=budget.rdp_per_query(), alpha=int(budget.alpha))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.families import family_by_name, family_of, get_blocks, get_final_norm, set_blocks
+from privtune.common.families import family_by_name, family_of, get_blocks, get_final_norm, set_blocks, stem_of
 from privtune.common.models import tiny_model
 
 
@@ -35,3 +35,23 @@ def test_unknown_family_is_a_clear_error():
 
     with pytest.raises(PrivtuneError, match="'bert' is not supported"):
         family_of(NotAModel())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_stem_gives_the_first_block_its_input_and_the_head_its_logits(family):
+    """The stem around the model's own blocks reproduces the model's forward at both ends."""
+    model = tiny_model(family).double().eval()
+    blocks = get_blocks(model)
+    seen = {}
+    blocks[0].register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.update(first=args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    blocks[-1].register_forward_hook(lambda _m, _args, out: seen.update(last=out[0] if isinstance(out, tuple) else out))
+    ids = torch.randint(3, 200, (1, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+        stem = stem_of(model)
+        positions = torch.arange(9).unsqueeze(0)
+        torch.testing.assert_close(stem.embed(model.get_input_embeddings()(ids), positions), seen["first"])
+        torch.testing.assert_close(stem.logits(seen["last"], model.get_output_embeddings()), logits)
+    assert stem.max_positions == model.config.max_position_embeddings if family != "gpt2" else model.config.n_positions

@@ -5,6 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist
 
+from bench.privacy_checks import random_cloud
 from privtune.common.ldp import EmbeddingSpace, load_embedding
 from privtune.common.ldp.geometry import BYTES_PER_FLOAT64, largest_distance
 
@@ -16,23 +17,6 @@ class IdTokenizer:
 
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
-
-
-def random_cloud(rng: np.random.Generator) -> np.ndarray:
-    """Varied size, dimension and spread: isotropic, radially spread, anisotropic, clustered, planted outliers."""
-    n, dim = int(rng.integers(2, 120)), int(rng.integers(1, 24))
-    shape = rng.integers(5)
-    points = rng.normal(size=(n, dim))
-    if shape == 1:
-        points *= rng.uniform(0.05, 1.0, size=(n, 1))
-    elif shape == 2:
-        points *= rng.lognormal(0.0, 1.5, size=dim)
-    elif shape == 3:
-        centres = rng.normal(scale=5.0, size=(int(rng.integers(1, 5)), dim))
-        points = centres[rng.integers(len(centres), size=n)] + 0.1 * points
-    elif shape == 4:
-        points[rng.integers(n, size=2)] *= 4.0
-    return points * 10.0 ** rng.uniform(-3, 3) + rng.normal(scale=10.0 ** rng.uniform(-3, 3), size=dim)
 
 
 def test_pruned_diameter_never_misses_on_random_clouds():

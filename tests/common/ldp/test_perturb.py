@@ -1,6 +1,8 @@
 """Text in, text out: tokenisation, out-of-vocabulary handling, per-document accounting, ledger, CLI, memory."""
 
+import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from privtune.common.ldp import (
     make_generator,
     perturb_text,
 )
+from privtune.common.ldp.perturb import content_subject, perturb_file, text_pieces
 from privtune.common.ledger import Ledger
 from privtune.common.text_tokenizer import ByteTokenizer
 
@@ -111,7 +114,7 @@ def test_cli_perturbs_a_file_and_records_it(tmp_path, capsys):
     assert "per token:" in printed and "per document:" in printed and "record #1" in printed
     assert target.read_text() != source.read_text()
     (record,) = Ledger(ledger_path).records("ldp")
-    assert record.subject == str(source.resolve())
+    assert record.subject == content_subject(hashlib.sha256(source.read_bytes()).hexdigest())
     assert record.details["n_tokens"] == len(source.read_bytes())
     assert main(["ledger", "budget", str(ledger_path), "ldp", "--epsilon", str(record.total * 1.5)]) == 0
     target.unlink()
@@ -121,6 +124,56 @@ def test_cli_perturbs_a_file_and_records_it(tmp_path, capsys):
     assert main(["ledger", "show", str(ledger_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["guarantees"][0]["unit"] == "document"
+
+
+def test_renamed_or_copied_documents_keep_their_budget(tmp_path, capsys):
+    source, ledger_path = tmp_path / "diary.txt", tmp_path / "ledger.db"
+    source.write_text("Dear diary, today I met the queen.\n")
+    common = ["--epsilon", "40", "--embedding", "tiny", "--ledger", str(ledger_path)]
+    assert main(["ldp", "perturb", *common, str(source), "-o", str(tmp_path / "a.txt")]) == 0
+    first = Ledger(ledger_path).records("ldp")[0]
+    assert main(["ledger", "budget", str(ledger_path), "ldp", "--epsilon", str(first.total * 1.5)]) == 0
+    renamed = source.rename(tmp_path / "renamed.txt")
+    copied = tmp_path / "elsewhere" / "copy.txt"
+    copied.parent.mkdir()
+    shutil.copy(renamed, copied)
+    for path in (renamed, copied):
+        assert main(["ldp", "perturb", *common, str(path), "-o", str(tmp_path / "b.txt")]) == 2
+        assert "refused" in capsys.readouterr().err
+    assert len(Ledger(ledger_path).records("ldp")) == 1
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "0", "-3"])
+def test_cli_refuses_a_bad_memory_cap_without_a_traceback(tmp_path, capsys, bad):
+    source = tmp_path / "in.txt"
+    source.write_text("hello")
+    args = ["ldp", "perturb", "--epsilon", "1", "--embedding", "tiny", "--memory-cap-mb", bad]
+    assert main([*args, str(source), "-o", str(tmp_path / "out.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "memory cap" in err and "Traceback" not in err
+
+
+def test_file_pieces_rebuild_the_text_and_are_cut_at_whitespace(tmp_path):
+    text = "word " * 50 + "é" * 40 + "\n" + "x" * 70 + " tail 😀"
+    source = tmp_path / "in.txt"
+    source.write_text(text, encoding="utf-8")
+    digest = hashlib.sha256()
+    pieces = list(text_pieces(source, digest, piece_bytes=16))
+    assert "".join(pieces) == text and len(pieces) > 10
+    assert digest.hexdigest() == hashlib.sha256(text.encode()).hexdigest()
+    assert all(p[0].isspace() for p in pieces[1:] if not p.startswith(("é", "x")))
+
+
+def test_streamed_file_is_charged_for_all_its_tokens_once(tiny, tmp_path):
+    text = "To be, or not to be, that is the question: " * 40
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text(text)
+    ledger = Ledger(tmp_path / "owner.db", owner="alice")
+    release, subject = perturb_file(source, target, SanText(tiny, 40.0), seed=3, ledger=ledger, piece_bytes=64)
+    assert release.n_tokens == len(text.encode()) and subject.startswith("sha256:")
+    (record,) = ledger.records("ldp")
+    assert record.subject == subject and record.amount == pytest.approx(release.document_epsilon)
+    assert target.read_text() != text and len(target.read_text()) > 0.5 * len(text)
 
 
 def test_cli_custext(tmp_path):

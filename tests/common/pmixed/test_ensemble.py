@@ -11,8 +11,8 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.models import TinySpec, tiny_model
 from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in
-from privtune.common.offsite.synthetic import perturbed_adapter
 from privtune.common.offsite.adapter import embedding_tensors
+from privtune.common.offsite.synthetic import perturbed_adapter
 from privtune.common.pmixed import PMixedBudget, mixture_distribution, project
 from privtune.common.pmixed.ensemble import Ensemble, MemberAdapter
 from privtune.common.ult.relabel import relabel_model
@@ -182,3 +182,16 @@ def test_lora_members_cost_their_factors_not_block_copies():
     lora_members = [member(base, lora, seed) for seed in (1, 2, 3)]
     factor_bytes = sum(t.numel() * t.element_size() for m in lora_members for n, t in m.state.items() if "lora_" in n)
     assert Ensemble(base, lora_members).extra_bytes() == block_bytes + factor_bytes  # one shared copy per block
+
+
+def test_private_next_token_runs_every_member_whatever_s():
+    """Constant work per query: even when S is almost always empty, every member's cache advances each token."""
+    base = tiny("gpt2")
+    cfg = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1)
+    ensemble = Ensemble(base, [member(base, cfg, seed) for seed in (1, 2, 3)])
+    budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=3, T=8, q=1e-6, n_members=3)
+    session = ensemble.session([5, 6, 7])
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        session.extend([session.private_next_token(budget, rng)])
+        assert [session.cached_length(m) for m in range(3)] == [len(session.tokens) - 1] * 3
