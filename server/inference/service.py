@@ -250,9 +250,9 @@ class PMixedService:
 
     def shutdown(self) -> None:
         """Stop the watcher and the actors; the budget keeper first closes its ledger (WAL folded in)."""
-        stopped = getattr(self, "_stopped", None)
-        if stopped is not None:
-            stopped.set()
+        if hasattr(self, "_watcher"):  # absent when a replica failed to start
+            self._stopped.set()
+            self._watcher.join(timeout=PROBE_TIMEOUT_S + WATCH_INTERVAL_S)
         # a keeper that is down has nothing open; its WAL is folded in by the next open
         with suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             ray.get(self.budget_actor.close.remote(), timeout=30)
