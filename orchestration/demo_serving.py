@@ -1,22 +1,33 @@
-"""The demo's last act: the model owner serves the data owners' adapters with PMixED, and a key
-holder asks for a few private continuations over gRPC.
+"""The demo's serving acts: the model owner serves the data owners' member adapters with PMixED, and a
+user asks for a few private continuations over gRPC.
 
-Everything goes through what a user runs: a key holder's keyed p0 (``privtune ult keyed-public``),
-``privtune serve``'s start-up (Ray, the budget actor, replicas, the gRPC server on a free loopback
-port) and ``privtune query``'s client, which ULT-encodes the prompt and decodes the ids locally.
+Everything goes through what a user runs: ``privtune serve``'s start-up (Ray, the budget actor,
+replicas, the gRPC server on a free loopback port) from a typed ``ServeConfig``, and ``privtune
+query``'s client. For a ULT federation the user is a key holder: it supplies p0 in the key's order
+(``privtune ult keyed-public``), encodes prompts and decodes the ids on its side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROMPTS = ("To be, or not to be", "My lord, I ", "O Romeo, Romeo")
 
 
 @dataclass(frozen=True)
+class KeyHolder:
+    """A ULT federation's table and key, held by the user of the service (never by the model owner)."""
+
+    model: Path
+    table: Path
+    key: Path
+
+
+@dataclass(frozen=True)
 class DemoServing:
-    """The service's budget (DESIGN.md section 5 defaults, with T and q sized for four owners and a demo)."""
+    """The service's budget: T and q sized so that a demo can pay for three continuations."""
 
     tokens: int = 32
     queries: int = 128
@@ -24,17 +35,31 @@ class DemoServing:
     epsilon: float = 8.0
 
 
-def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: DemoServing = DemoServing()) -> None:
+@dataclass
+class Served:
+    """What the demo shows of a service: its continuations and its budget at the end."""
+
+    continuations: list[tuple[str, str]] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def serve_and_sample(run: Path, settings: DemoServing, key_holder: KeyHolder | None = None) -> Served:
     from privtune.client.query import InferenceClient, print_status, sample
-    from privtune.common.models import load_model
-    from privtune.common.ult.relabel import key_rows, save_keyed_public
-    from privtune.common.ult.tokenizer import UltTokenizer
     from privtune.server.inference import cli as serve_cli
 
-    keyed_p0 = save_keyed_public(load_model(str(model)).model, key_rows(table, key), run / "keyed-p0.safetensors")
+    public_embeddings = None
+    if key_holder is not None:
+        from privtune.common.models import load_model
+        from privtune.common.ult.relabel import key_rows, save_keyed_public
+
+        rows = key_rows(key_holder.table, key_holder.key)
+        public_embeddings = str(
+            save_keyed_public(load_model(str(key_holder.model)).model, rows, run / "keyed-p0.safetensors")
+        )
     config = serve_cli.ServeConfig(
         run=str(run),
-        public_embeddings=str(keyed_p0),
+        public_embeddings=public_embeddings,
         queries=settings.queries,
         q=settings.q,
         epsilon=settings.epsilon,
@@ -42,34 +67,58 @@ def serve_and_sample(run: Path, model: Path, table: Path, key: Path, settings: D
         port=0,
     )
     print(
-        f"\n[demo] PMixED service: the owners' adapters as ensemble members, the public model as p0 (in the key's "
-        f"order, from a key holder); ({settings.epsilon:g}, {config.delta:g})-DP over {settings.queries} queries, "
-        f"member sampling rate q={settings.q:g}",
+        f"\n[demo] PMixED service over {run}: each owner's member adapter (trained from the public start on "
+        f"that owner's data alone) with the public model as p0; ({settings.epsilon:g}, {config.delta:g})-DP per "
+        f"member's data over {settings.queries} queries, member sampling rate q={settings.q:g}",
         flush=True,
     )
+    served = Served()
     running = serve_cli.start(config)
     try:
         with InferenceClient(f"127.0.0.1:{running.port}") as client:
             status = client.budget_status()
             prompts = PROMPTS[: (status["queries_total"] - status["queries_spent"]) // settings.tokens]
             if not prompts:
-                print(
-                    f"[demo] the service's budget cannot pay for another {settings.tokens}-token continuation: these "
-                    f"members were queried before (ledger {running.service.config.ledger}). Raise the budget "
-                    "deliberately ('privtune ledger budget'), or retire it ('privtune ledger reset') and train "
-                    "fresh members."
+                served.note = (
+                    f"the service's budget cannot pay for another {settings.tokens}-token continuation: these "
+                    f"members were queried before (ledger {running.service.config.ledger}); delete the demo folder "
+                    "to train fresh members"
                 )
+                print(f"[demo] {served.note}")
             else:
-                ult = UltTokenizer.from_files(table, key_file=key)
+                ult = None
+                if key_holder is not None:
+                    from privtune.common.ult.tokenizer import UltTokenizer
+
+                    ult = UltTokenizer.from_files(key_holder.table, key_file=key_holder.key)
                 print(
-                    f"private continuations ({settings.tokens} tokens each, every token one query; the key holder "
-                    "encodes and decodes locally, the service sees ids only; U+FFFD marks a patch that does not "
-                    "decode):"
+                    f"private continuations ({settings.tokens} tokens each, every token one query"
+                    + ("; the key holder encodes and decodes locally, the service sees ids only):" if ult else "):")
                 )
                 for prompt in prompts:
-                    continuation = sample(client, prompt, settings.tokens, ult=ult)
-                    print(f"  {prompt!r} -> {continuation.text!r}")
+                    text = sample(client, prompt, settings.tokens, ult=ult).text
+                    served.continuations.append((prompt, text))
+                    print(f"  {prompt!r} -> {text!r}")
             print()
-            print_status(client.health(), client.budget_status())
+            served.budget = client.budget_status()
+            print_status(client.health(), served.budget)
     finally:
         running.stop()
+    return served
+
+
+def markdown_served(title: str, served: Served) -> list[str]:
+    lines = [f"## {title}", ""]
+    if served.note:
+        lines += [served.note, ""]
+    lines += [f"- *{prompt}* → {text!r}" for prompt, text in served.continuations]
+    budget = served.budget
+    if budget:
+        lines += [
+            "",
+            f"Budget: {budget['queries_spent']} of {budget['queries_total']} queries spent; "
+            f"({budget['epsilon']:g}, {budget['delta']:g})-DP per member's data over all queries "
+            f"(epsilon spent so far {budget['epsilon_spent']:.3g}); member sampling rate q={budget['q']:g}, "
+            f"projection radius beta={budget['beta']:.3g}.",
+        ]
+    return lines + [""]
