@@ -52,8 +52,8 @@ class BudgetKeeper:
             raise PrivtuneError(
                 f"ledger {self.ledger.path} holds a PMixED budget of {stored.describe()}, the service was started with "
                 f"epsilon={budget.epsilon:g} delta={budget.delta:g} alpha={budget.alpha}; start it with the ledger's "
-                f"values, change the budget deliberately with 'privtune ledger budget {self.ledger.path} pmixed ...', "
-                "or use another --ledger"
+                f"values, or change it deliberately with 'privtune ledger budget {self.ledger.path} pmixed ...' "
+                "(another ledger cannot serve these members: they are bound to this one)"
             )
         kept = self.ledger.budget(KIND)
         if kept is None:
