@@ -228,8 +228,10 @@ def stop_on_signals() -> Iterator[None]:
     Ray's processes ignore SIGINT, and those started by a driver interrupted mid-run outlive it (its
     agents kept running after a killed simulate); Flower's ServerApp thread would keep the
     interpreter waiting for replies no node will send. So on a signal the processes started here
-    are stopped, and the command leaves without waiting for that thread.
+    are stopped, and the command leaves without waiting for that thread. Ray's own crash handler
+    would abort the process on SIGTERM before any of this runs, so it is turned off for the run.
     """
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
 
     def interrupt(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
