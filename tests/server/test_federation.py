@@ -71,7 +71,8 @@ def test_three_owners_improve_the_plugged_in_model(tmp_path, strategy, shards):
 
 
 def faulty_client(cfg: FederationConfig, workspaces: dict[int, str]) -> ClientApp:
-    """Owner 0 crashes, owner 1 sends NaNs, the others are honest (owner 2 has no budget via node config)."""
+    """Owner 0 crashes, owner 1 sends NaNs (update and member), the others are honest (owner 2 has no
+    budget via node config)."""
     overrides = cfg.to_run_config()
     nodes = {i: {"workspace": w} for i, w in workspaces.items()}
     nodes[2]["dp-budget"] = 0.01
@@ -83,11 +84,12 @@ def faulty_client(cfg: FederationConfig, workspaces: dict[int, str]) -> ClientAp
         if owner == 0:
             raise RuntimeError("owner 0's machine fell over")
         reply = handle_train(msg, context, overrides, nodes)
-        if owner == 1 and ARRAYS in reply.content.array_records:
-            state = from_arrays(reply.content.array_records[ARRAYS])
-            first = next(iter(state))
-            state[first] = torch.full_like(state[first], float("nan"))
-            reply.content[ARRAYS] = to_arrays(state)
+        if owner == 1:  # its federated update and its member alike
+            for key in list(reply.content.array_records):
+                state = from_arrays(reply.content.array_records[key])
+                first = next(iter(state))
+                state[first] = torch.full_like(state[first], float("nan"))
+                reply.content[key] = to_arrays(state)
         return reply
 
     return app
@@ -118,9 +120,12 @@ def test_faults_are_reported_and_the_run_completes(tmp_path):
         assert "NaN" in reasons
         assert "budget" in reasons
     assert metrics["plugin_ppl"] < metrics["zero_shot_ppl"]
-    # The member track is private training too: owner 2 cannot pay for it, owner 0 crashes; owner 1's
-    # members are sound (only its federated update was corrupted).
-    assert sorted(metrics["members"]) == ["owner-1", "owner-3"]
+    # The member track is private training too: owner 2 cannot pay for it, owner 0 crashes, owner 1's
+    # member is refused for its NaNs; only the honest owner 3 has a member.
+    assert sorted(metrics["members"]) == ["owner-3"]
+    refusals = " | ".join(r["reason"] for r in metrics["members_refused"])
+    assert len(metrics["members_refused"]) == 3 and "member-0" in refusals and "NaN" in refusals
+    assert "budget" in refusals and "fell over" in refusals
 
 
 def test_a_restarted_server_resumes_from_its_last_checkpoint(tmp_path, capsys):
