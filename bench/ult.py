@@ -72,7 +72,7 @@ class ReferenceULT:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        ranked = sorted(self.occurrences, key=self.occurrences.get, reverse=True)
+        ranked = sorted(self.occurrences, key=self.occurrences.__getitem__, reverse=True)
         self.lut = dict(sorted((run, chr(0x100 + rank)) for rank, run in enumerate(ranked)))
         self.keys = list(self.lut)
         self.inverse = {v: k for k, v in self.lut.items()}
