@@ -362,7 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         "public": pack(public_split.train, tokenizer, args.block_size, max_blocks=max(max(budgets), 1) * batch),
         "public_heldout": pack(public_split.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
     }
-    results: dict[str, Any] = {"settings": settings(args), "load_average_at_start": os.getloadavg()[0]}
+    results: dict[str, Any] = {
+        "settings": settings(args),
+        "load_average_at_start": os.getloadavg()[0],
+        "size": {"full": model_size(full), "emulator": model_size(build_emulator_model(full, OffsiteConfig(**SPLIT)))},
+    }
 
     def stage(**figures: Any) -> None:
         results.update(figures)
@@ -377,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         stage(**memory_ratios(cost), cost=cost, analytic=limits)
 
     refs = {"zero_shot": perplexity(full, data["heldout"], batch)}
+    lora = Recipe("lora", args.train_steps, args.lora_lr, args.lora_r)
+    refs["ceiling_lora"] = ceiling(full, lora, data["train"], data["heldout"], batch)
+    stage(ppl=dict(refs))
     full_ft_model = copy.deepcopy(full)
     for p in full_ft_model.parameters():
         p.requires_grad_(True)
@@ -384,8 +391,6 @@ def main(argv: list[str] | None = None) -> None:
     full_ft_run = train_adapter(full_ft_model, data["train"], tcfg, progress=False)
     refs["full_ft"] = perplexity(full_ft_model, data["heldout"], batch)
     del full_ft_model
-    lora = Recipe("lora", args.train_steps, args.lora_lr, args.lora_r)
-    refs["ceiling_lora"] = ceiling(full, lora, data["train"], data["heldout"], batch)
     stage(
         ppl=dict(refs),
         ceiling_gain_recovered_lora=gain_recovered(refs["zero_shot"], refs["ceiling_lora"], refs["full_ft"]),
@@ -458,6 +463,12 @@ def compare_variants(
             entry.update(quality_point(full, candidate, lora, data, args.batch_size, refs))
         variants.append(entry)
     return variants
+
+
+def model_size(model) -> dict[str, float]:
+    """Parameters (tied ones once) and their fp32 megabytes."""
+    params = sum(p.numel() for p in model.parameters())
+    return {"params": params, "mb": params * 4 / 2**20}
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
