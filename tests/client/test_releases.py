@@ -22,6 +22,7 @@ from privtune.common.federation.records import (
     OWNER,
     SERVER_ROUND,
     TRACK,
+    from_arrays,
     manifest_record,
     to_arrays,
 )
@@ -103,6 +104,8 @@ def test_a_round_releases_only_what_its_privacy_mode_covers(tmp_path, package, m
         assert federated[METRICS]["num-examples"] == 1.0  # the count is private; owners weigh equally
     members = train_reply(trainer, request(package, {TRACK: MEMBER_TRACK, SERVER_ROUND: 2}))
     assert shape(members) == {"member-0": set(federated[ARRAYS]), "member-1": set(federated[ARRAYS]), OWNER: {"name"}}
+    first, second = (from_arrays(members[key]) for key in ("member-0", "member-1"))
+    assert any(not torch.equal(first[name], second[name]) for name in first), "two shards gave the same member"
     if trainer.cfg.private:
         with pytest.raises(PrivtuneError, match="evaluation withheld"):
             trainer.evaluate(adapter_state(package.instantiate(seed=0)), {})
@@ -135,19 +138,3 @@ def test_dpsgd_charges_both_tracks_and_reaches_the_target_exactly(tmp_path, pack
     # the plan is spent: one more round is refused, not trained
     with pytest.raises(PrivtuneError, match="refused"):
         train_reply(trainer, request(package, {SERVER_ROUND: 2}))
-
-
-def test_members_are_one_per_shard_and_reproducible(tmp_path, package):
-    """Each shard gives its own member; the same start and shard give the same member again."""
-    trainer = owner(tmp_path, "none")
-    trainer.receive_emulator(request(package, {}))
-    public = request(package, {TRACK: MEMBER_TRACK, SERVER_ROUND: 2})
-    first = train_reply(trainer, public)
-    again = train_reply(trainer, request(package, {TRACK: MEMBER_TRACK, SERVER_ROUND: 2}))
-    for key in ("member-0", "member-1"):
-        for name, array in first[key].items():
-            torch.testing.assert_close(torch.from_numpy(array.numpy()), torch.from_numpy(again[key][name].numpy()))
-    assert not all(
-        torch.equal(torch.from_numpy(a.numpy()), torch.from_numpy(first["member-1"][n].numpy()))
-        for n, a in first["member-0"].items()
-    ), "two shards gave the same member"
