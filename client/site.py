@@ -5,7 +5,10 @@ Everything here stays on the owner's machine. The site is described by Flower's 
 
 - ``data-path``: folder of ``.txt``/``.jsonl`` files (simulation default: the owner's partition of
   the embedded Shakespeare corpus, chosen by ``partition-id``);
-- ``workspace``: folder for the ledger and caches (default ``<run-dir>/owners/owner-<id>``);
+- ``workspace``: folder for the ledger and caches. Required on a real site: the run config (and its
+  ``run-dir``) is the model owner's, who must not choose where the owner's ledger lives (a fresh
+  folder would be a fresh budget). Only virtual nodes (``partition-id``) default to
+  ``<run-dir>/owners/owner-<id>``, every party being this machine's user;
 - ``ult-table`` / ``ult-key``: the federation's ULT table and the shared federation key (ULT mode);
 - ``ldp-budget``: cap on the per-document LDP epsilon; ``dp-budget``: cap on DP-SGD epsilon.
 """
@@ -42,7 +45,15 @@ class SiteConfig:
     def from_node_config(cls, node_config: Mapping[str, Any], cfg: FederationConfig) -> SiteConfig:
         partition = node_config.get("partition-id")
         owner = str(node_config.get("owner", f"owner-{partition}" if partition is not None else "owner"))
-        workspace = Path(str(node_config.get("workspace", Path(cfg.run_dir) / "owners" / owner)))
+        if node_config.get("workspace"):
+            workspace = Path(str(node_config["workspace"]))
+        elif partition is not None:
+            workspace = Path(cfg.run_dir) / "owners" / owner
+        else:
+            raise PrivtuneError(
+                f"{owner}: no workspace in the node config; start the SuperNode with "
+                "--node-config \"workspace='/path/for/ledger/and/caches'\" (deploy/supernode.sh sets it)"
+            )
         optional = {
             k: Path(str(node_config[k])) if node_config.get(k) else None for k in ("data-path", "ult-table", "ult-key")
         }
