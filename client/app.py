@@ -26,9 +26,11 @@ from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import (
     ARRAYS,
+    EMULATOR_UNAVAILABLE,
     MEMBER_TRACK,
     METRICS,
     OWNER,
+    SITE_UNUSABLE,
     TRACK,
     declined,
     from_arrays,
@@ -43,8 +45,8 @@ log = logging.getLogger("privtune.client")
 _trainers: dict[tuple, OwnerTrainer] = {}
 
 PUBLIC_REASONS = {
-    "site": "the data owner's site is not set up for this run (configuration or data)",
-    "emulator": "the emulator package is not in the data owner's cache or failed verification",
+    "site": SITE_UNUSABLE,
+    "emulator": EMULATOR_UNAVAILABLE,
     "training": "local training failed",
     "evaluation": "local evaluation failed",
 }

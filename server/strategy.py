@@ -43,6 +43,7 @@ from privtune.common.federation.records import (
     OWNER,
     content_bytes,
     decline_reason,
+    declined_before_emulator,
     from_arrays,
     to_arrays,
 )
@@ -189,8 +190,11 @@ class OffsiteMixin(FedAvg):
         for message in replies:
             if not message.has_error():
                 entry.bytes_up += content_bytes(message.content)
-                # Any reply the ClientApp produced itself means it processed (and cached) the emulator.
-                self.nodes_with_emulator.add(message.metadata.src_node_id)
+                # A reply the ClientApp produced means it cached the emulator, unless it declined before that.
+                if declined_before_emulator(message):
+                    self.nodes_with_emulator.discard(message.metadata.src_node_id)
+                else:
+                    self.nodes_with_emulator.add(message.metadata.src_node_id)
                 if METRICS in message.content.metric_records:
                     entry.client_metrics[message.metadata.src_node_id] = dict(message.content.metric_records[METRICS])
         named, refused = self._name_replies(replies, entry)

@@ -83,6 +83,16 @@ def declined(reason: str, **metrics: float) -> RecordDict:
     return content
 
 
+SITE_UNUSABLE = "the data owner's site is not set up for this run (configuration or data)"
+EMULATOR_UNAVAILABLE = "the emulator package is not in the data owner's cache or failed verification"
+
+
+def declined_before_emulator(message: Message) -> bool:
+    """Whether an owner declined before it could cache the emulator, so it must be sent again."""
+    status = None if message.has_error() else message.content.config_records.get(STATUS)
+    return status is not None and status.get("reason") in (SITE_UNUSABLE, EMULATOR_UNAVAILABLE)
+
+
 def decline_reason(message: Message) -> str | None:
     if message.has_error():
         return f"error: {message.error.reason}"

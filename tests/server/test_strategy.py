@@ -10,10 +10,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from privtune.common.federation.config import FederationConfig
-from privtune.common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, OWNER, from_arrays, to_arrays
+from privtune.common.federation.records import (
+    ARRAYS,
+    EMULATOR_UNAVAILABLE,
+    METRICS,
+    NUM_EXAMPLES,
+    OWNER,
+    declined,
+    from_arrays,
+    to_arrays,
+)
 from privtune.server.strategy import make_strategy
 
 REFERENCE = {"w": torch.zeros(4)}
+BUDGET = "privacy budget exhausted"
 
 
 def strategy(**run_config):
@@ -28,6 +38,10 @@ def reply(node: int, update: torch.Tensor, owner: str | None = None, examples: f
     content = RecordDict({ARRAYS: to_arrays({"w": update}), METRICS: MetricRecord({NUM_EXAMPLES: examples})})
     if owner is not None:
         content[OWNER] = ConfigRecord({"name": owner})
+    return message_from(node, content)
+
+
+def message_from(node: int, content: RecordDict) -> Message:
     metadata = Metadata(
         run_id=1,
         message_id=f"m{node}",
@@ -88,3 +102,14 @@ def test_declared_sizes_weigh_within_the_cap():
         aggregate(strategy(**{"max-examples-per-owner": 1000}), [small, large]), torch.full((4,), 3.0)
     )
     assert strategy().rounds == {}  # each strategy keeps its own bookkeeping
+
+
+def test_an_owner_that_lost_its_emulator_is_sent_it_again():
+    s = strategy()
+    aggregate(s, [reply(1, torch.ones(4), "alice"), reply(2, torch.ones(4), "bob")])
+    assert s.nodes_with_emulator == {1, 2}
+    # Node 2's cache was wiped: it declines for the emulator, and the next round carries it again.
+    aggregate(s, [reply(1, torch.ones(4), "alice"), message_from(2, declined(EMULATOR_UNAVAILABLE))], server_round=2)
+    assert s.nodes_with_emulator == {1}
+    aggregate(s, [reply(1, torch.ones(4), "alice"), message_from(2, declined(BUDGET))], server_round=3)
+    assert s.nodes_with_emulator == {1, 2}  # a budget decline comes after the emulator was cached
