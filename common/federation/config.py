@@ -59,6 +59,7 @@ class FederationConfig:
     run_dir: str = "runs/flwr"
     eval_ids: str = ""
     overwrite: bool = False
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
