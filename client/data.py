@@ -1,8 +1,19 @@
-"""The data owner's training and held-out blocks: load, LDP-perturb (once), encode, pack.
+"""The data owner's training examples and held-out blocks: load, LDP-perturb (once), encode, pack.
+
+The training examples are what DP-SGD's privacy unit says (:func:`privacy_unit`): under record-level
+DP-SGD one row per record (a document, or a paragraph of one), its first ``dp-record-max-tokens``
+tokens then padding (:func:`privtune.common.dpsgd.record_examples`); otherwise packed token blocks.
+Held-out text is always packed blocks.
+
+Paragraph records are cut from the text at blank lines, so they are refused under LDP: the cut
+would read the unperturbed text, and the adapter would depend on where its blank lines were,
+which the perturbation's guarantee does not cover. ``dp-records=auto`` therefore takes paragraphs
+only for the embedded corpus without LDP (its 42 whole works are far too few records for DP to
+leave any signal) and whole documents otherwise.
 
 The training documents are also split into ``member-shards`` disjoint shards by whole documents
-(document i goes to shard i mod m), each packed on its own: shard i trains PMixED member i, and a
-document never feeds two members.
+(document i goes to shard i mod m), each encoded on its own: shard i trains PMixED member i, and a
+document (with all its paragraphs) never feeds two members.
 
 The LDP perturbation runs once per owner and data version: the perturbed text is cached in the
 workspace and the release is recorded in the ledger only when it is made. Re-running a round (or a
@@ -14,12 +25,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from privtune.client.site import SiteConfig, cap_characters, documents_fingerprint, site_documents
 from privtune.common.corpus import Document
+from privtune.common.dpsgd import PrivacyUnit, block_unit, record_examples, record_unit
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.packing import holdout_split, pack
@@ -27,14 +41,56 @@ from privtune.common.text_tokenizer import TextTokenizer
 
 HELDOUT_FRACTION = 0.1
 MAX_EVAL_BLOCKS = 32
+PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
 @dataclass
 class OwnerData:
     train: torch.Tensor
+    """One row per training example of ``unit``."""
     heldout: torch.Tensor
     ldp: dict[str, float]
     shards: list[torch.Tensor]
+    """The training examples of each member shard."""
+    unit: PrivacyUnit
+
+
+def record_level(cfg: FederationConfig) -> bool:
+    """Whether training examples are whole records: under DP-SGD with ``dp-unit = record``."""
+    return cfg.dp_epsilon > 0 and cfg.dp_unit == "record"
+
+
+def records_kind(cfg: FederationConfig, site: SiteConfig) -> str:
+    """What one record is, ``documents`` or ``paragraphs`` (``auto`` resolved; see the module docstring)."""
+    if cfg.dp_records == "paragraphs" and cfg.ldp_epsilon > 0:
+        raise PrivtuneError(
+            "dp-records=paragraphs cuts the unperturbed text at blank lines, which LDP does not cover; with "
+            "ldp-epsilon > 0 use dp-records=documents (or auto), or dp-unit=block"
+        )
+    if cfg.dp_records != "auto":
+        return cfg.dp_records
+    return "paragraphs" if site.data_path is None and cfg.ldp_epsilon == 0 else "documents"
+
+
+def privacy_unit(cfg: FederationConfig, site: SiteConfig) -> PrivacyUnit:
+    """What one DP-SGD training example of this owner is."""
+    if cfg.dp_unit == "block":
+        return block_unit(cfg.block_size)
+    return record_unit(records_kind(cfg, site), cfg.dp_record_max_tokens)
+
+
+def paragraphs(document: Document) -> list[str]:
+    return [p for p in PARAGRAPH_BREAK.split(document.text) if p.strip()]
+
+
+def encode_records(documents: list[Document], records: str, tokenizer: TextTokenizer, max_tokens: int) -> torch.Tensor:
+    """One padded row per record: its tokens and an end-of-sequence token, the first ``max_tokens`` of them."""
+    texts = (
+        [p for doc in documents for p in paragraphs(doc)] if records == "paragraphs" else [d.text for d in documents]
+    )
+    # Only a record's first tokens are trained on: eight characters a token is a generous prefix to encode.
+    tokens = [tokenizer.encode(text[: 8 * max_tokens])[: max_tokens - 1] + [tokenizer.eos_token_id] for text in texts]
+    return record_examples(tokens, max_tokens)
 
 
 def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
@@ -92,26 +148,39 @@ def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextToke
     train_docs = cap_characters(split.train, 2 * cfg.max_train_blocks * cfg.block_size)
     train_docs, ldp = perturbed_documents(site, cfg, train_docs)
     heldout_docs = cap_characters(split.heldout, 2 * MAX_EVAL_BLOCKS * cfg.block_size)
-    train = pack(train_docs, tokenizer, cfg.block_size, cfg.max_train_blocks)
+    unit = privacy_unit(cfg, site)
+    if record_level(cfg):
+        kind = records_kind(cfg, site)
+
+        def examples(docs: list[Document]) -> torch.Tensor:
+            return encode_records(docs, kind, tokenizer, cfg.dp_record_max_tokens)
+    else:
+
+        def examples(docs: list[Document]) -> torch.Tensor:
+            return pack(docs, tokenizer, cfg.block_size, cfg.max_train_blocks)
+
+    train = examples(train_docs)
     return OwnerData(
         train=train,
         heldout=pack(heldout_docs, tokenizer, cfg.block_size, MAX_EVAL_BLOCKS),
         ldp=ldp,
-        shards=member_shards(train, train_docs, tokenizer, cfg),
+        shards=member_shards(train, train_docs, examples, cfg.member_shards),
+        unit=unit,
     )
 
 
 def member_shards(
-    train: torch.Tensor, documents: list[Document], tokenizer: TextTokenizer, cfg: FederationConfig
+    train: torch.Tensor, documents: list[Document], examples: Callable[[list[Document]], torch.Tensor], m: int
 ) -> list[torch.Tensor]:
-    """The training blocks of each member shard (all of them for one shard); refuses an empty shard."""
-    m = cfg.member_shards
+    """The training examples of each of ``m`` member shards (all of them for one shard); refuses an empty shard."""
     if m <= 1:
         return [train][:m]
     if len(documents) < m:
         raise PrivtuneError(f"member-shards {m} needs at least {m} training documents, this owner has {len(documents)}")
-    return [pack(documents[i::m], tokenizer, cfg.block_size, cfg.max_train_blocks) for i in range(m)]
+    return [examples(documents[i::m]) for i in range(m)]
 
 
 def describe(data: OwnerData) -> str:
-    return json.dumps({"train_blocks": len(data.train), "heldout_blocks": len(data.heldout), **data.ldp})
+    return json.dumps(
+        {"train_examples": len(data.train), "unit": data.unit.name, "heldout_blocks": len(data.heldout), **data.ldp}
+    )

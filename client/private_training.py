@@ -1,5 +1,7 @@
 """DP-SGD for a data owner's training (federated rounds and PMixED members), with its own ledger and budget.
 
+The privacy unit is the owner's record by default (``dp-unit``; :func:`privtune.client.data.privacy_unit`):
+one training example per record on both tracks, so every sample rate below is batch / records.
 The noise multiplier is solved once for the whole run over everything an example takes part in
 (:func:`dp_schedule`): every federated round (``local-steps`` at rate batch/n) and then the member
 track (``member-steps`` on each shard at rate batch/n_shard). The ledger composes all of it in one
@@ -20,9 +22,10 @@ import time
 
 import torch
 
-from privtune.client.data import OwnerData
+from privtune.client.data import OwnerData, privacy_unit
 from privtune.client.site import SiteConfig
-from privtune.common.dpsgd import DpSgdConfig, Release, train_round
+from privtune.common.dpsgd import PAD, DpSgdConfig, Release, train_round
+from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
 from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
@@ -30,6 +33,13 @@ from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_pa
 
 def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, int], ...]:
     """(sample rate, steps) of all the private training planned for this owner's examples."""
+    fewest = min(len(examples) for examples in (data.train, *data.shards))
+    if cfg.batch_size > fewest:
+        raise PrivtuneError(
+            f"batch-size {cfg.batch_size} is more than the {fewest} training examples (unit: {data.unit.name}) of "
+            "this owner's smallest track: Poisson sampling needs batch-size <= examples. Lower batch-size or "
+            "member-shards, add data, or split documents into records with dp-records=paragraphs"
+        )
     federated = (cfg.batch_size / len(data.train), cfg.num_server_rounds * cfg.local_steps)
     members = tuple((cfg.batch_size / len(shard), cfg.member_track_steps) for shard in data.shards)
     return (federated, *members)
@@ -37,7 +47,7 @@ def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, in
 
 def train_with_dpsgd(
     model: torch.nn.Module,
-    blocks: torch.Tensor,
+    examples: torch.Tensor,
     train_cfg: TrainConfig,
     site: SiteConfig,
     cfg: FederationConfig,
@@ -56,7 +66,7 @@ def train_with_dpsgd(
     result = train_round(
         model,
         optimizer,
-        blocks,
+        examples,
         batch_size=train_cfg.batch_size,
         steps=train_cfg.steps,
         config=dp_cfg,
@@ -64,12 +74,13 @@ def train_with_dpsgd(
         seed=train_cfg.seed,
         proximal_mu=proximal_mu,
         release=release,
+        unit=privacy_unit(cfg, site),
     )
     losses = result.losses or [math.nan]
     return TrainResult(
         mean_loss=sum(losses) / len(losses),
         last_loss=losses[-1],
         steps=train_cfg.steps,
-        tokens=int(train_cfg.steps * train_cfg.batch_size * blocks.shape[1]),
+        tokens=round(train_cfg.steps * train_cfg.batch_size * float((examples != PAD).sum(dim=1).float().mean())),
         seconds=time.perf_counter() - start,
     )

@@ -8,6 +8,19 @@ are trained) fall back, inside hooks mode, to Opacus' per-layer functorch sample
 layer), which needs no registration and is checked against per-example autograd in the tests. So
 norms inside adapter blocks are trained like everything else in the block, not silently frozen.
 
+Privacy unit: one example is one row of the examples tensor, and epsilon protects exactly that.
+With the record unit (:func:`record_examples`) a row is one whole record of the owner's data (a
+document, a ``.jsonl`` line or a paragraph), its first ``max_tokens`` tokens followed by
+:data:`PAD`: so the per-example gradient Opacus clips is the record's gradient, Poisson sampling is
+over records and the accountant's sample rate is batch / records. With the block unit a row is a
+packed token block, and a record spanning k blocks gets only group privacy over k. The unit is
+recorded with every round; a ledger never composes rounds of different units.
+
+Padding is on the right and causal attention never looks ahead, so a record's logits do not
+depend on the padding after it; the padding's targets are masked out of the loss, so it adds
+nothing to the loss or the gradient (checked in the tests). Each batch is cut to its longest
+record.
+
 Batches are Poisson samples (Opacus' DPDataLoader): every example joins each step independently
 with probability q = batch_size / n, which is what the RDP accountant assumes. An empty sample
 still takes a (noise-only) step, as the analysis requires.
@@ -44,6 +57,56 @@ from privtune.common.ledger import Ledger, Record
 
 Step = tuple[float, float, int]  # the RDP accountant's history entry: (noise multiplier, sample rate, steps)
 TARGET_TOLERANCE = 1e-9
+PAD = -1
+"""Fills a record example's row after its tokens; never trained on (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class PrivacyUnit:
+    """What one DP-SGD example is, i.e. what the epsilon protects; recorded with every round."""
+
+    name: str
+    """Short, the ledger's ``unit`` field: "record" or "training block (N tokens)"."""
+    statement: str
+    """The sentence the ledger's DP-SGD statement gives as the unit."""
+
+
+def record_unit(records: str, max_tokens: int) -> PrivacyUnit:
+    """One record of the owner's data: a document (a file, a ``.jsonl`` line) or a paragraph."""
+    what = {"documents": "a document (a .txt file or a .jsonl line)", "paragraphs": "a blank-line separated paragraph"}
+    if records not in what:
+        raise PrivtuneError(f"records must be one of {sorted(what)}, got {records!r}")
+    whole = "" if records == "documents" else "; a whole document of k paragraphs gets only group privacy over k"
+    return PrivacyUnit(
+        "record",
+        f"one record ({what[records]} of the owner's data); each record's contribution is bounded: at most the "
+        f"first {max_tokens} tokens of a record are trained on{whole}",
+    )
+
+
+def block_unit(block_size: int) -> PrivacyUnit:
+    return PrivacyUnit(
+        f"training block ({block_size} tokens)",
+        f"one training block ({block_size} tokens of packed text): a document spanning k blocks gets only group "
+        "privacy over k",
+    )
+
+
+def record_examples(records: Sequence[Sequence[int]], max_tokens: int) -> torch.Tensor:
+    """One row per record: its first ``max_tokens`` token ids, then :data:`PAD` to the longest row.
+
+    Records of fewer than two tokens have no next token to predict and are dropped (they would be
+    trained on nothing, yet count in the sample rate's denominator and dilute no one's privacy).
+    """
+    if max_tokens < 2:
+        raise PrivtuneError(f"the per-record token cap must be at least 2, got {max_tokens}")
+    kept = [list(r[:max_tokens]) for r in records if len(r) >= 2]
+    if not kept:
+        raise PrivtuneError("no record has two or more tokens: add text, or use the block unit")
+    rows = torch.full((len(kept), max(len(r) for r in kept)), PAD, dtype=torch.long)
+    for i, tokens in enumerate(kept):
+        rows[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -184,8 +247,28 @@ def history_of(records: Sequence[Record]) -> list[Step]:
     return [(r.details["noise_multiplier"], r.details["sample_rate"], r.details["steps"]) for r in records]
 
 
+LEGACY_UNIT = "training example"
+"""The unit of rounds recorded without one: a token block."""
+
+
+def _check_same_unit(records: Sequence[Record], unit: PrivacyUnit) -> None:
+    """Epsilons per different units are different promises: one history never mixes them."""
+    other = {str(r.details.get("unit", LEGACY_UNIT)) for r in records} - {unit.name}
+    if other:
+        raise PrivtuneError(
+            f"DP-SGD round refused: this ledger's DP-SGD history is per {sorted(other)[0]!r} and this round's unit "
+            f"is {unit.name!r}; epsilons of different units do not compose. Keep the run's dp-unit, or give this "
+            "training a fresh workspace (and its own budget)"
+        )
+
+
 def plan_round(
-    config: DpSgdConfig, sample_rate: float, steps: int, ledger: Ledger | None = None, subject: str = ""
+    config: DpSgdConfig,
+    sample_rate: float,
+    steps: int,
+    ledger: Ledger | None = None,
+    subject: str = "",
+    unit: PrivacyUnit | None = None,
 ) -> RoundPlan:
     """What a round of ``steps`` steps at ``sample_rate`` would cost; refuses if it would exceed a budget.
 
@@ -199,7 +282,10 @@ def plan_round(
     if steps < 1:
         raise PrivtuneError(f"a DP-SGD round needs at least one step, got {steps}")
     sigma = noise_multiplier_for(config, sample_rate)
-    history = history_of(ledger.records("dpsgd", subject)) if ledger is not None else []
+    records = ledger.records("dpsgd", subject) if ledger is not None else []
+    if unit is not None:
+        _check_same_unit(records, unit)
+    history = history_of(records)
     plan = RoundPlan(
         sigma,
         sample_rate,
@@ -220,15 +306,22 @@ def plan_round(
     return plan
 
 
-def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: Release | None = None) -> Record:
+def reserve_round(
+    ledger: Ledger, plan: RoundPlan, unit: PrivacyUnit, subject: str = "", release: Release | None = None
+) -> Record:
     """Record the round in the ledger before training; the cumulative epsilon is recomputed in the transaction.
 
     ``release`` says what the round's training is released as, so the ledger lists every kind of
-    release its DP-SGD epsilon covers."""
+    release its DP-SGD epsilon covers; ``unit`` what the epsilon protects."""
     release = release or Release()
+
+    def cumulative(records: list[Record]) -> float:
+        _check_same_unit(records, unit)
+        return epsilon_for([*history_of(records), plan.step], plan.delta)
+
     return ledger.set_cumulative(
         "dpsgd",
-        lambda records: epsilon_for([*history_of(records), plan.step], plan.delta),
+        cumulative,
         delta=plan.delta,
         subject=subject,
         details={
@@ -239,25 +332,29 @@ def reserve_round(ledger: Ledger, plan: RoundPlan, subject: str = "", release: R
             "accountant": "rdp (opacus)",
             "release": release.kind,
             "part": release.part,
+            "unit": unit.name,
+            "unit_statement": unit.statement,
         },
     )
 
 
 def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of each example (equal-length token blocks), shape (batch,).
+    """Mean next-token cross-entropy over each example's own tokens (:data:`PAD` excluded), shape (batch,).
 
     The loss must separate over examples (a mean over the batch of per-example losses): a token
     mean over the whole batch would make each example's gradient depend on the others' lengths.
-    Position ids are passed expanded to the batch, which Opacus needs when position embeddings
-    are trained (GPT-2).
+    Padding is fed as token 0 and its targets are masked out. Position ids are passed expanded to
+    the batch, which Opacus needs when position embeddings are trained (GPT-2).
     """
     batch, length = input_ids.shape
+    real = input_ids != PAD
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
-    logits = model(input_ids=input_ids, position_ids=positions).logits[:, :-1]
+    logits = model(input_ids=input_ids.clamp(min=0), position_ids=positions).logits[:, :-1]
     per_token = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1), reduction="none"
-    )
-    return per_token.view(batch, length - 1).mean(dim=1)
+        logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].clamp(min=0).reshape(-1), reduction="none"
+    ).view(batch, length - 1)
+    targets = real[:, 1:].to(per_token.dtype)
+    return (per_token * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
 def train_round(
@@ -274,8 +371,12 @@ def train_round(
     seed: int | None = None,
     proximal_mu: float = 0.0,
     release: Release | None = None,
+    unit: PrivacyUnit | None = None,
 ) -> RoundResult:
-    """Run ``steps`` DP-SGD steps on ``examples`` (n x block token ids), Poisson batches of mean size ``batch_size``.
+    """Run ``steps`` DP-SGD steps on ``examples`` (n x length token ids), Poisson batches of mean size ``batch_size``.
+
+    Each row is one example and ``unit`` says what it is (default: a token block of the rows' length);
+    rows of :func:`record_examples` end in :data:`PAD`.
 
     ``optimizer`` must hold exactly the trainable parameters. The round is planned and reserved in the
     ledger before the first step (raising :class:`BudgetExceededError` without training when it
@@ -298,13 +399,11 @@ def train_round(
             f"{len(optimized)} optimized vs {len(trainable)} with requires_grad; freeze the rest "
             "(requires_grad_(False)) and build the optimizer over the trainable ones"
         )
-    if examples.dim() != 2 or len(examples) == 0:
-        raise PrivtuneError(
-            f"examples must be a non-empty (n, block) tensor of token ids, got shape {tuple(examples.shape)}"
-        )
+    _check_examples(examples)
+    unit = unit or block_unit(examples.shape[1])
     sample_rate = batch_size / len(examples)
-    plan = plan_round(config, sample_rate, steps, ledger, subject)
-    record = reserve_round(ledger, plan, subject, release) if ledger is not None else None
+    plan = plan_round(config, sample_rate, steps, ledger, subject, unit)
+    record = reserve_round(ledger, plan, unit, subject, release) if ledger is not None else None
     generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
     was_training = model.training
     loader = DPDataLoader(TensorDataset(examples), sample_rate=sample_rate, generator=generator)
@@ -330,7 +429,7 @@ def train_round(
                     for p in dp_optimizer.params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 else:
-                    loss = loss_fn(private, batch).mean()
+                    loss = loss_fn(private, _trim_padding(batch)).mean()
                     with warnings.catch_warnings():
                         # expected: the first adapter layer's input comes from frozen layers; Opacus
                         # needs only the gradient at the module's output, which the hook still receives
@@ -344,6 +443,27 @@ def train_round(
             private.to_standard_module()
             model.train(was_training)
     return RoundResult(plan, record.total if record is not None else plan.epsilon_after, losses, record)
+
+
+def _check_examples(examples: torch.Tensor) -> None:
+    """Rows of token ids, each with at least two tokens before its padding and none after it."""
+    if examples.dim() != 2 or len(examples) == 0 or examples.shape[1] < 2:
+        raise PrivtuneError(
+            f"examples must be a non-empty (n, length >= 2) tensor of token ids, got shape {tuple(examples.shape)}"
+        )
+    real = examples != PAD
+    if bool((real[:, 1:] & ~real[:, :-1]).any()) or not bool(real[:, 1].all()):
+        raise PrivtuneError(
+            "each example row must hold at least two tokens and be padded on the right only; build record rows "
+            "with privtune.common.dpsgd.record_examples"
+        )
+    if bool((examples < PAD).any()):
+        raise PrivtuneError(f"token ids must be >= 0 (or {PAD} for padding)")
+
+
+def _trim_padding(batch: torch.Tensor) -> torch.Tensor:
+    """The batch cut to its longest row: columns of padding alone are not computed."""
+    return batch[:, : int((batch != PAD).sum(dim=1).max())]
 
 
 def _proximal_step(params: list[nn.Parameter], mu: float) -> Callable[[object], None]:

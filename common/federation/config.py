@@ -7,6 +7,13 @@ Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pypro
 ``member-shards`` (m) and ``member-steps``: after the federated rounds every owner trains m PMixED
 members from the public starting adapter, member i on the i-th of m disjoint shards of its own
 documents only (0 turns the member track off); ``member-steps`` steps each (0: rounds x local-steps).
+
+``dp-unit``: what DP-SGD's epsilon protects. ``record`` (default): one training example per record,
+its first ``dp-record-max-tokens`` tokens; a record is what ``dp-records`` says: ``documents`` (a
+``.txt`` file, a ``.jsonl`` line), ``paragraphs`` (blank-line separated), or ``auto``: paragraphs
+for the embedded corpus (42 whole works are far too few records for DP to leave any signal),
+documents for a data folder. ``block``: one packed token block, and a record spanning k blocks
+gets only group privacy.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from privtune.common.errors import PrivtuneError
 STRATEGIES = ("fedavg", "fedadam", "fedprox")
 ENCODINGS = ("raw", "ult")
 ADAPTERS = ("lora", "full")
+DP_UNITS = ("record", "block")
+DP_RECORDS = ("auto", "documents", "paragraphs")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,9 @@ class FederationConfig:
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
+    dp_unit: str = "record"
+    dp_records: str = "auto"
+    dp_record_max_tokens: int = 256
     member_shards: int = 1
     member_steps: int = 0
     round_timeout: float = 600.0
@@ -77,6 +89,9 @@ class FederationConfig:
             (0 < self.dp_delta < 1, "dp-delta must be in (0, 1)"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
             (self.member_shards >= 0, "member-shards must be >= 0 (0: no PMixED members)"),
+            (self.dp_unit in DP_UNITS, f"dp-unit must be one of {DP_UNITS}"),
+            (self.dp_records in DP_RECORDS, f"dp-records must be one of {DP_RECORDS}"),
+            (self.dp_record_max_tokens >= 2, "dp-record-max-tokens must be at least 2"),
             (self.member_steps >= 0, "member-steps must be >= 0 (0: as many as the federated track)"),
         ]
         for ok, message in checks:

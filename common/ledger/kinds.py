@@ -171,7 +171,7 @@ class Dpsgd(Kind):
     title = "DP-SGD fine-tuning"
     unit = "training example"
     currency = "epsilon at delta (RDP accountant)"
-    scope = "one training example (token block) of the owner's data, (epsilon, delta)-DP"
+    scope = "one training example of the owner's data (a record or a token block: see unit), (epsilon, delta)-DP"
     cumulative = True
 
     def check_budget(self, budget: Budget) -> None:
@@ -193,7 +193,11 @@ class Dpsgd(Kind):
         delta = records[-1].delta if records else (budget.delta if budget else 0.0)
         steps = sum(int(r.details.get("steps", 0)) for r in records)
         covered = sorted({str(r.details["release"]) for r in records if r.details.get("release")})
+        last = records[-1].details if records else {}
+        unit = str(last.get("unit", self.unit))
+        unit_statement = str(last.get("unit_statement", "one training example (one token block)"))
         return {
+            "unit": unit,
             "epsilon": worst,
             "delta": delta,
             "steps": steps,
@@ -201,9 +205,9 @@ class Dpsgd(Kind):
             "releases_covered": covered,
             "spent_text": f"eps {worst:.4g} at delta {delta:g}",
             "statement": (
-                f"({worst:.6g}, {delta:g})-DP for each training example of this owner's data, from the RDP "
-                f"accountant over all {steps} DP-SGD steps in {len(records)} round(s); unit: one training "
-                "example (one token block)" + (f"; covers: {', '.join(covered)}" if covered else "")
+                f"({worst:.6g}, {delta:g})-DP for each {unit} of this owner's data, from the RDP "
+                f"accountant over all {steps} DP-SGD steps in {len(records)} round(s); unit: {unit_statement}"
+                + (f"; covers: {', '.join(covered)}" if covered else "")
             ),
         }
 
