@@ -7,7 +7,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from privtune.client.app import train_reply
-from privtune.client.site import SiteConfig
+from privtune.client.site import SiteConfig, site_documents
 from privtune.client.trainer import OwnerTrainer
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
@@ -129,9 +129,16 @@ def test_dpsgd_charges_both_tracks_and_reaches_the_target_exactly(tmp_path, pack
         ("PMixED member", "shard 1 of 2, from the public start"),
         ("PMixED member", "shard 2 of 2, from the public start"),
     ]
+    # record-level on both tracks: the embedded corpus's paragraphs are the records, sampled at batch / records
+    data = trainer.data()
+    assert {r.details["unit"] for r in records} == {"record"} and data.unit.name == "record"
+    assert [r.details["sample_rate"] for r in records] == [4 / len(data.train), *(4 / len(s) for s in data.shards)]
+    works = len(site_documents(trainer.site, trainer.cfg.seed))
+    assert len(data.train) == sum(len(s) for s in data.shards) > 2 * works  # paragraphs, not whole works
     dpsgd = next(
         g for g in Ledger(trainer.site.ledger_path, create=False).report()["guarantees"] if g["kind"] == "dpsgd"
     )
+    assert dpsgd["unit"] == "record" and "paragraph" in dpsgd["statement"] and "first 256 tokens" in dpsgd["statement"]
     assert dpsgd["releases_covered"] == ["PMixED member", "federated adapter"]
     assert "covers: PMixED member, federated adapter" in dpsgd["statement"]
     assert 8.0 * 0.99 < records[-1].total <= 8.0 * (1 + 1e-9)

@@ -1,6 +1,8 @@
 """DP-SGD helper: accounting against an independent RDP computation, exact clipped per-example
 gradients on tiny GPT-2 / LLaMA / OPT (LoRA and whole adapter blocks), frozen parameters untouched,
-and budget refusals before any training."""
+and budget refusals before any training. Record-level DP: a record of several blocks' worth of
+tokens gives one clipped gradient, padding adds nothing, the sample rate is over records, and the
+ledger names the unit."""
 
 import copy
 import math
@@ -11,7 +13,18 @@ import torch
 from peft import LoraConfig, get_peft_model
 from scipy.special import gammaln, logsumexp
 
-from privtune.common.dpsgd import DpSgdConfig, epsilon_for, noise_multiplier_for, plan_round, train_round
+from privtune.common.dpsgd import (
+    PAD,
+    DpSgdConfig,
+    block_unit,
+    epsilon_for,
+    lm_per_sample_loss,
+    noise_multiplier_for,
+    plan_round,
+    record_examples,
+    record_unit,
+    train_round,
+)
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.families import get_blocks
 from privtune.common.ledger import Ledger
@@ -345,3 +358,127 @@ def test_fedprox_proximal_gradient_is_added_after_privatisation():
         torch.testing.assert_close(
             proximal[name] - plain[name], -lr * mu * (first[name] - start[name]), rtol=1e-4, atol=1e-7
         )
+
+
+# ---------------------------------------------------------------- record-level DP
+def records(lengths, seed=0):
+    """Token id lists of the given lengths (a record of 40 tokens spans more than three 12-token blocks)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 259, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_record_rows_hold_each_records_first_tokens_then_padding():
+    rows = record_examples([[5, 6, 7, 8, 9], [4], [1, 2]], max_tokens=4)
+    assert rows.tolist() == [[5, 6, 7, 8], [1, 2, PAD, PAD]]  # truncated to the cap; a 1-token record dropped
+    with pytest.raises(PrivtuneError, match="two or more tokens"):
+        record_examples([[3]], max_tokens=4)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_padding_adds_nothing_to_a_records_loss_or_gradient(family):
+    model = adapter_model(family, "lora")
+    (tokens,) = records([9])
+    padded = torch.tensor([tokens + [PAD] * 7])
+    losses, grads = [], []
+    for ids in (torch.tensor([tokens]), padded):
+        model.zero_grad()
+        loss = lm_per_sample_loss(model, ids)
+        loss.sum().backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for padded_grad, plain_grad in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(padded_grad, plain_grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_a_record_of_several_blocks_gives_one_clipped_gradient(family):
+    """q = 1, negligible noise: the update is -lr * mean over records of clip(gradient of the record's
+    mean token loss), each computed on the record alone, unpadded; records of 40 tokens span several
+    12-token blocks and still count once."""
+    model = adapter_model(family, "lora")
+    reference = copy.deepcopy(model)
+    token_lists, clip, lr = records([40, 7, 23, 12]), 0.05, 1.0
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    expected = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    for tokens in token_lists:
+        reference.zero_grad()
+        per_example_loss(reference, torch.tensor([tokens])).backward()
+        grads = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        assert factor < 1.0, "test design: clipping must be active"
+        for n in expected:
+            expected[n] -= lr * factor * grads[n] / len(token_lists)
+    result = train_round(
+        model,
+        torch.optim.SGD(list(trainable.values()), lr=lr),
+        record_examples(token_lists, max_tokens=64),
+        batch_size=len(token_lists),
+        steps=1,
+        config=DpSgdConfig(noise_multiplier=1e-12, max_grad_norm=clip),
+        seed=0,
+        unit=record_unit("documents", 64),
+    )
+    assert result.plan.sample_rate == 1.0
+    for name, p in trainable.items():
+        torch.testing.assert_close(p.detach() - before[name], expected[name], rtol=1e-4, atol=1e-7)
+
+
+def test_the_accountant_samples_records_and_the_ledger_names_the_unit(tmp_path):
+    ledger = Ledger(tmp_path / "carol.db", owner="carol")
+    rows = record_examples(records([30, 5, 18, 9, 44, 12, 7, 25, 16, 11]), max_tokens=32)
+    model = adapter_model("llama", "lora")
+    unit = record_unit("paragraphs", 32)
+    result = train_round(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        rows,
+        batch_size=3,
+        steps=4,
+        config=DpSgdConfig(noise_multiplier=1.0),
+        ledger=ledger,
+        seed=2,
+        unit=unit,
+    )
+    assert result.plan.sample_rate == 3 / 10  # records drawn / records held
+    assert result.epsilon == pytest.approx(epsilon_for([(1.0, 0.3, 4)], 1e-5))
+    (record,) = ledger.records("dpsgd")
+    assert record.details["unit"] == "record" and record.details["sample_rate"] == 0.3
+    (guarantee,) = [g for g in ledger.report()["guarantees"] if g["kind"] == "dpsgd"]
+    assert guarantee["unit"] == "record"
+    assert "for each record of this owner's data" in guarantee["statement"]
+    assert "at most the first 32 tokens of a record" in guarantee["statement"]
+    assert "a whole document of k paragraphs gets only group privacy" in guarantee["statement"]
+
+
+def test_a_ledger_never_composes_rounds_of_different_units(tmp_path):
+    ledger = Ledger(tmp_path / "dave.db", owner="dave")
+    model = adapter_model("gpt2", "lora")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    config = DpSgdConfig(noise_multiplier=1.0)
+    train_round(model, optimizer, examples(8), batch_size=2, steps=1, config=config, ledger=ledger)
+    (guarantee,) = [g for g in ledger.report()["guarantees"] if g["kind"] == "dpsgd"]
+    assert guarantee["unit"] == block_unit(12).name and "only group privacy" in guarantee["statement"]
+    rows = record_examples(records([20] * 8), max_tokens=16)
+    with pytest.raises(PrivtuneError, match="do not compose"):
+        train_round(
+            model,
+            optimizer,
+            rows,
+            batch_size=2,
+            steps=1,
+            config=config,
+            ledger=ledger,
+            unit=record_unit("documents", 16),
+        )
+    assert len(ledger.records("dpsgd")) == 1
+
+
+def test_rows_padded_on_the_left_or_too_short_are_refused():
+    model = adapter_model("gpt2", "lora")
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for rows in (torch.tensor([[PAD, 5, 6], [4, 5, 6]]), torch.tensor([[7, PAD, PAD], [4, 5, 6]])):
+        with pytest.raises(PrivtuneError, match="padded on the right"):
+            train_round(model, optimizer, rows, batch_size=1, steps=1, config=DpSgdConfig(noise_multiplier=1.0))

@@ -1,0 +1,84 @@
+"""A data owner's training examples per DP-SGD unit: records (documents or paragraphs) or token blocks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from privtune.client.data import describe, load_owner_data, owner_tokenizer, paragraphs, records_kind
+from privtune.client.private_training import dp_schedule
+from privtune.client.site import SiteConfig, site_documents
+from privtune.common.corpus import Document
+from privtune.common.dpsgd import PAD, DpSgdConfig, epsilon_for, noise_multiplier_for
+from privtune.common.errors import PrivtuneError
+from privtune.common.federation.config import FederationConfig
+
+RUN = {"model": "tiny-llama", "block-size": 32, "max-train-blocks": 16, "batch-size": 4, "dp-epsilon": 8.0}
+
+
+def owner_data(tmp_path, node: dict, **run):
+    cfg = FederationConfig.from_run_config({**RUN, "run-dir": str(tmp_path / "server"), **run})
+    site = SiteConfig.from_node_config(node, cfg)
+    return cfg, site, load_owner_data(site, cfg, owner_tokenizer(site, cfg))
+
+
+def real_lengths(rows):
+    return (rows != PAD).sum(dim=1)
+
+
+def test_the_embedded_corpus_trains_one_row_per_paragraph_capped(tmp_path):
+    run = {"dp-record-max-tokens": 24, "max-train-blocks": 128}
+    cfg, site, data = owner_data(tmp_path, {"partition-id": 0, "num-partitions": 2}, **run)
+    assert records_kind(cfg, site) == "paragraphs" and data.unit.name == "record"
+    works = len(site_documents(site, cfg.seed))
+    assert len(data.train) > 4 * works and data.train.shape[1] == 24
+    assert int(real_lengths(data.train).min()) >= 2 and int(real_lengths(data.train).max()) == 24
+    assert json.loads(describe(data))["unit"] == "record"
+
+
+def test_a_data_folder_trains_one_row_per_document_or_jsonl_line(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("First paragraph of a.\n\nSecond paragraph of a, longer than the first.\n")
+    lines = [{"text": f"line {i}: " + "words " * (5 + i)} for i in range(6)]
+    (folder / "b.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    node = {"data-path": str(folder), "workspace": str(tmp_path / "ws")}
+    cfg, site, data = owner_data(tmp_path, node)
+    assert records_kind(cfg, site) == "documents" and len(data.train) == 7  # one file, six lines
+    _, _, by_paragraph = owner_data(tmp_path, node, **{"dp-records": "paragraphs"})
+    assert len(by_paragraph.train) == 8
+    _, _, blocks = owner_data(tmp_path, node, **{"dp-unit": "block"})
+    assert blocks.unit.name == "training block (32 tokens)" and blocks.train.shape[1] == 32
+    assert bool((blocks.train != PAD).all())
+
+
+def test_paragraph_records_under_ldp_are_refused_and_auto_takes_documents(tmp_path):
+    node = {"partition-id": 0, "num-partitions": 2}
+    cfg = FederationConfig.from_run_config({**RUN, "ldp-epsilon": 20.0, "dp-records": "paragraphs"})
+    with pytest.raises(PrivtuneError, match="LDP does not cover"):
+        records_kind(cfg, SiteConfig.from_node_config(node, cfg))
+    auto = FederationConfig.from_run_config({**RUN, "ldp-epsilon": 20.0})
+    assert records_kind(auto, SiteConfig.from_node_config(node, auto)) == "documents"
+
+
+def test_paragraphs_are_cut_at_blank_lines():
+    text = "PAINTER.\nA picture, sir.\n\nPOET.\nUpon the heels.\n  \n\n\nEnd."
+    assert paragraphs(Document("w", text)) == ["PAINTER.\nA picture, sir.", "POET.\nUpon the heels.", "End."]
+
+
+def test_noise_planned_over_both_record_tracks_reaches_the_target(tmp_path):
+    cfg, _, data = owner_data(
+        tmp_path, {"partition-id": 1, "num-partitions": 2}, **{"member-shards": 3, "local-steps": 30}
+    )
+    schedule = dp_schedule(cfg, data)
+    assert [q for q, _ in schedule] == [4 / len(data.train), *(4 / len(shard) for shard in data.shards)]
+    config = DpSgdConfig(target_epsilon=8.0, delta=cfg.dp_delta, schedule=schedule)
+    sigma = noise_multiplier_for(config, schedule[0][0])
+    assert 0.99 * 8.0 <= epsilon_for([(sigma, q, n) for q, n in schedule], cfg.dp_delta) <= 8.0
+
+
+def test_a_batch_larger_than_a_tracks_records_is_refused(tmp_path):
+    cfg, _, data = owner_data(tmp_path, {"partition-id": 0, "num-partitions": 2}, **{"batch-size": 100000})
+    with pytest.raises(PrivtuneError, match="batch-size 100000 is more than"):
+        dp_schedule(cfg, data)
