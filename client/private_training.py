@@ -75,6 +75,7 @@ def train_with_dpsgd(
         proximal_mu=proximal_mu,
         release=release,
         unit=privacy_unit(cfg, site),
+        max_physical_batch=cfg.dp_physical_batch,
     )
     losses = result.losses or [math.nan]
     return TrainResult(

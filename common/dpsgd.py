@@ -372,11 +372,17 @@ def train_round(
     proximal_mu: float = 0.0,
     release: Release | None = None,
     unit: PrivacyUnit | None = None,
+    max_physical_batch: int = 0,
 ) -> RoundResult:
     """Run ``steps`` DP-SGD steps on ``examples`` (n x length token ids), Poisson batches of mean size ``batch_size``.
 
     Each row is one example and ``unit`` says what it is (default: a token block of the rows' length);
     rows of :func:`record_examples` end in :data:`PAD`.
+
+    ``max_physical_batch`` > 0 computes each Poisson batch in pieces of at most that many examples
+    (Opacus' accumulation: every piece's per-example gradients are clipped and summed, and the
+    noise is added once, at the last): the same step as in one piece, so large expected batches of
+    long records fit in memory at no cost in privacy.
 
     ``optimizer`` must hold exactly the trainable parameters. The round is planned and reserved in the
     ledger before the first step (raising :class:`BudgetExceededError` without training when it
@@ -400,6 +406,8 @@ def train_round(
             "(requires_grad_(False)) and build the optimizer over the trainable ones"
         )
     _check_examples(examples)
+    if max_physical_batch < 0:
+        raise PrivtuneError(f"max_physical_batch must be >= 0 (0: each batch in one piece), got {max_physical_batch}")
     unit = unit or block_unit(examples.shape[1])
     sample_rate = batch_size / len(examples)
     plan = plan_round(config, sample_rate, steps, ledger, subject, unit)
@@ -424,25 +432,43 @@ def train_round(
             batches = _forever(loader)
             for _ in range(steps):
                 (batch,) = next(batches)
-                dp_optimizer.zero_grad(set_to_none=True)
-                if len(batch) == 0:
-                    for p in dp_optimizer.params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-                else:
-                    loss = loss_fn(private, _trim_padding(batch)).mean()
-                    with warnings.catch_warnings():
-                        # expected: the first adapter layer's input comes from frozen layers; Opacus
-                        # needs only the gradient at the module's output, which the hook still receives
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                    _check_one_row_per_example(model, len(batch))
-                    losses.append(float(loss.detach()))
-                dp_optimizer.step()
+                pieces = batch.split(max_physical_batch) if max_physical_batch > 0 and len(batch) else (batch,)
+                total = 0.0
+                for i, piece in enumerate(pieces):
+                    dp_optimizer.signal_skip_step(do_skip=i < len(pieces) - 1)
+                    dp_optimizer.zero_grad(set_to_none=True)  # keeps the sum of the pieces before
+                    total += _backward(private, model, dp_optimizer, piece, loss_fn)
+                    dp_optimizer.step()
+                if len(batch):
+                    losses.append(total / len(batch))
         finally:
             dp_optimizer.zero_grad(set_to_none=True)
             private.to_standard_module()
             model.train(was_training)
     return RoundResult(plan, record.total if record is not None else plan.epsilon_after, losses, record)
+
+
+def _backward(
+    private: nn.Module,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> float:
+    """Per-example gradients of ``batch`` into ``grad_sample`` (none for an empty batch); returns its summed loss."""
+    if len(batch) == 0:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        return 0.0
+    loss = loss_fn(private, _trim_padding(batch)).mean()
+    with warnings.catch_warnings():
+        # expected: the first adapter layer's input comes from frozen layers; Opacus
+        # needs only the gradient at the module's output, which the hook still receives
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+    _check_one_row_per_example(model, len(batch))
+    return float(loss.detach()) * len(batch)
 
 
 def _check_examples(examples: torch.Tensor) -> None:

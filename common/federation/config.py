@@ -13,7 +13,8 @@ its first ``dp-record-max-tokens`` tokens; a record is what ``dp-records`` says:
 ``.txt`` file, a ``.jsonl`` line), ``paragraphs`` (blank-line separated), or ``auto``: paragraphs
 for the embedded corpus (42 whole works are far too few records for DP to leave any signal),
 documents for a data folder. ``block``: one packed token block, and a record spanning k blocks
-gets only group privacy.
+gets only group privacy. ``dp-physical-batch`` (0: off) computes each Poisson batch in pieces of at
+most that many examples, the same DP-SGD step, so large expected batches fit in memory.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class FederationConfig:
     dp_unit: str = "record"
     dp_records: str = "auto"
     dp_record_max_tokens: int = 256
+    dp_physical_batch: int = 0
     member_shards: int = 1
     member_steps: int = 0
     round_timeout: float = 600.0
@@ -92,6 +94,7 @@ class FederationConfig:
             (self.dp_unit in DP_UNITS, f"dp-unit must be one of {DP_UNITS}"),
             (self.dp_records in DP_RECORDS, f"dp-records must be one of {DP_RECORDS}"),
             (self.dp_record_max_tokens >= 2, "dp-record-max-tokens must be at least 2"),
+            (self.dp_physical_batch >= 0, "dp-physical-batch must be >= 0 (0: each Poisson batch in one piece)"),
             (self.member_steps >= 0, "member-steps must be >= 0 (0: as many as the federated track)"),
         ]
         for ok, message in checks:

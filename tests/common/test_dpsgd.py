@@ -482,3 +482,32 @@ def test_rows_padded_on_the_left_or_too_short_are_refused():
     for rows in (torch.tensor([[PAD, 5, 6], [4, 5, 6]]), torch.tensor([[7, PAD, PAD], [4, 5, 6]])):
         with pytest.raises(PrivtuneError, match="padded on the right"):
             train_round(model, optimizer, rows, batch_size=1, steps=1, config=DpSgdConfig(noise_multiplier=1.0))
+
+
+def test_a_batch_computed_in_pieces_takes_the_same_step():
+    """Seven records in pieces of at most two: every record clipped once, noise added once (same seed,
+    same noise), so the update equals the one-piece step."""
+    base = adapter_model("llama", "lora")
+    rows = record_examples(records([30, 5, 18, 9, 44, 12, 7], seed=4), max_tokens=48)
+
+    def update(pieces: int) -> dict[str, torch.Tensor]:
+        model = copy.deepcopy(base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        result = train_round(
+            model,
+            torch.optim.SGD(params, lr=1.0),
+            rows,
+            batch_size=len(rows),
+            steps=1,
+            config=DpSgdConfig(noise_multiplier=0.5, max_grad_norm=0.05),
+            seed=5,
+            max_physical_batch=pieces,
+        )
+        assert len(result.losses) == 1
+        return {i: p.detach() - b for i, (p, b) in enumerate(zip(params, before, strict=True))}
+
+    whole, pieces = update(0), update(2)
+    assert any(float(d.abs().max()) > 0 for d in whole.values())
+    for i in whole:
+        torch.testing.assert_close(pieces[i], whole[i], rtol=1e-4, atol=1e-7)
