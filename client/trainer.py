@@ -9,6 +9,12 @@ aggregate, so after round 1 it depends on every owner's data. The member track t
 PMixED members: from the public starting adapter the server sends (never an aggregate), member i on
 shard i of this owner's documents alone, so each member depends on one shard of one owner. Under
 DP-SGD both tracks are private training charged to the owner's ledger.
+
+Training runs where the run config's ``device`` says (:mod:`privtune.common.device`). Plain training
+runs its forward passes under the device's bf16 autocast; DP-SGD computes in float32 throughout,
+because Opacus builds the per-example gradients from the activations it captured, and bf16 ones
+would give per-example norms a few tenths of a percent off: clipping would no longer bound each
+example's influence by exactly max-grad-norm. Adapters leave the trainer on the host.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from privtune.client.data import OwnerData, load_owner_data, owner_tokenizer
 from privtune.client.releases import EVALUATION_WITHHELD, may_evaluate, train_metrics
 from privtune.client.site import SiteConfig
+from privtune.common.device import DevicePolicy, to_host
 from privtune.common.dpsgd import Release
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
@@ -45,6 +52,7 @@ from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapte
 class OwnerTrainer:
     def __init__(self, site: SiteConfig, cfg: FederationConfig) -> None:
         self.site, self.cfg = site, cfg
+        self.policy = DevicePolicy.resolve(cfg.device)
         self.package: EmulatorPackage | None = None
         self._data: OwnerData | None = None
 
@@ -84,7 +92,7 @@ class OwnerTrainer:
         if self.cfg.encoding == "ult" and not config.get(EMBEDDINGS_KEYED, False):
             global_state = self._warm_start_keyed(global_state)
         load_adapter_state(model, global_state)
-        return model
+        return self.policy.place(model, f"{self.site.owner}'s emulator")
 
     def _warm_start_keyed(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reorder the public embedding/head rows into the federation key's id order.
@@ -114,7 +122,7 @@ class OwnerTrainer:
             float(config.get(PROXIMAL_MU, 0.0)),
             Release("federated adapter", f"round {server_round}"),
         )
-        return adapter_state(model), train_metrics(self.cfg, data, result)
+        return to_host(adapter_state(model)), train_metrics(self.cfg, data, result)
 
     def train_members(self, public_state: dict[str, torch.Tensor], config: dict[str, Any]) -> list[dict]:
         """The member track: one adapter per shard, each from the public start on that shard alone."""
@@ -127,7 +135,7 @@ class OwnerTrainer:
             model = self._model(public_state, {EMBEDDINGS_KEYED: False})
             release = Release("PMixED member", f"shard {shard + 1} of {len(data.shards)}, from the public start")
             self._train(model, blocks, self._train_config(self.cfg.member_track_steps, seed + shard), 0.0, release)
-            members.append(adapter_state(model))
+            members.append(to_host(adapter_state(model)))
         return members
 
     def _train_config(self, steps: int, seed_offset: int) -> TrainConfig:
@@ -139,6 +147,7 @@ class OwnerTrainer:
         self, model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, mu: float, release: Release
     ) -> TrainResult:
         """Train ``model`` in place: DP-SGD when configured (charged to the ledger as ``release``), else plain."""
+        blocks = blocks.to(self.policy.device)
         if self.cfg.dp_epsilon > 0:
             from privtune.client.private_training import dp_schedule, train_with_dpsgd
 
@@ -147,7 +156,8 @@ class OwnerTrainer:
         else:
             hooks = _proximal_hooks(model, mu) if mu > 0 else []
             try:
-                result = train_adapter(model, blocks, train_cfg, progress=False)
+                with self.policy.autocast():
+                    result = train_adapter(model, blocks, train_cfg, progress=False)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -160,7 +170,8 @@ class OwnerTrainer:
             raise PrivtuneError(f"{self.site.owner}: {EVALUATION_WITHHELD}")
         data = self.data()
         model = self._model(global_state, config)
-        ppl = perplexity(model, data.heldout)
+        with self.policy.autocast():
+            ppl = perplexity(model, data.heldout.to(self.policy.device))
         return {NUM_EXAMPLES: float(len(data.heldout)), "eval-loss": math.log(ppl)}
 
 

@@ -9,13 +9,15 @@ gradients are computed and clipped in float32. The CPU path computes in float32 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from privtune.common.errors import PrivtuneError
 
@@ -69,6 +71,36 @@ class DevicePolicy:
         else:
             yield
 
+    def place(self, module: nn.Module, what: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """``module`` on this device in ``dtype``, refused with a clear error when it cannot fit on a GPU.
+
+        Models load on the host first; the check runs before the copy to CUDA, where running out of
+        memory would otherwise end in an allocator traceback halfway through the copy.
+        """
+        if self.device.type == "cuda":
+            check_fits(parameter_count(module), dtype, self.device, what)
+        return module.to(self.device, dtype=dtype)
+
+    @contextlib.contextmanager
+    def hosting(self, modules: Mapping[str, nn.Module | None]) -> Iterator[None]:
+        """The named modules on this device under its autocast for the block, back on the host after.
+
+        For the model owner's steps that compute on the device but hash, plug in or save on the host
+        (weight digests and packages read host memory). All of them are checked to fit together.
+        """
+        present = [m for m in modules.values() if m is not None]
+        if self.device.type == "cuda":
+            what = " + ".join(name for name, m in modules.items() if m is not None)
+            check_fits(sum(parameter_count(m) for m in present), torch.float32, self.device, what)
+        try:
+            for module in present:
+                module.to(self.device)
+            with self.autocast():
+                yield
+        finally:
+            for module in present:
+                module.cpu()
+
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         return f"{self.device} ({name}{', bf16 autocast' if self.mixed_precision else ', float32'})"
@@ -95,3 +127,21 @@ def check_fits(n_parameters: int, dtype: torch.dtype, device: torch.device, what
             f"{str(dtype).removeprefix('torch.')}) but only {free / 2**30:.1f} GiB is free: use a GPU with more "
             "memory, bf16 weights (--device cuda), or a smaller model"
         )
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Parameters counted once each (``parameters()`` skips tied duplicates)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def to_host(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU: what is sent, hashed or saved (Flower arrays and digests read host memory)."""
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}
+
+
+def add_device_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help=f"where to compute: {DEVICE_CHOICES} (default auto: the first CUDA device when torch sees one, else CPU)",
+    )

@@ -18,12 +18,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from privtune.common.device import add_device_argument
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 
 MAX_OWNERS = 64
 """Simulated owners all run on this machine, each a Ray virtual node that receives its own copy of
 the emulator; beyond this, use a real deployment (deploy/)."""
+DEFAULT_GPUS_PER_OWNER = 0.25
 SIMULATION_ENTRIES = ("server", "owners", "federation", "metrics.json", "privacy.json")
 """What a simulation writes into ``--out`` (and ``--overwrite`` removes)."""
 
@@ -44,6 +46,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dp-epsilon", type=float, default=0.0, help="DP-SGD target epsilon per owner (0 = off)")
     parser.add_argument("--strategy", choices=["fedavg", "fedadam", "fedprox"], default="fedavg")
     parser.add_argument("--local-steps", type=int, default=FederationConfig.local_steps)
+    add_device_argument(parser)
+    parser.add_argument(
+        "--gpus-per-owner",
+        type=float,
+        default=DEFAULT_GPUS_PER_OWNER,
+        help="fraction of a GPU each simulated owner reserves when torch sees CUDA (default 0.25: four owners "
+        "share one GPU); ignored on CPU-only machines",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -90,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         "dp-epsilon": args.dp_epsilon,
         "strategy": args.strategy,
         "local-steps": args.local_steps,
+        "device": args.device,
         "run-dir": str(Path(args.out) / "server"),
         "min-train-nodes": min(2, args.owners),
         "overwrite": args.overwrite,
@@ -103,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         repeats = tuple(int(r) for r in args.canary_repeats.split(","))
         nodes = plant_secrets(cfg, args.owners, Path(args.out), args.canaries, repeats, overwrite=args.overwrite)
     with stop_on_signals():
-        metrics = simulate(cfg, args.owners, Path(args.out), nodes)
+        metrics = simulate(cfg, args.owners, Path(args.out), nodes, args.gpus_per_owner)
     from privtune.report import markdown_run_section, write_markdown_report
 
     out = Path(args.out)
@@ -168,8 +179,26 @@ def prepare_ult_federation(
     return dataclasses.replace(cfg, eval_ids=str(eval_ids))
 
 
+def backend_config(cfg: FederationConfig, gpus_per_owner: float = DEFAULT_GPUS_PER_OWNER) -> dict[str, Any]:
+    """Ray resources of the virtual nodes: one CPU each, and ``gpus_per_owner`` of a GPU where the
+    owners compute on CUDA (Ray then packs 1/gpus_per_owner owners onto each GPU and queues the rest)."""
+    from privtune.common.device import resolve_device
+
+    if not 0 <= gpus_per_owner <= 1:
+        raise PrivtuneError(f"--gpus-per-owner must be between 0 and 1 (a fraction of one GPU), got {gpus_per_owner}")
+    on_gpu = resolve_device(cfg.device).type == "cuda"
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_owner if on_gpu else 0.0},
+        "init_args": {"num_cpus": 2, "include_dashboard": False},
+    }
+
+
 def simulate(
-    cfg: FederationConfig, owners: int, out: Path, node_overrides: dict[int, dict[str, Any]] | None = None
+    cfg: FederationConfig,
+    owners: int,
+    out: Path,
+    node_overrides: dict[int, dict[str, Any]] | None = None,
+    gpus_per_owner: float = DEFAULT_GPUS_PER_OWNER,
 ) -> dict[str, Any]:
     """Run the federation in simulation; returns the metrics written to ``out/metrics.json``.
 
@@ -185,6 +214,7 @@ def simulate(
 
     if not 1 <= owners <= MAX_OWNERS:
         raise PrivtuneError(f"--owners must be between 1 and {MAX_OWNERS}, got {owners}")
+    resources = backend_config(cfg, gpus_per_owner)
     claim_folder(out)
     nodes = {
         i: {"workspace": str(out / "owners" / f"owner-{i}"), **(node_overrides or {}).get(i, {})} for i in range(owners)
@@ -198,10 +228,7 @@ def simulate(
         server_app=build_server(overrides),
         client_app=build_client(overrides, nodes),
         num_supernodes=owners,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "include_dashboard": False},
-        },
+        backend_config=resources,
     )
     metrics = write_simulation_outputs(cfg, out, owners)
     if cfg.encoding == "ult":

@@ -4,6 +4,9 @@ Rows: zero-shot full model, emulator alone, emulator + adapter, plug-in, full fi
 adapter is a saved one (``--adapter``, e.g. the federation's aggregate) or, with ``--train-steps``,
 trained here on the training part of the same text; full fine-tuning runs only with
 ``--full-ft-steps``. Held-out text is the last 10% of every document, never trained on.
+
+Training and scoring compute on ``--device`` (bf16 autocast on CUDA); plugging the adapter into the
+full model happens on the host, where the digest of the full model's weights is checked.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import copy
 import json
 from pathlib import Path
 
+from privtune.common.device import DevicePolicy, add_device_argument
 from privtune.common.errors import PrivtuneError
 
 
@@ -34,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks to score (default 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the table as JSON here")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from privtune.common.packing import holdout_split, pack
     from privtune.server.prepare import MODEL_REFERENCE, PACKAGE_DIR, max_positions
 
+    policy = DevicePolicy.resolve(args.device)
+    print(f"computing on {policy.describe()}")
     folder: Path = args.package
     package_dir = folder / PACKAGE_DIR if (folder / PACKAGE_DIR).is_dir() else folder
     package = EmulatorPackage.load(package_dir)
@@ -76,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.train_steps > 0:
         emulator_adapter = package.instantiate(seed=args.seed)
         lr = args.lr or (1e-3 if package.config.adapter == "lora" else 1e-4)
-        result = train_adapter(
-            emulator_adapter,
-            train,
-            TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=lr, seed=args.seed),
-        )
+        with policy.hosting({"emulator": emulator_adapter}):
+            result = train_adapter(
+                emulator_adapter,
+                train.to(policy.device),
+                TrainConfig(steps=args.train_steps, batch_size=args.batch_size, lr=lr, seed=args.seed),
+            )
         print(
             f"adapter: {result.steps} steps, last loss {result.last_loss:.3f}, {result.tokens_per_second:.0f} tokens/s"
         )
@@ -89,25 +97,34 @@ def run(args: argparse.Namespace) -> int:
         full_ft = copy.deepcopy(full)
         for p in full_ft.parameters():
             p.requires_grad_(True)
-        result = train_adapter(
-            full_ft,
-            train,
-            TrainConfig(steps=args.full_ft_steps, batch_size=args.batch_size, lr=args.full_ft_lr, seed=args.seed),
-        )
+        with policy.hosting({"full fine-tuning copy": full_ft}):
+            result = train_adapter(
+                full_ft,
+                train.to(policy.device),
+                TrainConfig(steps=args.full_ft_steps, batch_size=args.batch_size, lr=args.full_ft_lr, seed=args.seed),
+            )
         print(
             f"full fine-tuning: {result.steps} steps, last loss {result.last_loss:.3f}, "
             f"{result.tokens_per_second:.0f} tokens/s"
         )
-    table = evaluation_table(
-        heldout,
-        full_model=full,
-        emulator=package.instantiate(),
-        emulator_adapter=emulator_adapter,
-        plugin=plugged,
-        full_ft=full_ft,
-        batch_size=args.batch_size,
-        title=f"perplexity, {source}, package {package.content_hash[:12]}",
-    )
+    models = {
+        source: full,
+        "emulator": package.instantiate(),
+        "emulator + adapter": emulator_adapter,
+        "plug-in": plugged,
+        "full fine-tuning": full_ft,
+    }
+    with policy.hosting(models):
+        table = evaluation_table(
+            heldout.to(policy.device),
+            full_model=full,
+            emulator=models["emulator"],
+            emulator_adapter=emulator_adapter,
+            plugin=plugged,
+            full_ft=full_ft,
+            batch_size=args.batch_size,
+            title=f"perplexity, {source}, package {package.content_hash[:12]}",
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(table, indent=1) + "\n")
     return 0

@@ -11,6 +11,9 @@ weights, the split, the distillation settings and the token ids it trains on. A 
 with the same inputs reuses them in seconds; an interrupted one resumes from its checkpoint in the
 same cache folder. The package records the emulator's quality: its perplexity next to the full
 model's on held-out public text.
+
+Distillation and the quality check compute on ``--device`` (bf16 autocast on CUDA); digests,
+the cache and the package are made from the host copies.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from privtune.common.device import DevicePolicy, add_device_argument
 from privtune.common.errors import PrivtuneError
 
 PACKAGE_DIR = "emulator"
@@ -78,6 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--distill-cache", type=Path, help="folder of cached distillations (default: the privtune cache)"
     )
+    add_device_argument(parser)
     parser.add_argument("-o", "--output", required=True, type=Path, help="output folder")
 
 
@@ -100,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
     steps = 0 if args.no_distill else args.distill_steps
     if steps < 0:
         raise PrivtuneError(f"--distill-steps must be >= 0, got {steps}")
+    policy = DevicePolicy.resolve(args.device)
+    print(f"computing on {policy.describe()}")
     loaded = load_model(args.model)
     full = loaded.model
     emulator = build_emulator_model(full, cfg)
@@ -124,10 +131,11 @@ def run(args: argparse.Namespace) -> int:
         )
         train = pack(public.train, loaded.tokenizer, block_size, max_blocks=steps * dcfg.batch_size)
         cache = args.distill_cache if args.distill_cache else _default_cache()
-        distillation = distil_cached(full, emulator, train, dcfg, cache, out)
+        distillation = distil_cached(full, emulator, train, dcfg, cache, out, policy)
         distillation["corpus"] = args.public_data.name if args.public_data else "embedded Milton"
         (out / DISTILLATION_JSON).write_text(json.dumps(distillation, indent=1) + "\n")
-    quality = emulator_quality(full, emulator, heldout)
+    with policy.hosting({args.model: full, "emulator": emulator}):
+        quality = emulator_quality(full, emulator, heldout.to(policy.device))
     print(
         f"emulator quality on held-out public text: perplexity {quality['emulator_ppl']:.2f} "
         f"(full model {quality['full_ppl']:.2f}, x{quality['ratio']:.2f})"
@@ -206,7 +214,13 @@ def _load_middle(emulator: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 def distil_cached(
-    full: nn.Module, emulator: nn.Module, train: torch.Tensor, dcfg: Any, cache: Path, out: Path
+    full: nn.Module,
+    emulator: nn.Module,
+    train: torch.Tensor,
+    dcfg: Any,
+    cache: Path,
+    out: Path,
+    policy: DevicePolicy,
 ) -> dict[str, Any]:
     """Distil ``emulator`` in place, or load the cached result of the same distillation."""
     from safetensors.torch import load_file, save_file
@@ -222,7 +236,10 @@ def distil_cached(
         print(f"distillation: {record['steps']} steps, cached in {folder}")
     else:
         folder.mkdir(parents=True, exist_ok=True)
-        result = distill_loop.distill_emulator(full, emulator, train, dcfg, checkpoint=folder / CHECKPOINT)
+        with policy.hosting({"full model": full, "emulator": emulator}):
+            result = distill_loop.distill_emulator(
+                full, emulator, train.to(policy.device), dcfg, checkpoint=folder / CHECKPOINT
+            )
         record = {
             "steps": result.steps,
             "resumed_from": result.resumed_from,

@@ -31,6 +31,7 @@ block and the head) is ``common.families.Stem``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -219,6 +220,27 @@ class Ensemble:
     def max_positions(self) -> int:
         return self.stem.max_positions
 
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move every weight held (base, block copies, LoRA factors, embeddings) to ``device`` in ``dtype``.
+
+        An ensemble is built on the host in the base model's own precision, where ``plug_in`` can
+        check each member against the digest of the base weights, and moved afterwards.
+        """
+        pairs = [*self.own_embeddings.values(), *([self.public_pair] if self.public_pair else [])]
+        modules = [self.base, *(b for own in self.own_blocks for b in own.values()), *(m for p in pairs for m in p)]
+        for module in modules:
+            module.to(device, dtype)
+        for layer in (layer for routed in self.routed.values() for layer in routed.layers.values()):
+            layer.factors = {
+                row: (a.to(device, dtype), b.to(device, dtype), s) for row, (a, b, s) in layer.factors.items()
+            }
+
+    def placement(self) -> contextlib.AbstractContextManager:
+        """Makes new tensors (the packing's index tensors) on the model's device; nothing on the CPU,
+        where a default-device mode would only add overhead to every torch call."""
+        device = next(self.base.parameters()).device
+        return contextlib.nullcontext() if device.type == "cpu" else device
+
     def block_for(self, row: int, index: int) -> nn.Module:
         """The block a row runs through: its own, else the shared LoRA copy (no factors: the base
         function, but batched with the LoRA rows), else the base block."""
@@ -331,7 +353,8 @@ class EnsembleSession:
     def logits(self, members: Sequence[int]) -> torch.Tensor:
         """Next-token logits ``(1 + len(members), V)``: row 0 is p0, then ``members`` in order."""
         rows = self._rows(members)
-        last_hidden = self._advance(rows, len(self.tokens))
+        with self.ensemble.placement():
+            last_hidden = self._advance(rows, len(self.tokens))
         ens = self.ensemble
         if not ens.own_embeddings:
             return ens.stem.logits(last_hidden, ens.embeddings_for(PUBLIC)[1])
@@ -348,7 +371,8 @@ class EnsembleSession:
         """
         rows = [r for r in self._rows(members) if self.cached_length(r) < len(self.tokens) - 1]
         if rows:
-            self._advance(rows, len(self.tokens) - 1)
+            with self.ensemble.placement():
+                self._advance(rows, len(self.tokens) - 1)
 
     def _advance(self, rows: list[int], n: int) -> torch.Tensor:
         """Feed each row the tokens it lacks of ``tokens[:n]``; returns each row's last hidden state."""
@@ -473,5 +497,5 @@ class EnsembleSession:
             raise PrivtuneError(
                 f"the budget was set up for {budget.n_members} members but the ensemble has {self.ensemble.n_members}"
             )
-        probs = self.probs(range(self.ensemble.n_members))
+        probs = self.probs(range(self.ensemble.n_members)).cpu()  # the exact sampler reads host memory
         return next_token(probs[0], probs[1:], budget, rng, tol).token

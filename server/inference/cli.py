@@ -51,6 +51,8 @@ class ServeConfig:
     num_cpus: int | None = None
     num_replicas: int = 1
     cpus_per_replica: float = 1.0
+    device: str = "auto"
+    gpus_per_replica: float = 1.0
     # network and TLS
     host: str = "127.0.0.1"
     port: int = 50051
@@ -130,6 +132,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument(
         "--cpus-per-replica", type=_finite, default=DEFAULTS.cpus_per_replica, help="CPUs (torch threads) per replica"
     )
+    ray_group.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=DEFAULTS.device,
+        help="where replicas compute (default auto: on GPUs when the Ray cluster has them)",
+    )
+    ray_group.add_argument(
+        "--gpus-per-replica",
+        type=_finite,
+        default=DEFAULTS.gpus_per_replica,
+        help="share of a GPU each replica reserves on CUDA (default 1; 0.5 puts two replicas on a GPU)",
+    )
     ray_group.add_argument("--host", default=DEFAULTS.host, help="address to listen on (default 127.0.0.1)")
     ray_group.add_argument(
         "--port", type=int, default=DEFAULTS.port, help="gRPC port (default 50051; 0 = any free port)"
@@ -172,6 +186,8 @@ def service_config(config: ServeConfig) -> ServiceConfig:
         config.num_replicas,
         config.cpus_per_replica,
         config.registry or str(default_registry()),
+        config.device,
+        config.gpus_per_replica,
     )
 
 

@@ -9,6 +9,10 @@ Generate is driven one token per call (``open`` / ``step`` / ``close``) rather t
 streaming generator: the front end then asks for a token only when its client is still there, so
 a client that hangs up stops the spending at once (a cancelled generator on a synchronous actor
 can neither be stopped between yields nor unblocked from back-pressure).
+
+A replica computes where ``device`` says (:mod:`privtune.common.device`): on CUDA the base model
+and every member's weights sit on the GPU in bf16, while the PMixED mechanism (projection and the
+exact float64 sampler) runs on the host as on a CPU replica.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Protocol
 
 import torch
 
+from privtune.common.device import DevicePolicy, check_fits, parameter_count
 from privtune.common.errors import PrivtuneError
 from privtune.common.models import load_model
 from privtune.common.pmixed.accountant import PMixedBudget
@@ -36,6 +41,7 @@ class ReplicaConfig:
     served: ServedModel
     budget: PMixedBudget
     threads: int = 1
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class Replica:
         self.ensemble = Ensemble(
             loaded.model, config.served.load_members(), config.served.load_public_embeddings(loaded.model)
         )
+        _place(self.ensemble, DevicePolicy.resolve(config.device), config.served.model)
         if self.ensemble.n_members != config.budget.n_members:
             raise PrivtuneError(
                 f"the budget was computed for {config.budget.n_members} members, {self.ensemble.n_members} were loaded"
@@ -112,3 +119,12 @@ class Replica:
 
     def close(self, session_id: int) -> None:
         self._sessions.pop(session_id, None)
+
+
+def _place(ensemble: Ensemble, policy: DevicePolicy, what: str) -> None:
+    """The ensemble onto the policy's device (bf16 weights on CUDA), after checking that it fits there."""
+    if policy.device.type == "cpu":
+        return
+    held = parameter_count(ensemble.base) + ensemble.extra_bytes() // 4  # built in float32 on the host
+    check_fits(held, policy.weights_dtype, policy.device, f"the ensemble of {what} ({ensemble.n_members} members)")
+    ensemble.to(policy.device, policy.weights_dtype)

@@ -50,12 +50,38 @@ class ServiceConfig:
     num_replicas: int = 1
     cpus_per_replica: float = 1.0
     registry: str = field(default_factory=lambda: str(default_registry()))
+    device: str = "auto"
+    gpus_per_replica: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
             raise PrivtuneError(f"--num-replicas must be at least 1, got {self.num_replicas}")
         if self.cpus_per_replica <= 0:
             raise PrivtuneError(f"--cpus-per-replica must be positive, got {self.cpus_per_replica}")
+        if not 0 < self.gpus_per_replica <= 1:
+            raise PrivtuneError(f"--gpus-per-replica must be in (0, 1], got {self.gpus_per_replica}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise PrivtuneError(
+                f"--device {self.device!r}: replicas take auto, cpu or cuda (Ray assigns each replica its GPU)"
+            )
+
+
+def replica_resources(config: ServiceConfig, cluster: dict[str, float]) -> dict[str, float]:
+    """What each replica asks Ray for: its CPUs, and ``gpus_per_replica`` of a GPU when replicas
+    compute on CUDA (``cuda``, or ``auto`` on a cluster with GPUs). Ray then sets each replica's
+    CUDA_VISIBLE_DEVICES, so inside the actor its GPU is ``cuda``."""
+    return {"num_cpus": config.cpus_per_replica, "num_gpus": _replica_gpus(config, cluster.get("GPU", 0.0))}
+
+
+def _replica_gpus(config: ServiceConfig, gpus: float) -> float:
+    if config.device == "cpu" or (config.device == "auto" and gpus == 0):
+        return 0.0
+    if config.num_replicas * config.gpus_per_replica > gpus:
+        raise PrivtuneError(
+            f"{config.num_replicas} replica(s) x {config.gpus_per_replica:g} GPU need more than the Ray cluster's "
+            f"{gpus:g} GPUs; lower --num-replicas or --gpus-per-replica, or serve with --device cpu"
+        )
+    return config.gpus_per_replica
 
 
 RESTARTS = -1  # Ray restarts a dead actor for as long as the service runs
@@ -118,12 +144,14 @@ class PMixedService:
                 "Ray is not initialised; call ray.init() (privtune serve does) before starting the service"
             )
         self.config = config
-        cpus = ray.cluster_resources().get("CPU", 0.0)
+        cluster = ray.cluster_resources()
+        cpus = cluster.get("CPU", 0.0)
         if config.num_replicas * config.cpus_per_replica > cpus:
             raise PrivtuneError(
                 f"{config.num_replicas} replica(s) x {config.cpus_per_replica:g} CPU need more than the Ray cluster's "
                 f"{cpus:g} CPUs; lower --num-replicas or --cpus-per-replica"
             )
+        resources = replica_resources(config, cluster)
         members = config.served.load_members()  # missing or corrupt adapters fail here
         check_p0_order(members, config.served.public_embeddings is not None)  # so do keyed members without keyed p0
         keeper_args = (config.ledger, config.budget, member_artefacts(config.served.adapters, members), config.registry)
@@ -133,9 +161,14 @@ class PMixedService:
         self.budget_actor: Handle = BudgetActor.options(  # type: ignore[attr-defined]
             scheduling_strategy=here, max_restarts=RESTARTS
         ).remote(*keeper_args)
-        replica_config = ReplicaConfig(config.served, config.budget, threads=max(1, int(config.cpus_per_replica)))
+        replica_config = ReplicaConfig(
+            config.served,
+            config.budget,
+            threads=max(1, int(config.cpus_per_replica)),
+            device="cuda" if resources["num_gpus"] else "cpu",
+        )
         self.replicas: list[Handle] = [
-            ReplicaActor.options(num_cpus=config.cpus_per_replica, max_restarts=RESTARTS).remote(  # type: ignore[attr-defined]
+            ReplicaActor.options(**resources, max_restarts=RESTARTS).remote(  # type: ignore[attr-defined]
                 replica_config, self.budget_actor
             )
             for _ in range(config.num_replicas)

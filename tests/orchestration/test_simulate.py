@@ -16,6 +16,7 @@ import pytest
 
 from privtune.cli import main
 from privtune.client.app import PUBLIC_REASONS
+from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
 from privtune.server.run_folder import Checkpoint, RunFolder
@@ -147,3 +148,25 @@ def test_a_signalled_simulate_leaves_no_ray_process_behind(tmp_path, signum):
         for leftover in seen.values():
             if leftover.is_running():
                 os.kill(leftover.pid, signal.SIGKILL)
+
+
+def test_virtual_nodes_ask_for_a_gpu_share_only_where_cuda_is(monkeypatch):
+    """Config only: nothing runs on a GPU here."""
+    import torch
+
+    from privtune.simulate import backend_config
+
+    cfg = FederationConfig.from_run_config(RUN)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend_config(cfg, 0.5)["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend_config(cfg, 0.5)["client_resources"] == {"num_cpus": 1, "num_gpus": 0.5}
+    cpu = FederationConfig.from_run_config({**RUN, "device": "cpu"})
+    assert backend_config(cpu, 0.5)["client_resources"]["num_gpus"] == 0.0
+    with pytest.raises(PrivtuneError, match="gpus-per-owner must be between 0 and 1"):
+        backend_config(cfg, 2.0)
+
+
+def test_a_bad_device_is_refused_before_anything_runs(capsys, tmp_path):
+    assert "is not one of" in refused(capsys, "--out", str(tmp_path / "run"), "--device", "gpu")
+    assert not (tmp_path / "run").exists()

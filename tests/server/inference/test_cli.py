@@ -58,3 +58,25 @@ def test_a_run_and_its_out_folder_have_one_default_ledger(tmp_path):
     from_run = cli.ledger_path(cli.ServeConfig(run=str(out / "server")), members)
     assert from_out == from_run == (out / "server" / cli.DEFAULT_LEDGER_NAME).resolve()
     assert cli.ledger_path(cli.ServeConfig(run=str(out), ledger=str(tmp_path / "x")), members) == Path(tmp_path / "x")
+
+
+def test_replicas_ask_ray_for_gpus_only_on_cuda(tmp_path):
+    from privtune.server.inference.service import replica_resources
+
+    adapters = make_adapters(tmp_path / "a", n=2)
+    argv = ["--model", MODEL, "--adapters", *adapters, "--num-replicas", "2", "--cpus-per-replica", "2"]
+    assert parse(argv) == cli.ServeConfig(
+        model=MODEL, adapters=tuple(adapters), num_replicas=2, cpus_per_replica=2.0, device="auto"
+    )
+    cpu_only, one_gpu = {"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}
+    auto = cli.service_config(parse([*argv, "--gpus-per-replica", "0.5"]))
+    assert replica_resources(auto, cpu_only) == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert replica_resources(auto, one_gpu) == {"num_cpus": 2.0, "num_gpus": 0.5}
+    assert replica_resources(cli.service_config(parse([*argv, "--device", "cpu"])), one_gpu)["num_gpus"] == 0.0
+    cuda = cli.service_config(parse([*argv, "--device", "cuda"]))
+    with pytest.raises(PrivtuneError, match="2 replica\\(s\\) x 1 GPU need more than the Ray cluster's 1 GPUs"):
+        replica_resources(cuda, one_gpu)
+    with pytest.raises(PrivtuneError, match="gpus-per-replica must be in"):
+        cli.service_config(parse([*argv, "--gpus-per-replica", "0"]))
+    with pytest.raises(SystemExit):
+        parse([*argv, "--device", "cuda:1"])  # Ray assigns each replica its GPU
