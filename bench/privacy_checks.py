@@ -6,8 +6,8 @@
   pairs of every cell). For PMixED's token sampler, the exact rational law of a draw from a float64
   vector spread far below 2^-53 against that vector normalised.
 - diameter: the pruned diameter search against brute force on random point clouds (misses counted).
-- pmixed_timing: the time of one PMixED query on a tiny ensemble when S is almost always empty
-  against almost always full (the per-query work is constant by design; this measures what is left).
+- pmixed_timing: the time of one PMixED query on a tiny ensemble by the size of S (the per-query
+  work is constant by design; this measures what is left).
 
 Member provenance (which owners each served PMixED member depends on) is its own check, added as
 another entry of ``CHECKS``.
@@ -32,7 +32,7 @@ from bench.harness import print_table, write_results
 EPSILONS = (1.0, 8.0, 20.0)
 SMOLLM2_DIAMETER_PAIR = (216, 3427)
 CLOUDS = 3000
-TIMED_QUERIES = 60
+TIMED_QUERIES = 200
 ROWS_PER_CHUNK = 1024
 
 
@@ -62,12 +62,12 @@ def santext_check(space, epsilon: float) -> dict[str, Any]:
 
 def custext_check(space, epsilon: float) -> dict[str, Any]:
     from privtune.common.ldp import CusText
+    from privtune.common.ldp.sampling import implemented_law
 
     custext = CusText(space, epsilon, top_k=20)
-    law = custext.probabilities(torch.arange(space.size))
-    members = custext.members[custext.cells]
+    members = custext.members[custext.cells]  # row x: x's cell, in the order of its integer table row
     valid = members >= 0
-    implemented = law.gather(1, members.clamp_min(0))
+    implemented = implemented_law(custext.table)
     dist = torch.cat(
         [
             (space.points[start : start + ROWS_PER_CHUNK, None, :] - space.points[chunk]).norm(dim=2)
@@ -158,22 +158,18 @@ def diameter_misses(clouds: int = CLOUDS, seed: int = 13) -> dict[str, Any]:
     return {"clouds": clouds, "misses": misses, "worst_relative_shortfall": worst_shortfall}
 
 
-def _query_seconds(session, budget, rng) -> list[float]:
-    times = []
-    for _ in range(TIMED_QUERIES):
-        start = time.perf_counter()
-        session.private_next_token(budget, rng)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def pmixed_timing() -> dict[str, Any]:
-    """Median query time with S nearly always empty against S nearly always all members (tiny GPT-2, N = 4)."""
+    """Median CPU and wall time of one query by |S|, under one budget (tiny GPT-2 ensemble, N = 4, q = 0.5).
+
+    S is read off a copy of the generator taken before each query (the query's first draws are the
+    subsample), so the queries timed are exactly the service's; all sizes interleave on one session,
+    so load from other jobs on a shared machine falls on all of them alike.
+    """
     import copy
 
     from privtune.common.models import tiny_model
     from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, prepare_adapter
-    from privtune.common.pmixed import PMixedBudget
+    from privtune.common.pmixed import PMixedBudget, poisson_subsample
     from privtune.common.pmixed.ensemble import Ensemble, MemberAdapter
 
     base = tiny_model("gpt2")
@@ -181,14 +177,26 @@ def pmixed_timing() -> dict[str, Any]:
     for seed in range(4):
         model = prepare_adapter(copy.deepcopy(base), OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1), seed=seed)
         members.append(MemberAdapter(f"owner-{seed}", adapter_state(model), adapter_manifest(model)))
-    ensemble = Ensemble(base, members)
+    session = Ensemble(base, members).session([5, 6, 7, 8])
+    budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=3, T=1, q=0.5, n_members=4)
     rng = np.random.default_rng(0)
-    figures = {}
-    for label, q in (("s_nearly_empty", 0.001), ("s_nearly_full", 0.999)):
-        budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=3, T=1, q=q, n_members=4)
-        session = ensemble.session([5, 6, 7, 8])
-        figures[label] = statistics.median(_query_seconds(session, budget, rng))
-    figures["relative_difference"] = abs(figures["s_nearly_full"] / figures["s_nearly_empty"] - 1.0)
+    session.private_next_token(budget, rng)
+    times: dict[int, dict[str, list[float]]] = {size: {"cpu": [], "wall": []} for size in range(5)}
+    for _ in range(TIMED_QUERIES):
+        size = len(poisson_subsample(budget.n_members, budget.q, copy.deepcopy(rng)))
+        cpu, wall = time.process_time(), time.perf_counter()
+        session.private_next_token(budget, rng)
+        times[size]["cpu"].append(time.process_time() - cpu)
+        times[size]["wall"].append(time.perf_counter() - wall)
+    medians = {
+        str(size): {clock: statistics.median(values) for clock, values in by_clock.items()}
+        for size, by_clock in times.items()
+        if by_clock["cpu"]
+    }
+    figures: dict[str, Any] = {"median_seconds_by_s_size": medians, "queries": TIMED_QUERIES}
+    for clock in ("cpu", "wall"):
+        values = [m[clock] for m in medians.values()]
+        figures[f"largest_relative_spread_{clock}"] = max(values) / min(values) - 1.0
     return figures
 
 
@@ -225,9 +233,10 @@ def main() -> None:
     d = figures["diameter"]
     print(f"diameter: {d['misses']} misses on {d['clouds']} random clouds")
     t = figures["pmixed_timing"]
+    by_size = ", ".join(f"|S|={k}: {v['cpu'] * 1e3:.2f}" for k, v in t["median_seconds_by_s_size"].items())
     print(
-        f"PMixED query time: S nearly empty {t['s_nearly_empty'] * 1e3:.2f} ms, "
-        f"nearly full {t['s_nearly_full'] * 1e3:.2f} ms (relative difference {t['relative_difference']:.2%})"
+        f"PMixED query CPU ms by |S| ({by_size}); largest relative spread of the medians: "
+        f"CPU {t['largest_relative_spread_cpu']:.1%}, wall {t['largest_relative_spread_wall']:.1%}"
     )
     write_results("privacy_checks", figures)
 

@@ -108,8 +108,8 @@ class Mechanism(ABC):
     def rows_per_chunk(self) -> int:
         return max(1, self.memory_cap_bytes // self.bytes_per_row())
 
-    def _chunks(self, ids: torch.Tensor):
-        """Yield (distinct tokens' cumulative weights, candidates, positions in ids, row of each position)."""
+    def _groups(self, ids: torch.Tensor):
+        """Yield (a chunk of distinct tokens, positions in ids, row of each position within the chunk)."""
         sorted_ids, order = ids.sort(stable=True)
         tokens, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
         grouped = torch.repeat_interleave(torch.arange(len(tokens)), counts)
@@ -117,21 +117,26 @@ class Mechanism(ABC):
         for start in range(0, len(tokens), step):
             stop = min(start + step, len(tokens))
             lo, hi = torch.searchsorted(grouped, torch.tensor([start, stop])).tolist()
-            cumsum, candidates = self._rows(tokens[start:stop])
-            yield cumsum, candidates, order[lo:hi], grouped[lo:hi] - start
+            yield tokens[start:stop], order[lo:hi], grouped[lo:hi] - start
 
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One independent draw per position of ``ids`` (ids must lie in the space)."""
         out = torch.empty_like(ids)
-        for cumsum, candidates, positions, rows in self._chunks(ids):
-            columns = sample_rows(cumsum, rows, generator)
-            out[positions] = columns if candidates is None else candidates[rows, columns]
+        for tokens, positions, rows in self._groups(ids):
+            out[positions] = self._draw(tokens, rows, generator)
         return out
+
+    def _draw(self, tokens: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        # a function of its own so that one chunk's rows are freed before the next chunk's are computed
+        cumsum, candidates = self._rows(tokens)
+        columns = sample_rows(cumsum, rows, generator)
+        return columns if candidates is None else candidates[rows, columns]
 
     def probabilities(self, ids: torch.Tensor) -> torch.Tensor:
         """The exact law sampled for each position, (len(ids), vocabulary size), each entry rounded once to float64."""
         out = torch.zeros(len(ids), self.space.size, dtype=torch.float64)
-        for cumsum, candidates, positions, rows in self._chunks(ids):
+        for tokens, positions, rows in self._groups(ids):
+            cumsum, candidates = self._rows(tokens)
             probs = implemented_law(cumsum)
             if candidates is None:
                 out[positions] = probs[rows]
