@@ -95,8 +95,8 @@ def block_unit(block_size: int) -> PrivacyUnit:
 def record_examples(records: Sequence[Sequence[int]], max_tokens: int) -> torch.Tensor:
     """One row per record: its first ``max_tokens`` token ids, then :data:`PAD` to the longest row.
 
-    Records of fewer than two tokens have no next token to predict and are dropped (they would be
-    trained on nothing, yet count in the sample rate's denominator and dilute no one's privacy).
+    Records of fewer than two tokens have no next token to predict: they are dropped rather than
+    counted as examples that train nothing.
     """
     if max_tokens < 2:
         raise PrivtuneError(f"the per-record token cap must be at least 2, got {max_tokens}")
@@ -408,6 +408,8 @@ def train_round(
     _check_examples(examples)
     if max_physical_batch < 0:
         raise PrivtuneError(f"max_physical_batch must be >= 0 (0: each batch in one piece), got {max_physical_batch}")
+    if unit is None and bool((examples == PAD).any()):
+        raise PrivtuneError("padded rows are records: pass their unit (privtune.common.dpsgd.record_unit)")
     unit = unit or block_unit(examples.shape[1])
     sample_rate = batch_size / len(examples)
     plan = plan_round(config, sample_rate, steps, ledger, subject, unit)

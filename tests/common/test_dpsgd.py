@@ -479,9 +479,12 @@ def test_a_ledger_never_composes_rounds_of_different_units(tmp_path):
 def test_rows_padded_on_the_left_or_too_short_are_refused():
     model = adapter_model("gpt2", "lora")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    config = DpSgdConfig(noise_multiplier=1.0)
     for rows in (torch.tensor([[PAD, 5, 6], [4, 5, 6]]), torch.tensor([[7, PAD, PAD], [4, 5, 6]])):
         with pytest.raises(PrivtuneError, match="padded on the right"):
-            train_round(model, optimizer, rows, batch_size=1, steps=1, config=DpSgdConfig(noise_multiplier=1.0))
+            train_round(model, optimizer, rows, batch_size=1, steps=1, config=config)
+    with pytest.raises(PrivtuneError, match="pass their unit"):  # records are never labelled as blocks
+        train_round(model, optimizer, torch.tensor([[7, 8, PAD], [4, 5, 6]]), batch_size=1, steps=1, config=config)
 
 
 def test_a_batch_computed_in_pieces_takes_the_same_step():
@@ -502,6 +505,7 @@ def test_a_batch_computed_in_pieces_takes_the_same_step():
             steps=1,
             config=DpSgdConfig(noise_multiplier=0.5, max_grad_norm=0.05),
             seed=5,
+            unit=record_unit("documents", 48),
             max_physical_batch=pieces,
         )
         assert len(result.losses) == 1
