@@ -51,8 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--gpus-per-owner",
         type=float,
         default=DEFAULT_GPUS_PER_OWNER,
-        help="fraction of a GPU each simulated owner reserves when torch sees CUDA (default 0.25: four owners "
-        "share one GPU); ignored on CPU-only machines",
+        help="share of a GPU, in (0, 1], each simulated owner reserves when the owners compute on CUDA "
+        "(default 0.25: four owners share one GPU); unused on the CPU",
     )
     parser.add_argument(
         "--set",
@@ -184,8 +184,11 @@ def backend_config(cfg: FederationConfig, gpus_per_owner: float = DEFAULT_GPUS_P
     owners compute on CUDA (Ray then packs 1/gpus_per_owner owners onto each GPU and queues the rest)."""
     from privtune.common.device import resolve_device
 
-    if not 0 <= gpus_per_owner <= 1:
-        raise PrivtuneError(f"--gpus-per-owner must be between 0 and 1 (a fraction of one GPU), got {gpus_per_owner}")
+    if not 0 < gpus_per_owner <= 1:
+        raise PrivtuneError(
+            f"--gpus-per-owner must be in (0, 1], a share of one GPU, got {gpus_per_owner}; Ray hides the GPUs from "
+            "a virtual node that reserves none (to keep the owners off the GPU, give --device cpu)"
+        )
     on_gpu = resolve_device(cfg.device).type == "cuda"
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_owner if on_gpu else 0.0},
