@@ -189,6 +189,11 @@ def backend_config(cfg: FederationConfig, gpus_per_owner: float = DEFAULT_GPUS_P
             f"--gpus-per-owner must be in (0, 1], a share of one GPU, got {gpus_per_owner}; Ray hides the GPUs from "
             "a virtual node that reserves none (to keep the owners off the GPU, give --device cpu)"
         )
+    if cfg.device.strip().lower().startswith("cuda:"):
+        raise PrivtuneError(
+            f"--device {cfg.device}: Ray gives each simulated owner its GPU share and shows it as cuda; "
+            "use --device cuda"
+        )
     on_gpu = resolve_device(cfg.device).type == "cuda"
     return {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus_per_owner if on_gpu else 0.0},

@@ -163,6 +163,8 @@ def test_virtual_nodes_ask_for_a_gpu_share_only_where_cuda_is(monkeypatch):
     assert backend_config(cfg, 0.5)["client_resources"] == {"num_cpus": 1, "num_gpus": 0.5}
     cpu = FederationConfig.from_run_config({**RUN, "device": "cpu"})
     assert backend_config(cpu, 0.5)["client_resources"]["num_gpus"] == 0.0
+    with pytest.raises(PrivtuneError, match="use --device cuda"):
+        backend_config(FederationConfig.from_run_config({**RUN, "device": "cuda:1"}), 0.5)
     for share in (0.0, 2.0):
         with pytest.raises(PrivtuneError, match="gpus-per-owner must be in"):
             backend_config(cfg, share)
