@@ -135,6 +135,7 @@ def measure(
     device: Device,
 ) -> dict[str, Any]:
     """Train one configuration ``timed_steps + 1`` steps on the device; its throughput and peak memory."""
+    from privtune.common.errors import PrivtuneError
     from privtune.common.offsite import TrainConfig, train_adapter
     from privtune.common.offsite.train import shuffled_batches, trainable_parameters
 
@@ -151,8 +152,8 @@ def measure(
                 train_adapter(model, on_device, cfg, optimizer=optimizer, batches=batches, progress=False)
                 for _ in range(args.timed_steps + 1)
             ]
-    except device.out_of_memory():
-        return {"label": setting.label, "out_of_memory": True, "peak_mb": device.peak_mb()}
+    except (device.out_of_memory(), PrivtuneError) as err:  # PrivtuneError: check_fits refused the weights
+        return {"label": setting.label, "out_of_memory": True, "peak_mb": device.peak_mb(), "error": str(err)[:300]}
     finally:
         del model, optimizer
     seconds = statistics.median(r.seconds for r in results[1:])
