@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
-from privtune.audit.secrets import SECRETS_FILE, new_canaries, plant
-from privtune.client.data import HELDOUT_FRACTION
-from privtune.common.corpus import private_partitions
+from privtune.audit.secrets import MAX_RECORD_CHARS, SECRETS_FILE, new_canaries, plant
+from privtune.common.corpus import private_partitions, write_documents
 from privtune.common.federation.config import FederationConfig
 
 DEFAULT_REPEATS = (1, 4, 16)
@@ -27,18 +27,18 @@ def plant_secrets(
     A run that resumes keeps the secrets it was planted with (new ones would not be in the rounds
     already trained); ``overwrite`` draws new ones.
 
-    The member text stays below what the client trains on: its character cap and its block budget
-    (one character is at least one token for every tokenizer privtune ships, a margin covers
-    multi-byte characters).
+    Every planted document stays whole in what the client trains on: the client's character cap
+    gives each document an equal share, and its block budget holds them all (one character is at
+    most one token for every tokenizer privtune ships on this ASCII text).
     """
     owner = f"owner-{owner_index}"
     data = out / "audit" / f"{owner}-data"
-    if (out / SECRETS_FILE).exists() and (data / "train.txt").exists() and not overwrite:
+    if (out / SECRETS_FILE).exists() and data.is_dir() and not overwrite:
         return {owner_index: {"data-path": str(data)}}
     documents = private_partitions(owners, cfg.seed)[owner_index]
-    member_chars = int(0.9 * cfg.max_train_blocks * cfg.block_size)
-    secrets, text = plant(owner, documents, new_canaries(canaries, repeats), member_chars, HELDOUT_FRACTION, cfg.seed)
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text(text, encoding="utf-8")
+    max_documents = cfg.max_train_blocks * cfg.block_size // (MAX_RECORD_CHARS + 1)
+    secrets, planted = plant(owner, documents, new_canaries(canaries, repeats), max_documents, cfg.seed)
+    shutil.rmtree(data, ignore_errors=True)
+    write_documents(planted, data)
     secrets.save(out)
     return {owner_index: {"data-path": str(data)}}

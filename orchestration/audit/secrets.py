@@ -20,6 +20,7 @@ from privtune.common.errors import PrivtuneError
 
 SECRETS_FILE = "audit-secrets.json"
 CANARY_PREFIX = "my account number is "
+CANARY_SUFFIX = ", and nobody else may know it."
 CANARY_DIGITS = 8
 MIN_RECORD_CHARS = 80
 MAX_RECORD_CHARS = 400
@@ -32,7 +33,13 @@ class Canary:
 
     @property
     def text(self) -> str:
+        """What is scored: the prefix and the secret."""
         return CANARY_PREFIX + self.secret
+
+    @property
+    def planted(self) -> str:
+        """What is trained on; the suffix keeps the secret out of the tail a client holds back."""
+        return self.text + CANARY_SUFFIX
 
 
 @dataclass
@@ -85,36 +92,26 @@ def new_canaries(count: int, repeats: tuple[int, ...]) -> list[Canary]:
 
 
 def plant(
-    owner: str, documents: list[Document], canaries: list[Canary], member_chars: int, heldout_fraction: float, seed: int
-) -> tuple[AuditSecrets, str]:
-    """Choose members and non-members among the owner's records and write its training document.
+    owner: str, documents: list[Document], canaries: list[Canary], max_documents: int, seed: int
+) -> tuple[AuditSecrets, list[Document]]:
+    """Choose members and non-members among the owner's records; returns the owner's training documents.
 
-    The document holds the member records and the canary copies in a random order, one per
-    paragraph, within ``member_chars`` characters (the client trains on a capped prefix of its
-    text), then a tail of records nobody scores: the client keeps the last ``heldout_fraction`` of
-    every document back for evaluation, and that cut must fall in the tail.
+    Each member record and each canary copy is one document, so that record-level DP-SGD's unit is
+    exactly an audited record. At most ``max_documents`` are written (what the client's text cap and
+    block budget keep whole); the client holds back the last tenth of every document for evaluation,
+    which the canaries' suffix absorbs.
     """
     records = split_records(documents)
     random.Random(seed).shuffle(records)
-    half = len(records) // 2
-    members, used = [], sum((len(c.text) + 2) * c.repeats for c in canaries)
-    for record in records[:half]:
-        if used + len(record) + 2 > member_chars:
-            break
-        members.append(record)
-        used += len(record) + 2
-    non_members = records[half : half + len(members)]
-    tail, tail_chars = [], 0
-    for record in records[half + len(members) :]:
-        if tail_chars > used * heldout_fraction / (1 - heldout_fraction) + MAX_RECORD_CHARS:
-            break
-        tail.append(record)
-        tail_chars += len(record) + 2
-    if len(members) < 20 or len(non_members) < len(members) or tail_chars <= used * heldout_fraction:
+    copies = sum(c.repeats for c in canaries)
+    n = min(len(records) // 2, max_documents - copies)
+    members, non_members = records[:n], records[n : 2 * n]
+    if n < 20:
         raise PrivtuneError(
-            f"{owner} has too little text for an audit: {len(members)} member and {len(non_members)} non-member "
-            f"records of {MIN_RECORD_CHARS}-{MAX_RECORD_CHARS} characters within {member_chars} characters"
+            f"{owner} has too little room for an audit: {n} member records of {MIN_RECORD_CHARS}-{MAX_RECORD_CHARS} "
+            f"characters next to {copies} canary copies within {max_documents} documents (raise max-train-blocks)"
         )
-    paragraphs = members + [c.text for c in canaries for _ in range(c.repeats)]
-    random.Random(seed + 1).shuffle(paragraphs)
-    return AuditSecrets(owner, members, non_members, canaries), "\n\n".join(paragraphs + tail) + "\n"
+    texts = members + [c.planted for c in canaries for _ in range(c.repeats)]
+    random.Random(seed + 1).shuffle(texts)
+    planted = [Document(f"record-{i:05d}", text) for i, text in enumerate(texts)]
+    return AuditSecrets(owner, members, non_members, canaries), planted

@@ -34,7 +34,7 @@ def test_audit_of_a_real_simulated_run(tmp_path, capsys):
             "num-server-rounds": 1,
             "model": "tiny-llama",
             "local-steps": 5,
-            "max-train-blocks": 128,
+            "max-train-blocks": 256,
             "run-dir": str(out / "server"),
             "min-train-nodes": 2,
         }

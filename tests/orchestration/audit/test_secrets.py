@@ -15,25 +15,23 @@ def corpus(n=400):
     return [Document("play", "\n\n".join(speech.format(i=i) for i in range(n)))]
 
 
-def test_members_and_canaries_are_all_before_the_clients_held_out_cut(tmp_path):
+def test_each_record_is_a_document_and_every_secret_survives_the_clients_held_out_cut(tmp_path):
     canaries = new_canaries(3, (1, 4))
-    secrets, text = plant("owner-0", corpus(), canaries, member_chars=12_000, heldout_fraction=0.1, seed=0)
-    trained = holdout_split([Document("t", text)], 0.1).train[0].text
-    assert len(trained) <= 12_000 + 400
-    for record in secrets.members:
-        assert record in trained
+    secrets, planted = plant("owner-0", corpus(), canaries, max_documents=80, seed=0)
+    assert len(planted) == 80 and len(secrets.members) == 80 - (1 + 4 + 1)
+    trained = " ".join(doc.text for doc in holdout_split(planted, 0.1).train)
     for canary in canaries:
         assert trained.count(canary.text) == canary.repeats
+    assert {doc.text for doc in planted} >= set(secrets.members)
     assert not set(secrets.members) & set(secrets.non_members)
-    assert len(secrets.non_members) == len(secrets.members) >= 20
-    for record in secrets.non_members:
-        assert record not in text
+    assert len(secrets.non_members) == len(secrets.members)
+    assert not {doc.text for doc in planted} & set(secrets.non_members)
     assert AuditSecrets.load(secrets.save(tmp_path)) == secrets
 
 
 def test_too_little_text_is_refused():
-    with pytest.raises(PrivtuneError, match="too little text"):
-        plant("owner-0", corpus(10), [], member_chars=12_000, heldout_fraction=0.1, seed=0)
+    with pytest.raises(PrivtuneError, match="too little room"):
+        plant("owner-0", corpus(30), [], max_documents=80, seed=0)
 
 
 def test_records_are_paragraphs_of_readable_length():
