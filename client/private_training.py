@@ -71,7 +71,9 @@ def train_with_dpsgd(
         steps=train_cfg.steps,
         config=dp_cfg,
         ledger=ledger,
-        seed=train_cfg.seed,
+        # DP-SGD's batch sampling and noise come from secret randomness: the run config's seed is the
+        # model owner's, and noise it can regenerate is noise it can subtract.
+        seed=None,
         proximal_mu=proximal_mu,
         release=release,
         unit=privacy_unit(cfg, site),

@@ -357,6 +357,14 @@ def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tenso
     return (per_token * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
+def _noise_generator(sampler: torch.Generator, device: torch.device) -> torch.Generator:
+    """A generator on the parameters' device (Opacus draws the noise there), seeded from the sampler's."""
+    if device.type == "cpu":
+        return sampler
+    seed = int(torch.randint(0, 2**62, (1,), generator=sampler))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def train_round(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -425,7 +433,7 @@ def train_round(
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=sample_rate * len(examples),
-            generator=generator,
+            generator=_noise_generator(generator, examples.device),
         )
         if proximal_mu > 0:
             dp_optimizer.attach_step_hook(_proximal_step(dp_optimizer.params, proximal_mu))

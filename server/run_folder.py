@@ -61,7 +61,7 @@ RUN_ENTRIES = (
     "adapter_manifest.json",
 )
 """What a run writes into its folder (and ``--overwrite`` removes)."""
-RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "run-dir", "eval-ids", "overwrite"})
+RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "run-dir", "eval-ids", "overwrite", "device"})
 MEMBER_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 """Names of folders under ``adapters/``: an owner's validated name, ``name@node-N``, ``node-N``, ``aggregate``."""
 
