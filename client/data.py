@@ -23,6 +23,7 @@ round would compose and multiply the epsilon.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from privtune.common.corpus import Document
 from privtune.common.dpsgd import PrivacyUnit, block_unit, record_examples, record_unit
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
+from privtune.common.ldp.perturb import content_subject
 from privtune.common.packing import holdout_split, pack
 from privtune.common.text_tokenizer import TextTokenizer
 
@@ -109,9 +111,11 @@ def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
 
 
 def perturbed_documents(
-    site: SiteConfig, cfg: FederationConfig, documents: list[Document]
+    site: SiteConfig, cfg: FederationConfig, documents: list[Document], subjects: list[str]
 ) -> tuple[list[Document], dict[str, float]]:
-    """LDP-perturbed copies of the documents, made once and cached; records the release."""
+    """LDP-perturbed copies of the documents, made once and cached; records each release against its
+    document's ledger subject (``subjects``: the content hash of the whole original document, so a
+    renamed, copied or differently capped document keeps its budget)."""
     if cfg.ldp_epsilon <= 0:
         return documents, {}
     cache = site.workspace / "ldp" / f"{documents_fingerprint(documents, cfg.ldp_epsilon, cfg.ldp_embedding)}.json"
@@ -126,8 +130,8 @@ def perturbed_documents(
         ledger.set_budget("ldp", site.ldp_budget)
     mechanism = build_mechanism(LdpConfig(epsilon=cfg.ldp_epsilon, embedding=cfg.ldp_embedding))
     perturbed, releases = [], []
-    for doc in documents:
-        text, release = perturb_text(doc.text, mechanism, ledger=ledger, document_id=doc.name)
+    for doc, subject in zip(documents, subjects, strict=True):
+        text, release = perturb_text(doc.text, mechanism, ledger=ledger, document_id=subject)
         perturbed.append(Document(doc.name, text))
         releases.append(release)
     privacy = {
@@ -146,7 +150,8 @@ def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextToke
     split = holdout_split(documents, HELDOUT_FRACTION)
     # Two characters per token is generous for bytes and ULT symbols alike; the rest is never read.
     train_docs = cap_characters(split.train, 2 * cfg.max_train_blocks * cfg.block_size)
-    train_docs, ldp = perturbed_documents(site, cfg, train_docs)
+    subjects = [content_subject(hashlib.sha256(doc.text.encode()).hexdigest()) for doc in documents]
+    train_docs, ldp = perturbed_documents(site, cfg, train_docs, subjects)
     heldout_docs = cap_characters(split.heldout, 2 * MAX_EVAL_BLOCKS * cfg.block_size)
     unit = privacy_unit(cfg, site)
     if record_level(cfg):

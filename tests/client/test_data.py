@@ -82,3 +82,21 @@ def test_a_batch_larger_than_a_tracks_records_is_refused(tmp_path):
     cfg, _, data = owner_data(tmp_path, {"partition-id": 0, "num-partitions": 2}, **{"batch-size": 100000})
     with pytest.raises(PrivtuneError, match="batch-size 100000 is more than"):
         dp_schedule(cfg, data)
+
+
+def test_a_renamed_or_moved_document_keeps_its_ldp_budget(tmp_path):
+    from privtune.common.ledger import Ledger
+
+    text = "The quality of mercy is not strained. " * 40
+    spent = []
+    for i, name in enumerate(("a.txt", "renamed.txt")):
+        folder = tmp_path / f"texts-{i}"
+        folder.mkdir()
+        (folder / name).write_text(text)
+        node = {"data-path": str(folder), "workspace": str(tmp_path / "ws")}
+        _, site, _ = owner_data(tmp_path, node, **{"ldp-epsilon": 1.0, "ldp-embedding": "tiny", "dp-epsilon": 0.0})
+        report = Ledger(site.ledger_path, read_only=True).report()
+        ldp = next(g for g in report["guarantees"] if g["kind"] == "ldp")
+        spent.append((ldp["subjects"], ldp["spent"]))
+    assert spent[0][0] == spent[1][0] == 1  # one document, one subject
+    assert spent[1][1] == pytest.approx(2 * spent[0][1])
