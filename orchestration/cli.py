@@ -31,7 +31,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("serve", "privtune.server.inference.cli", "start the PMixED private next-token service on Ray"),
     Command("audit", "privtune.audit.cli", "attack a finished run: canaries, membership inference, DP limits"),
     Command("query", "privtune.client.query", "query the private next-token service over gRPC"),
-    Command("ult", "privtune.common.ult.cli", "build ULT tables, encode and decode files"),
+    Command("ult", "privtune.common.ult_cli", "build ULT tables, encode and decode files"),
     Command("ldp", "privtune.common.ldp.cli", "locally perturb text with the exponential mechanism"),
     Command("ledger", "privtune.common.ledger_cli", "show a privacy ledger as a report"),
     Command("models", "privtune.common.models_cli", "load/convert a model source and show what it is"),
