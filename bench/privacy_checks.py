@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.harness import print_table, write_results
+from bench.harness import RESULTS_DIR, print_table, write_results
 
 EPSILONS = (1.0, 8.0, 20.0)
 SMOLLM2_DIAMETER_PAIR = (216, 3427)
@@ -200,44 +200,112 @@ def pmixed_timing() -> dict[str, Any]:
     return figures
 
 
+def member_provenance() -> dict[str, Any]:
+    """What each PMixED member of a federation depends on, and whether ``privtune serve`` accepts them.
+
+    Trains the demo's federation shape on tiny-llama (4 owners, 2 rounds, one member per owner) and,
+    where ``runs/demo`` exists, reads the demo's own runs too.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from privtune.common.errors import PrivtuneError
+    from privtune.common.federation.config import FederationConfig
+    from privtune.server.inference.members import from_run_folder
+    from privtune.simulate import simulate
+
+    def provenance(run: Path) -> dict[str, Any]:
+        adapters = run / "adapters"
+        members = {
+            p.name: json.loads((p / "manifest.json").read_text()).get("depends_on")
+            for p in sorted(adapters.iterdir())
+            if p.is_dir()
+        }
+        try:
+            from_run_folder(run)
+            verdict = "accepted"
+        except PrivtuneError as err:
+            verdict = f"refused: {err}"
+        return {"members": members, "serve": verdict}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cfg = FederationConfig.from_run_config(
+            {"model": "tiny-llama", "num-server-rounds": 2, "local-steps": 5, "run-dir": str(out / "server")}
+        )
+        simulate(cfg, 4, out)
+        figures = {"tiny-llama, 4 owners": provenance(out / "server")}
+    for demo in (Path("runs/demo/ult/server"), Path("runs/demo/smollm2/server")):
+        if (demo / "adapters").is_dir():
+            figures[str(demo)] = provenance(demo)
+    return figures
+
+
 CHECKS: dict[str, Callable[[], dict[str, Any]]] = {
     "samplers": samplers,
     "diameter": diameter_misses,
     "pmixed_timing": pmixed_timing,
+    "member_provenance": member_provenance,
 }
 
 
+def print_summary(figures: dict[str, Any]) -> None:
+    if "samplers" in figures:
+        rows = []
+        for name in ("santext", "custext"):
+            for eps, f in figures["samplers"][name].items():
+                rows.append(
+                    [
+                        name,
+                        eps,
+                        f["one_sided_outputs"],
+                        f["worst_pair_log_ratio"],
+                        f["printed_token_epsilon"],
+                        f.get("implemented_vs_floored_design", "-"),
+                        f["implemented_vs_exponential_mechanism"],
+                    ]
+                )
+        print_table(
+            "Implemented laws (exact) on SmolLM2",
+            ["sampler", "eps", "one-sided", "worst log-ratio", "printed eps", "vs floored design", "vs exp. mechanism"],
+            rows,
+        )
+        pm = figures["samplers"]["pmixed"]
+        print(f"\nPMixED token sampler: worst |log implemented/designed| = {pm['implemented_vs_designed']:.3g}")
+    if "diameter" in figures:
+        d = figures["diameter"]
+        print(f"diameter: {d['misses']} misses on {d['clouds']} random clouds")
+    if "pmixed_timing" in figures:
+        t = figures["pmixed_timing"]
+        by_size = ", ".join(f"|S|={k}: {v['cpu'] * 1e3:.2f}" for k, v in t["median_seconds_by_s_size"].items())
+        print(
+            f"PMixED query CPU ms by |S| ({by_size}); largest relative spread of the medians: "
+            f"CPU {t['largest_relative_spread_cpu']:.1%}, wall {t['largest_relative_spread_wall']:.1%}"
+        )
+    for run, found in figures.get("member_provenance", {}).items():
+        owners = {name: (dep or {}).get("owners") for name, dep in found["members"].items()}
+        print(f"members of {run}: {owners}; serve: {found['serve']}")
+
+
 def main() -> None:
-    figures = {name: check() for name, check in CHECKS.items()}
-    rows = []
-    for name in ("santext", "custext"):
-        for eps, f in figures["samplers"][name].items():
-            rows.append(
-                [
-                    name,
-                    eps,
-                    f["one_sided_outputs"],
-                    f["worst_pair_log_ratio"],
-                    f["printed_token_epsilon"],
-                    f.get("implemented_vs_floored_design", "-"),
-                    f["implemented_vs_exponential_mechanism"],
-                ]
-            )
-    print_table(
-        "Implemented laws (exact) on SmolLM2",
-        ["sampler", "eps", "one-sided", "worst log-ratio", "printed eps", "vs floored design", "vs exp. mechanism"],
-        rows,
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--checks",
+        nargs="+",
+        choices=list(CHECKS),
+        default=list(CHECKS),
+        help="run only these checks; the others keep their figures from the last run",
     )
-    pm = figures["samplers"]["pmixed"]
-    print(f"\nPMixED token sampler: worst |log implemented/designed| = {pm['implemented_vs_designed']:.3g}")
-    d = figures["diameter"]
-    print(f"diameter: {d['misses']} misses on {d['clouds']} random clouds")
-    t = figures["pmixed_timing"]
-    by_size = ", ".join(f"|S|={k}: {v['cpu'] * 1e3:.2f}" for k, v in t["median_seconds_by_s_size"].items())
-    print(
-        f"PMixED query CPU ms by |S| ({by_size}); largest relative spread of the medians: "
-        f"CPU {t['largest_relative_spread_cpu']:.1%}, wall {t['largest_relative_spread_wall']:.1%}"
-    )
+    args = parser.parse_args()
+    previous = RESULTS_DIR / "privacy_checks.json"
+    kept = json.loads(previous.read_text()) if previous.exists() and len(args.checks) < len(CHECKS) else {}
+    figures = {name: kept[name] for name in CHECKS if name in kept and name not in args.checks}
+    figures.update({name: CHECKS[name]() for name in args.checks})
+    print_summary(figures)
     write_results("privacy_checks", figures)
 
 
