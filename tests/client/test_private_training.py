@@ -18,7 +18,9 @@ from privtune.common.offsite.train import TrainConfig
 
 
 def test_two_rounds_with_the_same_run_config_draw_different_noise(tmp_path):
-    model = prepare_adapter(load_model("tiny-llama").model, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="lora"), seed=0)
+    model = prepare_adapter(
+        load_model("tiny-llama").model, OffsiteConfig(k_bottom=1, k_top=1, n_emulator=1, adapter="lora"), seed=0
+    )
     cfg = FederationConfig.from_run_config(
         {"model": "tiny-llama", "dp-epsilon": 8.0, "dp-unit": "block", "run-dir": str(tmp_path / "server")}
     )
