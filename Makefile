@@ -30,7 +30,7 @@ lint: $(STAMP)
 TYPECHECK := build/typecheck
 typecheck: $(STAMP)
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/privtune
-	@ln -s $(CURDIR)/orchestration/*.py $(TYPECHECK)/privtune/
+	@ln -s $(CURDIR)/orchestration/* $(TYPECHECK)/privtune/
 	@for d in server client common; do ln -s $(CURDIR)/$$d $(TYPECHECK)/privtune/$$d; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy -p privtune --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.mypy_cache
 
