@@ -46,7 +46,7 @@ def test_every_layer_and_the_stubs_are_inside(wheel):
         "privtune/simulate.py",
         "privtune/server/app.py",
         "privtune/client/app.py",
-        "privtune/common/ledger.py",
+        "privtune/common/ledger/__init__.py",
         "privtune/common/proto_gen/privtune/v1/inference_pb2.py",
         "privtune/common/proto_gen/privtune/v1/inference_pb2_grpc.py",
     ):
