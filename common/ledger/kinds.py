@@ -16,6 +16,7 @@ its ``analysis/`` apart from its ``accountants/``). Every rule of one kind lives
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -56,7 +57,7 @@ class Record:
     details: dict = field(default_factory=dict)
 
 
-class Kind:
+class Kind(ABC):
     """The rules shared by every kind; subclasses override what differs."""
 
     name: ClassVar[str]
@@ -116,8 +117,9 @@ class Kind:
         entry.update(self._state(worst, len(totals), records, budget))
         return entry
 
+    @abstractmethod
     def _state(self, worst: float, subjects: int, records: list[Record], budget: Budget | None) -> dict[str, Any]:
-        raise NotImplementedError
+        """This kind's figures and statement for the report."""
 
 
 class Ldp(Kind):
