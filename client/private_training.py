@@ -55,6 +55,11 @@ def train_with_dpsgd(
     proximal_mu: float = 0.0,
     release: Release | None = None,
 ) -> TrainResult:
+    if train_cfg.gradient_checkpointing:
+        raise PrivtuneError(
+            "gradient checkpointing does not combine with DP-SGD: Opacus' per-example gradient hooks must see "
+            "each layer run once per step; turn off gradient-checkpointing or dp-epsilon"
+        )
     ledger = Ledger(site.ledger_path, site.owner)
     if ledger.budget("dpsgd") is None:
         ledger.set_budget("dpsgd", site.dp_budget, delta=cfg.dp_delta)

@@ -46,6 +46,7 @@ from privtune.common.federation.records import (
 from privtune.common.offsite.adapter import adapter_state, load_adapter_state
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
+from privtune.common.offsite.quantize import check_quantize, place_quantized
 from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapter
 
 
@@ -53,6 +54,7 @@ class OwnerTrainer:
     def __init__(self, site: SiteConfig, cfg: FederationConfig) -> None:
         self.site, self.cfg = site, cfg
         self.policy = DevicePolicy.resolve(cfg.device)
+        check_quantize(cfg.emulator_quantize, self.policy.device)
         self.package: EmulatorPackage | None = None
         self._data: OwnerData | None = None
 
@@ -92,7 +94,12 @@ class OwnerTrainer:
         if self.cfg.encoding == "ult" and not config.get(EMBEDDINGS_KEYED, False):
             global_state = self._warm_start_keyed(global_state)
         load_adapter_state(model, global_state)
-        return self.policy.place(model, f"{self.site.owner}'s emulator")
+        what = f"{self.site.owner}'s emulator"
+        if self.cfg.emulator_quantize == "4bit":
+            # Under DP-SGD the owner computes in float32 throughout (module docstring), the 4-bit layers too.
+            compute_dtype = torch.float32 if self.cfg.dp_epsilon > 0 else self.policy.weights_dtype
+            return place_quantized(self.policy, model, what, compute_dtype)
+        return self.policy.place(model, what)
 
     def _warm_start_keyed(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reorder the public embedding/head rows into the federation key's id order.
@@ -140,7 +147,11 @@ class OwnerTrainer:
 
     def _train_config(self, steps: int, seed_offset: int) -> TrainConfig:
         return TrainConfig(
-            steps=steps, batch_size=self.cfg.batch_size, lr=self.cfg.learning_rate, seed=self.cfg.seed + seed_offset
+            steps=steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.learning_rate,
+            seed=self.cfg.seed + seed_offset,
+            gradient_checkpointing=self.cfg.gradient_checkpointing,
         )
 
     def _train(

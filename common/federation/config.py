@@ -15,6 +15,11 @@ for the embedded corpus (42 whole works are far too few records for DP to leave 
 documents for a data folder. ``block``: one packed token block, and a record spanning k blocks
 gets only group privacy. ``dp-physical-batch`` (0: off) computes each Poisson batch in pieces of at
 most that many examples, the same DP-SGD step, so large expected batches fit in memory.
+
+``emulator-quantize``: ``4bit`` makes the data owners hold the emulator's frozen blocks in NF4
+(bitsandbytes on CUDA, :mod:`privtune.common.offsite.quantize`), ``none`` in full precision.
+``gradient-checkpointing``: owners recompute their adapter blocks in the backward too (the frozen
+middle always is), for less activation memory; plain training only, not with DP-SGD.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ ENCODINGS = ("raw", "ult")
 ADAPTERS = ("lora", "full")
 DP_UNITS = ("record", "block")
 DP_RECORDS = ("auto", "documents", "paragraphs")
+QUANTIZE_CHOICES = ("none", "4bit")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,8 @@ class FederationConfig:
     eval_ids: str = ""
     overwrite: bool = False
     device: str = "auto"
+    emulator_quantize: str = "none"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -96,6 +104,12 @@ class FederationConfig:
             (self.dp_record_max_tokens >= 2, "dp-record-max-tokens must be at least 2"),
             (self.dp_physical_batch >= 0, "dp-physical-batch must be >= 0 (0: each Poisson batch in one piece)"),
             (self.member_steps >= 0, "member-steps must be >= 0 (0: as many as the federated track)"),
+            (self.emulator_quantize in QUANTIZE_CHOICES, f"emulator-quantize must be one of {QUANTIZE_CHOICES}"),
+            (
+                not (self.gradient_checkpointing and self.dp_epsilon > 0),
+                "gradient-checkpointing does not combine with DP-SGD (dp-epsilon > 0): Opacus' per-example "
+                "gradient hooks must see each layer run once per step; turn one of them off",
+            ),
         ]
         for ok, message in checks:
             if not ok:

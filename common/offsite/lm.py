@@ -87,25 +87,30 @@ def chunked_nll(
     return total / len(targets)
 
 
-def _frozen(block: nn.Module) -> bool:
+def is_frozen(block: nn.Module) -> bool:
     return not any(p.requires_grad for p in block.parameters())
 
 
 @contextlib.contextmanager
-def recompute_frozen_blocks(model: nn.Module) -> Iterator[int]:
-    """Within the context, blocks with no trainable parameter keep only their input for the backward.
+def recompute_blocks(model: nn.Module, frozen: bool) -> Iterator[int]:
+    """Within the context, the frozen blocks (``frozen=True``) or the trainable ones keep only their
+    input for the backward and run their inside again when the gradient reaches them.
 
     Yields how many blocks are recomputed. Nothing changes in the model's state dict or modules: the
     blocks' ``forward`` is shadowed by an instance attribute and restored on exit.
     """
-    frozen = [block for block in get_blocks(model) if _frozen(block)]
-    for block in frozen:
+    chosen = [block for block in get_blocks(model) if is_frozen(block) == frozen]
+    for block in chosen:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     try:
-        yield len(frozen)
+        yield len(chosen)
     finally:
-        for block in frozen:
+        for block in chosen:
             del block.forward
+
+
+def recompute_frozen_blocks(model: nn.Module) -> contextlib.AbstractContextManager[int]:
+    return recompute_blocks(model, frozen=True)
 
 
 def lean_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.offsite.lm import lean_lm_loss, lm_loss, supports_lean
+from privtune.common.offsite.lm import lean_lm_loss, lm_loss, recompute_blocks, supports_lean
 
 DTYPES = ("fp32", "bf16")
 
@@ -48,6 +48,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     lean: bool = True
     """Chunked LM head and recomputed frozen blocks (:func:`lean_lm_loss`) where the model allows it."""
+    gradient_checkpointing: bool = False
+    """Recompute the trainable blocks in the backward too: their activations are then the only ones kept
+    per block besides its input, for a longer forward; gradients are the same."""
 
     def __post_init__(self) -> None:
         check_loop_settings("training", self.dtype, self.steps, self.batch_size, self.lr)
@@ -105,6 +108,22 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def checkpointed_adapter_blocks(model: nn.Module) -> contextlib.AbstractContextManager[int]:
+    """Gradient checkpointing of the blocks that train, refused where per-example hooks would see them twice.
+
+    Opacus (DP-SGD) wraps the model and records each layer's input in a forward hook; a recomputed
+    block runs its layers a second time in the backward, so the hooks would pair gradients with the
+    wrong (or an extra) activation and the per-example clipping would no longer be what is charged.
+    """
+    if not supports_lean(model):
+        raise PrivtuneError(
+            f"gradient checkpointing needs a Hugging Face causal LM, got {type(model).__name__}: under DP-SGD "
+            "Opacus' per-example gradient hooks must see each layer run once per step; turn off "
+            "gradient-checkpointing or DP-SGD"
+        )
+    return recompute_blocks(model, frozen=False)
+
+
 def train_adapter(
     model: nn.Module,
     blocks: torch.Tensor,
@@ -138,6 +157,9 @@ def train_adapter(
         batches = shuffled_batches(blocks, cfg.batch_size, seed)
     stream = iter(batches)
     loss_of = lean_lm_loss if cfg.lean and supports_lean(model) else lm_loss
+    recomputed = contextlib.ExitStack()
+    if cfg.gradient_checkpointing:
+        recomputed.enter_context(checkpointed_adapter_blocks(model))
     was_training = model.training
     model.train()
     losses: list[float] = []
@@ -161,6 +183,7 @@ def train_adapter(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:
         bar.close()
+        recomputed.close()
         model.train(was_training)
     seconds = time.perf_counter() - start
     if not losses:

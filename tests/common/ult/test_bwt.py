@@ -6,27 +6,7 @@ from hypothesis import strategies as st
 
 from privtune.common.ult.bwt import bwts_batch, inverse_bwts_batch
 
-
-def lyndon_factors(s: list[int]) -> list[list[int]]:
-    """Duval's algorithm: s as a non-increasing sequence of Lyndon words."""
-    factors, i = [], 0
-    while i < len(s):
-        j, k = i + 1, i
-        while j < len(s) and s[k] <= s[j]:
-            k = i if s[k] < s[j] else k + 1
-            j += 1
-        while i <= k:
-            factors.append(s[i : i + j - k])
-            i += j - k
-    return factors
-
-
-def naive_bwts(s: list[int]) -> list[int]:
-    """Textbook definition: rotations of all Lyndon factors, sorted by their infinite repetition."""
-    rotations = [w[d:] + w[:d] for w in lyndon_factors(s) for d in range(len(w))]
-    rotations.sort(key=lambda r: (r * (2 * len(s)))[: 2 * len(s)])
-    return [r[-1] for r in rotations]
-
+from .reference import naive_bwts
 
 # Rows of one batch share a length; small and huge alphabets exercise both key widths (one packed
 # int64 per rotation, prefix doubling), periodic rows exercise ties between repeated factors.
