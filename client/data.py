@@ -15,6 +15,13 @@ The training documents are also split into ``member-shards`` disjoint shards by 
 (document i goes to shard i mod m), each encoded on its own: shard i trains PMixED member i, and a
 document (with all its paragraphs) never feeds two members.
 
+Instruction data (``.jsonl`` conversations, :mod:`privtune.common.instructions`) is one record per
+line whatever ``dp-records`` says (a conversation is never cut into paragraphs), is held out whole,
+and trains on its responses only: the rows carry labels (:mod:`privtune.common.tokens`) through
+packing, training, DP-SGD and evaluation. LDP perturbs every message's content on its own (the
+prompt and the response separately; roles and template markup are not private and stay as they
+are), charged to the conversation's ledger subject, so they add up to its document epsilon.
+
 The LDP perturbation runs once per owner and data version: the perturbed text is cached in the
 workspace and the release is recorded in the ledger only when it is made. Re-running a round (or a
 whole run) reuses the same perturbed text, which spends no further privacy; perturbing afresh each
@@ -29,17 +36,23 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from privtune.client.site import SiteConfig, cap_characters, documents_fingerprint, site_documents
 from privtune.common.corpus import Document
-from privtune.common.dpsgd import PrivacyUnit, block_unit, record_examples, record_unit
+from privtune.common.dpsgd import PrivacyUnit, block_unit, record_unit
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
+from privtune.common.instructions import Turn
 from privtune.common.ldp.perturb import content_subject
-from privtune.common.packing import holdout_split, pack
+from privtune.common.packing import document_tokens, holdout_split, pack_rows, record_rows
 from privtune.common.text_tokenizer import TextTokenizer
+from privtune.common.tokens import TokenRows
+
+if TYPE_CHECKING:
+    from privtune.common.ldp.mechanisms import Mechanism
+    from privtune.common.ldp.perturb import LdpRelease
+    from privtune.common.ledger import Ledger
 
 HELDOUT_FRACTION = 0.1
 MAX_EVAL_BLOCKS = 32
@@ -48,11 +61,11 @@ PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
 @dataclass
 class OwnerData:
-    train: torch.Tensor
+    train: TokenRows
     """One row per training example of ``unit``."""
-    heldout: torch.Tensor
+    heldout: TokenRows
     ldp: dict[str, float]
-    shards: list[torch.Tensor]
+    shards: list[TokenRows]
     """The training examples of each member shard."""
     unit: PrivacyUnit
 
@@ -85,14 +98,23 @@ def paragraphs(document: Document) -> list[str]:
     return [p for p in PARAGRAPH_BREAK.split(document.text) if p.strip()]
 
 
-def encode_records(documents: list[Document], records: str, tokenizer: TextTokenizer, max_tokens: int) -> torch.Tensor:
-    """One padded row per record: its tokens and an end-of-sequence token, the first ``max_tokens`` of them."""
-    texts = (
-        [p for doc in documents for p in paragraphs(doc)] if records == "paragraphs" else [d.text for d in documents]
-    )
-    # Only a record's first tokens are trained on: eight characters a token is a generous prefix to encode.
-    tokens = [tokenizer.encode(text[: 8 * max_tokens])[: max_tokens - 1] + [tokenizer.eos_token_id] for text in texts]
-    return record_examples(tokens, max_tokens)
+def records_of(documents: list[Document], records: str) -> list[Document]:
+    """The records: each document, or each paragraph of a text document (a conversation stays whole)."""
+    if records != "paragraphs":
+        return documents
+    return [
+        part for doc in documents for part in ([doc] if doc.turns else [Document(doc.name, p) for p in paragraphs(doc)])
+    ]
+
+
+def encode_records(documents: list[Document], records: str, tokenizer: TextTokenizer, max_tokens: int) -> TokenRows:
+    """One padded row per record: the first ``max_tokens`` of its tokens (:func:`document_tokens`)."""
+
+    def head(doc: Document) -> Document:
+        # Only a record's first tokens are trained on: eight characters a token is a generous prefix to encode.
+        return doc if doc.turns else Document(doc.name, doc.text[: 8 * max_tokens])
+
+    return record_rows([document_tokens(head(doc), tokenizer) for doc in records_of(documents, records)], max_tokens)
 
 
 def owner_tokenizer(site: SiteConfig, cfg: FederationConfig) -> TextTokenizer:
@@ -121,8 +143,8 @@ def perturbed_documents(
     cache = site.workspace / "ldp" / f"{documents_fingerprint(documents, cfg.ldp_epsilon, cfg.ldp_embedding)}.json"
     if cache.exists():
         saved = json.loads(cache.read_text())
-        return [Document(d["name"], d["text"]) for d in saved["documents"]], saved["privacy"]
-    from privtune.common.ldp.perturb import LdpConfig, build_mechanism, perturb_text
+        return [uncached(d) for d in saved["documents"]], saved["privacy"]
+    from privtune.common.ldp.perturb import LdpConfig, build_mechanism
     from privtune.common.ledger import Ledger
 
     ledger = Ledger(site.ledger_path, site.owner)
@@ -131,18 +153,62 @@ def perturbed_documents(
     mechanism = build_mechanism(LdpConfig(epsilon=cfg.ldp_epsilon, embedding=cfg.ldp_embedding))
     perturbed, releases = [], []
     for doc, subject in zip(documents, subjects, strict=True):
-        text, release = perturb_text(doc.text, mechanism, ledger=ledger, document_id=subject)
-        perturbed.append(Document(doc.name, text))
-        releases.append(release)
+        copy, spent = perturb_document(doc, mechanism, ledger, subject)
+        perturbed.append(copy)
+        releases.append(spent)
     privacy = {
-        "ldp-epsilon-token": releases[0].token_epsilon,
-        "ldp-epsilon-document-max": max(r.document_epsilon for r in releases),
+        "ldp-epsilon-token": mechanism.guarantee.token_epsilon,
+        "ldp-epsilon-document-max": max(sum(r.document_epsilon for r in spent) for spent in releases),
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(
-        json.dumps({"documents": [{"name": d.name, "text": d.text} for d in perturbed], "privacy": privacy})
-    )
+    cache.write_text(json.dumps({"documents": [cached(d) for d in perturbed], "privacy": privacy}))
     return perturbed, privacy
+
+
+def perturb_document(
+    doc: Document, mechanism: Mechanism, ledger: Ledger, subject: str
+) -> tuple[Document, list[LdpRelease]]:
+    """The document with its text (or each message's content) perturbed; its releases, all charged to ``subject``."""
+    from privtune.common.ldp.perturb import perturb_text
+
+    releases: list[LdpRelease] = []
+
+    def perturb(text: str) -> str:
+        if not text:
+            return text
+        out, release = perturb_text(text, mechanism, ledger=ledger, document_id=subject)
+        releases.append(release)
+        return out
+
+    if doc.turns:
+        return Document.conversation(doc.name, tuple(Turn(t.role, perturb(t.content)) for t in doc.turns)), releases
+    return Document(doc.name, perturb(doc.text)), releases
+
+
+def cached(document: Document) -> dict:
+    if document.turns:
+        return {"name": document.name, "turns": [[t.role, t.content] for t in document.turns]}
+    return {"name": document.name, "text": document.text}
+
+
+def uncached(saved: dict) -> Document:
+    if "turns" in saved:
+        return Document.conversation(saved["name"], tuple(Turn(role, content) for role, content in saved["turns"]))
+    return Document(saved["name"], saved["text"])
+
+
+def ledger_subjects(documents: list[Document], train_docs: list[Document]) -> list[str]:
+    """The ledger subject of each training document: the content hash of the whole original document.
+
+    A conversation is never cut, so its own hash is its original's; text documents are cut but all
+    kept, in order, by the held-out split and the cap, so the i-th is the i-th original text.
+    """
+
+    def subject(doc: Document) -> str:
+        return content_subject(hashlib.sha256(doc.text.encode()).hexdigest())
+
+    texts = iter([subject(doc) for doc in documents if not doc.turns])
+    return [subject(doc) if doc.turns else next(texts) for doc in train_docs]
 
 
 def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextTokenizer) -> OwnerData:
@@ -150,24 +216,23 @@ def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextToke
     split = holdout_split(documents, HELDOUT_FRACTION)
     # Two characters per token is generous for bytes and ULT symbols alike; the rest is never read.
     train_docs = cap_characters(split.train, 2 * cfg.max_train_blocks * cfg.block_size)
-    subjects = [content_subject(hashlib.sha256(doc.text.encode()).hexdigest()) for doc in documents]
-    train_docs, ldp = perturbed_documents(site, cfg, train_docs, subjects)
+    train_docs, ldp = perturbed_documents(site, cfg, train_docs, ledger_subjects(documents, train_docs))
     heldout_docs = cap_characters(split.heldout, 2 * MAX_EVAL_BLOCKS * cfg.block_size)
     unit = privacy_unit(cfg, site)
     if record_level(cfg):
         kind = records_kind(cfg, site)
 
-        def examples(docs: list[Document]) -> torch.Tensor:
+        def examples(docs: list[Document]) -> TokenRows:
             return encode_records(docs, kind, tokenizer, cfg.dp_record_max_tokens)
     else:
 
-        def examples(docs: list[Document]) -> torch.Tensor:
-            return pack(docs, tokenizer, cfg.block_size, cfg.max_train_blocks)
+        def examples(docs: list[Document]) -> TokenRows:
+            return pack_rows(docs, tokenizer, cfg.block_size, cfg.max_train_blocks)
 
     train = examples(train_docs)
     return OwnerData(
         train=train,
-        heldout=pack(heldout_docs, tokenizer, cfg.block_size, MAX_EVAL_BLOCKS),
+        heldout=pack_rows(heldout_docs, tokenizer, cfg.block_size, MAX_EVAL_BLOCKS),
         ldp=ldp,
         shards=member_shards(train, train_docs, examples, cfg.member_shards),
         unit=unit,
@@ -175,8 +240,8 @@ def load_owner_data(site: SiteConfig, cfg: FederationConfig, tokenizer: TextToke
 
 
 def member_shards(
-    train: torch.Tensor, documents: list[Document], examples: Callable[[list[Document]], torch.Tensor], m: int
-) -> list[torch.Tensor]:
+    train: TokenRows, documents: list[Document], examples: Callable[[list[Document]], TokenRows], m: int
+) -> list[TokenRows]:
     """The training examples of each of ``m`` member shards (all of them for one shard); refuses an empty shard."""
     if m <= 1:
         return [train][:m]

@@ -29,6 +29,7 @@ from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
 from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
+from privtune.common.tokens import TokenRows
 
 
 def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, int], ...]:
@@ -47,7 +48,7 @@ def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, in
 
 def train_with_dpsgd(
     model: torch.nn.Module,
-    examples: torch.Tensor,
+    examples: TokenRows,
     train_cfg: TrainConfig,
     site: SiteConfig,
     cfg: FederationConfig,
@@ -71,7 +72,8 @@ def train_with_dpsgd(
     result = train_round(
         model,
         optimizer,
-        examples,
+        examples.ids,
+        labels=examples.labels,
         batch_size=train_cfg.batch_size,
         steps=train_cfg.steps,
         config=dp_cfg,
@@ -89,6 +91,6 @@ def train_with_dpsgd(
         mean_loss=sum(losses) / len(losses),
         last_loss=losses[-1],
         steps=train_cfg.steps,
-        tokens=round(train_cfg.steps * train_cfg.batch_size * float((examples != PAD).sum(dim=1).float().mean())),
+        tokens=round(train_cfg.steps * train_cfg.batch_size * float((examples.ids != PAD).sum(dim=1).float().mean())),
         seconds=time.perf_counter() - start,
     )

@@ -94,10 +94,20 @@ def documents_fingerprint(documents: list[Document], *params: Any) -> str:
 
 
 def cap_characters(documents: list[Document], max_chars: int) -> list[Document]:
-    """An equal share of ``max_chars`` from the start of every document.
+    """An equal share of ``max_chars`` from the start of every text document; whole conversations.
 
     LDP and encoding cost grows with text length while training only reads ``max-train-blocks``
-    blocks; taking a share of each document keeps every work represented.
+    blocks; taking a share of each document keeps every work represented. A conversation is not cut
+    (its response is at the end): the conversations pool their shares and the first ones that fit
+    are kept, at least one.
     """
     share = max(1, max_chars // max(1, len(documents)))
-    return [Document(doc.name, doc.text[:share]) for doc in documents]
+    pool = share * sum(1 for doc in documents if doc.turns)
+    capped, used = [], 0
+    for doc in documents:
+        if not doc.turns:
+            capped.append(Document(doc.name, doc.text[:share]))
+        elif used == 0 or used + len(doc.text) <= pool:
+            capped.append(doc)
+            used += len(doc.text)
+    return capped

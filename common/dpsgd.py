@@ -54,11 +54,11 @@ from torch.utils.data import TensorDataset
 
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.ledger import Ledger, Record
+from privtune.common.packing import record_rows
+from privtune.common.tokens import IGNORE, PAD, TokenRows, Tokens
 
 Step = tuple[float, float, int]  # the RDP accountant's history entry: (noise multiplier, sample rate, steps)
 TARGET_TOLERANCE = 1e-9
-PAD = -1
-"""Fills a record example's row after its tokens; never trained on (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -93,20 +93,12 @@ def block_unit(block_size: int) -> PrivacyUnit:
 
 
 def record_examples(records: Sequence[Sequence[int]], max_tokens: int) -> torch.Tensor:
-    """One row per record: its first ``max_tokens`` token ids, then :data:`PAD` to the longest row.
+    """One row per record of plain token ids (:func:`privtune.common.packing.record_rows`, ids only).
 
     Records of fewer than two tokens have no next token to predict: they are dropped rather than
     counted as examples that train nothing.
     """
-    if max_tokens < 2:
-        raise PrivtuneError(f"the per-record token cap must be at least 2, got {max_tokens}")
-    kept = [list(r[:max_tokens]) for r in records if len(r) >= 2]
-    if not kept:
-        raise PrivtuneError("no record has two or more tokens: add text, or use the block unit")
-    rows = torch.full((len(kept), max(len(r) for r in kept)), PAD, dtype=torch.long)
-    for i, tokens in enumerate(kept):
-        rows[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return rows
+    return record_rows([Tokens.plain(r) for r in records], max_tokens).ids
 
 
 @dataclass(frozen=True)
@@ -338,22 +330,24 @@ def reserve_round(
     )
 
 
-def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each example's own tokens (:data:`PAD` excluded), shape (batch,).
+def lm_per_sample_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's own targets, shape (batch,).
 
-    The loss must separate over examples (a mean over the batch of per-example losses): a token
-    mean over the whole batch would make each example's gradient depend on the others' lengths.
-    Padding is fed as token 0 and its targets are masked out. Position ids are passed expanded to
-    the batch, which Opacus needs when position embeddings are trained (GPT-2).
+    The targets are the positions whose label is not :data:`IGNORE` (default: every token before
+    the :data:`PAD`; an instruction's response only, :mod:`privtune.common.tokens`). The loss must
+    separate over examples (a mean over the batch of per-example losses): a token mean over the
+    whole batch would make each example's gradient depend on the others' lengths. Padding is fed as
+    token 0 and its targets are masked out. Position ids are passed expanded to the batch, which
+    Opacus needs when position embeddings are trained (GPT-2).
     """
+    labels = TokenRows.of(input_ids).labels if labels is None else labels
     batch, length = input_ids.shape
-    real = input_ids != PAD
     positions = torch.arange(length, device=input_ids.device).expand(batch, length)
     logits = model(input_ids=input_ids.clamp(min=0), position_ids=positions).logits[:, :-1]
     per_token = nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].clamp(min=0).reshape(-1), reduction="none"
+        logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].clamp(min=0).reshape(-1), reduction="none"
     ).view(batch, length - 1)
-    targets = real[:, 1:].to(per_token.dtype)
+    targets = (labels[:, 1:] != IGNORE).to(per_token.dtype)
     return (per_token * targets).sum(dim=1) / targets.sum(dim=1).clamp(min=1)
 
 
@@ -375,17 +369,20 @@ def train_round(
     config: DpSgdConfig,
     ledger: Ledger | None = None,
     subject: str = "",
-    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_per_sample_loss,
     seed: int | None = None,
     proximal_mu: float = 0.0,
     release: Release | None = None,
     unit: PrivacyUnit | None = None,
     max_physical_batch: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> RoundResult:
     """Run ``steps`` DP-SGD steps on ``examples`` (n x length token ids), Poisson batches of mean size ``batch_size``.
 
     Each row is one example and ``unit`` says what it is (default: a token block of the rows' length);
-    rows of :func:`record_examples` end in :data:`PAD`.
+    rows of :func:`record_examples` end in :data:`PAD`. ``labels`` (default: every real token) mark
+    the positions each example is trained on, :data:`IGNORE` elsewhere (an instruction's prompt);
+    ``loss_fn(model, ids, labels)`` gets them with each batch, so one row stays one example.
 
     ``max_physical_batch`` > 0 computes each Poisson batch in pieces of at most that many examples
     (Opacus' accumulation: every piece's per-example gradients are clipped and summed, and the
@@ -414,6 +411,7 @@ def train_round(
             "(requires_grad_(False)) and build the optimizer over the trainable ones"
         )
     _check_examples(examples)
+    labels = _checked_labels(examples, labels)
     if max_physical_batch < 0:
         raise PrivtuneError(f"max_physical_batch must be >= 0 (0: each batch in one piece), got {max_physical_batch}")
     if unit is None and bool((examples == PAD).any()):
@@ -424,7 +422,7 @@ def train_round(
     record = reserve_round(ledger, plan, unit, subject, release) if ledger is not None else None
     generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
     was_training = model.training
-    loader = DPDataLoader(TensorDataset(examples), sample_rate=sample_rate, generator=generator)
+    loader = DPDataLoader(TensorDataset(examples, labels), sample_rate=sample_rate, generator=generator)
     losses: list[float] = []
     with _batch_first_opt_mlps(model):
         private = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -441,13 +439,15 @@ def train_round(
         try:
             batches = _forever(loader)
             for _ in range(steps):
-                (batch,) = next(batches)
-                pieces = batch.split(max_physical_batch) if max_physical_batch > 0 and len(batch) else (batch,)
+                batch, batch_labels = next(batches)
+                pieces = [(batch, batch_labels)]
+                if max_physical_batch > 0 and len(batch):
+                    pieces = list(zip(batch.split(max_physical_batch), batch_labels.split(max_physical_batch)))
                 total = 0.0
-                for i, piece in enumerate(pieces):
+                for i, (piece, piece_labels) in enumerate(pieces):
                     dp_optimizer.signal_skip_step(do_skip=i < len(pieces) - 1)
                     dp_optimizer.zero_grad(set_to_none=True)  # keeps the sum of the pieces before
-                    total += _backward(private, model, dp_optimizer, piece, loss_fn)
+                    total += _backward(private, model, dp_optimizer, TokenRows(piece, piece_labels), loss_fn)
                     dp_optimizer.step()
                 if len(batch):
                     losses.append(total / len(batch))
@@ -462,8 +462,8 @@ def _backward(
     private: nn.Module,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    batch: torch.Tensor,
-    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    batch: TokenRows,
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> float:
     """Per-example gradients of ``batch`` into ``grad_sample`` (none for an empty batch); returns its summed loss."""
     if len(batch) == 0:
@@ -471,7 +471,8 @@ def _backward(
             for p in group["params"]:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
         return 0.0
-    loss = loss_fn(private, _trim_padding(batch)).mean()
+    trimmed = _trim_padding(batch)
+    loss = loss_fn(private, trimmed.ids, trimmed.labels).mean()
     with warnings.catch_warnings():
         # expected: the first adapter layer's input comes from frozen layers; Opacus
         # needs only the gradient at the module's output, which the hook still receives
@@ -497,9 +498,24 @@ def _check_examples(examples: torch.Tensor) -> None:
         raise PrivtuneError(f"token ids must be >= 0 (or {PAD} for padding)")
 
 
-def _trim_padding(batch: torch.Tensor) -> torch.Tensor:
+def _checked_labels(examples: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """``labels``, or every real token's: each label is its token's id or :data:`IGNORE`, and padding's is IGNORE."""
+    if labels is None:
+        return TokenRows.of(examples).labels
+    if labels.shape != examples.shape:
+        raise PrivtuneError(f"labels {list(labels.shape)} must have the examples' shape {list(examples.shape)}")
+    ignored = labels == IGNORE
+    if not bool((ignored | (labels == examples)).all()) or not bool(ignored[examples == PAD].all()):
+        raise PrivtuneError(
+            "each label must be its token's id or IGNORE (-100), and IGNORE on padding; build rows with "
+            "privtune.common.packing.record_rows"
+        )
+    return labels
+
+
+def _trim_padding(batch: TokenRows) -> TokenRows:
     """The batch cut to its longest row: columns of padding alone are not computed."""
-    return batch[:, : int((batch != PAD).sum(dim=1).max())]
+    return batch[:, : int((batch.ids != PAD).sum(dim=1).max())]
 
 
 def _proximal_step(params: list[nn.Parameter], mu: float) -> Callable[[object], None]:

@@ -13,22 +13,28 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from privtune.common.errors import PrivtuneError
 from privtune.common.offsite.lm import forward_logits, next_token_nll
+from privtune.common.tokens import TokenRows, target_count
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    """exp of the token-weighted mean next-token NLL over all blocks."""
+def perplexity(model: nn.Module, blocks: torch.Tensor | TokenRows, batch_size: int = 8) -> float:
+    """exp of the token-weighted mean next-token NLL over the target tokens of all blocks (every token
+    of id rows; the responses of instruction data)."""
+    rows = TokenRows.of(blocks)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start : start + batch_size]
-            total += next_token_nll(forward_logits(model, batch), batch, reduction="sum").item()
-            count += batch.shape[0] * (batch.shape[1] - 1)
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            total += next_token_nll(forward_logits(model, batch.ids), batch.labels, reduction="sum").item()
+            count += target_count(batch.labels)
     finally:
         model.train(was_training)
+    if count == 0:
+        raise PrivtuneError("the held-out blocks hold no target token to score (only prompts); add held-out data")
     return math.exp(total / count)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from privtune.common.families import get_blocks
+from privtune.common.tokens import IGNORE
 
 HEAD_CHUNK = 64
 """Tokens per LM-head chunk: 64 x 49k fp32 logits = 12.6 MB per tensor (logits, log-softmax, gradient).
@@ -43,14 +44,22 @@ def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=input_ids, position_ids=_positions(input_ids), use_cache=False).logits
 
 
-def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of each token given the ones before it (in fp32, whatever the logits' dtype)."""
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each target token given the ones before it (in fp32, whatever the logits' dtype).
+
+    ``labels`` are the input ids (every position a target) or carry :data:`IGNORE` where a position
+    is not one (:mod:`privtune.common.tokens`). ``mean`` is over the targets, 0 when there are none.
+    """
     vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1), reduction=reduction)
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), targets, ignore_index=IGNORE, reduction="sum")
+    if reduction == "sum":
+        return total
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return next_token_nll(forward_logits(model, input_ids), input_ids)
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None) -> torch.Tensor:
+    return next_token_nll(forward_logits(model, input_ids), input_ids if labels is None else labels)
 
 
 def supports_lean(model: nn.Module) -> bool:
@@ -74,12 +83,19 @@ def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def chunked_nll(
-    head: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK
-) -> torch.Tensor:
-    """Mean next-token NLL of ``head(hidden)`` without holding more than ``chunk`` tokens' logits at once."""
-    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1)
+def chunked_nll(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """Mean next-token NLL of ``head(hidden)`` over the target positions of ``labels`` (as in
+    :func:`next_token_nll`) without holding more than ``chunk`` tokens' logits at once.
+
+    The head runs on target positions only, so a prompt's tokens cost no logits. Without any target
+    the loss is a zero that still reaches the trainable parameters, so the step runs as any other.
+    """
+    targets = labels[:, 1:].reshape(-1)
+    kept = targets != IGNORE
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[kept]
+    targets = targets[kept]
+    if len(targets) == 0:
+        return (hidden.sum() * 0.0).float()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, len(targets), chunk):
         piece = slice(start, start + chunk)
@@ -113,8 +129,11 @@ def recompute_frozen_blocks(model: nn.Module) -> contextlib.AbstractContextManag
     return recompute_blocks(model, frozen=True)
 
 
-def lean_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+def lean_lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK, *, labels: torch.Tensor | None = None
+) -> torch.Tensor:
     """:func:`lm_loss` for a Hugging Face model (see :func:`supports_lean`), in less memory."""
     with recompute_frozen_blocks(model):
         hidden = final_hidden(model, input_ids)
-    return chunked_nll(model.get_output_embeddings(), hidden, input_ids, chunk)  # type: ignore[operator]
+    targets = input_ids if labels is None else labels
+    return chunked_nll(model.get_output_embeddings(), hidden, targets, chunk)  # type: ignore[operator]

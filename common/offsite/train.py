@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from tqdm.auto import tqdm
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.offsite.lm import lean_lm_loss, lm_loss, recompute_blocks, supports_lean
+from privtune.common.tokens import TokenRows
 
 DTYPES = ("fp32", "bf16")
+Rows = TypeVar("Rows", torch.Tensor, TokenRows)
 
 
 def check_loop_settings(
@@ -76,7 +79,7 @@ def autocast(dtype: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def shuffled_batches(blocks: torch.Tensor, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+def shuffled_batches(blocks: Rows, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Rows]:
     """Endless batches, each epoch a fresh permutation; batch ``s`` depends only on (seed, s).
 
     That makes a resumed run see exactly the batches an uninterrupted one would.
@@ -126,24 +129,27 @@ def checkpointed_adapter_blocks(model: nn.Module) -> contextlib.AbstractContextM
 
 def train_adapter(
     model: nn.Module,
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | TokenRows,
     cfg: TrainConfig,
     optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     progress: bool = True,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    batches: Iterable[torch.Tensor] | None = None,
+    batches: Iterable[torch.Tensor | TokenRows] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters for ``cfg.steps`` steps on next-token loss.
 
+    ``blocks`` are id rows, every position a target, or :class:`TokenRows` whose labels say which
+    positions are (an instruction's response only): one loop for both.
     Defaults: AdamW(lr, weight_decay) over trainable parameters and shuffled batches of ``blocks``.
     ``optimizer_factory`` replaces the optimizer's construction; ``optimizer`` (already built) and
-    ``batches`` (any iterable of ``[B, T]`` id tensors, or of 1-tuples as a DataLoader yields) replace
-    the optimizer and the data outright.
+    ``batches`` (any iterable of ``[B, T]`` id tensors or TokenRows, or of 1-tuples as a DataLoader
+    yields) replace the optimizer and the data outright.
     """
-    if blocks.dim() != 2 or len(blocks) == 0:
+    rows = TokenRows.of(blocks)
+    if rows.ids.dim() != 2 or len(rows) == 0:
         raise PrivtuneError(
-            f"training data must be a non-empty [n_blocks, block_size] tensor, got shape {list(blocks.shape)}"
+            f"training data must be a non-empty [n_blocks, block_size] tensor, got shape {list(rows.shape)}"
         )
     if optimizer is None:
         params = trainable_parameters(model)
@@ -154,7 +160,7 @@ def train_adapter(
         )
     if batches is None:
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
-        batches = shuffled_batches(blocks, cfg.batch_size, seed)
+        batches = shuffled_batches(rows, cfg.batch_size, seed)
     stream = iter(batches)
     loss_of = lean_lm_loss if cfg.lean and supports_lean(model) else lm_loss
     recomputed = contextlib.ExitStack()
@@ -171,13 +177,14 @@ def train_adapter(
             batch = next(stream)
             if isinstance(batch, (tuple, list)):
                 batch = batch[0]
+            batch = TokenRows.of(batch)
             optimizer.zero_grad(set_to_none=True)
             with autocast(cfg.dtype):
-                loss = loss_of(model, batch)
+                loss = loss_of(model, batch.ids, labels=batch.labels)
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-            tokens += batch.numel()
+            tokens += batch.ids.numel()
             bar.update(1)
             if (step + 1) % max(cfg.log_every, 1) == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

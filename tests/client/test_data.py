@@ -24,7 +24,7 @@ def owner_data(tmp_path, node: dict, **run):
 
 
 def real_lengths(rows):
-    return (rows != PAD).sum(dim=1)
+    return (rows.ids != PAD).sum(dim=1)
 
 
 def test_the_embedded_corpus_trains_one_row_per_paragraph_capped(tmp_path):
@@ -50,7 +50,7 @@ def test_a_data_folder_trains_one_row_per_document_or_jsonl_line(tmp_path):
     assert len(by_paragraph.train) == 8
     _, _, blocks = owner_data(tmp_path, node, **{"dp-unit": "block"})
     assert blocks.unit.name == "training block (32 tokens)" and blocks.train.shape[1] == 32
-    assert bool((blocks.train != PAD).all())
+    assert bool((blocks.train.ids != PAD).all())
 
 
 def test_paragraph_records_under_ldp_are_refused_and_auto_takes_documents(tmp_path):

@@ -205,14 +205,14 @@ def test_only_adapter_modules_are_hooked_and_only_adapter_parameters_change(fami
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     hooked_during_round = set()
 
-    def spying_loss(private, batch):
+    def spying_loss(private, batch, labels):
         for name, module in model.named_modules():
             if module._forward_hooks:
                 hooked_during_round.add(name)
                 assert any(p.requires_grad for p in module.parameters(recurse=False)), f"frozen module {name} hooked"
         from privtune.common.dpsgd import lm_per_sample_loss
 
-        return lm_per_sample_loss(private, batch)
+        return lm_per_sample_loss(private, batch, labels)
 
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     result = train_round(
@@ -238,11 +238,11 @@ def test_empty_poisson_batches_still_take_a_noise_only_step():
     model = adapter_model("gpt2", "lora")
     calls = []
 
-    def counting_loss(private, batch):
+    def counting_loss(private, batch, labels):
         calls.append(len(batch))
         from privtune.common.dpsgd import lm_per_sample_loss
 
-        return lm_per_sample_loss(private, batch)
+        return lm_per_sample_loss(private, batch, labels)
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     result = train_round(
