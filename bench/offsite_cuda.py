@@ -9,7 +9,9 @@ what the tokens say). The configurations:
   (a) full fine-tuning as Hugging Face runs it (the whole logit tensor),
   (a') full fine-tuning with privtune's chunked LM head,
   (c) the emulator (2 bottom + ``--n-emulator`` middle + 2 top blocks) with LoRA on the 4 adapter
-      blocks, trained as data owners do (chunked head, frozen middle recomputed in the backward).
+      blocks, trained as data owners do (chunked head, frozen middle recomputed in the backward),
+  (c') with ``--quantize 4bit``, (c) with the frozen middle's linear layers in NF4 (bitsandbytes,
+      ``emulator-quantize=4bit``; the extra ``privtune[gpu4bit]``).
 Throughput is the median over ``--timed-steps`` optimizer steps after a warm-up step; peak memory is
 ``torch.cuda.max_memory_allocated`` from an empty device to the end of training (weights, optimiser
 state, activations), reset between configurations. A configuration that does not fit is recorded as
@@ -52,6 +54,11 @@ SETTINGS = (
     Setting("full_lean", "full fine-tuning (chunked head)", lean=True, lr=1e-5),
     Setting("lora", "2-k-2 emulator + LoRA", lean=True, lr=1e-3),
 )
+QUANTIZED = Setting("lora_4bit", "2-k-2 emulator (NF4 middle) + LoRA", lean=True, lr=1e-3)
+
+
+def settings(quantize: str) -> tuple[Setting, ...]:
+    return (*SETTINGS, QUANTIZED) if quantize == "4bit" else SETTINGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timed-steps", type=int, default=5, help="timed optimizer steps per configuration")
     parser.add_argument("--n-emulator", type=int, help="middle blocks the emulator keeps (default: half of them)")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "4bit"],
+        default="none",
+        help="4bit: also time the emulator with its frozen middle in NF4 (CUDA, pip install 'privtune[gpu4bit]')",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="offsite_cuda", help="results name under bench/results")
     return parser.parse_args(argv)
@@ -185,22 +198,36 @@ def run_settings(full: nn.Module, blocks: torch.Tensor, args: argparse.Namespace
         model.requires_grad_(True)
         return model
 
-    makers = {"lora": lambda: package.instantiate(seed=args.seed), "full": full_trainable, "full_lean": full_trainable}
-    order = sorted(SETTINGS, key=lambda s: s.kind != "lora")
+    def quantized() -> nn.Module:
+        from privtune.common.offsite.quantize import quantization_targets, quantize_layers
+
+        model = package.instantiate(seed=args.seed)
+        quantize_layers(model, quantization_targets(model), compute_dtype=torch.bfloat16)
+        return model  # quantised when measure() moves it to CUDA
+
+    makers = {
+        "lora": lambda: package.instantiate(seed=args.seed),
+        "lora_4bit": quantized,
+        "full": full_trainable,
+        "full_lean": full_trainable,
+    }
+    order = sorted(settings(args.quantize), key=lambda s: not s.kind.startswith("lora"))
     results = {s.kind: measure(s, makers[s.kind], blocks, args, device) for s in order}
     results["lora"]["split"] = split
     return results
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float | None]:
-    """LoRA over each full fine-tuning: throughput x and memory / (None where one side did not fit)."""
-    lora = results["lora"]
+    """Each LoRA configuration over each baseline: throughput x and memory / (None where one did not fit)."""
+    pairs = [("lora", "full"), ("lora", "full_lean")]
+    if "lora_4bit" in results:
+        pairs += [("lora_4bit", "full"), ("lora_4bit", "full_lean"), ("lora_4bit", "lora")]
     out: dict[str, float | None] = {}
-    for kind in ("full", "full_lean"):
-        base = results[kind]
-        both = not base["out_of_memory"] and not lora["out_of_memory"] and base["peak_mb"] and lora["peak_mb"]
-        out[f"throughput_ratio_lora_over_{kind}"] = lora["tokens_per_s"] / base["tokens_per_s"] if both else None
-        out[f"memory_ratio_{kind}_over_lora"] = base["peak_mb"] / lora["peak_mb"] if both else None
+    for kind, baseline in pairs:
+        fast, base = results[kind], results[baseline]
+        both = not base["out_of_memory"] and not fast["out_of_memory"] and base["peak_mb"] and fast["peak_mb"]
+        out[f"throughput_ratio_{kind}_over_{baseline}"] = fast["tokens_per_s"] / base["tokens_per_s"] if both else None
+        out[f"memory_ratio_{baseline}_over_{kind}"] = base["peak_mb"] / fast["peak_mb"] if both else None
     return out
 
 
@@ -223,9 +250,20 @@ def cuda_policy(spec: str):
     return policy
 
 
+def check_quantize_here(quantize: str, policy) -> None:
+    from privtune.common.errors import PrivtuneError
+    from privtune.common.offsite.quantize import check_quantize
+
+    try:
+        check_quantize(quantize, policy.device)
+    except PrivtuneError as err:
+        raise SystemExit(f"bench.offsite_cuda --quantize {quantize}: {err}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     policy = cuda_policy(args.device)
+    check_quantize_here(args.quantize, policy)
     device = Device(policy)
     from bench.offsite import flop_limits, model_size
 

@@ -40,7 +40,9 @@ def test_without_cuda_it_exits_with_a_message_not_a_traceback():
 
 def test_every_configuration_trains_and_is_compared_on_the_host():
     """The same code path as on the GPU, with the CPU standing in (no peak memory there)."""
-    args = argparse.Namespace(batch_size=2, block_size=16, timed_steps=1, n_emulator=None, lora_r=4, seed=0)
+    args = argparse.Namespace(
+        batch_size=2, block_size=16, timed_steps=1, n_emulator=None, lora_r=4, seed=0, quantize="none"
+    )
     full = offsite_cuda.build_model("tiny-llama", seed=0)
     blocks = offsite_cuda.random_blocks(full.config.vocab_size, 4, args.block_size, seed=0)
     before = {k: v.clone() for k, v in full.state_dict().items()}
@@ -64,3 +66,26 @@ def test_ratios_compare_lora_with_each_full_fine_tuning_that_fit():
         "throughput_ratio_lora_over_full_lean": None,
         "memory_ratio_full_lean_over_lora": None,
     }
+
+
+def test_the_4bit_row_is_added_on_request_and_compared_with_lora_and_full():
+    assert [s.kind for s in offsite_cuda.settings("none")] == ["full", "full_lean", "lora"]
+    assert [s.kind for s in offsite_cuda.settings("4bit")] == ["full", "full_lean", "lora", "lora_4bit"]
+    results = {
+        "full": {"out_of_memory": False, "tokens_per_s": 100.0, "peak_mb": 800.0},
+        "full_lean": {"out_of_memory": False, "tokens_per_s": 100.0, "peak_mb": 400.0},
+        "lora": {"out_of_memory": False, "tokens_per_s": 650.0, "peak_mb": 100.0},
+        "lora_4bit": {"out_of_memory": False, "tokens_per_s": 325.0, "peak_mb": 40.0},
+    }
+    figures = offsite_cuda.ratios(results)
+    assert figures["memory_ratio_lora_over_lora_4bit"] == 2.5
+    assert figures["throughput_ratio_lora_4bit_over_lora"] == 0.5
+    assert figures["memory_ratio_full_over_lora_4bit"] == 20.0
+
+
+def test_4bit_without_cuda_exits_saying_what_is_missing():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    offsite_cuda.check_quantize_here("none", DevicePolicy.resolve("cpu"))
+    with pytest.raises(SystemExit, match="--quantize 4bit: emulator-quantize=4bit cannot run here.*CUDA only"):
+        offsite_cuda.check_quantize_here("4bit", DevicePolicy.resolve("cpu"))
