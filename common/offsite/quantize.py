@@ -1,7 +1,7 @@
 """Optional 4-bit (NF4) base weights for the emulator's frozen blocks, with bitsandbytes on CUDA.
 
 Most of what a data owner holds in memory is the emulator's frozen middle; NF4 stores its weight
-matrices in 4 bits plus one float32 scale per 64 weights, about 1/7 of float32. Only the linear layers
+matrices in 4 bits plus a scale per 64 weights, at most 1/7 of float32. Only the linear layers
 (GPT-2's ``Conv1D`` included) of blocks without a trainable parameter are quantised: adapter blocks,
 the LoRA factors and the base weights they adapt, stay in float32 and train as before, and so do
 norms and biases. The embedding is left alone: in most families it is tied to the LM head every loss
@@ -31,7 +31,8 @@ INSTALL = f"pip install 'privtune[{EXTRA}]'"
 NF4_BLOCK = 64
 """Weights per NF4 scale (bitsandbytes' default block size on CUDA)."""
 NF4_BITS_PER_WEIGHT = 4 + 32 / NF4_BLOCK
-"""Stored bits per quantised weight: the 4-bit code and its share of the block's float32 scale."""
+"""Stored bits per quantised weight, at most: the 4-bit code and its share of the block's float32 scale
+(bitsandbytes' default double quantisation stores the scales in 8 bits, about 4.13 bits in all)."""
 
 
 @dataclass(frozen=True)
