@@ -14,6 +14,7 @@ from privtune.common.models import load_model
 from privtune.common.offsite import OffsiteConfig, adapter_state, prepare_adapter
 from privtune.common.offsite.package import EmulatorPackage
 from privtune.common.offsite.train import TrainConfig
+from privtune.common.tokens import TokenRows
 from tests.client.test_trainer_device import trainer
 
 
@@ -57,7 +58,7 @@ def test_dpsgd_refuses_gradient_checkpointing_before_charging_anything(tmp_path)
     )
     cfg = FederationConfig.from_run_config({"dp-epsilon": 8.0, "dp-unit": "block", "run-dir": str(tmp_path / "s")})
     site = SiteConfig("a", tmp_path / "a", None, None, None, None, None, float("inf"), 100.0)
-    examples = torch.randint(3, 200, (64, 16), generator=torch.Generator().manual_seed(0))
+    examples = TokenRows.of(torch.randint(3, 200, (64, 16), generator=torch.Generator().manual_seed(0)))
     train_cfg = TrainConfig(steps=2, batch_size=8, lr=1e-2, gradient_checkpointing=True)
     before = adapter_state(model)
     with pytest.raises(PrivtuneError, match="Opacus' per-example gradient hooks"):
