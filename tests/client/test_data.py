@@ -100,3 +100,50 @@ def test_a_renamed_or_moved_document_keeps_its_ldp_budget(tmp_path):
         spent.append((ldp["subjects"], ldp["spent"]))
     assert spent[0][0] == spent[1][0] == 1  # one document, one subject
     assert spent[1][1] == pytest.approx(2 * spent[0][1])
+
+
+def chat_folder(tmp_path, n: int = 10):
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    lines = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}, my friend."} for i in range(n)]
+    (folder / "chat.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    return folder, lines
+
+
+def test_a_chat_jsonl_trains_one_record_per_line_on_its_responses(tmp_path):
+    from privtune.common.text_tokenizer import ByteTokenizer
+    from privtune.common.tokens import IGNORE
+
+    folder, lines = chat_folder(tmp_path)
+    node = {"data-path": str(folder), "workspace": str(tmp_path / "ws")}
+    cfg, _, data = owner_data(tmp_path, node, **{"dp-records": "paragraphs"})  # a conversation is never cut
+    assert len(data.train) == 9 and len(data.heldout) >= 1  # the last line is held out whole
+    tok = ByteTokenizer()
+    for row, line in zip(range(len(data.train)), lines, strict=False):
+        real = data.train.ids[row][data.train.ids[row] != PAD].tolist()
+        assert tok.decode(real) == f"User: {line['prompt']}\nAssistant: {line['response']}"
+        labels = data.train.labels[row]
+        assert tok.decode(labels[labels != IGNORE].tolist()) == line["response"]  # and its eos
+    assert dp_schedule(cfg, data)[0][0] == 4 / 9
+
+
+def test_ldp_perturbs_prompt_and_response_and_charges_the_line(tmp_path):
+    from privtune.common.ledger import Ledger
+
+    folder, lines = chat_folder(tmp_path)
+    node = {"data-path": str(folder), "workspace": str(tmp_path / "ws")}
+    run = {"ldp-epsilon": 1.0, "ldp-embedding": "tiny", "dp-epsilon": 0.0}
+    _, site, data = owner_data(tmp_path, node, **run)
+    cache = json.loads(next((site.workspace / "ldp").glob("*.json")).read_text())
+    perturbed = cache["documents"]
+    assert len(perturbed) == 9 and all([r for r, _ in d["turns"]] == ["user", "assistant"] for d in perturbed)
+    originals = [(line["prompt"], line["response"]) for line in lines[:9]]
+    assert all((d["turns"][0][1], d["turns"][1][1]) != o for d, o in zip(perturbed, originals, strict=True))
+    report = Ledger(site.ledger_path, read_only=True).report()
+    ldp = next(g for g in report["guarantees"] if g["kind"] == "ldp")
+    assert ldp["subjects"] == 9  # one subject per line: its prompt's and its response's releases add up
+    from privtune.common.ldp.embedding import load_embedding
+
+    space = load_embedding("tiny")
+    tokens = max(len(space.encode(prompt)) + len(space.encode(response)) for prompt, response in originals)
+    assert data.ldp["ldp-epsilon-document-max"] == pytest.approx(tokens * data.ldp["ldp-epsilon-token"])
