@@ -38,6 +38,7 @@ from privtune.common.ult.table import LookupTable
 _DROP = -5  # pad/bos/eos and escape ids: no content of their own
 _DIGIT = -6
 _MAX_DIGITS = 15  # 60 bits: any code a codec makes, and no int64 overflow from model output
+_BLOCK = 1 << 16
 
 
 Canonical = Callable[[np.ndarray], np.ndarray]
@@ -74,8 +75,8 @@ class SymbolMapper:
         by_id[config.vocab_size + 2] = BREAK_MARK
         self._by_id = by_id
 
-    def to_ids(self, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ids for ``stream`` and, per stream entry, where its ids start (plus the total at the end)."""
+    def to_ids(self, stream: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids for ``stream``, and where the ids of the entries at positions ``bounds`` (<= its size) start."""
         stream = np.asarray(stream)
         if not np.issubdtype(stream.dtype, np.signedinteger) or stream.dtype.itemsize < 4:
             stream = stream.astype(np.int64)
@@ -87,7 +88,7 @@ class SymbolMapper:
         escaped = ~found
         escaped &= ~separator
         if not escaped.any():
-            return ids, np.arange(stream.size + 1, dtype=np.int64)
+            return ids, np.asarray(bounds, dtype=np.int64)
         lengths = np.ones(stream.size, dtype=np.int64)
         starts = np.zeros(stream.size + 1, dtype=np.int64)
         codes = stream[escaped].astype(np.int64)
@@ -107,7 +108,7 @@ class SymbolMapper:
             shift = 4 * (n_digits[has] - 1 - i)
             digit = (codes[has] >> shift) & (DIGIT_BASE - 1)
             out[at[has] + 1 + i] = np.where(shift == 0, FINAL_DIGIT_ID, CONTINUE_DIGIT_ID) + digit
-        return out, starts
+        return out, starts[bounds]
 
     def to_stream(self, sequences: Sequence[Sequence[int] | np.ndarray], strict: bool = False) -> np.ndarray:
         """Stream for a batch of id sequences, :data:`BREAK_MARK` between sequences.
@@ -198,11 +199,22 @@ class _CodeIndex:
         return ((codes.view(np.uint32) * self._GOLDEN) >> self._shift).astype(np.intp)
 
     def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of ``codes`` and whether each was found (ids of missing codes are meaningless)."""
+        """Ids of ``codes`` and whether each was found (ids of missing codes are meaningless).
+
+        Block by block: a block's temporaries (slots, held codes) stay in cache, where whole-stream
+        ones would be fresh pages of memory.
+        """
+        ids = np.empty(codes.size, dtype=np.int32)
+        found = np.empty(codes.size, dtype=bool)
+        for lo in range(0, codes.size, _BLOCK):
+            self._lookup_block(codes[lo : lo + _BLOCK], ids[lo : lo + _BLOCK], found[lo : lo + _BLOCK])
+        return ids, found
+
+    def _lookup_block(self, codes: np.ndarray, ids: np.ndarray, found: np.ndarray) -> None:
         slot = self._slots(codes)
-        ids = self._ids[slot]
+        self._ids.take(slot, out=ids)
         held = self._codes[slot]
-        found = held == codes
+        np.equal(held, codes, out=found)
         pending = np.flatnonzero(~found & (held != -1))
         for probe in range(1, self._max_probe + 1):
             if not pending.size:
@@ -213,4 +225,3 @@ class _CodeIndex:
             ids[pending[hit]] = self._ids[at[hit]]
             found[pending[hit]] = True
             pending = pending[~hit & (held != -1)]
-        return ids, found

@@ -29,6 +29,8 @@ CODE_POINTS = 0x110000
 CHAR_BITS = 21
 _CHAR_MASK = (1 << CHAR_BITS) - 1
 REPLACEMENT = 0xFFFD
+_BLOCK_ROWS = 1 << 14
+"""Patches per block of column passes: a block's arrays stay in cache."""
 
 
 def run_code(count: int, code_point: int) -> int:
@@ -49,45 +51,30 @@ class TextCodec:
         """One stream for all ``texts`` and the number of stream entries of each text."""
         size = self.patch_size
         lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
-        cps = np.frombuffer("".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        n_patches = -(-lengths // size)
-        text_of_patch = np.repeat(np.arange(len(texts)), n_patches)
-        patch_end = np.cumsum(n_patches)
-        patch_len = np.full(text_of_patch.size, size, dtype=np.int64)
-        patch_len[patch_end[lengths % size > 0] - 1] = lengths[lengths % size > 0] % size
-        # All patches as rows of one matrix (a text's shorter last patch padded), filled in order.
-        column = np.arange(size)
-        filled = column < patch_len[:, None]
-        patches = np.zeros((text_of_patch.size, size), dtype=np.int32)
-        patches[filled] = cps
+        pads = -lengths % size
+        # Each text padded to whole patches (NULs, replaced below) makes the patch matrix a view.
+        padded = "".join(piece for text, pad in zip(texts, pads.tolist()) for piece in (text, "\0" * pad))
+        patches = np.frombuffer(padded.encode("utf-32-le", "surrogatepass"), dtype="<i4").reshape(-1, size)
+        nonempty = lengths > 0
+        if not nonempty.any():
+            return np.empty(0, dtype=np.int32), np.zeros(len(texts), dtype=np.int64)
+        n_rows = (lengths[nonempty] + pads[nonempty]) // size
+        last_row = np.cumsum(n_rows) - 1
+        last_len = size - pads[nonempty]
         last = bwts_batch(patches)
-        for length in np.unique(patch_len[patch_len < size]).tolist():
-            rows = np.flatnonzero(patch_len == length)
+        # A text's shorter last patch: its own transform, then markers that join the separator's run.
+        for length in np.unique(last_len[last_len < size]).tolist():
+            rows = last_row[last_len == length]
             last[rows, :length] = bwts_batch(patches[rows, :length])
-
-        # Runs: a run starts where the character changes and ends at the next start (or patch end);
-        # small types keep these passes cheap (a count is at most the patch size).
-        new_run = np.empty(last.shape, dtype=bool)
-        new_run[:, 0] = True
-        np.not_equal(last[:, 1:], last[:, :-1], out=new_run[:, 1:])
-        new_run &= filled
-        small = np.int8 if size < 127 else np.int64
-        next_start = np.where(new_run, column.astype(small), small(size))
-        next_start[:, :-1] = np.minimum.accumulate(next_start[:, :0:-1], axis=1)[:, ::-1]
-        next_start[:, -1] = size
-        np.minimum(next_start, patch_len[:, None].astype(small), out=next_start)
-        next_start -= (column + 1).astype(small)
-        # Codes fit 32 bits for patches up to 1024 characters; the stream keeps that type.
-        codes = np.empty((last.shape[0], size + 1), dtype=np.int32 if size <= 1024 else np.int64)
-        np.left_shift(next_start, CHAR_BITS, out=codes[:, :size], dtype=codes.dtype)
-        codes[:, :size] |= last
-        codes[:, size] = SEP_MARK
-        keep = np.empty(codes.shape, dtype=bool)
-        keep[:, :size] = new_run
-        keep[:, size] = np.arange(text_of_patch.size) != patch_end[text_of_patch] - 1
-        per_patch = np.count_nonzero(keep, axis=1)
-        per_text = np.bincount(text_of_patch, weights=per_patch, minlength=len(texts)).astype(np.int64)
-        return codes[keep], per_text
+            last[rows, length:] = SEP_MARK
+        codes, starts = _run_codes(last)
+        starts[last_row, last_len] = False  # no separator after a text's last patch
+        per_row = np.zeros(starts.shape[0], dtype=np.int32)
+        for column in starts.T:
+            per_row += column
+        per_text = np.zeros(len(texts), dtype=np.int64)
+        per_text[nonempty] = np.diff(np.cumsum(per_row)[last_row], prepend=0)
+        return codes[starts], per_text
 
     def canonical(self, codes: np.ndarray) -> np.ndarray:
         """Every code >= 0 as a run of 1..patch_size characters; codes an encoding makes are unchanged."""
@@ -117,6 +104,34 @@ class TextCodec:
         text = _inverse_slots(chars, slot_len, self.patch_size).tobytes().decode("utf-32-le", "surrogatepass")
         ends = np.cumsum(np.bincount(text_of_slot, weights=slot_len, minlength=n_texts).astype(np.int64)).tolist()
         return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def _run_codes(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes of each row's runs, each at its run's first column, a separator after them, and where runs start.
+
+    Rows may end in :data:`SEP_MARK` padding: it joins the separator's run. Run lengths go in by
+    column passes over blocks of rows small enough to stay in cache, with no index arrays (the large
+    arrays those take cost more in page faults than in work).
+    """
+    k, size = last.shape
+    codes = np.empty((k, size + 1), dtype=np.int32 if size <= 1024 else np.int64)  # count - 1 < 2**10
+    starts = np.empty(codes.shape, dtype=bool)
+    for lo in range(0, k, _BLOCK_ROWS):
+        _code_block(last[lo : lo + _BLOCK_ROWS], codes[lo : lo + _BLOCK_ROWS], starts[lo : lo + _BLOCK_ROWS])
+    return codes, starts
+
+
+def _code_block(last: np.ndarray, codes: np.ndarray, starts: np.ndarray) -> None:
+    size = last.shape[1]
+    codes[:, :size] = last
+    codes[:, size] = SEP_MARK
+    starts[:, 0] = True
+    np.not_equal(codes[:, 1:], codes[:, :-1], out=starts[:, 1:])
+    longer = np.zeros(last.shape[0], dtype=codes.dtype)  # (run length - 1) << CHAR_BITS from this column on
+    step, zero = codes.dtype.type(1 << CHAR_BITS), codes.dtype.type(0)
+    for j in range(size - 2, -1, -1):
+        longer = np.where(starts[:, j + 1], zero, longer + step)
+        codes[:, j] |= longer  # a marker keeps its value: its high bits are set
 
 
 def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.ndarray:

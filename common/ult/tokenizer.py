@@ -66,12 +66,11 @@ class UltTokenizer:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a sequence of texts; use encode for one text")
         stream, per_text = self._codec.encode_batch(texts)
-        ids, starts = self._mapper.to_ids(stream)
-        bounds = starts[np.cumsum(per_text) - per_text].tolist() + [int(starts[-1])]
-        flat = ids.tolist()
+        ids, bounds = self._mapper.to_ids(stream, np.concatenate(([0], np.cumsum(per_text))))
+        lists = [ids[a:b].tolist() for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
         if add_special_tokens:
-            return [[BOS_ID, *flat[a:b], EOS_ID] for a, b in zip(bounds[:-1], bounds[1:])]
-        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            return [[BOS_ID, *seq, EOS_ID] for seq in lists]
+        return lists
 
     def encode_prompt(self, text: str) -> list[int]:
         """Ids for a model to continue: ``text`` left-padded with spaces to whole patches, then a separator.

@@ -21,7 +21,7 @@ def mapper(symbols=(7, 8, 9), key=KEY, canonical=identity) -> SymbolMapper:
 
 
 def test_escape_spells_the_code_in_base_16_most_significant_first():
-    ids, starts = mapper().to_ids(np.array([0x1A3, SEP_MARK, 0]))
+    ids, starts = mapper().to_ids(np.array([0x1A3, SEP_MARK, 0]), np.arange(4))
     assert ids.tolist() == [
         ESCAPE_ID,
         CONTINUE_DIGIT_ID + 1,
@@ -38,14 +38,14 @@ def test_escape_spells_the_code_in_base_16_most_significant_first():
 @given(st.lists(st.one_of(st.integers(0, 2**60 - 1), st.sampled_from([7, 8, 9, SEP_MARK])), max_size=30))
 def test_any_code_round_trips(stream):
     m = mapper()
-    ids, starts = m.to_ids(np.array(stream, dtype=np.int64))
+    ids, starts = m.to_ids(np.array(stream, dtype=np.int64), np.array([len(stream)]))
     assert starts[-1] == ids.size and all(0 <= i < 64 for i in ids.tolist())
     assert m.to_stream([ids], strict=True).tolist() == stream
 
 
 def test_codes_beyond_60_bits_are_refused():
     with pytest.raises(ValueError, match="too large"):
-        mapper().to_ids(np.array([2**60]))
+        mapper().to_ids(np.array([2**60]), np.array([1]))
 
 
 def test_digits_always_spell_a_code_and_only_ids_outside_the_table_are_invalid():
