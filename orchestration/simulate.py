@@ -1,7 +1,7 @@
 """``privtune simulate``: the same ServerApp and ClientApps, run by Flower's Simulation Engine on Ray.
 
-Each virtual SuperNode is one data owner holding one partition of the embedded Shakespeare corpus
-(or of ``--data``). In ULT mode this command also plays the data owners' out-of-band part: it makes
+Each virtual SuperNode is one data owner holding one partition of the embedded Shakespeare corpus,
+or its own ``--data`` folder. In ULT mode this command also plays the data owners' out-of-band part: it makes
 the federation key that they share (the model owner's ServerApp never reads it) and, as a key
 holder, encodes the owners' held-out text for the model owner's evaluation (ids only).
 """
@@ -61,6 +61,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any other run-config key, e.g. --set block-size=128",
     )
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FOLDER",
+        help="an owner's own folder of .txt/.jsonl files (instruction .jsonl included), once per owner in order "
+        "(default: the owners' partitions of the embedded corpus)",
+    )
     parser.add_argument("--out", required=True, help="run folder (metrics.json, privacy.json, plots, model)")
     audit = parser.add_argument_group("audit harness (then run 'privtune audit --run OUT')")
     audit.add_argument(
@@ -107,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         **parse_sets(args.set),
     }
     cfg = FederationConfig.from_run_config(overrides)
-    nodes = None
+    nodes = owner_folders(args.data, args.owners)
+    if args.canaries and nodes:
+        raise PrivtuneError("--canaries plants secrets in the embedded corpus; give it without --data")
     if args.canaries:
         from privtune.audit.harness import plant_secrets
 
@@ -122,6 +132,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"report: {report}")
     print(json.dumps({k: metrics[k] for k in ("zero_shot_ppl", "emulator_adapter_ppl", "plugin_ppl")}, indent=2))
     return 0
+
+
+def owner_folders(folders: list[str], owners: int) -> dict[int, dict[str, Any]] | None:
+    """Each owner's ``data-path`` node config from ``--data``, one folder per owner."""
+    if not folders:
+        return None
+    if len(folders) != owners:
+        raise PrivtuneError(f"--data was given {len(folders)} time(s) for {owners} owners; give one folder per owner")
+    return {i: {"data-path": str(Path(folder).expanduser().resolve())} for i, folder in enumerate(folders)}
 
 
 def federation_key_path(out: Path) -> Path:
