@@ -30,6 +30,7 @@ class AuditResult:
     violations: list[str] = field(default_factory=list)
     roc: dict[str, dict[str, list[list[float]]]] = field(default_factory=lambda: defaultdict(dict))
     queries_spent: int = 0
+    service_records: int = 0  # member records (and as many non-members) the service attack asked about
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class AuditResult:
             "bounds": self.bounds,
             "violations": self.violations,
             "queries_spent": self.queries_spent,
+            "service_records": self.service_records,
         }
 
 
@@ -158,6 +160,7 @@ def audit_service(
         )
         scores, spent = service_scores(client, tokenizer, members + non_members)
     result.queries_spent += spent
+    result.service_records = len(members)
     claim = service_claim(status)
     judge(result, "pmixed-service", "next_token_match", scores[: len(members)], scores[len(members) :], claim)
     result.bounds["pmixed-service"] = _bound(claim)

@@ -31,7 +31,12 @@ def write_report(result: AuditResult, out: Path) -> Path:
         f"# privtune audit of {result.owner}",
         "",
         f"{result.members} member and {result.non_members} non-member records of {result.owner}"
-        + (f"; {result.queries_spent} service queries spent" if result.queries_spent else ""),
+        + (
+            f"; the PMixED service was asked about {result.service_records} member and {result.service_records} "
+            f"non-member records, spending {result.queries_spent} queries of its budget"
+            if result.queries_spent
+            else ""
+        ),
         "",
         "| target | attack | AUC (95% CI) | TPR at 1% FPR | AUC limit of the claim | claim |",
         "|---|---|---|---|---|---|",
