@@ -30,6 +30,8 @@ _MAX_MASK_WIDTH = 62
 """Columns up to this length walk with a visited bitmask in one int64; longer ones row by row."""
 _SMALL_MASK_WIDTH = 16
 """Up to this length the lowest unvisited position comes from a table of all masks."""
+_BLOCK_ROWS = 1 << 14
+"""Rows inverted together: a block's walk stays in cache, where whole-batch arrays would be fresh pages."""
 
 
 def bwts_batch(patches: np.ndarray) -> np.ndarray:
@@ -72,30 +74,31 @@ def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
     if low < 0 or high.bit_length() + pos_bits > _KEY_BITS:
         alphabet, columns = _dense_ranks(columns.astype(np.int64) - low)
         high = int(columns.max())
-    # Narrow types where they suffice: the walk is a few passes over k-vectors per step.
-    key_type = np.int32 if high.bit_length() + pos_bits < 32 else np.int64
-    index_type = np.int32 if k * m < 2**31 else np.int64
-    keyed = columns.astype(key_type) << pos_bits
-    rank = np.argsort(np.sort(keyed | np.arange(m, dtype=key_type), axis=1) & key_type((1 << pos_bits) - 1), axis=1)
-    flat = (keyed | rank.astype(key_type)).ravel()
-    pos_mask = key_type((1 << pos_bits) - 1)
-    row_start = np.arange(0, k * m, m, dtype=index_type)
-    visited: np.ndarray = np.zeros(k, dtype=np.int32 if m < 32 else np.int64)
+    # Narrow types where they suffice: the walk is a few passes over short vectors per step.
+    keyed = columns.astype(np.int32 if high.bit_length() + pos_bits < 32 else np.int64) << pos_bits
+    out = np.empty((k, m), dtype=keyed.dtype)
+    for lo in range(0, k, _BLOCK_ROWS):
+        _invert_block(keyed[lo : lo + _BLOCK_ROWS], pos_bits, out[lo : lo + _BLOCK_ROWS])
+    return out if alphabet is None else alphabet[out - 1] + low
+
+
+def _invert_block(keyed: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
+    """Inverse BWTS of rows of ``column << pos_bits`` into ``out``, a block small enough to stay in cache."""
+    b, m = keyed.shape
+    pos_mask = keyed.dtype.type((1 << pos_bits) - 1)
+    rank = np.argsort(np.sort(keyed | np.arange(m, dtype=keyed.dtype), axis=1) & pos_mask, axis=1)
+    flat = (keyed | rank.astype(keyed.dtype)).ravel()
+    row_start = np.arange(0, b * m, m)
+    visited = np.zeros(b, dtype=np.int32 if m < 32 else np.int64)
     one = visited.dtype.type(1)
-    current = np.zeros(k, dtype=index_type)
-    emitted = np.empty((m, k), dtype=key_type)
+    current = np.zeros(b, dtype=np.intp)
     for step in range(m):
         visited |= np.left_shift(one, current, dtype=visited.dtype)
         entry = flat[row_start + current]
-        np.right_shift(entry, pos_bits, out=emitted[step])
-        following = (entry & pos_mask).astype(index_type)
+        np.right_shift(entry, pos_bits, out=out[:, m - 1 - step])
+        following = (entry & pos_mask).astype(np.intp)
         closed = ((visited >> following) & 1).astype(bool)
-        if closed.any():
-            current = np.where(closed, _lowest_free(visited, m), following).astype(index_type)
-        else:
-            current = following
-    out = np.ascontiguousarray(emitted[::-1].T)
-    return out if alphabet is None else alphabet[out - 1] + low
+        current = np.where(closed, _lowest_free(visited, m), following) if closed.any() else following
 
 
 def _lowest_free(visited: np.ndarray, m: int) -> np.ndarray:
@@ -103,14 +106,13 @@ def _lowest_free(visited: np.ndarray, m: int) -> np.ndarray:
     if m <= _SMALL_MASK_WIDTH:
         return _lowest_free_table(m)[visited]
     free = ~visited
-    return np.log2((free & -free).astype(np.float64)).astype(np.int64)
+    return np.bitwise_count((free & -free) - 1).astype(np.intp)
 
 
 @functools.cache
 def _lowest_free_table(m: int) -> np.ndarray:
-    masks = np.arange(1 << m, dtype=np.int64)
-    free = ~masks
-    return np.log2((free & -free).astype(np.float64)).astype(np.int8)
+    free = ~np.arange(1 << m, dtype=np.int64)
+    return np.bitwise_count((free & -free) - 1).astype(np.int8)
 
 
 def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:

@@ -67,7 +67,9 @@ class SymbolMapper:
         self._index = _CodeIndex(symbols, ids)
         # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary,
         # vocab_size + 2 marks the break between two sequences of a batch.
-        by_id = np.full(config.vocab_size + 3, INVALID_MARK, dtype=np.int64)
+        by_id = np.full(
+            config.vocab_size + 3, INVALID_MARK, dtype=np.int32 if symbols.max(initial=0) < 2**31 else np.int64
+        )
         by_id[ids + 1] = symbols
         by_id[SEP_ID + 1] = SEP_MARK
         by_id[[PAD_ID + 1, BOS_ID + 1, EOS_ID + 1, ESCAPE_ID + 1]] = _DROP
@@ -130,10 +132,15 @@ class SymbolMapper:
         index = np.clip(joined, -1, self.vocab_size)
         index += 1
         index[seq_starts[1:] - 1] = self.vocab_size + 2
-        stream = self._by_id[index]
+        stream = np.empty(index.size, dtype=self._by_id.dtype)
+        for lo in range(0, index.size, _BLOCK):  # a whole-stream gather would widen the index to a fresh array
+            self._by_id.take(index[lo : lo + _BLOCK], out=stream[lo : lo + _BLOCK])
         if strict:
             self._refuse_invalid(stream, arrays, seq_starts)
+        if not (stream <= _DROP).any():  # nothing to drop or spell (markers below _DROP are _DIGIT only)
+            return stream
         if (stream == _DIGIT).any():
+            stream = stream.astype(np.int64)  # spelled codes may take more than 32 bits
             self._spell_digits(index - 1, stream)
         return stream[stream != _DROP]
 

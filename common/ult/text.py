@@ -17,6 +17,7 @@ Both directions work on a whole batch at once: all patches of equal length go th
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,24 +87,29 @@ class TextCodec:
         Codes must be canonical (the :class:`SymbolMapper` sees to it); :data:`INVALID_MARK`
         reads as the run of one U+FFFD.
         """
-        stream = np.asarray(stream, dtype=np.int64)
-        is_break = stream == BREAK_MARK
+        stream = np.asarray(stream)
+        if stream.dtype.kind != "i":
+            stream = stream.astype(np.int64)
+        markers = np.flatnonzero(stream < 0)
+        kinds = stream[markers]
+        is_break = kinds == BREAK_MARK
         if (n_breaks := int(is_break.sum())) != n_texts - 1:
             raise ValueError(f"stream holds {n_breaks + 1} texts, expected {n_texts}")
-        stream = np.where(stream == INVALID_MARK, REPLACEMENT, stream)
-        bounds = np.flatnonzero(is_break | (stream == SEP_MARK))
-        # Slot i (a patch, maybe empty) spans stream[slot_start[i] : slot_start[i + 1]], its closing
-        # boundary included; markers count zero characters.
-        slot_start = np.concatenate(([0], bounds + 1))
-        text_of_slot = np.concatenate(([0], np.cumsum(is_break[bounds])))
-        symbol = stream >= 0
+        if (invalid := kinds == INVALID_MARK).any():
+            stream = stream.copy()
+            stream[markers[invalid]] = REPLACEMENT
+            markers, is_break = markers[~invalid], is_break[~invalid]
+        # Slot i (a patch, maybe empty) ends at the i-th marker left (a separator or a break), the
+        # last one at the stream's end; markers count zero characters.
         count = (stream >> CHAR_BITS) + 1
-        count[~symbol] = 0
-        slot_len = np.add.reduceat(np.append(count, 0), slot_start)
+        count[markers] = 0
         chars = np.repeat(stream & _CHAR_MASK, count)
-        text = _inverse_slots(chars, slot_len, self.patch_size).tobytes().decode("utf-32-le", "surrogatepass")
-        ends = np.cumsum(np.bincount(text_of_slot, weights=slot_len, minlength=n_texts).astype(np.int64)).tolist()
-        return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+        small = stream.size * self.patch_size < 2**31  # bounds the characters of canonical codes
+        slot_end = np.cumsum(count, dtype=np.int32 if small else np.int64)[markers]
+        slot_len = np.diff(slot_end, prepend=0, append=chars.size)
+        text = codecs.utf_32_le_decode(_inverse_slots(chars, slot_len, self.patch_size), "surrogatepass", True)[0]
+        ends = [0, *slot_end[is_break].tolist(), chars.size]
+        return [text[a:b] for a, b in zip(ends[:-1], ends[1:])]
 
 
 def _run_codes(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +141,13 @@ def _code_block(last: np.ndarray, codes: np.ndarray, starts: np.ndarray) -> None
 
 
 def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.ndarray:
-    """Inverse BWTS of consecutive slots of ``chars`` (lengths ``slot_len``), as uint32 code points.
+    """Inverse BWTS of consecutive slots of ``chars`` (lengths ``slot_len``), as 32-bit code points.
 
     Slots up to ``width`` long (all of them in an encoded text) are rows of one padded matrix, so
     most rows need no gathering; longer ones (model output without separators) go by length.
     """
     if slot_len.size and int(slot_len.max()) > width:
-        out = np.empty(chars.size, dtype=np.uint32)
+        out = np.empty(chars.size, dtype=np.int32)
         char_start = np.cumsum(slot_len) - slot_len
         for length in np.unique(slot_len[slot_len > 0]).tolist():
             at = char_start[slot_len == length, None] + np.arange(length)
@@ -154,4 +160,4 @@ def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.nd
     for length in np.unique(slot_len[(slot_len > 0) & (slot_len < width)]).tolist():
         rows = np.flatnonzero(slot_len == length)
         patches[rows, :length] = inverse_bwts_batch(columns[rows, :length])
-    return patches[filled].astype(np.uint32)
+    return patches[filled].astype(np.int32, copy=False)
