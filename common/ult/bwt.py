@@ -12,9 +12,8 @@ handful of numpy operations over a whole ``(k, n)`` batch of equal-length patche
 * forward, common case: each patch packed into one int64, its factorisation found from packed
   suffix keys, patches grouped by factorisation (at most ``2**(n-1)`` groups), so every shift
   inside a group is a constant; each rotation's first n characters plus its last character make
-  one int64 key, and a row sort is the transform. Rows whose keys tie where the repetitions may
-  still differ sort by a second key (the same rotation n characters further); batches too wide to
-  pack take the exact prefix-doubling path.
+  one int64 key, and a row sort is the transform (n characters decide, see :func:`_bwts_packed`);
+  batches too wide to pack take the exact prefix-doubling path.
 * inverse: the stable-sort permutation of the column, walked cycle by cycle (each cycle is one
   Lyndon factor), all rows in lock step.
 """
@@ -29,7 +28,7 @@ _KEY_BITS = 63
 _MAX_MASK_WIDTH = 62
 """Columns up to this length walk with a visited bitmask in one int64; longer ones row by row."""
 _SMALL_MASK_WIDTH = 16
-"""Up to this length the lowest unvisited position comes from a table of all masks."""
+"""Up to this length the inverse walk's steps come from a table of all (visited mask, position) pairs."""
 _BLOCK_ROWS = 1 << 14
 """Rows inverted together: a block's walk stays in cache, where whole-batch arrays would be fresh pages."""
 
@@ -85,34 +84,61 @@ def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
 def _invert_block(keyed: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
     """Inverse BWTS of rows of ``column << pos_bits`` into ``out``, a block small enough to stay in cache."""
     b, m = keyed.shape
-    pos_mask = keyed.dtype.type((1 << pos_bits) - 1)
-    rank = np.argsort(np.sort(keyed | np.arange(m, dtype=keyed.dtype), axis=1) & pos_mask, axis=1)
-    flat = (keyed | rank.astype(keyed.dtype)).ravel()
+    # LF: each position's rank in the stable sort of its row, scattered from the sorted positions.
+    order = np.sort(keyed | np.arange(m, dtype=keyed.dtype), axis=1) & keyed.dtype.type((1 << pos_bits) - 1)
     row_start = np.arange(0, b * m, m)
-    visited = np.zeros(b, dtype=np.int32 if m < 32 else np.int64)
-    one = visited.dtype.type(1)
-    current = np.zeros(b, dtype=np.intp)
+    rank = np.empty(b * m, dtype=keyed.dtype)
+    rank[(row_start[:, None] + order).ravel()] = np.broadcast_to(np.arange(m, dtype=keyed.dtype), (b, m)).ravel()
+    flat = keyed.ravel() | rank
+    if m <= _SMALL_MASK_WIDTH:
+        _walk_by_table(flat, row_start, pos_bits, out)
+    else:
+        _walk_by_mask(flat, row_start, pos_bits, out)
+
+
+def _walk_by_table(flat: np.ndarray, row_start: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
+    """The walk with each row's visited positions and current position packed in one integer, whose next
+    value comes from a table: three passes per step fewer than :func:`_walk_by_mask`."""
+    m = out.shape[1]
+    table = _next_state_table(m, pos_bits)
+    pos_mask = (1 << pos_bits) - 1
+    state = np.full(row_start.size, 1 << pos_bits, dtype=np.int32)
     for step in range(m):
-        visited |= np.left_shift(one, current, dtype=visited.dtype)
+        entry = flat[row_start + (state & pos_mask)]
+        np.right_shift(entry, pos_bits, out=out[:, m - 1 - step])
+        state = table[(state & ~pos_mask) | (entry & pos_mask)]
+
+
+@functools.cache
+def _next_state_table(m: int, pos_bits: int) -> np.ndarray:
+    """``visited << pos_bits | following`` -> the same for the next position: ``following`` if unvisited,
+    else the lowest unvisited one (a new cycle); past the last position the walk is over."""
+    visited = np.arange(1 << m, dtype=np.int64)[:, None]
+    following = np.arange(1 << pos_bits, dtype=np.int64)[None, :]
+    closed = (visited >> following) & 1
+    following = np.minimum(np.where(closed, _lowest_free(visited), following), m - 1)
+    return ((visited | 1 << following) << pos_bits | following).astype(np.int32).ravel()
+
+
+def _walk_by_mask(flat: np.ndarray, row_start: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
+    """The walk with each row's visited positions in a bitmask (any length up to 62)."""
+    m = out.shape[1]
+    pos_mask = (1 << pos_bits) - 1
+    visited = np.zeros(row_start.size, dtype=np.int64)
+    current = np.zeros(row_start.size, dtype=np.intp)
+    for step in range(m):
+        visited |= np.left_shift(1, current)
         entry = flat[row_start + current]
         np.right_shift(entry, pos_bits, out=out[:, m - 1 - step])
         following = (entry & pos_mask).astype(np.intp)
         closed = ((visited >> following) & 1).astype(bool)
-        current = np.where(closed, _lowest_free(visited, m), following) if closed.any() else following
+        current = np.where(closed, _lowest_free(visited), following) if closed.any() else following
 
 
-def _lowest_free(visited: np.ndarray, m: int) -> np.ndarray:
-    """Index of the lowest zero bit of each mask (of ``m`` bits, not all set)."""
-    if m <= _SMALL_MASK_WIDTH:
-        return _lowest_free_table(m)[visited]
+def _lowest_free(visited: np.ndarray) -> np.ndarray:
+    """Index of the lowest zero bit of each mask."""
     free = ~visited
     return np.bitwise_count((free & -free) - 1).astype(np.intp)
-
-
-@functools.cache
-def _lowest_free_table(m: int) -> np.ndarray:
-    free = ~np.arange(1 << m, dtype=np.int64)
-    return np.bitwise_count((free & -free) - 1).astype(np.int8)
 
 
 def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
@@ -128,12 +154,16 @@ def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
     # A factor starts where the suffix is smaller than every earlier one (zero fill = shorter first).
     field = (1 << (bits * n)) - 1
     smallest = packed.copy()
-    shape = np.ones(k, dtype=np.int64)
+    suffix = np.empty_like(packed)
+    is_start = np.zeros((k, 16 if n <= 16 else 64), dtype=bool)  # packed into one uint16 or uint64
+    is_start[:, 0] = True
     for j in range(1, n):
-        suffix = (packed << (bits * j)) & field
-        shape |= (suffix < smallest).astype(np.int64) << j
+        np.left_shift(packed, bits * j, out=suffix)
+        suffix &= field
+        np.less(suffix, smallest, out=is_start[:, j])
         np.minimum(smallest, suffix, out=smallest)
-    order = np.argsort(shape.astype(np.uint32 if n > 16 else np.uint16), kind="stable")
+    shape = np.packbits(is_start, axis=1, bitorder="little").view("<u2" if n <= 16 else "<u8").ravel()
+    order = np.argsort(shape, kind="stable")
     shapes = shape[order]
     cuts = (np.flatnonzero(shapes[1:] != shapes[:-1]) + 1).tolist()
     grouped = np.empty((k, n), dtype=np.int32)  # ranks of at most 31 bits here
@@ -141,21 +171,12 @@ def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
         rows = order[lo:hi]
         starts = [j for j in range(n) if int(shapes[lo]) >> j & 1]
         ends = [*starts[1:], n]
-        keys = _rotation_keys(packed[rows], starts, n, bits)
-        # Repetitions of periods p, q that agree on p + q - 1 characters are equal (Fine–Wilf):
-        # below that bound n characters decide; above it a second n (the rotation n further) do.
-        if 2 * max(e - b for b, e in zip(starts, ends)) - 1 <= n:
-            keys.sort(axis=1)
-        else:
-            unsorted = keys.copy()
-            keys.sort(axis=1)
-            prefix = keys >> bits
-            tied = np.flatnonzero((prefix[:, 1:] == prefix[:, :-1]).any(axis=1))
-            if tied.size:
-                further = [b + (i - b + n) % (e - b) for b, e in zip(starts, ends) for i in range(b, e)]
-                first = unsorted[tied] >> bits
-                order_in_row = np.lexsort((first[:, further], first), axis=1)
-                keys[tied] = np.take_along_axis(unsorted[tied], order_in_row, axis=1)
+        keys = _rotation_keys(packed[rows], starts, ends, n, bits)
+        # n characters decide the omega order. Distinct rotations of one factor (primitive, of
+        # length L <= n) differ within L characters; repetitions of periods p, q that agree on
+        # p + q - 1 characters are equal (Fine–Wilf), and two factors of a patch have p + q <= n.
+        # Equal prefixes thus mean equal rotations, whose last characters are equal too.
+        keys.sort(axis=1)
         grouped[lo:hi] = keys & char_mask
     # Back to the callers' row order: one row gather (np.take beats fancy row scatter by far).
     position = np.empty(k, dtype=np.int64)
@@ -166,10 +187,10 @@ def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
     return last
 
 
-def _rotation_keys(packed: np.ndarray, starts: list[int], n: int, bits: int) -> np.ndarray:
+def _rotation_keys(packed: np.ndarray, starts: list[int], ends: list[int], n: int, bits: int) -> np.ndarray:
     """Per position: the first n characters of its rotation's repetition, then its last character."""
     keys = np.empty((packed.size, n), dtype=np.int64)
-    for b, e in zip(starts, [*starts[1:], n]):
+    for b, e in zip(starts, ends):
         length = e - b
         top = ((1 << (bits * length)) - 1) << (bits * (n - length))
         factor = (packed << (bits * b)) & top
