@@ -48,7 +48,7 @@ def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, in
 
 def train_with_dpsgd(
     model: torch.nn.Module,
-    examples: TokenRows,
+    examples: torch.Tensor | TokenRows,
     train_cfg: TrainConfig,
     site: SiteConfig,
     cfg: FederationConfig,
@@ -61,6 +61,7 @@ def train_with_dpsgd(
             "gradient checkpointing does not combine with DP-SGD: Opacus' per-example gradient hooks must see "
             "each layer run once per step; turn off gradient-checkpointing or dp-epsilon"
         )
+    rows = TokenRows.of(examples)
     ledger = Ledger(site.ledger_path, site.owner)
     if ledger.budget("dpsgd") is None:
         ledger.set_budget("dpsgd", site.dp_budget, delta=cfg.dp_delta)
@@ -72,8 +73,8 @@ def train_with_dpsgd(
     result = train_round(
         model,
         optimizer,
-        examples.ids,
-        labels=examples.labels,
+        rows.ids,
+        labels=rows.labels,
         batch_size=train_cfg.batch_size,
         steps=train_cfg.steps,
         config=dp_cfg,
@@ -91,6 +92,6 @@ def train_with_dpsgd(
         mean_loss=sum(losses) / len(losses),
         last_loss=losses[-1],
         steps=train_cfg.steps,
-        tokens=round(train_cfg.steps * train_cfg.batch_size * float((examples.ids != PAD).sum(dim=1).float().mean())),
+        tokens=round(train_cfg.steps * train_cfg.batch_size * float((rows.ids != PAD).sum(dim=1).float().mean())),
         seconds=time.perf_counter() - start,
     )
