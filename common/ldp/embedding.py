@@ -6,6 +6,15 @@ embedding matrix as the metric. This module owns everything about that space: wh
 rounding error so that the guarantees derived from them stay honest), and a content digest that
 keys the cached diameter and CusText partition.
 
+The points lie on a power-of-two grid coarse enough that every dot product and squared distance is
+an integer number of squared grid units below 2^53, so float64 computes them exactly in any
+summation order: a distance is the correctly rounded square root of the exact squared distance,
+the same bits whether it comes out of a matrix product of any shape or a single dot product. The
+SanText samplers rely on that to compute one token's integer weights identically by different
+routes (``common.ldp.envelope``). Rounding to the grid moves a distance by at most
+``grid_unit * sqrt(dim)``, which :attr:`EmbeddingSpace.rounding_bound` includes, so the guarantees
+also hold for the distances of the embedding as given.
+
 Out of vocabulary means a token id the tokenizer produces that has no row in the matrix (an id at or
 beyond the number of rows used). Such an id is either mapped to an explicit unknown-token row before
 perturbation (``unknown_id``), so the unknown token is perturbed like any other and the original id
@@ -28,14 +37,30 @@ from privtune.common.text_tokenizer import TextTokenizer
 
 UNIT_ROUNDOFF = 2.0**-53  # float64
 TINY_ALIAS = "tiny"
+EXACT_BITS = 51  # (|x| + |y|)^2 <= 4 dim 2^(2b) grid units squared must stay within float64's 2^53
+MIN_GRID_BITS = 10
+
+
+def grid_unit(points: torch.Tensor) -> float:
+    """The power-of-two unit on which ``points`` are rounded: coordinates become integers of at most ``b`` bits.
+
+    b = floor((51 - log2 dim) / 2), so every partial sum of a dot product, |x|^2 + |y|^2 and
+    |y|^2 - 2 x.y stay below (|x| + |y|)^2 <= 4 dim 2^(2b) <= 2^53 units squared: all exact in float64.
+    """
+    dim = int(points.shape[1])
+    bits = int((EXACT_BITS - math.log2(dim)) // 2)
+    if bits < MIN_GRID_BITS:
+        raise PrivtuneError(f"embeddings of width {dim} are too wide for exact float64 distances")
+    largest = float(points.abs().max())
+    return 1.0 if largest == 0.0 else 2.0 ** (math.ceil(math.log2(largest)) - bits)
 
 
 @dataclass(frozen=True, eq=False)
 class EmbeddingSpace:
     """Rows ``0..size-1`` of an embedding matrix, centred, in float64, with the tokenizer they index.
 
-    Centring changes no distance but makes the matrix-product form of the distance (which cancels
-    ``|x|^2 + |y|^2`` against ``2 x.y``) lose far less precision.
+    Centring changes no distance but makes the grid (module docstring) fine relative to the spread
+    of the points. ``points`` are rounded to the grid on construction.
     """
 
     name: str
@@ -43,6 +68,7 @@ class EmbeddingSpace:
     tokenizer: TextTokenizer
     unknown_id: int | None = None
     sq_norms: torch.Tensor = field(init=False, repr=False)
+    grid_unit: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.points.dim() != 2 or self.points.shape[0] < 2:
@@ -57,6 +83,9 @@ class EmbeddingSpace:
             raise PrivtuneError(
                 f"unknown_id {self.unknown_id} is not a row of embedding {self.name!r} (rows 0..{self.size - 1})"
             )
+        unit = grid_unit(self.points)
+        object.__setattr__(self, "grid_unit", unit)
+        object.__setattr__(self, "points", torch.round(self.points.to(torch.float64) / unit).mul_(unit))
         object.__setattr__(self, "sq_norms", (self.points * self.points).sum(dim=1))
 
     @classmethod
@@ -82,7 +111,7 @@ class EmbeddingSpace:
 
     @cached_property
     def digest(self) -> str:
-        """SHA-256 of the centred float64 matrix: identifies the metric space for caches."""
+        """SHA-256 of the centred float64 matrix on its grid: identifies the metric space for caches."""
         return hashlib.sha256(self.points.contiguous().numpy().tobytes()).hexdigest()
 
     @cached_property
@@ -92,32 +121,33 @@ class EmbeddingSpace:
 
     @cached_property
     def rounding_bound(self) -> float:
-        """An upper bound on |computed distance - exact distance| for every pair of rows.
+        """An upper bound on |computed distance - exact distance| for every pair of rows, grid rounding included.
 
         Squared distances are computed as |x|^2 + |y|^2 - 2 x.y from dot products of length ``dim``;
         each is accurate to gamma_{dim+2} (|x| + |y|)^2 <= gamma * 4 R^2 in any summation order
         (Higham, Accuracy and Stability of Numerical Algorithms, 3.1), and |sqrt(a) - sqrt(b)| <=
-        sqrt(|a - b|). The guarantees add this slack to every distance they use.
+        sqrt(|a - b|). On the grid they are in fact exact, so this term is generous. Rounding the
+        given embedding to the grid moves each point by at most unit/2 * sqrt(dim), so a distance by
+        at most unit * sqrt(dim). The guarantees add this slack to every distance they use.
         """
         n_u = (self.dim + 2) * UNIT_ROUNDOFF
         gamma = n_u / (1.0 - n_u)
-        return 2.0 * self.radius * math.sqrt(gamma)
+        return 2.0 * self.radius * math.sqrt(gamma) + self.grid_unit * math.sqrt(self.dim)
 
     def distances(self, rows: torch.Tensor, others: torch.Tensor | None = None) -> torch.Tensor:
-        """Distances from the given rows to every row (or to ``others``), float64.
+        """Distances from the given rows to every row (or to ``others``), float64, exact but for the square root.
 
-        A row's distance to itself is set to exactly 0 (the formula would leave rounding noise of
-        the order of ``rounding_bound`` there).
+        A row's distance to itself is exactly 0 (its exact squared distance is).
         """
         columns = self.points if others is None else self.points[others]
         column_sq = self.sq_norms if others is None else self.sq_norms[others]
         sq = torch.addmm(column_sq[None, :], self.points[rows], columns.T, beta=1.0, alpha=-2.0)
-        dist = sq.add_(self.sq_norms[rows, None]).clamp_min_(0.0).sqrt_()
-        if others is None:
-            dist[torch.arange(len(rows)), rows] = 0.0
-        else:
-            dist[rows[:, None] == others[None, :]] = 0.0
-        return dist
+        return sq.add_(self.sq_norms[rows, None]).clamp_min_(0.0).sqrt_()
+
+    def pair_distances(self, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        """Distance from rows[i] to others[i] for each i: the same bits as the matching entry of :meth:`distances`."""
+        dots = self.points.index_select(0, rows).mul_(self.points.index_select(0, others)).sum(dim=1)
+        return dots.mul_(-2.0).add_(self.sq_norms[others]).add_(self.sq_norms[rows]).clamp_min_(0.0).sqrt_()
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` inside the space: out-of-vocabulary ids mapped to ``unknown_id`` or refused."""

@@ -34,6 +34,7 @@ import torch
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.ldp.embedding import EmbeddingSpace
+from privtune.common.ldp.envelope import PROPOSAL_COST, Cover, ProposalSampler, santext_weights
 from privtune.common.ldp.geometry import BYTES_PER_FLOAT64, custext_partition, diameter_bound
 from privtune.common.ldp.sampling import (
     cumulative,
@@ -108,12 +109,12 @@ class Mechanism(ABC):
     def rows_per_chunk(self) -> int:
         return max(1, self.memory_cap_bytes // self.bytes_per_row())
 
-    def _groups(self, ids: torch.Tensor):
-        """Yield (a chunk of distinct tokens, positions in ids, row of each position within the chunk)."""
+    def _groups(self, ids: torch.Tensor, step: int | None = None):
+        """Yield (a chunk of ``step`` distinct tokens, positions in ids, row of each position within the chunk)."""
         sorted_ids, order = ids.sort(stable=True)
         tokens, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
         grouped = torch.repeat_interleave(torch.arange(len(tokens)), counts)
-        step = self.rows_per_chunk
+        step = self.rows_per_chunk if step is None else step
         for start in range(0, len(tokens), step):
             stop = min(start + step, len(tokens))
             lo, hi = torch.searchsorted(grouped, torch.tensor([start, stop])).tolist()
@@ -121,6 +122,10 @@ class Mechanism(ABC):
 
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """One independent draw per position of ``ids`` (ids must lie in the space)."""
+        return self.sample_by_rows(ids, generator)
+
+    def sample_by_rows(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draws from each distinct token's whole integer row, computed once for all its positions."""
         out = torch.empty_like(ids)
         for tokens, positions, rows in self._groups(ids):
             out[positions] = self._draw(tokens, rows, generator)
@@ -158,7 +163,30 @@ class SanText(Mechanism):
     def _rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
         # every row holds its own token at distance exactly 0, so its largest weight is exactly 1,
         # which quantize and floor_cap rely on
-        return cumulative(quantize(self.space.distances(tokens).mul_(-self.epsilon / 2.0).exp_())), None
+        return cumulative(santext_weights(self.space.distances(tokens), self.epsilon, self.space.size)), None
+
+    @cached_property
+    def proposals(self) -> ProposalSampler:
+        cover = Cover.build(self.space, self.memory_cap_bytes)
+        return ProposalSampler(self.space, cover, self.epsilon, self.memory_cap_bytes)
+
+    def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Each distinct token by proposals or by its whole row, whichever costs less: the law is the same.
+
+        See ``common.ldp.envelope``: a row costs one distance per vocabulary token, a draw by
+        proposals about ``PROPOSAL_COST`` times the expected number of proposals.
+        """
+        out = torch.empty_like(ids)
+        by_row = torch.zeros(len(ids), dtype=torch.bool)
+        step = max(1, self.memory_cap_bytes // self.proposals.bytes_per_token())
+        for tokens, positions, rows in self._groups(ids, step):
+            envelope = self.proposals.envelope(tokens)
+            counts = torch.bincount(rows, minlength=len(tokens))
+            cheap = (counts * envelope.expected_proposals * PROPOSAL_COST < self.space.size)[rows]
+            out[positions[cheap]] = self.proposals.draw(envelope, rows[cheap], generator)
+            by_row[positions[~cheap]] = True
+        out[by_row] = self.sample_by_rows(ids[by_row], generator)
+        return out
 
     @cached_property
     def guarantee(self) -> TokenGuarantee:

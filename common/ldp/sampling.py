@@ -42,12 +42,14 @@ def scale_bits(width: int) -> int:
     return m
 
 
-def quantize(weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+def quantize(weights: torch.Tensor, valid: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor:
     """Integer weights floor(w * 2^m) + F for float64 ``weights`` in [0, 1]; 0 where ``valid`` is False.
 
-    Consumes ``weights`` (scaled and floored in place).
+    m is that of rows of ``width`` outputs (default: the last dimension of ``weights``), so weights
+    computed piecemeal for rows of that width get the integers the whole row would. Consumes
+    ``weights`` (scaled and floored in place).
     """
-    m = scale_bits(weights.shape[-1])
+    m = scale_bits(weights.shape[-1] if width is None else width)
     out = weights.mul_(2.0**m).floor_().to(torch.long).add_(FLOOR)
     if valid is not None:
         out.masked_fill_(~valid, 0)

@@ -37,7 +37,7 @@ def test_perturb_text_returns_text_and_a_computed_release(tiny):
     assert isinstance(out, str) and out != SENTENCE
     n = len(SENTENCE.encode())
     assert release.n_tokens == n and release.unit == "token"
-    assert release.token_epsilon == pytest.approx(30.0 * release.diameter, rel=1e-6)
+    assert release.token_epsilon == pytest.approx(30.0 * (release.diameter + 2 * tiny.rounding_bound), rel=1e-6)
     assert release.document_epsilon == pytest.approx(n * release.token_epsilon)
     assert release.metric_epsilon == 30.0 and release.mechanism == "santext"
 

@@ -1,0 +1,176 @@
+"""SanText draws without a full distance row: exact rejection sampling under a cluster envelope.
+
+Why: a SanText row is one distance to every token of the vocabulary (49k for SmolLM2), and most
+distinct tokens of a text occur only a few times, so computing a whole row for a handful of draws
+dominates the time. A proposal costs one distance instead.
+
+The law sampled is the row law exactly, K_y / N with K_y = floor(exp(-eps d(x, y) / 2) 2^m) + F
+(:func:`santext_weights`), N = sum K. The vocabulary is covered by clusters around centre tokens;
+r_j is the largest computed distance from centre c_j to a member. For input x every member y of
+cluster j has d(x, y) >= d(x, c_j) - r_j, so U_j = K(max(0, d(x, c_j) - r_j - margin)) + 1 >= K_y:
+the margin covers the distances' rounding, and the + 1 a one-ulp non-monotonicity of exp scaled by
+2^m <= 2^60 (below one unit after flooring). A proposal picks cluster j with probability exactly
+|C_j| U_j / T (T = sum |C_j| U_j, ``sampling.sample_rows``), then one integer uniform on
+[0, |C_j| U_j): member i = offset // U_j (uniform over the cluster) and u = offset mod U_j (uniform
+on [0, U_j)), accepted when u < K_y. Each pair (y, accepted) has probability exactly K_y / T, so an
+accepted draw is y with probability exactly K_y / N; rejected proposals are redrawn independently.
+No float step enters the law. A proposal with K_y > U_j would distort it, so it is refused as an
+error, never sampled.
+
+K_y of a proposal is computed from the same bits of distance as the row's (the embedding's grid
+makes distances independent of how they are summed, ``EmbeddingSpace``) through the same
+elementwise operations, so both routes give the same integers; ``tests/common/ldp/test_envelope``
+compares them on SmolLM2 at epsilon 1, 8 and 20.
+
+Which route a distinct token takes only changes the time, never the law: proposals when its count
+times the expected number of proposals per draw (T / N, estimated from the centre distances) costs
+less than a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.embedding import EmbeddingSpace
+from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, uniform_residues
+
+CENTRES = 256
+COVER_SEED = 0  # the centres are a fixed pseudo-random choice of token ids: public, independent of any text
+PROPOSAL_COST = 100.0
+"""Row entries that one proposal costs (a gathered dot product against an entry of a matrix product); see bench.ldp."""
+PROPOSAL_BATCH_BYTES = 32 << 20
+MAX_TRIES = 64  # proposals per pending draw and round
+MARGIN_ROUNDINGS = 4.0  # the triangle inequality on computed distances loses at most 3 roundings
+
+
+def santext_weights(distances: torch.Tensor, epsilon: float, width: int) -> torch.Tensor:
+    """SanText's integer weights floor(exp(-eps d / 2) 2^m) + F for rows of ``width`` outputs; consumes ``distances``.
+
+    Elementwise on purpose: the same distance bits give the same integer, whichever route computed them.
+    """
+    return quantize(distances.mul_(-epsilon / 2.0).exp_(), width=width)
+
+
+def proposal_of(
+    members: torch.Tensor, starts: torch.Tensor, cluster: torch.Tensor, offset: torch.Tensor, bound: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split an offset uniform on [0, |C_j| U_j) into a member (uniform) and a residue uniform on [0, U_j)."""
+    return members[starts[cluster] + offset // bound], offset % bound
+
+
+@dataclass(frozen=True)
+class Cover:
+    """Clusters of the vocabulary: each token belongs to its nearest centre (ties to the first)."""
+
+    centres: torch.Tensor  # (C,) token ids
+    radii: torch.Tensor  # (C,) largest computed distance from the centre to a member
+    sizes: torch.Tensor  # (C,) members per cluster, all >= 1 (the centre is a member)
+    starts: torch.Tensor  # (C,) offset of each cluster's first member in ``members``
+    members: torch.Tensor  # (vocabulary,) token ids grouped by cluster
+
+    @classmethod
+    def build(cls, space: EmbeddingSpace, memory_cap_bytes: int, n_centres: int = CENTRES) -> Cover:
+        count = min(n_centres, space.size)
+        centres = torch.randperm(space.size, generator=torch.Generator().manual_seed(COVER_SEED))[:count]
+        nearest = torch.empty(space.size, dtype=torch.long)
+        reach = torch.empty(space.size, dtype=torch.float64)
+        step = max(1, memory_cap_bytes // (8 * (count + space.dim)))  # distances to the centres, gathered points
+        for start in range(0, space.size, step):
+            rows = torch.arange(start, min(start + step, space.size))
+            reach[rows], nearest[rows] = space.distances(rows, centres).min(dim=1)
+        sizes = torch.bincount(nearest, minlength=count)
+        radii = torch.zeros(count, dtype=torch.float64).scatter_reduce_(0, nearest, reach, "amax")
+        return cls(centres, radii, sizes, torch.cumsum(sizes, 0) - sizes, torch.argsort(nearest, stable=True))
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Bounds U (k, C) on the weights of k distinct input tokens over each cluster, with their cumulative masses."""
+
+    tokens: torch.Tensor
+    bounds: torch.Tensor
+    masses: torch.Tensor  # cumulative |C_j| U_j per row, what sample_rows searches
+    expected_proposals: torch.Tensor  # estimated T / N per row
+
+    def restricted(self, rows: torch.Tensor) -> Envelope:
+        return Envelope(self.tokens[rows], self.bounds[rows], self.masses[rows], self.expected_proposals[rows])
+
+
+@dataclass(frozen=True)
+class ProposalSampler:
+    """SanText at ``epsilon`` over ``space`` by proposals from ``cover`` (module docstring)."""
+
+    space: EmbeddingSpace
+    cover: Cover
+    epsilon: float
+    memory_cap_bytes: int
+
+    def bytes_per_token(self) -> int:
+        """Working memory of one distinct token's envelope: its point, bounds, masses, distances and weights."""
+        return 8 * (self.space.dim + 4 * len(self.cover.centres))
+
+    def envelope(self, tokens: torch.Tensor) -> Envelope:
+        cover = self.cover
+        to_centres = self.space.distances(tokens, cover.centres)
+        margin = MARGIN_ROUNDINGS * self.space.rounding_bound
+        nearest = (to_centres - cover.radii - margin).clamp_min_(0.0)
+        bounds = self.weights(nearest).add_(1)
+        typical = self.weights(to_centres)
+        expected = (bounds * cover.sizes).sum(dim=1).double() / (typical * cover.sizes).sum(dim=1).double()
+        return Envelope(tokens, bounds, cumulative(bounds * cover.sizes), expected)
+
+    def weights(self, distances: torch.Tensor) -> torch.Tensor:
+        return santext_weights(distances, self.epsilon, self.space.size)
+
+    def draw(self, envelope: Envelope, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One exact draw from the row law of envelope.tokens[rows[i]] for each i (module docstring).
+
+        Each round makes about the expected number of proposals for every pending draw, in sequence,
+        and keeps the first accepted one (the first success of independent proposals has the law of
+        one accepted proposal), so few rounds are needed; the rows still pending are compacted
+        first, so a round costs what its pending draws need.
+        """
+        out = torch.empty_like(rows)
+        pending = torch.arange(len(rows))
+        owners = rows
+        while len(pending):
+            used, owners = torch.unique(owners, return_inverse=True)
+            envelope = envelope.restricted(used)
+            tries = envelope.expected_proposals[owners].ceil().clamp(1, MAX_TRIES).long()
+            slot = torch.repeat_interleave(torch.arange(len(owners)), tries)
+            accepted, proposal = self._propose(envelope, owners[slot], generator)
+            first = torch.full((len(owners),), len(slot), dtype=torch.long)
+            first.scatter_reduce_(0, slot[accepted], torch.arange(len(slot))[accepted], "amin")
+            done = first < len(slot)
+            out[pending[done]] = proposal[first[done]]
+            pending, owners = pending[~done], owners[~done]
+        return out
+
+    def _propose(
+        self, envelope: Envelope, owners: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One proposal for each entry of ``owners`` (rows of the envelope): (accepted, proposed token)."""
+        cover = self.cover
+        cluster = sample_rows(envelope.masses, owners, generator)
+        bound = envelope.bounds[owners, cluster]
+        offset = uniform_residues(cover.sizes[cluster] * bound, generator)
+        proposal, residue = proposal_of(cover.members, cover.starts, cluster, offset, bound)
+        weight = self.proposal_weights(envelope.tokens[owners], proposal)
+        if bool((weight > bound).any()):
+            raise PrivtuneError(
+                "SanText's proposal envelope is below a weight it should bound; refusing to sample a distorted "
+                "law. This is a bug: report it with the embedding and epsilon"
+            )
+        return residue < weight, proposal
+
+    def proposal_weights(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """K of each (input, output) pair, in batches of gathered points of moderate size."""
+        batch = max(1, min(PROPOSAL_BATCH_BYTES, self.memory_cap_bytes) // (2 * 8 * self.space.dim))
+        pieces = [
+            self.weights(self.space.pair_distances(inputs[i : i + batch], outputs[i : i + batch]))
+            for i in range(0, len(inputs), batch)
+        ]
+        return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
