@@ -9,7 +9,8 @@ Formatting: with the model's chat template when its tokenizer has one, else the 
 into prompt and response segments and each segment is tokenised on its own, so no token straddles
 the boundary and the label mask is exact: a response segment (its content and the template's
 end-of-turn markup after it, so the model learns to stop) is labelled with its ids, every other
-token with :data:`~privtune.common.tokens.IGNORE`.
+token with :data:`~privtune.common.tokens.IGNORE`. Under ULT, whose codec works in patches, the ids
+of a conversation are its segments' codes one after another, and decode segment by segment.
 """
 
 from __future__ import annotations

@@ -155,3 +155,33 @@ def test_record_rows_pad_with_ignored_labels_and_drop_records_without_a_target()
     assert rows.labels.tolist() == [short.labels + [IGNORE, IGNORE], longer.labels]
     with pytest.raises(PrivtuneError, match="two or more tokens"):
         record_rows([long_prompt], max_tokens=32)
+
+
+def test_ult_runs_use_the_plain_format_over_the_keyed_codec():
+    from privtune.common.ult import UltConfig, UltKey, UltTokenizer, bind_key, build_table
+
+    corpus = "User: what is the question?\nAssistant: the answer is this.\n" * 30
+    key = UltKey(bytes(range(32)))
+    tok = UltTokenizer(
+        bind_key(build_table([corpus], UltConfig(vocab_size=512, patch_size=8, band_width=16)), key), key
+    )
+    tokens = conversation_tokens((Turn("user", "what is it?"), Turn("assistant", "the answer.")), tok)
+    prompt = tok.encode("User: what is it?\n") + tok.encode("Assistant: ")  # each turn's markup on its own
+    response = [*tok.encode("the answer."), tok.eos_token_id]
+    assert tokens.ids == prompt + response
+    assert tokens.labels == [IGNORE] * len(prompt) + response
+    # The ULT codec works in patches, so a conversation decodes segment by segment, as it was encoded.
+    assert tok.decode(response) == "the answer."
+
+
+@pytest.mark.slow
+def test_smollm2_instruct_conversations_tokenise_as_its_chat_template_does():
+    from privtune.common.models import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    turns = tuple(Turn(m["role"], m["content"]) for m in MESSAGES)
+    tokens = conversation_tokens(turns, tok)
+    rendered = tok.hf.apply_chat_template(MESSAGES, tokenize=True)
+    assert tokens.ids == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    targets = tok.hf.decode([i for i, label in zip(tokens.ids, tokens.labels, strict=True) if label != IGNORE])
+    assert targets == "Yo<|im_end|>\nCiao<|im_end|>\n"
