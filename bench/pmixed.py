@@ -36,7 +36,8 @@ import torch
 from transformers import DynamicCache
 
 from bench.harness import peak_rss_mb, print_table, write_results
-from privtune.common.corpus import private_partitions, shakespeare_works
+from bench.heldout import heldout_blocks, mixture_nll, owner_splits
+from privtune.common.corpus import shakespeare_works
 from privtune.common.dpsgd import DpSgdConfig, train_round
 from privtune.common.families import get_blocks
 from privtune.common.models import load_model
@@ -301,14 +302,9 @@ def pmixed_perplexity(base, plugged, heldout, qs, queries) -> dict[str, float]:
     for block in heldout:
         ids = block.unsqueeze(0)
         probs = torch.stack([torch.softmax(m(ids).logits[0, :-1].to(torch.float64), dim=-1) for m in [base, *plugged]])
-        targets = block[1:]
-        for t in range(len(targets)):
-            for q, budget in budgets.items():
-                chosen = poisson_subsample(budget.n_members, q, rngs[q])
-                members = probs[1 + chosen, t] if chosen.size else None
-                dist = mixture_distribution(members, probs[0, t], ALPHA, budget.beta())
-                nll[q] -= math.log(float(dist[targets[t]]))
-        count += len(targets)
+        for q, total in mixture_nll(probs, block[1:], budgets, rngs).items():
+            nll[q] += total
+        count += len(block) - 1
     return {str(q): math.exp(total / count) for q, total in nll.items()}
 
 
@@ -324,10 +320,8 @@ def quality(
     headline_q: float,
 ) -> dict:
     base, tokenizer = loaded.model, loaded.tokenizer
-    partitions = private_partitions(owners)
-    splits = [holdout_split(docs, 0.1) for docs in partitions]
-    heldout = pack([d for s in splits for d in s.heldout], tokenizer, block)
-    heldout = heldout[torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:eval_blocks]]
+    splits = owner_splits(owners)
+    heldout = heldout_blocks(splits, tokenizer, block, eval_blocks)
     owner_blocks = [pack(s.train, tokenizer, block) for s in splits]
     union = torch.cat(owner_blocks)
     seconds = {}

@@ -1,0 +1,92 @@
+"""bench.utility's pure pieces: the gap ratio, the top-block scorer, the PMixED grid's headline, the scoring."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import utility
+from bench.heldout import mixture_nll
+from privtune.common.dpsgd import PAD
+from privtune.common.errors import PrivtuneError
+from privtune.common.families import num_blocks
+from privtune.common.models import load_model
+from privtune.common.pmixed import PMixedBudget
+
+
+def test_gap_recovered_is_the_share_of_the_fine_tuning_gain_kept():
+    assert utility.gap_recovered(100.0, 60.0, 100.0) == 0.0
+    assert utility.gap_recovered(100.0, 60.0, 60.0) == 1.0
+    assert utility.gap_recovered(100.0, 60.0, 90.0) == pytest.approx(0.25)
+    assert utility.gap_recovered(100.0, 60.0, 110.0) == pytest.approx(-0.25)
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_top_scorer_matches_the_full_forward_of_an_adapted_model(family):
+    torch.manual_seed(0)
+    base = load_model(family).model.eval()
+    settings = utility.Settings(k_top=1, lora_r=2)
+    model = utility.fresh_adapter(base, settings, seed=0)
+    with torch.no_grad():
+        for p in utility.trainable(model):
+            p.add_(0.1 * torch.randn_like(p))  # LoRA B starts at zero: make the adapter change something
+    first = num_blocks(base) - settings.k_top
+    blocks = torch.randint(0, 50, (3, 12))
+    scorer = utility.TopScorer(base, blocks, first)
+    with torch.no_grad():
+        expected = torch.softmax(model(blocks).logits[1, :-1].double(), dim=-1)
+        public = torch.softmax(base(blocks).logits[1, :-1].double(), dim=-1)
+    adapted = scorer.probs(utility.top_blocks(base, model, first), 1)
+    assert torch.allclose(adapted, expected, atol=1e-5)
+    assert torch.allclose(scorer.probs(utility.public_top(base, first), 1), public, atol=1e-5)
+    assert not torch.allclose(adapted, public, atol=1e-3)
+
+
+def test_the_pmixed_headline_is_the_best_point_per_epsilon_over_every_m():
+    grids = [
+        {"m": 1, "members": 4, "points": [{"epsilon": 8.0, "ppl": 90.0}, {"epsilon": 1.0, "ppl": 99.0}]},
+        {"m": 2, "members": 8, "points": [{"epsilon": 8.0, "ppl": 85.0}, {"epsilon": 1.0, "ppl": 99.5}]},
+    ]
+    best = utility.best_pmixed(grids)
+    assert best[8.0] == {"epsilon": 8.0, "ppl": 85.0, "m": 2, "members": 8}
+    assert best[1.0]["m"] == 1 and best[1.0]["ppl"] == 99.0
+
+
+def test_mixture_nll_is_public_alone_when_s_is_always_empty_and_mixes_members_otherwise():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 5, 7, generator=generator, dtype=torch.float64), dim=-1)
+    targets = torch.tensor([0, 1, 2, 3, 4])
+    public_nll = -float(torch.log(probs[0, torch.arange(5), targets]).sum())
+    rare = PMixedBudget(8.0, 1e-5, 3, 1024, 1e-12, 2)  # S is empty at every position (probability 1 - 2e-12)
+    often = PMixedBudget(8.0, 1e-5, 3, 1024, 0.5, 2)
+    nll = mixture_nll(
+        probs, targets, {"rare": rare, "often": often}, {k: np.random.default_rng(0) for k in ("rare", "often")}
+    )
+    assert nll["rare"] == pytest.approx(public_nll)
+    assert nll["often"] != pytest.approx(public_nll) and math.isfinite(nll["often"])
+
+
+def test_owners_record_tensors_pad_to_one_width():
+    rows = torch.tensor([[5, 6, PAD], [7, 8, 9]])
+    padded = utility._pad_to(rows, 5)
+    assert padded.shape == (2, 5) and bool((padded[:, 3:] == PAD).all()) and torch.equal(padded[:, :3], rows)
+
+
+def test_pmixed_budgets_keep_the_feasible_orders_of_largest_radius():
+    settings = utility.Settings(qs=(0.02,), alphas_kept=2)
+    budgets = utility.pmixed_budgets(settings, 8)
+    assert {eps for eps, _, _ in budgets} == set(utility.EPSILONS)
+    for eps in utility.EPSILONS:
+        kept = {alpha for e, alpha, _ in budgets if e == eps}
+        assert len(kept) == 2
+        radius = {}
+        for alpha in settings.alpha_candidates:
+            try:
+                radius[alpha] = alpha * PMixedBudget(eps, 1e-5, alpha, utility.QUERIES, 0.02, 8).beta()
+            except PrivtuneError:
+                continue
+        assert kept == set(sorted(radius, key=radius.get)[-2:])
+    assert all(alpha > 3 for e, alpha, _ in budgets if e == 1.0)  # epsilon 1 is out of reach at order 3
