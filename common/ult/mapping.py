@@ -64,7 +64,7 @@ class SymbolMapper:
                 "rebuild it with 'privtune ult build-table'"
             )
         ids = config.base + band_permutation(key, config)[: symbols.size]
-        self._index = _CodeIndex(symbols, ids)
+        self._index = _CodeIndex(np.append(symbols, SEP_MARK), np.append(ids, SEP_ID))  # separators in one pass
         # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary,
         # vocab_size + 2 marks the break between two sequences of a batch.
         by_id = np.full(
@@ -82,18 +82,15 @@ class SymbolMapper:
         stream = np.asarray(stream)
         if not np.issubdtype(stream.dtype, np.signedinteger) or stream.dtype.itemsize < 4:
             stream = stream.astype(np.int64)
-        separator = stream < 0
-        if (stream[separator] != SEP_MARK).any():
-            raise ValueError("a stream to encode holds only symbol codes and SEP_MARK")
         ids, found = self._index.lookup(stream)
-        ids[separator] = SEP_ID
-        escaped = ~found
-        escaped &= ~separator
-        if not escaped.any():
+        if found.all():
             return ids, np.asarray(bounds, dtype=np.int64)
+        escaped = ~found
+        codes = stream[escaped].astype(np.int64)
+        if codes.min() < 0:
+            raise ValueError("a stream to encode holds only symbol codes and SEP_MARK")
         lengths = np.ones(stream.size, dtype=np.int64)
         starts = np.zeros(stream.size + 1, dtype=np.int64)
-        codes = stream[escaped].astype(np.int64)
         if codes.max() >> (4 * _MAX_DIGITS):
             raise ValueError(f"symbol code {int(codes.max())} is too large to escape ({4 * _MAX_DIGITS} bits at most)")
         n_digits = np.ones(codes.size, dtype=np.int64)
@@ -200,9 +197,10 @@ class _CodeIndex:
             self._max_probe = max(self._max_probe, probe)
 
     def _slots(self, codes: np.ndarray) -> np.ndarray:
-        """Fibonacci hash of the code's two 32-bit halves xor-ed (32-bit streams skip the fold)."""
+        """Fibonacci hash of the code's two 32-bit halves xor-ed (32-bit streams skip the fold, to the same slots)."""
         if codes.dtype.itemsize > 4:
-            codes = (codes ^ (codes >> 32)).astype(np.uint32)
+            high = (codes >> 32) - (codes >> 63)  # 0 for every value that fits 32 bits, negative ones too
+            codes = (codes ^ high).astype(np.uint32)
         return ((codes.view(np.uint32) * self._GOLDEN) >> self._shift).astype(np.intp)
 
     def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +220,7 @@ class _CodeIndex:
         self._ids.take(slot, out=ids)
         held = self._codes[slot]
         np.equal(held, codes, out=found)
-        pending = np.flatnonzero(~found & (held != -1))
+        pending = np.flatnonzero(~found)  # missing codes (escapes) are rare: probing them costs less than a test
         for probe in range(1, self._max_probe + 1):
             if not pending.size:
                 break

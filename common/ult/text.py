@@ -31,7 +31,7 @@ CHAR_BITS = 21
 _CHAR_MASK = (1 << CHAR_BITS) - 1
 REPLACEMENT = 0xFFFD
 _BLOCK_ROWS = 1 << 14
-"""Patches per block of column passes: a block's arrays stay in cache."""
+"""Patches (or stream entries) per block of passes: a block's arrays stay in cache."""
 
 
 def run_code(count: int, code_point: int) -> int:
@@ -103,13 +103,28 @@ class TextCodec:
         # last one at the stream's end; markers count zero characters.
         count = (stream >> CHAR_BITS) + 1
         count[markers] = 0
-        chars = np.repeat(stream & _CHAR_MASK, count)
         small = stream.size * self.patch_size < 2**31  # bounds the characters of canonical codes
-        slot_end = np.cumsum(count, dtype=np.int32 if small else np.int64)[markers]
+        ends = np.cumsum(count, dtype=np.int32 if small else np.int64)
+        chars = _expand_runs(stream, count, ends)
+        slot_end = ends[markers]
         slot_len = np.diff(slot_end, prepend=0, append=chars.size)
         text = codecs.utf_32_le_decode(_inverse_slots(chars, slot_len, self.patch_size), "surrogatepass", True)[0]
         ends = [0, *slot_end[is_break].tolist(), chars.size]
         return [text[a:b] for a, b in zip(ends[:-1], ends[1:])]
+
+
+def _expand_runs(stream: np.ndarray, count: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Each entry's code point ``count`` times (``ends``: the running total of ``count``).
+
+    Block by block: ``np.repeat`` widens its counts to a fresh array, which over a whole stream
+    costs more in page faults than the copy itself.
+    """
+    chars = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.int32)
+    for lo in range(0, stream.size, _BLOCK_ROWS):
+        hi = min(lo + _BLOCK_ROWS, stream.size)
+        start = int(ends[lo - 1]) if lo else 0
+        chars[start : int(ends[hi - 1])] = np.repeat(stream[lo:hi] & _CHAR_MASK, count[lo:hi])
+    return chars
 
 
 def _run_codes(last: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -43,6 +43,14 @@ def test_any_code_round_trips(stream):
     assert m.to_stream([ids], strict=True).tolist() == stream
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_separators_map_in_either_width_and_other_markers_are_refused(dtype):
+    ids, _ = mapper().to_ids(np.array([7, SEP_MARK, 8], dtype=dtype), np.array([3]))
+    assert ids[1] == SEP_ID
+    with pytest.raises(ValueError, match="only symbol codes"):
+        mapper().to_ids(np.array([7, INVALID_MARK], dtype=dtype), np.array([2]))
+
+
 def test_codes_beyond_60_bits_are_refused():
     with pytest.raises(ValueError, match="too large"):
         mapper().to_ids(np.array([2**60]), np.array([1]))
