@@ -118,10 +118,7 @@ def _segment(ids: list[int], response: bool) -> Tokens:
 
 
 def _joined(parts: list[Tokens]) -> Tokens:
-    joined = Tokens([], [])
-    for part in parts:
-        joined = joined + part
-    return joined
+    return Tokens([i for part in parts for i in part.ids], [label for part in parts for label in part.labels])
 
 
 def _plain_tokens(turns: Sequence[Turn], tokenizer: TextTokenizer) -> Tokens:

@@ -35,9 +35,6 @@ class Tokens:
         if len(self.ids) != len(self.labels):
             raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
 
-    def __add__(self, other: Tokens) -> Tokens:
-        return Tokens(self.ids + other.ids, self.labels + other.labels)
-
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -80,9 +77,6 @@ class TokenRows:
 
     def to(self, device: torch.device | str) -> TokenRows:
         return TokenRows(self.ids.to(device), self.labels.to(device))
-
-    def targets(self) -> int:
-        return target_count(self.labels)
 
 
 def target_count(labels: torch.Tensor) -> int:
