@@ -65,16 +65,14 @@ class SymbolMapper:
             )
         ids = config.base + band_permutation(key, config)[: symbols.size]
         self._index = _CodeIndex(np.append(symbols, SEP_MARK), np.append(ids, SEP_ID))  # separators in one pass
-        # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary,
-        # vocab_size + 2 marks the break between two sequences of a batch.
+        # Lookup by id + 1: index 0 takes negative ids, vocab_size + 1 ids past the vocabulary.
         by_id = np.full(
-            config.vocab_size + 3, INVALID_MARK, dtype=np.int32 if symbols.max(initial=0) < 2**31 else np.int64
+            config.vocab_size + 2, INVALID_MARK, dtype=np.int32 if symbols.max(initial=0) < 2**31 else np.int64
         )
         by_id[ids + 1] = symbols
         by_id[SEP_ID + 1] = SEP_MARK
         by_id[[PAD_ID + 1, BOS_ID + 1, EOS_ID + 1, ESCAPE_ID + 1]] = _DROP
         by_id[CONTINUE_DIGIT_ID + 1 : FINAL_DIGIT_ID + DIGIT_BASE + 1] = _DIGIT
-        by_id[config.vocab_size + 2] = BREAK_MARK
         self._by_id = by_id
 
     def to_ids(self, stream: np.ndarray, bounds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,19 +124,19 @@ class SymbolMapper:
             joined = np.empty(int(lengths.sum()) + len(arrays) - 1, dtype=np.result_type(*arrays))
             for start, array in zip(seq_starts.tolist(), arrays):
                 joined[start : start + array.size] = array
-        index = np.clip(joined, -1, self.vocab_size)
-        index += 1
-        index[seq_starts[1:] - 1] = self.vocab_size + 2
-        stream = np.empty(index.size, dtype=self._by_id.dtype)
-        for lo in range(0, index.size, _BLOCK):  # a whole-stream gather would widen the index to a fresh array
-            self._by_id.take(index[lo : lo + _BLOCK], out=stream[lo : lo + _BLOCK])
+        stream = np.empty(joined.size, dtype=self._by_id.dtype)
+        for lo in range(0, joined.size, _BLOCK):  # whole-stream indices would be fresh (widened) arrays
+            index = np.clip(joined[lo : lo + _BLOCK], -1, self.vocab_size)
+            index += 1
+            self._by_id.take(index, out=stream[lo : lo + _BLOCK])
+        stream[seq_starts[1:] - 1] = BREAK_MARK
         if strict:
             self._refuse_invalid(stream, arrays, seq_starts)
         if not (stream <= _DROP).any():  # nothing to drop or spell (markers below _DROP are _DIGIT only)
             return stream
         if (stream == _DIGIT).any():
             stream = stream.astype(np.int64)  # spelled codes may take more than 32 bits
-            self._spell_digits(index - 1, stream)
+            self._spell_digits(joined, stream)
         return stream[stream != _DROP]
 
     @staticmethod
