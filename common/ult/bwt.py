@@ -74,16 +74,18 @@ def inverse_bwts_batch(columns: np.ndarray) -> np.ndarray:
         alphabet, columns = _dense_ranks(columns.astype(np.int64) - low)
         high = int(columns.max())
     # Narrow types where they suffice: the walk is a few passes over short vectors per step.
-    keyed = columns.astype(np.int32 if high.bit_length() + pos_bits < 32 else np.int64) << pos_bits
-    out = np.empty((k, m), dtype=keyed.dtype)
+    out = np.empty((k, m), dtype=np.int32 if high.bit_length() + pos_bits < 32 else np.int64)
     for lo in range(0, k, _BLOCK_ROWS):
-        _invert_block(keyed[lo : lo + _BLOCK_ROWS], pos_bits, out[lo : lo + _BLOCK_ROWS])
+        _invert_block(columns[lo : lo + _BLOCK_ROWS], pos_bits, out[lo : lo + _BLOCK_ROWS])
     return out if alphabet is None else alphabet[out - 1] + low
 
 
-def _invert_block(keyed: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
-    """Inverse BWTS of rows of ``column << pos_bits`` into ``out``, a block small enough to stay in cache."""
-    b, m = keyed.shape
+def _invert_block(columns: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
+    """Inverse BWTS of rows of ``columns`` into ``out`` (whose type holds ``column << pos_bits``), a
+    block small enough to stay in cache."""
+    b, m = columns.shape
+    keyed = columns.astype(out.dtype)
+    keyed <<= pos_bits
     # LF: each position's rank in the stable sort of its row, scattered from the sorted positions.
     order = np.sort(keyed | np.arange(m, dtype=keyed.dtype), axis=1) & keyed.dtype.type((1 << pos_bits) - 1)
     row_start = np.arange(0, b * m, m)

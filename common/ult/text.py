@@ -101,7 +101,8 @@ class TextCodec:
             markers, is_break = markers[~invalid], is_break[~invalid]
         # Slot i (a patch, maybe empty) ends at the i-th marker left (a separator or a break), the
         # last one at the stream's end; markers count zero characters.
-        count = (stream >> CHAR_BITS) + 1
+        count = stream >> CHAR_BITS
+        count += 1
         count[markers] = 0
         small = stream.size * self.patch_size < 2**31  # bounds the characters of canonical codes
         ends = np.cumsum(count, dtype=np.int32 if small else np.int64)
