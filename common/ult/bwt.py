@@ -86,12 +86,18 @@ def _invert_block(columns: np.ndarray, pos_bits: int, out: np.ndarray) -> None:
     b, m = columns.shape
     keyed = columns.astype(out.dtype)
     keyed <<= pos_bits
-    # LF: each position's rank in the stable sort of its row, scattered from the sorted positions.
-    order = np.sort(keyed | np.arange(m, dtype=keyed.dtype), axis=1) & keyed.dtype.type((1 << pos_bits) - 1)
+    keyed |= np.arange(m, dtype=keyed.dtype)
+    # LF: each position's rank in the stable sort of its row (keys are distinct: positions break ties).
     row_start = np.arange(0, b * m, m)
-    rank = np.empty(b * m, dtype=keyed.dtype)
-    rank[(row_start[:, None] + order).ravel()] = np.broadcast_to(np.arange(m, dtype=keyed.dtype), (b, m)).ravel()
-    flat = keyed.ravel() | rank
+    if m <= _SMALL_MASK_WIDTH:  # short rows: count the smaller keys, no sort
+        rank = np.zeros((b, m), dtype=np.int8)
+        for i in range(m):
+            rank += keyed[:, i : i + 1] < keyed
+    else:
+        order = np.sort(keyed, axis=1) & keyed.dtype.type((1 << pos_bits) - 1)
+        rank = np.empty((b, m), dtype=keyed.dtype)
+        rank.ravel()[(row_start[:, None] + order).ravel()] = np.tile(np.arange(m, dtype=keyed.dtype), b)
+    flat = (keyed & ~keyed.dtype.type((1 << pos_bits) - 1) | rank).ravel()
     if m <= _SMALL_MASK_WIDTH:
         _walk_by_table(flat, row_start, pos_bits, out)
     else:
