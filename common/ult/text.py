@@ -101,30 +101,39 @@ class TextCodec:
             markers, is_break = markers[~invalid], is_break[~invalid]
         # Slot i (a patch, maybe empty) ends at the i-th marker left (a separator or a break), the
         # last one at the stream's end; markers count zero characters.
+        width = self.patch_size
         count = stream >> CHAR_BITS
         count += 1
         count[markers] = 0
-        small = stream.size * self.patch_size < 2**31  # bounds the characters of canonical codes
+        small = (stream.size + 1) * width < 2**31  # bounds the characters of canonical codes, padded
         ends = np.cumsum(count, dtype=np.int32 if small else np.int64)
-        chars = _expand_runs(stream, count, ends)
-        slot_end = ends[markers]
-        slot_len = np.diff(slot_end, prepend=0, append=chars.size)
-        text = codecs.utf_32_le_decode(_inverse_slots(chars, slot_len, self.patch_size), "surrogatepass", True)[0]
-        ends = [0, *slot_end[is_break].tolist(), chars.size]
-        return [text[a:b] for a, b in zip(ends[:-1], ends[1:])]
+        total = int(ends[-1]) if ends.size else 0
+        slot_len = np.diff(ends[markers], prepend=0, append=total)
+        text_last_slot = np.append(np.flatnonzero(is_break), slot_len.size - 1)
+        if slot_len.max() > width:  # model output without separators: slots grouped by length
+            text = _utf32(_inverse_by_length(_expand_runs(stream, count, ends, total), slot_len))
+            text_end = np.cumsum(slot_len)[text_last_slot].tolist()
+            return [text[a:b] for a, b in zip([0, *text_end[:-1]], text_end)]
+        # Each slot padded to a whole patch (its closing marker expands to the padding) makes the
+        # characters the matrix of patches, with no gathering; the padding is cut from the text.
+        count[markers] = width - slot_len[:-1]
+        ends = np.cumsum(count, dtype=ends.dtype)
+        patches = _expand_runs(stream, count, ends, slot_len.size * width).reshape(-1, width)
+        return _cut_padding(_utf32(_inverse_patches(patches, slot_len)), slot_len, text_last_slot, width)
 
 
-def _expand_runs(stream: np.ndarray, count: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Each entry's code point ``count`` times (``ends``: the running total of ``count``).
+def _expand_runs(stream: np.ndarray, count: np.ndarray, ends: np.ndarray, size: int) -> np.ndarray:
+    """Each entry's code point ``count`` times (``ends``: the running total of ``count``), NULs up to ``size``.
 
     Block by block: ``np.repeat`` widens its counts to a fresh array, which over a whole stream
-    costs more in page faults than the copy itself.
+    costs more in page faults than the copy itself. A marker's "code point" is a number below 2**21.
     """
-    chars = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.int32)
+    chars = np.empty(size, dtype=np.int32)
     for lo in range(0, stream.size, _BLOCK_ROWS):
         hi = min(lo + _BLOCK_ROWS, stream.size)
         start = int(ends[lo - 1]) if lo else 0
         chars[start : int(ends[hi - 1])] = np.repeat(stream[lo:hi] & _CHAR_MASK, count[lo:hi])
+    chars[int(ends[-1]) if ends.size else 0 :] = 0
     return chars
 
 
@@ -156,24 +165,40 @@ def _code_block(last: np.ndarray, codes: np.ndarray, starts: np.ndarray) -> None
         codes[:, j] |= longer  # a marker keeps its value: its high bits are set
 
 
-def _inverse_slots(chars: np.ndarray, slot_len: np.ndarray, width: int) -> np.ndarray:
-    """Inverse BWTS of consecutive slots of ``chars`` (lengths ``slot_len``), as 32-bit code points.
-
-    Slots up to ``width`` long (all of them in an encoded text) are rows of one padded matrix, so
-    most rows need no gathering; longer ones (model output without separators) go by length.
-    """
-    if slot_len.size and int(slot_len.max()) > width:
-        out = np.empty(chars.size, dtype=np.int32)
-        char_start = np.cumsum(slot_len) - slot_len
-        for length in np.unique(slot_len[slot_len > 0]).tolist():
-            at = char_start[slot_len == length, None] + np.arange(length)
-            out[at] = inverse_bwts_batch(chars[at])
-        return out
-    filled = np.arange(width) < slot_len[:, None]
-    columns = np.zeros(filled.shape, dtype=np.int32)
-    columns[filled] = chars
-    patches = inverse_bwts_batch(columns)
-    for length in np.unique(slot_len[(slot_len > 0) & (slot_len < width)]).tolist():
+def _inverse_patches(patches: np.ndarray, slot_len: np.ndarray) -> np.ndarray:
+    """Inverse BWTS of each row of ``patches``, of which only the first ``slot_len`` characters count;
+    the rest of a row (padding) comes back as NULs."""
+    width = patches.shape[1]
+    out = inverse_bwts_batch(patches)
+    for length in np.unique(slot_len[slot_len < width]).tolist():
         rows = np.flatnonzero(slot_len == length)
-        patches[rows, :length] = inverse_bwts_batch(columns[rows, :length])
-    return patches[filled].astype(np.int32, copy=False)
+        out[rows, :length] = inverse_bwts_batch(patches[rows, :length])
+        out[rows, length:] = 0
+    return out
+
+
+def _inverse_by_length(chars: np.ndarray, slot_len: np.ndarray) -> np.ndarray:
+    """Inverse BWTS of consecutive slots of ``chars`` (lengths ``slot_len``), slots of a length together."""
+    out = np.empty(chars.size, dtype=np.int32)
+    char_start = np.cumsum(slot_len) - slot_len
+    for length in np.unique(slot_len[slot_len > 0]).tolist():
+        at = char_start[slot_len == length, None] + np.arange(length)
+        out[at] = inverse_bwts_batch(chars[at])
+    return out
+
+
+def _utf32(code_points: np.ndarray) -> str:
+    return codecs.utf_32_le_decode(np.ascontiguousarray(code_points, dtype="<i4"), "surrogatepass", True)[0]
+
+
+def _cut_padding(text: str, slot_len: np.ndarray, text_last_slot: np.ndarray, width: int) -> list[str]:
+    """The texts in ``text`` (slots padded to ``width``): each the pieces between its short slots' padding."""
+    cut = np.union1d(np.flatnonzero(slot_len < width), text_last_slot)  # slots a piece ends with
+    start = [0, *((cut[:-1] + 1) * width).tolist()]
+    stop = (cut * width + slot_len[cut]).tolist()
+    pieces = np.diff(np.searchsorted(cut, text_last_slot, side="right"), prepend=0).tolist()
+    texts, first = [], 0
+    for n in pieces:
+        texts.append("".join(text[a:b] for a, b in zip(start[first : first + n], stop[first : first + n])))
+        first += n
+    return texts
