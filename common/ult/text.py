@@ -188,7 +188,7 @@ def _inverse_by_length(chars: np.ndarray, slot_len: np.ndarray) -> np.ndarray:
 
 
 def _utf32(code_points: np.ndarray) -> str:
-    return codecs.utf_32_le_decode(np.ascontiguousarray(code_points, dtype="<i4"), "surrogatepass", True)[0]
+    return codecs.utf_32_le_decode(np.ascontiguousarray(code_points, dtype="<i4").data, "surrogatepass", True)[0]
 
 
 def _cut_padding(text: str, slot_len: np.ndarray, text_last_slot: np.ndarray, width: int) -> list[str]:
