@@ -31,6 +31,7 @@ from privtune.common.offsite.adapter import (
     describe_adapter,
     hf_name,
     prepare_adapter,
+    trains_base_tensor,
 )
 from privtune.common.offsite.config import OffsiteConfig
 from privtune.common.offsite.digest import tensors_digest
@@ -219,9 +220,10 @@ class EmulatorPackage:
     def instantiate(self, *, seed: int | None = None) -> nn.Module:
         """The data owner's runnable model: emulator frozen, adapter prepared (see ``prepare_adapter``).
 
-        Frozen emulator tensors are shared with this package, not copied (they never change);
-        adapter tensors are copies. Weights are not randomly initialised first, so building the
-        model costs little more than the package's own memory.
+        Frozen tensors are shared with this package, not copied (they never change): the emulator's,
+        and with LoRA the adapter blocks' own weights too; only tensors the adapter trains are copies.
+        Weights are not randomly initialised first, so building the model costs little more than the
+        package's own memory.
         """
         from transformers import AutoModelForCausalLM
         from transformers.initialization import no_init_weights
@@ -234,12 +236,15 @@ class EmulatorPackage:
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, manifest["dtype"]))
         split = self.split
         positions = block_positions(model, split)
+        offsite = OffsiteConfig.from_dict(manifest["offsite"])
         state = {}
         for name, tensor in self._tensors.items():
             if name.startswith(EMULATOR_PREFIX):
                 state[name.removeprefix(EMULATOR_PREFIX)] = tensor
             else:
-                state[hf_name(model, positions, name.removeprefix(ADAPTER_PREFIX))] = tensor.clone()
+                canonical = name.removeprefix(ADAPTER_PREFIX)
+                trained = trains_base_tensor(offsite, canonical)
+                state[hf_name(model, positions, canonical)] = tensor.clone() if trained else tensor
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         model.tie_weights()
         aliases = manifest["aliases"]

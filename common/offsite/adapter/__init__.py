@@ -18,6 +18,7 @@ from privtune.common.offsite.adapter.inject import (
     adapter_state,
     load_adapter_state,
     prepare_adapter,
+    trains_base_tensor,
 )
 from privtune.common.offsite.adapter.manifest import ADAPTER_FORMAT, AdapterManifest, describe_adapter
 from privtune.common.offsite.adapter.names import (
@@ -57,4 +58,5 @@ __all__ = [
     "prepare_adapter",
     "resolve_parameter",
     "save_adapter",
+    "trains_base_tensor",
 ]

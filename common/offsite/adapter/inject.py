@@ -25,6 +25,12 @@ ADAPTER_ATTR = "offsite_adapter"
 PEFT_ADAPTER_NAME = "default"
 
 
+def trains_base_tensor(cfg: OffsiteConfig, name: str) -> bool:
+    """Whether the adapter trains the model's own tensor ``name`` (canonical): all of them in a full
+    adapter, only those outside the blocks (carried embeddings) with LoRA, whose blocks stay frozen."""
+    return cfg.adapter == "full" or not BLOCK_NAME.match(name)
+
+
 def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *, seed: int | None = None) -> nn.Module:
     """Freeze everything but the adapter, in place; returns ``model`` (same object, same class).
 
@@ -59,7 +65,7 @@ def prepare_adapter(model: nn.Module, spec: OffsiteConfig | Mapping[str, Any], *
     if cfg.adapter == "lora":
         _inject_lora(model, split, positions, cfg, seed)
     for name in base_tensors(model, split, cfg.carry_embeddings):
-        if cfg.adapter == "full" or not BLOCK_NAME.match(name):
+        if trains_base_tensor(cfg, name):
             resolve_parameter(model, positions, name).requires_grad_(True)
     setattr(model, SPLIT_ATTR, split)
     setattr(model, ADAPTER_ATTR, manifest)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -119,15 +120,33 @@ def test_tampered_parts_are_refused():
         EmulatorPackage.from_parts({k: v for k, v in tensors.items() if k != name}, manifest)
 
 
-def test_training_the_instantiated_model_leaves_the_package_untouched():
-    package = EmulatorPackage.build(tiny("llama"), DROPPED)
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_training_the_instantiated_model_leaves_the_package_untouched(adapter):
+    package = EmulatorPackage.build(tiny("llama"), dataclasses.replace(DROPPED, adapter=adapter))
     before, _ = package.to_parts()
     before = {k: v.clone() for k, v in before.items()}
     model = package.instantiate()
+    start = adapter_state(model)
     train_adapter(model, token_blocks(), TrainConfig(steps=3, batch_size=4, lr=1e-2, seed=0), progress=False)
     after, _ = package.to_parts()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert any(not torch.equal(package.initial_adapter()[k], v) for k, v in adapter_state(model).items())
+    assert any(not torch.equal(start[k], v) for k, v in adapter_state(model).items())
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_only_trained_tensors_are_copied_out_of_the_package(adapter):
+    """A LoRA owner's model shares the adapter blocks' frozen weights with the package (memory);
+    a full adapter trains them, so it gets copies."""
+    package = EmulatorPackage.build(tiny("llama"), dataclasses.replace(DROPPED, adapter=adapter))
+    tensors, _ = package.to_parts()
+    stored = {t.data_ptr() for t in tensors.values()}
+    model = package.instantiate()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert frozen and trained
+    assert all(p.data_ptr() in stored for p in frozen)
+    assert not any(p.data_ptr() in stored for p in trained)
+    assert len(frozen) > len(list(build_emulator_model(tiny("llama"), DROPPED).parameters())) // 2
 
 
 def test_cache_by_hash(tmp_path):
