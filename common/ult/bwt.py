@@ -45,7 +45,8 @@ def bwts_batch(patches: np.ndarray) -> np.ndarray:
     if k == 0 or n == 0:
         return patches.copy()
     bits = (int(patches.max()) + 1).bit_length()
-    if int(patches.min()) >= 0 and (n + 1) * bits <= _KEY_BITS:
+    # uint64 would not pack into int64 keys (its products with int64 weights are floats).
+    if int(patches.min()) >= 0 and (n + 1) * bits <= _KEY_BITS and patches.dtype != np.uint64:
         return _bwts_packed(patches, 1, bits)  # values + 1 as ranks: no alphabet pass
     alphabet, ranks = _dense_ranks(patches.astype(np.int64))
     bits = int(alphabet.size).bit_length()
@@ -153,21 +154,18 @@ def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
     """Forward BWTS of ranks ``values + offset`` (>= 1) whose ``n + 1`` ranks fit one int64 key."""
     k, n = values.shape
     char_mask = (1 << bits) - 1
-    packed = np.zeros(k, dtype=np.int64)
-    for j in range(n):
-        packed <<= bits
-        packed |= values[:, j]
+    packed = values @ np.array([1 << (bits * (n - 1 - j)) for j in range(n)], dtype=np.int64)
     if offset:
         packed += sum(offset << (bits * j) for j in range(n))
-    # A factor starts where the suffix is smaller than every earlier one (zero fill = shorter first).
-    field = (1 << (bits * n)) - 1
-    smallest = packed.copy()
-    suffix = np.empty_like(packed)
+    # A factor starts where the suffix is smaller than every earlier one (zero fill = shorter first);
+    # with the characters at the top of 64 unsigned bits, shifting left is taking a suffix.
+    smallest = (packed << (64 - bits * n)).view(np.uint64)
+    top = smallest.copy()
+    suffix = np.empty_like(top)
     is_start = np.zeros((k, 16 if n <= 16 else 64), dtype=bool)  # packed into one uint16 or uint64
     is_start[:, 0] = True
     for j in range(1, n):
-        np.left_shift(packed, bits * j, out=suffix)
-        suffix &= field
+        np.left_shift(top, np.uint64(bits * j), out=suffix)
         np.less(suffix, smallest, out=is_start[:, j])
         np.minimum(smallest, suffix, out=smallest)
     shape = np.packbits(is_start, axis=1, bitorder="little").view("<u2" if n <= 16 else "<u8").ravel()
