@@ -29,6 +29,8 @@ less than a row.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,22 @@ def santext_weights(distances: torch.Tensor, epsilon: float, width: int) -> torc
     Elementwise on purpose: the same distance bits give the same integer, whichever route computed them.
     """
     return quantize(distances.mul_(-epsilon / 2.0).exp_(), width=width)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run torch's CPU operations on one thread, then restore the count.
+
+    A proposal round is many gathers of a few KB each, memory-bound: intra-op threads add only
+    their synchronisation (bench.ldp measured one proposal at ~17 us on one thread and ~100 us on
+    two, on a loaded 2-core machine, while whole rows cost the same either way).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def proposal_of(
@@ -134,8 +152,12 @@ class ProposalSampler:
         first, so a round costs what its pending draws need.
         """
         out = torch.empty_like(rows)
-        pending = torch.arange(len(rows))
-        owners = rows
+        with single_threaded():
+            self._rounds(envelope, rows, out, generator)
+        return out
+
+    def _rounds(self, envelope: Envelope, owners: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
+        pending = torch.arange(len(owners))
         while len(pending):
             used, owners = torch.unique(owners, return_inverse=True)
             envelope = envelope.restricted(used)
@@ -147,7 +169,6 @@ class ProposalSampler:
             done = first < len(slot)
             out[pending[done]] = proposal[first[done]]
             pending, owners = pending[~done], owners[~done]
-        return out
 
     def _propose(
         self, envelope: Envelope, owners: torch.Tensor, generator: torch.Generator
