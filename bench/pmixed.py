@@ -284,6 +284,7 @@ def train_dpsgd(base, blocks, steps, batch_size, lr, seed) -> tuple[dict, object
         model,
         optimizer,
         blocks,
+        sample_rate=batch_size / len(blocks),  # the bench's own data: its size is public here
         batch_size=batch_size,
         steps=steps,
         seed=seed,

@@ -1,10 +1,12 @@
 """DP-SGD for a data owner's training (federated rounds and PMixED members), with its own ledger and budget.
 
 The privacy unit is the owner's record by default (``dp-unit``; :func:`privtune.client.data.privacy_unit`):
-one training example per record on both tracks, so every sample rate below is batch / records.
-The noise multiplier is solved once for the whole run over everything an example takes part in
-(:func:`dp_schedule`): every federated round (``local-steps`` at rate batch/n) and then the member
-track (``member-steps`` on each shard at rate batch/n_shard). The ledger composes all of it in one
+one training example per record on both tracks. Every sample rate below is the public
+``dp-sample-rate`` and every step count comes from the run config, never from the number of the
+owner's records, which is private (``privtune.common.dpsgd``). The noise multiplier is solved once
+for the whole run over everything an example takes part in (:func:`dp_schedule`): every federated
+round (``local-steps`` at rate q) and then the member track (``member-steps`` on each shard at rate
+q). The ledger composes all of it in one
 history, so ``dp-epsilon`` is reached exactly when the last member is trained. Composing the shards
 sequentially over-counts (a document sits in one shard only, so parallel composition would allow
 less noise); it keeps one history and one figure per owner. The owner's ledger budget (``dp-budget``
@@ -33,16 +35,12 @@ from privtune.common.tokens import TokenRows
 
 
 def dp_schedule(cfg: FederationConfig, data: OwnerData) -> tuple[tuple[float, int], ...]:
-    """(sample rate, steps) of all the private training planned for this owner's examples."""
-    fewest = min(len(examples) for examples in (data.train, *data.shards))
-    if cfg.batch_size > fewest:
-        raise PrivtuneError(
-            f"batch-size {cfg.batch_size} is more than the {fewest} training examples (unit: {data.unit.name}) of "
-            "this owner's smallest track: Poisson sampling needs batch-size <= examples. Lower batch-size or "
-            "member-shards, add data, or split documents into records with dp-records=paragraphs"
-        )
-    federated = (cfg.batch_size / len(data.train), cfg.num_server_rounds * cfg.local_steps)
-    members = tuple((cfg.batch_size / len(shard), cfg.member_track_steps) for shard in data.shards)
+    """(sample rate, steps) of all the private training planned for this owner's examples: public settings only.
+
+    ``data`` gives only the number of member shards, which is ``member-shards``.
+    """
+    federated = (cfg.dp_sample_rate, cfg.num_server_rounds * cfg.local_steps)
+    members = tuple((cfg.dp_sample_rate, cfg.member_track_steps) for _ in data.shards)
     return (federated, *members)
 
 
@@ -75,6 +73,7 @@ def train_with_dpsgd(
         optimizer,
         rows.ids,
         labels=rows.labels,
+        sample_rate=cfg.dp_sample_rate,
         batch_size=train_cfg.batch_size,
         steps=train_cfg.steps,
         config=dp_cfg,

@@ -11,8 +11,8 @@ norms inside adapter blocks are trained like everything else in the block, not s
 Privacy unit: one example is one row of the examples tensor, and epsilon protects exactly that.
 With the record unit (:func:`record_examples`) a row is one whole record of the owner's data (a
 document, a ``.jsonl`` line or a paragraph), its first ``max_tokens`` tokens followed by
-:data:`PAD`: so the per-example gradient Opacus clips is the record's gradient, Poisson sampling is
-over records and the accountant's sample rate is batch / records. With the block unit a row is a
+:data:`PAD`: so the per-example gradient Opacus clips is the record's gradient and Poisson sampling
+is over records. With the block unit a row is a
 packed token block, and a record spanning k blocks gets only group privacy over k. The unit is
 recorded with every round; a ledger never composes rounds of different units.
 
@@ -22,8 +22,18 @@ nothing to the loss or the gradient (checked in the tests). Each batch is cut to
 record.
 
 Batches are Poisson samples (Opacus' DPDataLoader): every example joins each step independently
-with probability q = batch_size / n, which is what the RDP accountant assumes. An empty sample
-still takes a (noise-only) step, as the analysis requires.
+with probability q, which is what the RDP accountant assumes. An empty sample still takes a
+(noise-only) step, as the analysis requires.
+
+q, the number of steps and the batch size the noisy gradient sum is divided by are public
+parameters, never computed from the examples. Under add/remove adjacency the number of records n
+is private: q = batch / n, or steps = epochs / q, would make the accountant's inputs (and the
+released gradient's scale) differ between neighbouring datasets, outside the analysis. A public q
+needs nothing else: the subsampled Gaussian's RDP bound holds for every n, so there is no declared
+record count to check the data against (a refusal when the real count differs from a declaration
+would itself be a release computed from n). The expected batch is then q * n, private and unused;
+callers choose q about (wanted batch) / (their public estimate of n), and a q far off only changes
+the batch size and the noise per record, never the guarantee.
 
 OPT's decoder layer flattens (batch, seq, features) to (batch*seq, features) before its MLP, so
 Opacus would see every token as an example: per-token clipping, an example's influence up to
@@ -269,7 +279,8 @@ def plan_round(
     """
     if not 0 < sample_rate <= 1:
         raise PrivtuneError(
-            f"sample rate must be in (0, 1], got {sample_rate}; use a batch size <= the number of examples"
+            f"the DP-SGD sample rate must be in (0, 1], got {sample_rate}; set dp-sample-rate (a public rate, about "
+            "the wanted batch size over a public estimate of the number of records)"
         )
     if steps < 1:
         raise PrivtuneError(f"a DP-SGD round needs at least one step, got {steps}")
@@ -319,6 +330,8 @@ def reserve_round(
         details={
             "noise_multiplier": plan.noise_multiplier,
             "sample_rate": plan.sample_rate,
+            "sampling": "Poisson; the sample rate and the steps are public configuration, not computed from the "
+            "number of records",
             "steps": plan.steps,
             "max_grad_norm": plan.max_grad_norm,
             "accountant": "rdp (opacus)",
@@ -364,6 +377,7 @@ def train_round(
     optimizer: torch.optim.Optimizer,
     examples: torch.Tensor,
     *,
+    sample_rate: float,
     batch_size: int,
     steps: int,
     config: DpSgdConfig,
@@ -377,7 +391,11 @@ def train_round(
     max_physical_batch: int = 0,
     labels: torch.Tensor | None = None,
 ) -> RoundResult:
-    """Run ``steps`` DP-SGD steps on ``examples`` (n x length token ids), Poisson batches of mean size ``batch_size``.
+    """Run ``steps`` DP-SGD steps on ``examples`` (n x length token ids), Poisson batches at rate ``sample_rate``.
+
+    ``sample_rate`` (q), ``steps`` and ``batch_size`` are public (module docstring): each example joins
+    each step with probability q, and the sum of clipped gradients plus noise is divided by
+    ``batch_size`` (Opacus' expected batch size; a public constant, so the scaling is post-processing).
 
     Each row is one example and ``unit`` says what it is (default: a token block of the rows' length);
     rows of :func:`record_examples` end in :data:`PAD`. ``labels`` (default: every real token) mark
@@ -417,7 +435,10 @@ def train_round(
     if unit is None and bool((examples == PAD).any()):
         raise PrivtuneError("padded rows are records: pass their unit (privtune.common.dpsgd.record_unit)")
     unit = unit or block_unit(examples.shape[1])
-    sample_rate = batch_size / len(examples)
+    if batch_size < 1:
+        raise PrivtuneError(
+            f"the DP-SGD batch size (the public divisor of each step's noisy sum) must be >= 1, got {batch_size}"
+        )
     plan = plan_round(config, sample_rate, steps, ledger, subject, unit)
     record = reserve_round(ledger, plan, unit, subject, release) if ledger is not None else None
     generator = torch.Generator().manual_seed(secrets.randbits(64) if seed is None else int(seed))
@@ -430,7 +451,7 @@ def train_round(
             optimizer,
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
-            expected_batch_size=sample_rate * len(examples),
+            expected_batch_size=batch_size,
             generator=_noise_generator(generator, examples.device),
         )
         if proximal_mu > 0:

@@ -44,6 +44,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ldp-epsilon", type=float, default=0.0, help="per-token LDP epsilon (0 = off)")
     parser.add_argument("--ldp-embedding", default="smollm2", help="embedding for the LDP mechanism (default smollm2)")
     parser.add_argument("--dp-epsilon", type=float, default=0.0, help="DP-SGD target epsilon per owner (0 = off)")
+    parser.add_argument(
+        "--dp-sample-rate",
+        type=float,
+        default=FederationConfig.dp_sample_rate,
+        help="public DP-SGD Poisson rate q; each owner's expected batch is q x its records (default %(default)s)",
+    )
     parser.add_argument("--strategy", choices=["fedavg", "fedadam", "fedprox"], default="fedavg")
     parser.add_argument("--local-steps", type=int, default=FederationConfig.local_steps)
     add_device_argument(parser)
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         "ldp-epsilon": args.ldp_epsilon,
         "ldp-embedding": args.ldp_embedding,
         "dp-epsilon": args.dp_epsilon,
+        "dp-sample-rate": args.dp_sample_rate,
         "strategy": args.strategy,
         "local-steps": args.local_steps,
         "device": args.device,

@@ -15,6 +15,11 @@ for the embedded corpus (42 whole works are far too few records for DP to leave 
 documents for a data folder. ``block``: one packed token block, and a record spanning k blocks
 gets only group privacy. ``dp-physical-batch`` (0: off) computes each Poisson batch in pieces of at
 most that many examples, the same DP-SGD step, so large expected batches fit in memory.
+``dp-sample-rate`` (q): the public probability that an example joins a DP-SGD step; the accountant
+uses it and nothing computed from the owner's data (an owner's record count is private). Each
+owner's expected batch is q times its number of examples: set q to about ``batch-size`` over a
+public estimate of that number. Under DP-SGD ``batch-size`` is the public divisor of each step's
+noisy gradient sum.
 
 ``emulator-quantize``: ``4bit`` makes the data owners hold the emulator's frozen blocks in NF4
 (bitsandbytes on CUDA, :mod:`privtune.common.offsite.quantize`), ``none`` in full precision.
@@ -72,6 +77,7 @@ class FederationConfig:
     dp_records: str = "auto"
     dp_record_max_tokens: int = 256
     dp_physical_batch: int = 0
+    dp_sample_rate: float = 0.25
     member_shards: int = 1
     member_steps: int = 0
     round_timeout: float = 600.0
@@ -103,6 +109,7 @@ class FederationConfig:
             (self.dp_records in DP_RECORDS, f"dp-records must be one of {DP_RECORDS}"),
             (self.dp_record_max_tokens >= 2, "dp-record-max-tokens must be at least 2"),
             (self.dp_physical_batch >= 0, "dp-physical-batch must be >= 0 (0: each Poisson batch in one piece)"),
+            (0 < self.dp_sample_rate <= 1, "dp-sample-rate must be in (0, 1] (the public DP-SGD sampling rate)"),
             (self.member_steps >= 0, "member-steps must be >= 0 (0: as many as the federated track)"),
             (self.emulator_quantize in QUANTIZE_CHOICES, f"emulator-quantize must be one of {QUANTIZE_CHOICES}"),
             (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -72,16 +73,22 @@ def test_noise_planned_over_both_record_tracks_reaches_the_target(tmp_path):
         tmp_path, {"partition-id": 1, "num-partitions": 2}, **{"member-shards": 3, "local-steps": 30}
     )
     schedule = dp_schedule(cfg, data)
-    assert [q for q, _ in schedule] == [4 / len(data.train), *(4 / len(shard) for shard in data.shards)]
+    assert [q for q, _ in schedule] == [cfg.dp_sample_rate] * (1 + len(data.shards)) and len(data.shards) == 3
     config = DpSgdConfig(target_epsilon=8.0, delta=cfg.dp_delta, schedule=schedule)
     sigma = noise_multiplier_for(config, schedule[0][0])
     assert 0.99 * 8.0 <= epsilon_for([(sigma, q, n) for q, n in schedule], cfg.dp_delta) <= 8.0
 
 
-def test_a_batch_larger_than_a_tracks_records_is_refused(tmp_path):
-    cfg, _, data = owner_data(tmp_path, {"partition-id": 0, "num-partitions": 2}, **{"batch-size": 100000})
-    with pytest.raises(PrivtuneError, match="batch-size 100000 is more than"):
+def test_the_schedule_is_the_same_for_an_owner_with_one_record_less(tmp_path):
+    """q and the steps are public settings: removing a record (add/remove adjacency) changes nothing accounted."""
+    cfg, _, data = owner_data(tmp_path, {"partition-id": 0, "num-partitions": 2}, **{"member-shards": 2})
+    fewer = replace(data, train=data.train[1:], shards=[data.shards[0][1:], *data.shards[1:]])
+    assert dp_schedule(cfg, fewer) == dp_schedule(cfg, data)
+    assert (
         dp_schedule(cfg, data)
+        == ((cfg.dp_sample_rate, cfg.num_server_rounds * cfg.local_steps),)
+        + ((cfg.dp_sample_rate, cfg.member_track_steps),) * 2
+    )
 
 
 def test_a_renamed_or_moved_document_keeps_its_ldp_budget(tmp_path):
@@ -124,7 +131,7 @@ def test_a_chat_jsonl_trains_one_record_per_line_on_its_responses(tmp_path):
         assert tok.decode(real) == f"User: {line['prompt']}\nAssistant: {line['response']}"
         labels = data.train.labels[row]
         assert tok.decode(labels[labels != IGNORE].tolist()) == line["response"]  # and its eos
-    assert dp_schedule(cfg, data)[0][0] == 4 / 9
+    assert dp_schedule(cfg, data)[0][0] == cfg.dp_sample_rate  # public, not batch / 9 records
 
 
 def test_ldp_perturbs_prompt_and_response_and_charges_the_line(tmp_path):

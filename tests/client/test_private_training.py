@@ -30,6 +30,6 @@ def test_two_rounds_with_the_same_run_config_draw_different_noise(tmp_path):
     for owner in ("a", "b"):
         site = SiteConfig(owner, tmp_path / owner, None, None, None, None, None, float("inf"), 100.0)
         trained = copy.deepcopy(model)
-        train_with_dpsgd(trained, examples, train_cfg, site, cfg, ((8 / 64, 2),))
+        train_with_dpsgd(trained, examples, train_cfg, site, cfg, ((cfg.dp_sample_rate, 2),))
         states.append(adapter_state(trained))
     assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])

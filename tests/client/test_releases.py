@@ -129,10 +129,10 @@ def test_dpsgd_charges_both_tracks_and_reaches_the_target_exactly(tmp_path, pack
         ("PMixED member", "shard 1 of 2, from the public start"),
         ("PMixED member", "shard 2 of 2, from the public start"),
     ]
-    # record-level on both tracks: the embedded corpus's paragraphs are the records, sampled at batch / records
+    # record-level on both tracks: the embedded corpus's paragraphs are the records, sampled at the public rate
     data = trainer.data()
     assert {r.details["unit"] for r in records} == {"record"} and data.unit.name == "record"
-    assert [r.details["sample_rate"] for r in records] == [4 / len(data.train), *(4 / len(s) for s in data.shards)]
+    assert [r.details["sample_rate"] for r in records] == [trainer.cfg.dp_sample_rate] * 3
     works = len(site_documents(trainer.site, trainer.cfg.seed))
     assert len(data.train) == sum(len(s) for s in data.shards) > 2 * works  # paragraphs, not whole works
     dpsgd = next(

@@ -185,6 +185,7 @@ def test_one_step_applies_exactly_the_clipped_mean_of_per_example_gradients(fami
         model,
         optimizer,
         data,
+        sample_rate=1.0,
         batch_size=len(data),
         steps=1,
         config=DpSgdConfig(noise_multiplier=1e-12, max_grad_norm=clip),
@@ -219,6 +220,7 @@ def test_only_adapter_modules_are_hooked_and_only_adapter_parameters_change(fami
         model,
         optimizer,
         examples(24),
+        sample_rate=8 / 24,
         batch_size=8,
         steps=3,
         config=DpSgdConfig(noise_multiplier=1.0),
@@ -249,6 +251,7 @@ def test_empty_poisson_batches_still_take_a_noise_only_step():
         model,
         optimizer,
         examples(50),
+        sample_rate=1 / 50,
         batch_size=1,
         steps=12,
         config=DpSgdConfig(noise_multiplier=1.0),
@@ -271,7 +274,15 @@ def test_a_token_flattening_layer_is_refused_rather_than_clipped_per_token():
     block.mlp.forward = flattened
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     with pytest.raises(PrivtuneError, match="per-example gradients of"):
-        train_round(model, optimizer, examples(8), batch_size=8, steps=1, config=DpSgdConfig(noise_multiplier=1.0))
+        train_round(
+            model,
+            optimizer,
+            examples(8),
+            sample_rate=1.0,
+            batch_size=8,
+            steps=1,
+            config=DpSgdConfig(noise_multiplier=1.0),
+        )
 
 
 def test_optimizer_must_hold_trainable_parameters_only():
@@ -281,6 +292,7 @@ def test_optimizer_must_hold_trainable_parameters_only():
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
             examples(8),
+            sample_rate=0.5,
             batch_size=4,
             steps=1,
             config=DpSgdConfig(noise_multiplier=1.0),
@@ -298,7 +310,15 @@ def test_rounds_accumulate_in_the_ledger_and_the_round_over_budget_is_refused_be
         ledger = Ledger(path)  # a fresh process per round would do the same
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         result = train_round(
-            model, optimizer, data, batch_size=4, steps=4, config=config, ledger=ledger, seed=round_number
+            model,
+            optimizer,
+            data,
+            sample_rate=0.125,
+            batch_size=4,
+            steps=4,
+            config=config,
+            ledger=ledger,
+            seed=round_number,
         )
     sigma = result.plan.noise_multiplier
     assert result.epsilon == pytest.approx(epsilon_for([(sigma, 0.125, 4), (sigma, 0.125, 4)], 1e-5))
@@ -311,7 +331,9 @@ def test_rounds_accumulate_in_the_ledger_and_the_round_over_budget_is_refused_be
     with pytest.raises(BudgetExceededError):
         plan_round(config, 0.125, 1, Ledger(path))
     with pytest.raises(BudgetExceededError):
-        train_round(model, optimizer, data, batch_size=4, steps=1, config=config, ledger=Ledger(path))
+        train_round(
+            model, optimizer, data, sample_rate=0.125, batch_size=4, steps=1, config=config, ledger=Ledger(path)
+        )
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert len(Ledger(path).records("dpsgd")) == 2
 
@@ -343,6 +365,7 @@ def test_fedprox_proximal_gradient_is_added_after_privatisation():
             model,
             torch.optim.SGD(params, lr=lr),
             data,
+            sample_rate=1.0,
             batch_size=len(data),
             steps=steps,
             config=DpSgdConfig(noise_multiplier=1.0, max_grad_norm=0.05),
@@ -415,6 +438,7 @@ def test_a_record_of_several_blocks_gives_one_clipped_gradient(family):
         model,
         torch.optim.SGD(list(trainable.values()), lr=lr),
         record_examples(token_lists, max_tokens=64),
+        sample_rate=1.0,
         batch_size=len(token_lists),
         steps=1,
         config=DpSgdConfig(noise_multiplier=1e-12, max_grad_norm=clip),
@@ -435,6 +459,7 @@ def test_the_accountant_samples_records_and_the_ledger_names_the_unit(tmp_path):
         model,
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
         rows,
+        sample_rate=0.3,
         batch_size=3,
         steps=4,
         config=DpSgdConfig(noise_multiplier=1.0),
@@ -442,7 +467,7 @@ def test_the_accountant_samples_records_and_the_ledger_names_the_unit(tmp_path):
         seed=2,
         unit=unit,
     )
-    assert result.plan.sample_rate == 3 / 10  # records drawn / records held
+    assert result.plan.sample_rate == 0.3  # the public rate given, whatever the number of records
     assert result.epsilon == pytest.approx(epsilon_for([(1.0, 0.3, 4)], 1e-5))
     (record,) = ledger.records("dpsgd")
     assert record.details["unit"] == "record" and record.details["sample_rate"] == 0.3
@@ -458,7 +483,7 @@ def test_a_ledger_never_composes_rounds_of_different_units(tmp_path):
     model = adapter_model("gpt2", "lora")
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     config = DpSgdConfig(noise_multiplier=1.0)
-    train_round(model, optimizer, examples(8), batch_size=2, steps=1, config=config, ledger=ledger)
+    train_round(model, optimizer, examples(8), sample_rate=0.25, batch_size=2, steps=1, config=config, ledger=ledger)
     (guarantee,) = [g for g in ledger.report()["guarantees"] if g["kind"] == "dpsgd"]
     assert guarantee["unit"] == block_unit(12).name and "only group privacy" in guarantee["statement"]
     rows = record_examples(records([20] * 8), max_tokens=16)
@@ -467,6 +492,7 @@ def test_a_ledger_never_composes_rounds_of_different_units(tmp_path):
             model,
             optimizer,
             rows,
+            sample_rate=0.25,
             batch_size=2,
             steps=1,
             config=config,
@@ -482,9 +508,17 @@ def test_rows_padded_on_the_left_or_too_short_are_refused():
     config = DpSgdConfig(noise_multiplier=1.0)
     for rows in (torch.tensor([[PAD, 5, 6], [4, 5, 6]]), torch.tensor([[7, PAD, PAD], [4, 5, 6]])):
         with pytest.raises(PrivtuneError, match="padded on the right"):
-            train_round(model, optimizer, rows, batch_size=1, steps=1, config=config)
+            train_round(model, optimizer, rows, sample_rate=0.5, batch_size=1, steps=1, config=config)
     with pytest.raises(PrivtuneError, match="pass their unit"):  # records are never labelled as blocks
-        train_round(model, optimizer, torch.tensor([[7, 8, PAD], [4, 5, 6]]), batch_size=1, steps=1, config=config)
+        train_round(
+            model,
+            optimizer,
+            torch.tensor([[7, 8, PAD], [4, 5, 6]]),
+            sample_rate=0.5,
+            batch_size=1,
+            steps=1,
+            config=config,
+        )
 
 
 def test_a_batch_computed_in_pieces_takes_the_same_step():
@@ -501,6 +535,7 @@ def test_a_batch_computed_in_pieces_takes_the_same_step():
             model,
             torch.optim.SGD(params, lr=1.0),
             rows,
+            sample_rate=1.0,
             batch_size=len(rows),
             steps=1,
             config=DpSgdConfig(noise_multiplier=0.5, max_grad_norm=0.05),
@@ -515,3 +550,34 @@ def test_a_batch_computed_in_pieces_takes_the_same_step():
     assert any(float(d.abs().max()) > 0 for d in whole.values())
     for i in whole:
         torch.testing.assert_close(pieces[i], whole[i], rtol=1e-4, atol=1e-7)
+
+
+def test_the_accountants_inputs_do_not_depend_on_the_number_of_records(tmp_path):
+    """Neighbouring datasets (one record removed) get the same q, steps and noise: all public configuration."""
+    data = record_examples(records([30, 5, 18, 9, 44, 12, 7, 25, 16, 11]), max_tokens=32)
+    config = DpSgdConfig(target_epsilon=3.0, total_steps=6)
+    details = []
+    for name, rows in (("full", data), ("neighbour", data[1:])):
+        ledger = Ledger(tmp_path / f"{name}.db", owner=name)
+        model = adapter_model("llama", "lora")
+        result = train_round(
+            model,
+            torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+            rows,
+            sample_rate=0.2,
+            batch_size=2,
+            steps=3,
+            config=config,
+            ledger=ledger,
+            unit=record_unit("documents", 32),
+        )
+        (record,) = ledger.records("dpsgd")
+        details.append(
+            (
+                result.plan.step,
+                result.epsilon,
+                {k: record.details[k] for k in ("noise_multiplier", "sample_rate", "steps", "sampling")},
+            )
+        )
+    assert details[0] == details[1]
+    assert details[0][0][1:] == (0.2, 3)

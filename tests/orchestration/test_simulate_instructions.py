@@ -8,6 +8,7 @@ import json
 import pytest
 
 from privtune.cli import main
+from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
 
 TINY = ["--rounds", "1", "--local-steps", "2", "--set", "block-size=32", "--set", "batch-size=4"]
@@ -43,7 +44,7 @@ def test_simulate_trains_owners_on_their_chat_jsonl(tmp_path, capsys):
         assert {r.details["release"] for r in records} == {"federated adapter", "PMixED member"}
         # 12 lines, the last held out whole: 11 records, one per conversation, on both tracks.
         assert all(r.details["unit"] == "record" for r in records)
-        assert all(r.details["sample_rate"] == pytest.approx(4 / 11) for r in records)
+        assert all(r.details["sample_rate"] == FederationConfig.dp_sample_rate for r in records)  # public, not 4 / 11
 
 
 def test_simulate_wants_one_data_folder_per_owner(tmp_path, capsys):
