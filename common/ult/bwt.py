@@ -171,19 +171,20 @@ def _bwts_packed(values: np.ndarray, offset: int, bits: int) -> np.ndarray:
     shape = np.packbits(is_start, axis=1, bitorder="little").view("<u2" if n <= 16 else "<u8").ravel()
     order = np.argsort(shape, kind="stable")
     shapes = shape[order]
+    packed = packed[order]
     cuts = (np.flatnonzero(shapes[1:] != shapes[:-1]) + 1).tolist()
     grouped = np.empty((k, n), dtype=np.int32)  # ranks of at most 31 bits here
     for lo, hi in zip([0, *cuts], [*cuts, k]):
-        rows = order[lo:hi]
         starts = [j for j in range(n) if int(shapes[lo]) >> j & 1]
         ends = [*starts[1:], n]
-        keys = _rotation_keys(packed[rows], starts, ends, n, bits)
+        keys = _rotation_keys(packed[lo:hi], starts, ends, n, bits)
         # n characters decide the omega order. Distinct rotations of one factor (primitive, of
         # length L <= n) differ within L characters; repetitions of periods p, q that agree on
         # p + q - 1 characters are equal (Fine–Wilf), and two factors of a patch have p + q <= n.
         # Equal prefixes thus mean equal rotations, whose last characters are equal too.
         keys.sort(axis=1)
-        grouped[lo:hi] = keys & char_mask
+        keys &= char_mask
+        grouped[lo:hi] = keys
     # Back to the callers' row order: one row gather (np.take beats fancy row scatter by far).
     position = np.empty(k, dtype=np.int64)
     position[order] = np.arange(k)
