@@ -4,10 +4,12 @@ Cost. Ways a data owner could fine-tune, same data (Shakespeare blocks) and batc
   (a) full fine-tuning of the 30-block model as Hugging Face runs it (the whole logit tensor),
   (a') the same with the chunked LM head (:func:`lean_lm_loss`), to separate what the head saves,
   (b) the 2-8-2 emulator, training the 4 adapter blocks fully,
-  (c) the 2-8-2 emulator with LoRA on the 4 adapter blocks.
-(b) and (c) train as data owners do: chunked LM head, frozen middle recomputed in the backward.
+  (c) the 2-8-2 emulator with LoRA on the 4 adapter blocks,
+  (d) (c) with the adapter blocks checkpointed too (``gradient-checkpointing``: recomputed in the
+      backward, so no block keeps its inside activations).
+(b)-(d) train as data owners do: chunked LM head, frozen middle recomputed in the backward.
 Each configuration runs in its own process that loads what that party really holds (the full
-model for (a), only the emulator package for (b)/(c)) and trains. Throughput is the median over
+model for (a), only the emulator package for (b)-(d)) and trains. Throughput is the median over
 the timed optimizer steps (after a warm-up step) of all its processes; the configurations run in
 interleaved rounds so that load from other processes on a shared machine spreads over them.
 Peak memory is the process's VmHWM (peak resident set of its own address space). ru_maxrss is not
@@ -40,9 +42,11 @@ from typing import Any
 
 import torch
 
-from bench.harness import print_table, write_results
+from bench.harness import RESULTS_DIR, print_table, write_results
 
-WORKERS = ("full", "full_lean", "adapter", "lora")
+WORKERS = ("full", "full_lean", "adapter", "lora", "lora_ckpt")
+PACKAGE_OF = {"adapter": "adapter", "lora": "lora", "lora_ckpt": "lora"}
+"""Which emulator package each emulator worker loads."""
 MMAP_THRESHOLD = 128 * 1024
 """Workers allocate every block over 128 KiB with mmap, so a freed tensor goes back to the system.
 
@@ -120,13 +124,19 @@ def worker(args: argparse.Namespace) -> None:
         lr = args.lr
     else:
         model = EmulatorPackage.load(args.source).instantiate(seed=0)
-        lr = args.lora_lr if args.worker == "lora" else args.lr
+        lr = args.lora_lr if args.worker.startswith("lora") else args.lr
     with torch.no_grad():  # page in memory-mapped weights, so the post-load RSS holds the whole model
         sum(float(t.float().sum()) for t in model.state_dict().values())
     rss_loaded = peak_rss_mb()
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=lr)
     batches = shuffled_batches(blocks, args.batch_size, seed=0)
-    cfg = TrainConfig(steps=1, batch_size=args.batch_size, lr=lr, lean=args.worker != "full")
+    cfg = TrainConfig(
+        steps=1,
+        batch_size=args.batch_size,
+        lr=lr,
+        lean=args.worker != "full",
+        gradient_checkpointing=args.worker == "lora_ckpt",
+    )
     times = [
         train_adapter(model, blocks, cfg, optimizer=optimizer, batches=batches, progress=False).seconds
         for _ in range(args.timed_steps + 1)
@@ -207,14 +217,38 @@ def measure_cost(args: argparse.Namespace, full, emulator, train: torch.Tensor) 
         runs: dict[str, list[dict]] = {kind: [] for kind in WORKERS}
         for _ in range(args.rounds):
             for kind in WORKERS:
-                runs[kind].append(run_worker(kind, args, folders.get(kind), blocks_file))
+                runs[kind].append(run_worker(kind, args, folders.get(PACKAGE_OF.get(kind, "")), blocks_file))
     return {kind: summarise(rs, args.batch_size * args.block_size) for kind, rs in runs.items()}
+
+
+META = {"settings", "machine", "command", "measured_at", "wall_seconds", "complete", "size", "carried"}
+"""Keys of a results file that describe its run rather than a measurement."""
+
+
+def is_cost_figure(key: str) -> bool:
+    return key in ("cost", "analytic") or key.startswith(("memory_ratio_", "throughput_ratio_"))
+
+
+def carried(args: argparse.Namespace) -> dict[str, Any]:
+    """The half of the existing results file that ``--skip-cost`` / ``--skip-quality`` does not measure again,
+    with the command and settings it was measured under, so one half can be re-run without losing the other."""
+    path = RESULTS_DIR / f"{args.output}.json"
+    if not (args.skip_cost or args.skip_quality) or not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    keep = {
+        k: v
+        for k, v in old.items()
+        if k not in META and not k.startswith("load_average") and is_cost_figure(k) == args.skip_cost
+    }
+    source = {k: old.get(k) for k in ("command", "measured_at", "settings")}
+    return {**keep, "carried": {**source, "figures": sorted(keep)}}
 
 
 def memory_ratios(cost: dict[str, dict]) -> dict[str, float]:
     base = cost["full"]
     ratios = {}
-    for kind in ("full_lean", "adapter", "lora"):
+    for kind in WORKERS[1:]:
         c = cost[kind]
         ratios[f"memory_ratio_{kind}"] = base["peak_rss_mb"] / c["peak_rss_mb"]
         ratios[f"memory_ratio_{kind}_over_runtime"] = (base["peak_rss_mb"] - base["rss_runtime_mb"]) / (
@@ -372,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         "public_heldout": pack(public_split.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
     }
     results: dict[str, Any] = {
+        **carried(args),
         "settings": settings(args),
         "load_average_at_start": os.getloadavg()[0],
         "size": {"full": model_size(full), "emulator": model_size(build_emulator_model(full, OffsiteConfig(**SPLIT)))},
@@ -529,6 +564,7 @@ def report_cost(args: argparse.Namespace, cost: dict, limits: dict) -> None:
                 ("(a') full FT, chunked head", cost["full_lean"]),
                 ("(b) 2-8-2 emulator, 4 blocks", cost["adapter"]),
                 (f"(c) 2-8-2 emulator + LoRA r{args.lora_r}", cost["lora"]),
+                ("(d) (c), adapter blocks checkpointed", cost["lora_ckpt"]),
             )
         ],
     )
