@@ -97,7 +97,8 @@ def whole_corpus(space: EmbeddingSpace) -> dict:
     """All Shakespeare works through SanText, once, timed phase by phase (one run: it takes minutes)."""
     works = shakespeare_works()
     mechanism = SanText(space, EPSILON, memory_cap_mb=MEMORY_CAP_MB)
-    assert mechanism.guarantee.diameter is not None  # computed (and cached per embedding) before the clock starts
+    # the diameter and the proposal cover are computed (and cached per embedding) before the clock starts
+    assert mechanism.guarantee.diameter is not None and len(mechanism.proposals.cover.centres) > 0
     load_before = os.getloadavg()[0]
     start_total = time.perf_counter()
     pieces = [space.encode(work.text) for work in works]

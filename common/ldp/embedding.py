@@ -112,7 +112,7 @@ class EmbeddingSpace:
     @cached_property
     def digest(self) -> str:
         """SHA-256 of the centred float64 matrix on its grid: identifies the metric space for caches."""
-        return hashlib.sha256(self.points.contiguous().numpy().tobytes()).hexdigest()
+        return hashlib.sha256(self.points.contiguous().numpy().data).hexdigest()  # no copy of the matrix
 
     @cached_property
     def radius(self) -> float:

@@ -29,17 +29,20 @@ less than a row.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from privtune.common.errors import PrivtuneError
 from privtune.common.ldp.embedding import EmbeddingSpace
+from privtune.common.ldp.geometry import cache_path, write_atomically
 from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, uniform_residues
 
 CENTRES = 256
+COVER_VERSION = 1
 COVER_SEED = 0  # the centres are a fixed pseudo-random choice of token ids: public, independent of any text
 PROPOSAL_COST = 100.0
 """Row entries that one proposal costs (a gathered dot product against an entry of a matrix product); see bench.ldp."""
@@ -88,6 +91,18 @@ class Cover:
     sizes: torch.Tensor  # (C,) members per cluster, all >= 1 (the centre is a member)
     starts: torch.Tensor  # (C,) offset of each cluster's first member in ``members``
     members: torch.Tensor  # (vocabulary,) token ids grouped by cluster
+
+    @classmethod
+    def of(cls, space: EmbeddingSpace, memory_cap_bytes: int) -> Cover:
+        """The cover of ``space``, cached per embedding digest like its diameter (it depends on the embedding only)."""
+        path = cache_path(space, f"cover-c{CENTRES}", COVER_VERSION, "pt")
+        if path.exists():
+            return cls(**torch.load(path))
+        cover = cls.build(space, memory_cap_bytes)
+        buffer = io.BytesIO()
+        torch.save({f.name: getattr(cover, f.name) for f in fields(cover)}, buffer)
+        write_atomically(path, buffer.getvalue())
+        return cover
 
     @classmethod
     def build(cls, space: EmbeddingSpace, memory_cap_bytes: int, n_centres: int = CENTRES) -> Cover:

@@ -30,7 +30,7 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
     Cached per embedding digest (computing it for 49k x 576 takes well under a second when the
     pruning below works, and ~30 s when it cannot, e.g. for a random Gaussian matrix).
     """
-    path = _cache_path(space, "diameter", DIAMETER_VERSION, "json")
+    path = cache_path(space, "diameter", DIAMETER_VERSION, "json")
     if path.exists():
         return float(json.loads(path.read_text())["diameter_bound"])
     start = time.perf_counter()
@@ -43,7 +43,7 @@ def diameter_bound(space: EmbeddingSpace, memory_cap_bytes: int = 256 << 20) -> 
         "dim": space.dim,
         "seconds": time.perf_counter() - start,
     }
-    _write_atomically(path, json.dumps(figures, indent=2).encode())
+    write_atomically(path, json.dumps(figures, indent=2).encode())
     return figures["diameter_bound"]
 
 
@@ -87,13 +87,13 @@ def custext_partition(space: EmbeddingSpace, top_k: int, memory_cap_bytes: int =
     """
     if top_k < 2 or top_k > space.size:
         raise PrivtuneError(f"CusText top-k must be between 2 and the vocabulary size {space.size}, got {top_k}")
-    path = _cache_path(space, f"custext-k{top_k}", PARTITION_VERSION, "pt")
+    path = cache_path(space, f"custext-k{top_k}", PARTITION_VERSION, "pt")
     if path.exists():
         return torch.load(path)
     cells = greedy_cells(space.points.to(torch.float32), top_k, memory_cap_bytes)
     buffer = io.BytesIO()
     torch.save(cells, buffer)
-    _write_atomically(path, buffer.getvalue())
+    write_atomically(path, buffer.getvalue())
     return cells
 
 
@@ -136,11 +136,13 @@ def greedy_cells(points: torch.Tensor, top_k: int, memory_cap_bytes: int) -> tor
     return cells
 
 
-def _cache_path(space: EmbeddingSpace, what: str, version: int, suffix: str) -> Path:
+def cache_path(space: EmbeddingSpace, what: str, version: int, suffix: str) -> Path:
+    """Where a fact of this embedding (keyed by its digest) is cached."""
     return cache_dir("ldp") / f"{what}-v{version}-{space.digest[:24]}.{suffix}"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step, so a concurrent reader never sees half a cache file."""
     fd, staging = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)

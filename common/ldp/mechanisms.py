@@ -167,7 +167,7 @@ class SanText(Mechanism):
 
     @cached_property
     def proposals(self) -> ProposalSampler:
-        cover = Cover.build(self.space, self.memory_cap_bytes)
+        cover = Cover.of(self.space, self.memory_cap_bytes)
         return ProposalSampler(self.space, cover, self.epsilon, self.memory_cap_bytes)
 
     def sample(self, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
