@@ -7,13 +7,14 @@ dominates the time. A proposal costs one distance instead.
 The law sampled is the row law exactly, K_y / N with K_y = floor(exp(-eps d(x, y) / 2) 2^m) + F
 (:func:`santext_weights`), N = sum K. The vocabulary is covered by clusters around centre tokens;
 r_j is the largest computed distance from centre c_j to a member. For input x every member y of
-cluster j has d(x, y) >= d(x, c_j) - r_j, so U_j = K(max(0, d(x, c_j) - r_j - margin)) + 1 >= K_y:
-the margin covers the distances' rounding, and the + 1 a one-ulp non-monotonicity of exp scaled by
-2^m <= 2^60 (below one unit after flooring). A proposal picks cluster j with probability exactly
-|C_j| U_j / T (T = sum |C_j| U_j, ``sampling.sample_rows``), then one integer uniform on
-[0, |C_j| U_j): member i = offset // U_j (uniform over the cluster) and u = offset mod U_j (uniform
-on [0, U_j)), accepted when u < K_y. Each pair (y, accepted) has probability exactly K_y / T, so an
-accepted draw is y with probability exactly K_y / N; rejected proposals are redrawn independently.
+cluster j has d(x, y) >= d(x, c_j) - r_j, so U_j = K(max(0, d(x, c_j) - r_j - margin)) + 2^(m-50) + 1
+>= K_y: the margin covers the distances' rounding, and the added units a computed exp that is not
+monotone by up to 8 ulps (2^-50 relative, times 2^m, plus one for the floor). A proposal picks
+cluster j with probability exactly |C_j| U_j / T (T = sum |C_j| U_j, ``sampling.sample_rows``),
+then one integer uniform on [0, |C_j| U_j): member i = offset // U_j (uniform over the cluster)
+and u = offset mod U_j (uniform on [0, U_j)), accepted when u < K_y. Each pair (y, accepted) has
+probability exactly K_y / T, so an accepted draw is y with probability exactly K_y / N; rejected
+proposals are redrawn independently.
 No float step enters the law. A proposal with K_y > U_j would distort it, so it is refused as an
 error, never sampled.
 
@@ -39,7 +40,7 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.ldp.embedding import EmbeddingSpace
 from privtune.common.ldp.geometry import cache_path, write_atomically
-from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, uniform_residues
+from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, scale_bits, uniform_residues
 
 CENTRES = 256
 COVER_VERSION = 1
@@ -48,6 +49,7 @@ PROPOSAL_COST = 100.0
 """Row entries that one proposal costs (a gathered dot product against an entry of a matrix product); see bench.ldp."""
 PROPOSAL_BATCH_BYTES = 32 << 20
 MAX_TRIES = 64  # proposals per pending draw and round
+EXP_SLACK_BITS = 50
 MARGIN_ROUNDINGS = 4.0  # the triangle inequality on computed distances loses at most 3 roundings
 
 
@@ -59,12 +61,17 @@ def santext_weights(distances: torch.Tensor, epsilon: float, width: int) -> torc
     return quantize(distances.mul_(-epsilon / 2.0).exp_(), width=width)
 
 
+def exp_slack_units(width: int) -> int:
+    """Units covering a computed exp off by up to 2^-50 relative (8 ulps), scaled by 2^m, plus the floor's one."""
+    return (1 << max(0, scale_bits(width) - EXP_SLACK_BITS)) + 1
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Run torch's CPU operations on one thread, then restore the count.
 
     A proposal round is many gathers of a few KB each, memory-bound: intra-op threads add only
-    their synchronisation (bench.ldp measured one proposal at ~17 us on one thread and ~100 us on
+    their synchronisation (66k proposals on SmolLM2 measured ~11-17 us each on one thread and ~100 us on
     two, on a loaded 2-core machine, while whole rows cost the same either way).
     """
     threads = torch.get_num_threads()
@@ -150,7 +157,7 @@ class ProposalSampler:
         to_centres = self.space.distances(tokens, cover.centres)
         margin = MARGIN_ROUNDINGS * self.space.rounding_bound
         nearest = (to_centres - cover.radii - margin).clamp_min_(0.0)
-        bounds = self.weights(nearest).add_(1)
+        bounds = self.weights(nearest).add_(exp_slack_units(self.space.size))
         typical = self.weights(to_centres)
         expected = (bounds * cover.sizes).sum(dim=1).double() / (typical * cover.sizes).sum(dim=1).double()
         return Envelope(tokens, bounds, cumulative(bounds * cover.sizes), expected)
