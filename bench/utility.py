@@ -234,6 +234,7 @@ def train_private(
         model,
         optimizer,
         rows,
+        sample_rate=settings.batch / len(rows),  # the bench's own data: its size is public here
         batch_size=settings.batch,
         steps=settings.steps,
         config=config,
