@@ -80,16 +80,15 @@ class Settings:
     eval_blocks: int = 8
     """8 blocks of 64 tokens: 504 scored positions, within PMixED's budget of T = 1024 queries."""
     sweep_eval_blocks: int = 8
-    record_tokens: int = 12
-    batch: int = 64
-    steps: int = 10
+    record_tokens: int = 32
+    batch: int = 32
+    steps: int = 12
     k_top: int = 1
     lora_r: int = 1
-    sweep: tuple[tuple[float, float], ...] = ((5e-3, 0.1), (2e-2, 0.1), (2e-2, 1.0))
+    sweep: tuple[tuple[float, float], ...] = ((1e-3, 0.1), (3e-3, 0.1), (1e-2, 0.1), (3e-3, 1.0))
     """(learning rate, clipping norm) points tried on public data."""
-    member_steps: int = 8
+    member_steps: int = 6
     member_batch: int = 8
-    member_lr: float = 2e-2
     shards: tuple[int, ...] = (1, 2, 4)
     qs: tuple[float, ...] = (0.01, 0.02, 0.04)
     alpha_candidates: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
@@ -110,7 +109,7 @@ QUICK = Settings(
     record_tokens=8,
     batch=4,
     steps=2,
-    sweep=((5e-3, 1.0), (2e-2, 0.1)),
+    sweep=((3e-3, 1.0), (1e-2, 0.1)),
     member_steps=1,
     member_batch=2,
     shards=(1, 2),
@@ -295,16 +294,16 @@ def pmixed_grid(
     examples: Callable[[list[Document]], torch.Tensor],
     settings: Settings,
     m: int,
+    lr: float,
 ) -> dict[str, Any]:
-    """Train owners x m members (each on its own shard, from the public model) and score the (eps, alpha, q) grid."""
+    """Train owners x m members (each on its own shard, from the public model, at the fine-tuned run's ``lr``)
+    and score the (eps, alpha, q) grid."""
     tops, runs = [], []
     for owner, (documents, rows) in enumerate(owner_rows):
         for shard, shard_rows in enumerate(member_shards(rows, documents, examples, m)):
             model = fresh_adapter(base, settings, seed=1000 * m + 10 * owner + shard)
             runs.append(
-                train_nonprivate(
-                    model, shard_rows, settings.member_steps, settings.member_batch, settings.member_lr, seed=owner
-                )
+                train_nonprivate(model, shard_rows, settings.member_steps, settings.member_batch, lr, seed=owner)
             )
             tops.append(top_blocks(base, model, first))
             del model
@@ -494,7 +493,7 @@ def main() -> None:
 
     grids = []
     for m in settings.shards:
-        grids.append(pmixed_grid(base, scorer, first, owner_rows, examples, settings, m))
+        grids.append(pmixed_grid(base, scorer, first, owner_rows, examples, settings, m, lr))
         best = best_pmixed(grids)
         ppl["pmixed"] = {str(eps): point["ppl"] for eps, point in sorted(best.items())}
         print(f"PMixED m={m}: " + ", ".join(f"eps {e:g}: {p['ppl']:.2f}" for e, p in sorted(best.items())))
