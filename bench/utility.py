@@ -419,6 +419,18 @@ def gaps(ppl: dict[str, Any]) -> dict[str, dict[str, float]]:
     }
 
 
+def targets_reached(ppl: dict[str, Any], gap: dict[str, dict[str, float]], targets: dict[str, float]) -> dict:
+    """Each method's gap at epsilon 8 against its target, beside the size of the gain the ratio divides by:
+    a ratio of a fraction of a perplexity point says little, whatever its value."""
+    return {
+        "fine_tuning_gain_ppl": ppl["public"] - ppl["fine_tuned"],
+        **{
+            method: {"target": target, "reached": gap[method]["8.0"] >= target, "gap_recovered": gap[method]["8.0"]}
+            for method, target in targets.items()
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the pipeline (minutes)")
@@ -507,10 +519,7 @@ def main() -> None:
 
     targets = {"dpsgd": 0.6, "pmixed": 0.4}
     gap = gaps(ppl)
-    results["targets_at_epsilon_8"] = {
-        method: {"target": target, "reached": gap[method]["8.0"] >= target, "gap_recovered": gap[method]["8.0"]}
-        for method, target in targets.items()
-    }
+    results["targets_at_epsilon_8"] = targets_reached(ppl, gap, targets)
     print_table(
         f"held-out perplexity ({len(heldout)} blocks x {settings.block} tokens); gap recovered in brackets",
         ["method", *[f"eps {e:g}" for e in EPSILONS]],

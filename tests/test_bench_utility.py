@@ -90,3 +90,11 @@ def test_pmixed_budgets_keep_the_feasible_orders_of_largest_radius():
                 continue
         assert kept == set(sorted(radius, key=radius.get)[-2:])
     assert all(alpha > 3 for e, alpha, _ in budgets if e == 1.0)  # epsilon 1 is out of reach at order 3
+
+
+def test_targets_state_the_gain_the_ratio_divides_by():
+    ppl = {"public": 100.0, "fine_tuned": 99.0}
+    gap = {"dpsgd": {"8.0": 0.7}, "pmixed": {"8.0": 0.2}}
+    verdict = utility.targets_reached(ppl, gap, {"dpsgd": 0.6, "pmixed": 0.4})
+    assert verdict["fine_tuning_gain_ppl"] == 1.0
+    assert verdict["dpsgd"]["reached"] and not verdict["pmixed"]["reached"]
