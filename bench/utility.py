@@ -402,6 +402,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.plot(eps, [by_eps[e] for e in eps], ".:", alpha=0.6, label=f"pmixed m={grid['m']} (N={grid['members']})")
     ax.set_xscale("log")
     ax.set_xticks(list(EPSILONS), [f"{e:g}" for e in EPSILONS])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("epsilon (delta 1e-5)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("SmolLM2-135M, held-out Shakespeare")
