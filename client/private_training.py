@@ -30,7 +30,7 @@ from privtune.common.dpsgd import PAD, DpSgdConfig, Release, train_round
 from privtune.common.errors import PrivtuneError
 from privtune.common.federation.config import FederationConfig
 from privtune.common.ledger import Ledger
-from privtune.common.offsite.train import TrainConfig, TrainResult, trainable_parameters
+from privtune.common.offsite.train import TrainConfig, TrainResult, check_converging, trainable_parameters
 from privtune.common.tokens import TokenRows
 
 
@@ -86,6 +86,9 @@ def train_with_dpsgd(
         unit=privacy_unit(cfg, site),
         max_physical_batch=cfg.dp_physical_batch,
     )
+    check_converging(site.owner, result.losses)
+    # Poisson batches at a public rate can all be empty on a small shard: the round then adds noise
+    # only and has no loss to report (nan), which is not divergence.
     losses = result.losses or [math.nan]
     return TrainResult(
         mean_loss=sum(losses) / len(losses),

@@ -47,7 +47,7 @@ from privtune.common.offsite.adapter import adapter_state, load_adapter_state
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.package import EmulatorPackage, cache_package, load_cached
 from privtune.common.offsite.quantize import check_quantize, place_quantized
-from privtune.common.offsite.train import TrainConfig, TrainResult, train_adapter
+from privtune.common.offsite.train import TrainConfig, TrainResult, check_converging, train_adapter
 from privtune.common.tokens import TokenRows
 
 
@@ -173,8 +173,7 @@ class OwnerTrainer:
             finally:
                 for hook in hooks:
                     hook.remove()
-        if not math.isfinite(result.mean_loss):
-            raise PrivtuneError(f"{self.site.owner}: training diverged (loss {result.mean_loss}); lower learning-rate")
+            check_converging(self.site.owner, [result.mean_loss])
         return result
 
     def evaluate(self, global_state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, float]:

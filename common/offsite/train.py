@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -70,6 +71,13 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def check_converging(owner: str, losses: list[float]) -> None:
+    """Stop a round whose loss went non-finite: its update would carry NaN/inf weights to the server."""
+    bad = [loss for loss in losses if not math.isfinite(loss)]
+    if bad:
+        raise PrivtuneError(f"{owner}: training diverged (loss {bad[0]}); lower learning-rate")
 
 
 def autocast(dtype: str) -> contextlib.AbstractContextManager:
