@@ -241,7 +241,7 @@ def carried(args: argparse.Namespace) -> dict[str, Any]:
         for k, v in old.items()
         if k not in META and not k.startswith("load_average") and is_cost_figure(k) == args.skip_cost
     }
-    source = {k: old.get(k) for k in ("command", "measured_at", "settings")}
+    source = {k: old.get(k) for k in ("command", "measured_at", "settings", "complete")}
     return {**keep, "carried": {**source, "figures": sorted(keep)}}
 
 
