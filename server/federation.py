@@ -203,8 +203,10 @@ def format_round(row: dict[str, Any], total: int) -> str:
         for owner, p in sorted(row["privacy"].items())
         if p
     )
+    # owners under DP-SGD do not release their training loss (computed from their unperturbed data)
+    loss = f"loss {row['loss']:.4f}" if math.isfinite(row["loss"]) else "loss not released"
     return (
-        f"[round {row['round']}/{total}] loss {row['loss']:.4f}  plug-in ppl {row['plugin_ppl']:.2f}  "
+        f"[round {row['round']}/{total}] {loss}  plug-in ppl {row['plugin_ppl']:.2f}  "
         f"examples {row['examples']:.0f}  sent {row['bytes_down'] / 1e6:.2f} MB  "
         f"received {row['bytes_up'] / 1e6:.2f} MB  "
         f"accepted {row['accepted']}  rejected {len(row['rejected'])}" + (f"  privacy [{spent}]" if spent else "")

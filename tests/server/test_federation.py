@@ -13,6 +13,7 @@ from privtune.client.app import handle_train
 from privtune.common.federation.config import FederationConfig
 from privtune.common.federation.records import ARRAYS, from_arrays, to_arrays
 from privtune.common.offsite import load_adapter
+from privtune.server.federation import format_round
 from privtune.server.inference.members import from_run_folder
 from privtune.simulate import simulate
 
@@ -164,3 +165,19 @@ def test_a_run_in_which_every_owner_declines_ends_with_its_outputs(tmp_path):
     aggregate, _ = load_adapter(tmp_path / "server" / "adapters" / "aggregate")
     lora_b = [t for name, t in aggregate.items() if name.endswith("lora_B")]
     assert lora_b and all(not t.any() for t in lora_b), "the aggregate must be the untrained start (LoRA B = 0)"
+
+
+def test_the_round_line_says_when_no_owner_released_a_loss():
+    row = {
+        "round": 1,
+        "loss": float("nan"),
+        "plugin_ppl": 117.0,
+        "examples": 2,
+        "bytes_down": 4e8,
+        "bytes_up": 2.6e6,
+        "accepted": 2,
+        "rejected": [],
+        "privacy": {},
+    }
+    assert "loss not released" in format_round(row, 2)
+    assert "loss 3.2000" in format_round({**row, "loss": 3.2}, 2)
