@@ -44,12 +44,11 @@ from privtune.common.offsite.evaluate import perplexity
 from privtune.common.offsite.plugin import plug_in
 from privtune.server.member_track import Member, train_members
 from privtune.server.model_owner import ModelOwner
-from privtune.server.run_folder import Checkpoint, RunFolder, run_identity
+from privtune.server.run_folder import AGGREGATE, Checkpoint, RunFolder, run_identity
 from privtune.server.strategy import make_strategy
 
 log = logging.getLogger("privtune.server")
 
-AGGREGATE = "aggregate"
 MEMBER_SPLIT = "member-split"
 
 

@@ -19,6 +19,7 @@ from privtune.common.offsite.evaluate import evaluation_table
 from privtune.common.offsite.package import EmulatorPackage
 from privtune.common.offsite.plugin import plug_in
 from privtune.common.ult.relabel import relabel_model, relabel_state
+from privtune.server.run_folder import ADAPTERS, AGGREGATE
 
 
 def evaluate_run(
@@ -30,7 +31,7 @@ def evaluate_run(
     title: str = "perplexity on the owners' held-out text",
 ) -> dict[str, float | None]:
     package = EmulatorPackage.load(run_dir / "emulator")
-    final, _ = load_adapter(run_dir / "adapters" / "aggregate")
+    final, _ = load_adapter(run_dir / ADAPTERS / AGGREGATE)
     emulator = package.instantiate(seed=seed)
     load_adapter_state(emulator, relabel_state(adapter_state(emulator), rows))
     tuned = package.instantiate(seed=seed)

@@ -44,6 +44,8 @@ log = logging.getLogger("privtune.server")
 CHECKPOINT = "checkpoint"
 CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
+AGGREGATE = "aggregate"
+"""The folder under ``adapters/`` with the federated adapter (a reserved owner name)."""
 MODEL = "model"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.json"
@@ -61,7 +63,18 @@ RUN_ENTRIES = (
     "adapter_manifest.json",
 )
 """What a run writes into its folder (and ``--overwrite`` removes)."""
-RESUMABLE_KEYS = frozenset({"num-server-rounds", "round-timeout", "run-dir", "eval-ids", "overwrite", "device"})
+RESUMABLE_KEYS = frozenset(
+    {
+        "num-server-rounds",
+        "round-timeout",
+        "run-dir",
+        "eval-ids",
+        "overwrite",
+        "device",
+        "emulator-quantize",
+        "gradient-checkpointing",
+    }
+)
 MEMBER_FOLDER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 """Names of folders under ``adapters/``: an owner's validated name, ``name@node-N``, ``node-N``, ``aggregate``."""
 
@@ -97,7 +110,8 @@ def inside(root: Path, *parts: str) -> Path:
 
 def run_identity(cfg: FederationConfig, emulator_hash: str = "") -> dict[str, Any]:
     """What makes two starts the same run: every run-config key except those a resumed run may
-    change (a longer plan, a longer timeout, where the folder is, whether to overwrite)."""
+    change (a longer plan, a longer timeout, where the folder is, whether to overwrite, and how the
+    hardware runs it: device, 4-bit frozen emulator, gradient checkpointing)."""
     identity = {k: v for k, v in cfg.to_run_config().items() if k not in RESUMABLE_KEYS}
     return {**identity, "emulator-hash": emulator_hash} if emulator_hash else identity
 

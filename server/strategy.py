@@ -89,7 +89,6 @@ class OffsiteMixin(FedAvg):
         self.max_examples = max_examples
         self.round_offset = round_offset
         self.nodes_with_emulator: set[int] = set()
-        self.latest_adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.rounds: dict[int, RoundLog] = {}
         self._reference: dict[str, torch.Tensor] = {}
         self._name_holders: dict[str, int] = {}
@@ -201,10 +200,6 @@ class OffsiteMixin(FedAvg):
         accepted, rejected = review(named, self._reference, self.update_clip)
         entry.rejected.extend(refused + rejected)
         entry.accepted = [m.metadata.src_node_id for m in accepted]
-        for message in accepted:
-            self.latest_adapters[entry.owner_names[message.metadata.src_node_id]] = from_arrays(
-                message.content.array_records[ARRAYS]
-            )
         try:
             if not accepted:
                 return None, None

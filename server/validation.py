@@ -17,12 +17,13 @@ import torch
 from flwr.app import Message, MetricRecord
 
 from privtune.common.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, decline_reason, from_arrays
+from privtune.server.run_folder import AGGREGATE
 
 log = logging.getLogger("privtune.server")
 
 OWNER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 """What a data owner may call itself: the name becomes a folder in the model owner's run folder."""
-RESERVED_NAMES = frozenset({"aggregate"})
+RESERVED_NAMES = frozenset({AGGREGATE})
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 from privtune.audit.stats import group_guarantee
 from privtune.common.errors import PrivtuneError
 from privtune.common.text_tokenizer import TextTokenizer
+from privtune.server.run_folder import ADAPTERS, AGGREGATE
 
 SCORE_BATCH = 64
 
@@ -86,8 +87,8 @@ class RunView:
 
     @property
     def owners(self) -> list[str]:
-        adapters = self.server_dir / "adapters"
-        return sorted(p.name for p in adapters.iterdir() if p.is_dir() and p.name != "aggregate")
+        adapters = self.server_dir / ADAPTERS
+        return sorted(p.name for p in adapters.iterdir() if p.is_dir() and p.name != AGGREGATE)
 
 
 def dp_claim(view: RunView, owner: str, group: int) -> Claim | None:

@@ -35,8 +35,7 @@ from privtune.common.federation.provenance import DependsOn, check_disjoint_memb
 from privtune.common.offsite.adapter import load_adapter
 from privtune.common.pmixed.ensemble import MemberAdapter
 from privtune.common.ult.relabel import load_keyed_public
-
-AGGREGATE = "aggregate"
+from privtune.server.run_folder import ADAPTERS, AGGREGATE, locate_run, recorded_model
 
 
 @dataclass(frozen=True)
@@ -99,22 +98,13 @@ def from_run_folder(run: Path, model: str | None = None, public_embeddings: str 
     ``run`` is the server's run folder, or the ``--out`` folder of ``privtune simulate``/``demo``
     that holds it as ``server/``.
     """
-    if not (run / "adapters").is_dir() and (run / "server" / "adapters").is_dir():
-        run = run / "server"
-    adapters_dir = run / "adapters"
-    if not adapters_dir.is_dir():
-        raise PrivtuneError(f"{run} has no adapters/ folder: is it a finished federated run (privtune simulate --out)?")
+    run = locate_run(run)
+    adapters_dir = run / ADAPTERS
     folders = sorted(str(p) for p in adapters_dir.iterdir() if p.is_dir() and p.name != AGGREGATE)
     if not folders:
         raise PrivtuneError(f"{adapters_dir} holds no data owner's adapter (only {AGGREGATE!r} or nothing)")
     if model is None:
-        metrics = run / "metrics.json"
-        try:
-            model = json.loads(metrics.read_text())["config"]["model"]
-        except (FileNotFoundError, KeyError, json.JSONDecodeError):
-            raise PrivtuneError(
-                f"{metrics} does not name the run's base model (config.model); pass it with --model"
-            ) from None
+        model = recorded_model(run)
     checked_members(tuple(folders))  # refused here, before any service starts
     return ServedModel(str(model), tuple(folders), public_embeddings)
 

@@ -166,6 +166,7 @@ def test_a_run_folder_refuses_a_different_run_unless_overwritten(tmp_path):
     folder.save_owner_adapter("owner-0", *owner_adapter())
     (tmp_path / "notes.txt").write_text("the user's own file")
     folder.bind(identity(**{"num-server-rounds": 5, "round-timeout": 5.0}))  # a longer plan resumes
+    folder.bind(identity(**{"gradient-checkpointing": True}))  # so does the same run on other hardware settings
     with pytest.raises(PrivtuneError, match=r"dp-epsilon.*--overwrite"):
         folder.bind(identity(**{"dp-epsilon": 1.0}))
     assert folder.load_checkpoint().round == 1

@@ -56,6 +56,11 @@ def message_from(node: int, content: RecordDict) -> Message:
     return Message(content=content, metadata=metadata)
 
 
+def accepted_names(strategy, server_round):
+    entry = strategy.rounds[server_round]
+    return {node: entry.owner_names[node] for node in entry.accepted}
+
+
 def aggregate(strategy, replies, server_round=1):
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return from_arrays(arrays)["w"] if arrays is not None else None
@@ -68,7 +73,7 @@ def test_a_name_that_is_a_path_or_reserved_is_refused(name):
     s = strategy()
     result = aggregate(s, [reply(1, torch.ones(4), name), reply(2, torch.full((4,), 3.0), "bob")])
     assert torch.equal(result, torch.full((4,), 3.0))  # only bob's update counts
-    assert set(s.latest_adapters) == {"bob"}
+    assert accepted_names(s, 1) == {2: "bob"}
     assert [r.node_id for r in s.rounds[1].rejected] == [1]
     assert "owner name" in s.rounds[1].rejected[0].reason
 
@@ -78,11 +83,10 @@ def test_a_name_is_bound_to_the_node_that_first_reported_it():
     aggregate(s, [reply(1, torch.ones(4), "alice"), reply(2, torch.ones(4), "bob")])
     # Node 3 claims alice's name: it is told apart, alice's member is not replaced.
     aggregate(s, [reply(3, torch.full((4,), 9.0), "alice"), reply(1, torch.ones(4), "alice")], server_round=2)
-    assert torch.equal(s.latest_adapters["alice"]["w"], torch.ones(4))
-    assert torch.equal(s.latest_adapters["alice@node-3"]["w"], torch.full((4,), 9.0))
+    assert accepted_names(s, 2) == {1: "alice", 3: "alice@node-3"}
     # Node 2 renames itself to become a second member: refused.
     aggregate(s, [reply(2, torch.ones(4), "carol"), reply(1, torch.ones(4), "alice")], server_round=3)
-    assert "carol" not in s.latest_adapters
+    assert accepted_names(s, 3) == {1: "alice"}
     assert "earlier in this run" in s.rounds[3].rejected[0].reason
 
 
