@@ -3,7 +3,9 @@
 Rows: zero-shot full model, emulator alone, emulator + adapter, plug-in, full fine-tuning. The
 adapter is a saved one (``--adapter``, e.g. the federation's aggregate) or, with ``--train-steps``,
 trained here on the training part of the same text; full fine-tuning runs only with
-``--full-ft-steps``. Held-out text is the last 10% of every document, never trained on.
+``--full-ft-steps``. Held-out text is the last 10% of every document (the last 10% of the conversations
+in ``.jsonl`` instruction data), never trained on; in conversations only the responses are trained and
+scored, as on the data owners' side.
 
 Training and scoring compute on ``--device`` (bf16 autocast on CUDA); plugging the adapter into the
 full model happens on the host, where the digest of the full model's weights is checked.
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         plug_in,
         train_adapter,
     )
-    from privtune.common.packing import holdout_split, pack
+    from privtune.common.packing import holdout_split, pack_rows
     from privtune.server.prepare import MODEL_REFERENCE, PACKAGE_DIR, max_positions
 
     policy = DevicePolicy.resolve(args.device)
@@ -69,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     block_size = min(args.block_size, max_positions(full))
     documents = local_documents(args.data) if args.data else shakespeare_works()
     split = holdout_split(documents, 0.1)
-    heldout = pack(split.heldout, loaded.tokenizer, block_size, max_blocks=args.eval_blocks)
+    heldout = pack_rows(split.heldout, loaded.tokenizer, block_size, max_blocks=args.eval_blocks)
     needed = max(args.train_steps, args.full_ft_steps) * args.batch_size
-    train = pack(split.train, loaded.tokenizer, block_size, max_blocks=max(needed, 1))
+    train = pack_rows(split.train, loaded.tokenizer, block_size, max_blocks=max(needed, 1))
 
     emulator_adapter = plugged = full_ft = None
     if args.adapter is not None:

@@ -54,7 +54,7 @@ ROWS = (
 
 
 def evaluation_table(
-    heldout: torch.Tensor,
+    heldout: torch.Tensor | TokenRows,
     *,
     full_model: nn.Module | None = None,
     emulator: nn.Module | None = None,
@@ -66,7 +66,8 @@ def evaluation_table(
 ) -> dict[str, float | None]:
     """Perplexity of each given model on the same ``heldout`` blocks; prints and returns the table.
 
-    Keys follow :data:`ROWS`; a model not given is reported as None ("-").
+    Keys follow :data:`ROWS`; a model not given is reported as None ("-"). With :class:`TokenRows`
+    only the labelled positions count (a conversation's responses).
     """
     models = {
         "zero_shot": full_model,
