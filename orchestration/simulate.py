@@ -162,15 +162,15 @@ def prepare_ult_federation(
 
     They agree on a federation key (the model owner never sees it) and use the public table that
     ships with the ULT-ready model. As key holders they also encode held-out text into ids for the
-    model owner's per-round evaluation: ids only, which the model owner can score but not read.
+    model owner's per-round evaluation: ids only, which the model owner can score but not read. Each
+    owner's held-out part comes from its own documents (its data folder, or its embedded partition).
     """
     import dataclasses
 
     import torch
 
     from privtune.client.data import HELDOUT_FRACTION, MAX_EVAL_BLOCKS
-    from privtune.client.site import cap_characters
-    from privtune.common.corpus import private_partitions
+    from privtune.client.site import SiteConfig, cap_characters, site_documents
     from privtune.common.models import ULT_TABLE_FILE
     from privtune.common.packing import holdout_split, pack
     from privtune.common.ult.keys import new_key_file
@@ -198,7 +198,12 @@ def prepare_ult_federation(
             cfg.block_size,
             per_owner,
         )
-        for part in private_partitions(owners, cfg.seed)
+        for part in (
+            site_documents(
+                SiteConfig.from_node_config({**nodes[i], "partition-id": i, "num-partitions": owners}, cfg), cfg.seed
+            )
+            for i in range(owners)
+        )
     ]
     eval_ids = out / "federation" / "eval_ids.pt"
     torch.save(torch.cat(heldout), eval_ids)

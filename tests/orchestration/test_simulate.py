@@ -173,3 +173,32 @@ def test_virtual_nodes_ask_for_a_gpu_share_only_where_cuda_is(monkeypatch):
 def test_a_bad_device_is_refused_before_anything_runs(capsys, tmp_path):
     assert "is not one of" in refused(capsys, "--out", str(tmp_path / "run"), "--device", "gpu")
     assert not (tmp_path / "run").exists()
+
+
+def test_ult_held_out_ids_come_from_each_owners_own_documents(tmp_path):
+    """An owner with a data folder is evaluated on its own held-out text, not on the embedded corpus."""
+    import torch
+
+    from privtune.common.models import ULT_TABLE_FILE, LoadedModel, save_model, tiny_model
+    from privtune.common.ult import UltConfig, build_table
+    from privtune.common.ult.tokenizer import UltTokenizer
+    from privtune.simulate import federation_key_path, prepare_ult_federation
+
+    marker = "zqxv owner zero alone writes zqxv. "
+    model = tmp_path / "ult-model"
+    table = build_table([marker * 400, "To be, or not to be, that is the question. " * 400], UltConfig(vocab_size=300))
+    save_model(LoadedModel(tiny_model("llama", vocab_size=300), UltTokenizer(table), "tiny-ult"), model)
+    data = tmp_path / "owner-0-data"
+    data.mkdir()
+    (data / "letters.txt").write_text(marker * 200)
+    out = tmp_path / "sim"
+    nodes = {i: {"workspace": str(out / "owners" / f"owner-{i}")} for i in range(2)}
+    nodes[0]["data-path"] = str(data)
+    cfg = FederationConfig.from_run_config({**RUN, "model": str(model), "encoding": "ult", "run-dir": str(out)})
+    cfg = prepare_ult_federation(cfg, 2, out, nodes)
+    ids = torch.load(cfg.eval_ids, weights_only=True)
+    tokenizer = UltTokenizer.from_files(model / ULT_TABLE_FILE, key_file=federation_key_path(out))
+    decoded = [tokenizer.decode(row.tolist()) for row in ids]
+    half = len(decoded) // 2
+    assert "".join(decoded[:half]).count("zqxv owner zero") >= 3
+    assert "owner zero" not in "".join(decoded[half:])
