@@ -33,6 +33,7 @@ from functools import cached_property
 import torch
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.ldp.kernels import pair_squared_distances
 from privtune.common.text_tokenizer import TextTokenizer
 
 UNIT_ROUNDOFF = 2.0**-53  # float64
@@ -145,9 +146,12 @@ class EmbeddingSpace:
         return sq.add_(self.sq_norms[rows, None]).clamp_min_(0.0).sqrt_()
 
     def pair_distances(self, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        """Distance from rows[i] to others[i] for each i: the same bits as the matching entry of :meth:`distances`."""
-        dots = self.points.index_select(0, rows).mul_(self.points.index_select(0, others)).sum(dim=1)
-        return dots.mul_(-2.0).add_(self.sq_norms[others]).add_(self.sq_norms[rows]).clamp_min_(0.0).sqrt_()
+        """Distance from rows[i] to others[i] for each i: the same bits as the matching entry of :meth:`distances`.
+
+        The squared distances are exact (module docstring); the square root is torch's, as in :meth:`distances`.
+        """
+        sq = pair_squared_distances(self.points.numpy(), self.sq_norms.numpy(), rows.numpy(), others.numpy())
+        return torch.from_numpy(sq).clamp_min_(0.0).sqrt_()
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` inside the space: out-of-vocabulary ids mapped to ``unknown_id`` or refused."""

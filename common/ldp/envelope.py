@@ -45,7 +45,7 @@ from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, scal
 CENTRES = 256
 COVER_VERSION = 1
 COVER_SEED = 0  # the centres are a fixed pseudo-random choice of token ids: public, independent of any text
-PROPOSAL_COST = 100.0
+PROPOSAL_COST = 20.0
 """Row entries that one proposal costs (a gathered dot product against an entry of a matrix product); see bench.ldp."""
 PROPOSAL_BATCH_BYTES = 32 << 20
 MAX_TRIES = 64  # proposals per pending draw and round

@@ -24,6 +24,8 @@ import math
 
 import torch
 
+from privtune.common.ldp.kernels import search_rows
+
 RANDOM_BITS = 62
 TOTAL_BITS = 61  # m is chosen so that width * 2^m <= 2^61 and width * F <= 2^61: N < 2^62
 FLOOR_BITS = 20
@@ -31,7 +33,6 @@ FLOOR = 1 << FLOOR_BITS
 UNIT_ROUNDOFF = 2.0**-53
 EXP_ROUNDING = 64 * UNIT_ROUNDOFF
 """Relative error of a computed weight exp(-a) where it can move its quantized value (see quantization_error)."""
-BATCHED_OCCURRENCES = 64  # rows with at most this many draws are searched together, padded to a rectangle
 
 
 def scale_bits(width: int) -> int:
@@ -92,19 +93,23 @@ def cumulative(integer_weights: torch.Tensor) -> torch.Tensor:
 def uniform_residues(totals: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One integer uniform on [0, totals[i]) per entry, exactly (rejection from 62-bit words)."""
     limits = (2**RANDOM_BITS // totals) * totals
-    out = torch.empty_like(totals)
-    pending = torch.arange(len(totals))
+    out = torch.randint(0, 2**RANDOM_BITS, (len(totals),), generator=generator, dtype=torch.long)
+    pending = (out >= limits).nonzero().squeeze(1)
     while len(pending):
         draws = torch.randint(0, 2**RANDOM_BITS, (len(pending),), generator=generator, dtype=torch.long)
-        kept = draws < limits[pending]
-        out[pending[kept]] = draws[kept] % totals[pending[kept]]
-        pending = pending[~kept]
-    return out
+        out[pending] = draws
+        pending = pending[draws >= limits[pending]]
+    return out.remainder_(totals)
 
 
-def columns_for(cumsum: torch.Tensor, residues: torch.Tensor) -> torch.Tensor:
-    """Column y with cumsum[y-1] <= residue < cumsum[y] for each (row, residue): exactly K_y residues map to y."""
-    return torch.searchsorted(cumsum, residues, right=True)
+def columns_for(cumsum: torch.Tensor, residues: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Column y with cumsum[row, y-1] <= residue < cumsum[row, y] for each residue: exactly K_y residues map to y.
+
+    ``cumsum`` is one row, or a matrix searched in rows[i] for residues[i].
+    """
+    matrix = cumsum.view(1, -1) if cumsum.dim() == 1 else cumsum
+    rows = torch.zeros_like(residues) if rows is None else rows
+    return torch.from_numpy(search_rows(matrix.contiguous().numpy(), rows.numpy(), residues.numpy()))
 
 
 def sample_rows(cumsum: torch.Tensor, rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -112,25 +117,7 @@ def sample_rows(cumsum: torch.Tensor, rows: torch.Tensor, generator: torch.Gener
 
     ``cumsum`` is (m, k) int64 from :func:`cumulative`, every row with a positive total.
     """
-    residues = uniform_residues(cumsum[rows, -1], generator)
-    out = torch.empty(len(rows), dtype=torch.long)
-    already_grouped = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
-    order = torch.arange(len(rows)) if already_grouped else torch.argsort(rows, stable=True)
-    grouped = rows[order]
-    counts = torch.bincount(rows, minlength=len(cumsum))
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(rows)) - starts[grouped]
-    light = counts[grouped] <= BATCHED_OCCURRENCES
-    if bool(light.any()):
-        width = int(counts[counts <= BATCHED_OCCURRENCES].max())
-        padded = torch.zeros(len(cumsum), width, dtype=torch.long)
-        padded[grouped[light], rank[light]] = residues[order[light]]
-        found = columns_for(cumsum, padded)
-        out[order[light]] = found[grouped[light], rank[light]]
-    for row in (counts > BATCHED_OCCURRENCES).nonzero().squeeze(1).tolist():
-        positions = order[int(starts[row]) : int(starts[row] + counts[row])]
-        out[positions] = columns_for(cumsum[row], residues[positions])
-    return out
+    return columns_for(cumsum, uniform_residues(cumsum[rows, -1], generator), rows)
 
 
 def implemented_law(cumsum: torch.Tensor) -> torch.Tensor:

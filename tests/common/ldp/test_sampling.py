@@ -6,7 +6,6 @@ import torch
 from scipy.stats import chisquare
 
 from privtune.common.ldp.sampling import (
-    BATCHED_OCCURRENCES,
     FLOOR,
     RANDOM_BITS,
     columns_for,
@@ -89,16 +88,16 @@ def test_floor_cap_and_quantization_error_are_what_the_extreme_rows_give():
 
 
 def test_every_draw_comes_from_its_own_row_for_rare_and_frequent_rows():
-    """Each row's mass sits on one column (its index mod k); rows 0 and 5 are drawn far more often than the
-    batched search takes, the others a few times, in shuffled order."""
+    """Each row's mass sits on one column (its index mod k); rows 0 and 5 are drawn hundreds of times, the
+    others once, in shuffled order."""
     m, k = 300, 7
     weights = torch.zeros(m, k, dtype=torch.long)
     weights[torch.arange(m), torch.arange(m) % k] = 5
     rows = torch.cat(
         [
             torch.arange(m),
-            torch.zeros(5 * BATCHED_OCCURRENCES, dtype=torch.long),
-            torch.full((BATCHED_OCCURRENCES + 1,), 5),
+            torch.zeros(320, dtype=torch.long),
+            torch.full((65,), 5),
         ]
     )
     rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
