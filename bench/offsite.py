@@ -20,9 +20,11 @@ model loads) is inside every peak; ``memory_ratio_*_over_runtime`` compares the 
 Quality: perplexity on held-out Shakespeare of the zero-shot model, full fine-tuning, and, for
 each distillation budget (a separate distillation of that many steps on the public corpus, Milton),
 the emulator alone, emulator + LoRA adapter and the plug-in. ``plugin_gain_recovered`` =
-(zero-shot - plug-in) / (zero-shot - full fine-tuning). The ceiling is the same LoRA trained on the
-full model itself (a perfect emulator); the data owners' recipe (learning rate, rank) is swept at
-the largest budget.
+(zero-shot - plug-in) / (zero-shot - full fine-tuning). The budgets are stages of one distillation
+(each continues the cached previous one, see :func:`distilled_stages`), so a longer curve resumes
+instead of starting over. The ceiling is the same LoRA trained on the full model itself (a perfect
+emulator); the data owners' recipe (learning rate, rank) is swept on the full model and at the
+largest budget, so ``plugin_over_ceiling`` compares like with like.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,10 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compare-variants",
         action="store_true",
-        help="at the first non-zero budget, also distil with logit KD, and with logit KD + middle LoRA",
+        help="at the largest budget, also distil with logit KD, and with logit KD + middle LoRA",
     )
-    parser.add_argument("--sweep-lrs", default="", help="LoRA learning rates swept at the largest budget")
-    parser.add_argument("--sweep-ranks", default="", help="LoRA ranks swept at the largest budget")
+    parser.add_argument(
+        "--sweep-lrs",
+        default="",
+        help="LoRA learning rates swept on the full model (ceiling) and at the largest budget",
+    )
+    parser.add_argument("--sweep-ranks", default="", help="LoRA ranks swept with --sweep-lrs")
     parser.add_argument("--eval-blocks", type=int, default=16)
     parser.add_argument("--skip-cost", action="store_true", help="quality only (no cost processes)")
     parser.add_argument("--skip-quality", action="store_true", help="cost only (no perplexity measurements)")
@@ -349,21 +356,49 @@ VARIANTS = {
 """Distillation variants of ``--compare-variants`` (LoRA updates take a larger learning rate)."""
 
 
-def distilled(
-    full, public: torch.Tensor, steps: int, args: argparse.Namespace, variant: dict[str, Any] | None = None
-) -> tuple[Any, dict]:
+def distill_settings(args: argparse.Namespace, variant: dict[str, Any] | None = None) -> dict[str, Any]:
+    settings = {"lr": args.distill_lr, "logit_kd_weight": args.logit_kd_weight, "middle_lora_r": args.middle_lora_r}
+    return {**settings, "kd_weight": args.kd_weight, "batch_size": args.batch_size, **(variant or {})}
+
+
+def distilled_stages(
+    full, public: torch.Tensor, budgets: list[int], args: argparse.Namespace, variant: dict[str, Any] | None = None
+) -> Iterator[tuple[int, Any, float]]:
+    """(steps, emulator, cumulative seconds) for each budget, one distillation continued from budget to budget.
+
+    Each stage runs the increment over the previous budget with its own 10% warmup and cosine decay
+    (a warm restart), so every point of the curve is an annealed emulator and a larger budget resumes
+    from the cached smaller one instead of starting over. Stages are cached under the privtune cache
+    (the middle blocks and the seconds they took), keyed by model, split, settings and data; a stage
+    stopped midway resumes from its checkpoint (its seconds then count only the resumed part).
+    """
+    from privtune.common.checkpoint import remove_checkpoint
     from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator
+    from privtune.common.offsite.digest import tensors_digest
+    from privtune.common.offsite.distill import load_middle_state, middle_state
+    from privtune.common.paths import cache_dir
 
     emulator = build_emulator_model(full, OffsiteConfig(**SPLIT))
-    if steps == 0:
-        return emulator, {"steps": 0, "seconds": 0.0}
-    settings = {"lr": args.distill_lr, "logit_kd_weight": args.logit_kd_weight, "middle_lora_r": args.middle_lora_r}
-    settings.update(variant or {})
-    dcfg = DistillConfig(
-        steps=steps, batch_size=args.batch_size, kd_weight=args.kd_weight, warmup_steps=steps // 10, **settings
-    )
-    result = distill_emulator(full, emulator, public[: steps * args.batch_size], dcfg, progress=False)
-    return emulator, {"steps": steps, "seconds": result.seconds, "lm_last": result.lm_losses[-1]}
+    settings = distill_settings(args, variant)
+    model = tensors_digest(full.state_dict())
+    key = tensors_digest({"ids": public}, {"model": model, "split": SPLIT, "settings": settings})[:24]
+    folder = cache_dir("bench-offsite", key)
+    done, seconds = 0, 0.0
+    for steps in sorted(set(budgets)):
+        cached = folder / f"{steps}.pt"
+        if cached.exists():
+            saved = torch.load(cached)
+            load_middle_state(emulator, saved["middle"])
+            seconds = saved["seconds"]
+        elif steps > done:
+            increment = steps - done
+            dcfg = DistillConfig(steps=increment, warmup_steps=max(1, increment // 10), seed=done, **settings)
+            partial = folder / f"{steps}.checkpoint"
+            seconds += distill_emulator(full, emulator, public, dcfg, checkpoint=partial, progress=False).seconds
+            torch.save({"middle": middle_state(emulator), "seconds": seconds}, cached)
+            remove_checkpoint(partial)
+        done = steps
+        yield steps, emulator, seconds
 
 
 # ---------------------------------------------------------------------------- the whole benchmark
@@ -402,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     data = {
         "train": pack(private.train, tokenizer, args.block_size, max_blocks=max(args.train_steps, 3) * batch),
         "heldout": pack(private.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
-        "public": pack(public_split.train, tokenizer, args.block_size, max_blocks=max(max(budgets), 1) * batch),
+        "public": pack(public_split.train, tokenizer, args.block_size),
         "public_heldout": pack(public_split.heldout, tokenizer, args.block_size, max_blocks=args.eval_blocks),
     }
     results: dict[str, Any] = {
@@ -428,9 +463,6 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     refs = {"zero_shot": perplexity(full, data["heldout"], batch)}
-    lora = Recipe("lora", args.train_steps, args.lora_lr, args.lora_r)
-    refs["ceiling_lora"] = ceiling(full, lora, data["train"], data["heldout"], batch)
-    stage(ppl=dict(refs))
     full_ft_model = copy.deepcopy(full)
     for p in full_ft_model.parameters():
         p.requires_grad_(True)
@@ -438,34 +470,55 @@ def main(argv: list[str] | None = None) -> None:
     full_ft_run = train_adapter(full_ft_model, data["train"], tcfg, progress=False)
     refs["full_ft"] = perplexity(full_ft_model, data["heldout"], batch)
     del full_ft_model
-    stage(
-        ppl=dict(refs),
-        ceiling_gain_recovered_lora=gain_recovered(refs["zero_shot"], refs["ceiling_lora"], refs["full_ft"]),
-        training={"full_ft": {"last_loss": full_ft_run.last_loss, "seconds": full_ft_run.seconds}},
-    )
+    stage(ppl=dict(refs), training={"full_ft": {"last_loss": full_ft_run.last_loss, "seconds": full_ft_run.seconds}})
+
+    lora = Recipe("lora", args.train_steps, args.lora_lr, args.lora_r)
+    recipes = [lora] + [r for r in swept_recipes(args) if r != lora]
+    ceilings: dict[Recipe, float] = {}
+    for recipe in recipes:
+        ceilings[recipe] = ceiling(full, recipe, data["train"], data["heldout"], batch)
+        ceiling_sweep = [
+            {"recipe": asdict(r), "ppl": v, "gain_recovered": gain_recovered(refs["zero_shot"], v, refs["full_ft"])}
+            for r, v in ceilings.items()
+        ]
+        print(json.dumps(ceiling_sweep[-1]), flush=True)
+        stage(ceiling_sweep=ceiling_sweep)
+    refs["ceiling_lora"] = ceilings[lora]
+    ceiling_gain = gain_recovered(refs["zero_shot"], refs["ceiling_lora"], refs["full_ft"])
+    stage(ppl=dict(refs), ceiling_gain_recovered_lora=ceiling_gain)
 
     curve: list[dict[str, Any]] = []
-    variants: list[dict[str, Any]] = []
     emulator = None
-    for steps in budgets:
-        emulator, distillation = distilled(full, data["public"], steps, args)
-        curve.append({"distill_steps": steps, "distill_seconds": distillation["seconds"]})
+    for steps, emulator, seconds in distilled_stages(full, data["public"], budgets, args):
+        curve.append({"distill_steps": steps, "distill_seconds": seconds})
         curve[-1].update(quality_point(full, emulator, lora, data, batch, refs))
-        if steps > 0 and args.compare_variants and not variants:
-            variants = compare_variants(args, full, steps, curve[-1], lora, data, refs)
+        curve[-1]["plugin_over_ceiling_lora"] = curve[-1]["plugin_gain_recovered_lora"] / ceiling_gain
         stage(
             curve=curve,
-            variants=variants,
             budget={
                 "distill_steps": [p["distill_steps"] for p in curve],
                 "distill_seconds": [p["distill_seconds"] for p in curve],
                 "distill_batch": [batch, args.block_size],
+                "schedule": "each budget continues the previous one: 10% warmup, cosine over the increment",
                 "cores": os.cpu_count(),
+                "load_average": os.getloadavg()[0],
             },
             plugin_gain_recovered_lora=curve[-1]["plugin_gain_recovered_lora"],
+            plugin_over_ceiling_lora=curve[-1]["plugin_over_ceiling_lora"],
         )
     assert emulator is not None
     last = curve[-1]
+    sweep = []
+    for recipe in recipes[1:]:
+        result = transfer(full, emulator, recipe, data["train"], data["heldout"], batch)
+        result["plugin_gain_recovered"] = gain_recovered(refs["zero_shot"], result["plugin"], refs["full_ft"])
+        result["ceiling"] = ceilings[recipe]
+        ceiling_recipe = gain_recovered(refs["zero_shot"], ceilings[recipe], refs["full_ft"])
+        result["plugin_over_ceiling"] = result["plugin_gain_recovered"] / ceiling_recipe
+        sweep.append({"recipe": asdict(recipe), **result})
+        print(json.dumps(sweep[-1]), flush=True)
+        stage(sweep=sweep)
+
     last["adapter"] = transfer(
         full, emulator, Recipe("full", args.train_steps, args.lr), data["train"], data["heldout"], batch
     )
@@ -479,34 +532,34 @@ def main(argv: list[str] | None = None) -> None:
         "plugin_lora": last["lora"]["plugin"],
     }
     stage(curve=curve, ppl=ppl, plugin_gain_recovered=last["plugin_gain_recovered"])
-
-    sweep = []
-    for lr in _numbers(args.sweep_lrs, float):
-        for rank in _numbers(args.sweep_ranks, int) or [args.lora_r]:
-            recipe = Recipe("lora", args.train_steps, lr, rank)
-            result = transfer(full, emulator, recipe, data["train"], data["heldout"], batch)
-            result["plugin_gain_recovered"] = gain_recovered(refs["zero_shot"], result["plugin"], refs["full_ft"])
-            sweep.append({"recipe": asdict(recipe), **result})
-            print(json.dumps(sweep[-1]), flush=True)
-            stage(sweep=sweep)
+    variants = compare_variants(args, full, budgets, last, lora, data, refs) if args.compare_variants else []
+    stage(variants=variants)
     report_quality(args, refs, curve, variants, sweep)
     results["complete"] = True
     write_results(args.output, results)
 
 
+def swept_recipes(args: argparse.Namespace) -> list[Recipe]:
+    return [
+        Recipe("lora", args.train_steps, lr, rank)
+        for lr in _numbers(args.sweep_lrs, float)
+        for rank in _numbers(args.sweep_ranks, int) or [args.lora_r]
+    ]
+
+
 def compare_variants(
-    args: argparse.Namespace, full, steps: int, point: dict, lora: Recipe, data: dict, refs: dict
+    args: argparse.Namespace, full, budgets: list[int], point: dict, lora: Recipe, data: dict, refs: dict
 ) -> list[dict[str, Any]]:
-    """The distillation variants at ``steps``; the one the curve already ran is taken from it."""
+    """The distillation variants at the largest budget; the one the curve already ran is taken from it."""
     variants = []
     current = {"logit_kd_weight": args.logit_kd_weight, "middle_lora_r": args.middle_lora_r, "lr": args.distill_lr}
     for name, variant in VARIANTS.items():
-        entry: dict[str, Any] = {"variant": name, "settings": variant, "distill_steps": steps}
+        entry: dict[str, Any] = {"variant": name, "settings": variant, "distill_steps": point["distill_steps"]}
         if {**current, **variant} == current:
             entry.update({k: point[k] for k in point if k != "distill_steps"})
         else:
-            candidate, distillation = distilled(full, data["public"], steps, args, variant)
-            entry["distill_seconds"] = distillation["seconds"]
+            *_, (_, candidate, seconds) = distilled_stages(full, data["public"], budgets, args, variant)
+            entry["distill_seconds"] = seconds
             entry.update(quality_point(full, candidate, lora, data, args.batch_size, refs))
         variants.append(entry)
     return variants
@@ -600,7 +653,7 @@ def report_quality(args: argparse.Namespace, refs: dict, curve: list, variants: 
     if sweep:
         print_table(
             "LoRA recipe at the largest budget",
-            ["lr", "rank", "emu+LoRA", "plug-in", "recovered"],
+            ["lr", "rank", "emu+LoRA", "plug-in", "recovered", "on full model", "plug-in / ceiling"],
             [
                 [
                     s["recipe"]["lr"],
@@ -608,6 +661,8 @@ def report_quality(args: argparse.Namespace, refs: dict, curve: list, variants: 
                     s["emulator_adapter"],
                     s["plugin"],
                     s["plugin_gain_recovered"],
+                    s["ceiling"],
+                    s["plugin_over_ceiling"],
                 ]
                 for s in sweep
             ],

@@ -322,3 +322,26 @@ def _run(
         bar.close()
         result.seconds = time.perf_counter() - began
     return result
+
+
+def middle_state(emulator: nn.Module) -> dict[str, torch.Tensor]:
+    """The kept middle blocks' tensors (all that distillation changes), keyed ``"<block>.<name>"``."""
+    split = split_of(emulator)
+    if split is None:
+        raise PrivtuneError("middle_state needs an emulator built with build_emulator_model")
+    return {
+        f"{pos}.{name}": t.detach().clone().contiguous()
+        for pos, block in _middle_blocks(emulator, split).items()
+        for name, t in block.state_dict().items()
+    }
+
+
+def load_middle_state(emulator: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put :func:`middle_state`'s tensors back into an emulator of the same split."""
+    blocks = get_blocks(emulator)
+    by_block: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        position, name = key.split(".", 1)
+        by_block.setdefault(int(position), {})[name] = tensor
+    for pos, block_state in by_block.items():
+        blocks[pos].load_state_dict(block_state)

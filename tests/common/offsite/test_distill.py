@@ -4,7 +4,7 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import blocks_prefix
 from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
-from privtune.common.offsite.distill import kd_loss, logit_kd_loss
+from privtune.common.offsite.distill import kd_loss, load_middle_state, logit_kd_loss, middle_state
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
 CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2)
@@ -136,3 +136,14 @@ def test_bad_distillation_settings_are_refused():
         DistillConfig(logit_kd_weight=-1.0)
     with pytest.raises(PrivtuneError, match=">= 0"):
         DistillConfig(middle_lora_r=-2)
+
+
+def test_middle_state_carries_a_distillation_into_a_fresh_emulator():
+    full, blocks = tiny("llama"), token_blocks(16, 24)
+    distilled = build_emulator_model(full, CFG)
+    distill_emulator(full, distilled, blocks, DistillConfig(steps=3, batch_size=4, lr=3e-3), progress=False)
+    fresh = build_emulator_model(full, CFG)
+    assert middle_kd(full, fresh, blocks) != middle_kd(full, distilled, blocks)
+    load_middle_state(fresh, middle_state(distilled))
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in distilled.state_dict().items())
+    assert {k.split(".")[0] for k in middle_state(distilled)} == {"1", "2"}  # only the kept middle blocks
