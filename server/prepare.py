@@ -186,33 +186,6 @@ def distillation_key(full: nn.Module, emulator: nn.Module, train: torch.Tensor, 
     return tensors_digest({"ids": train}, {"model": weights, "split": split.to_dict(), "config": dcfg.fingerprint()})
 
 
-def _middle_state(emulator: nn.Module) -> dict[str, torch.Tensor]:
-    from privtune.common.families import get_blocks
-    from privtune.common.offsite.split import split_of
-
-    split = split_of(emulator)
-    assert split is not None
-    blocks = get_blocks(emulator)
-    first = len(split.bottom)
-    return {
-        f"{pos}.{name}": t.detach().clone().contiguous()
-        for pos in range(first, first + len(split.middle_kept))
-        for name, t in blocks[pos].state_dict().items()
-    }
-
-
-def _load_middle(emulator: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    from privtune.common.families import get_blocks
-
-    blocks = get_blocks(emulator)
-    by_block: dict[int, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        position, name = key.split(".", 1)
-        by_block.setdefault(int(position), {})[name] = tensor
-    for pos, block_state in by_block.items():
-        blocks[pos].load_state_dict(block_state)
-
-
 def distil_cached(
     full: nn.Module,
     emulator: nn.Module,
@@ -231,7 +204,7 @@ def distil_cached(
     folder = cache / distillation_key(full, emulator, train, dcfg)[:32]
     record_file = folder / DISTILLATION_JSON
     if record_file.exists() and (folder / CACHED_MIDDLE).exists():
-        _load_middle(emulator, load_file(str(folder / CACHED_MIDDLE)))
+        distill_loop.load_middle_state(emulator, load_file(str(folder / CACHED_MIDDLE)))
         record = json.loads(record_file.read_text())
         print(f"distillation: {record['steps']} steps, cached in {folder}")
     else:
@@ -255,7 +228,7 @@ def distil_cached(
             "history": result.history,
         }
         tmp = folder / f".{CACHED_MIDDLE}.tmp"
-        save_file(_middle_state(emulator), str(tmp))
+        save_file(distill_loop.middle_state(emulator), str(tmp))
         tmp.replace(folder / CACHED_MIDDLE)
         plot_losses(record["history"], folder / DISTILLATION_PLOT)
         record_file.write_text(json.dumps(record) + "\n")
