@@ -1,11 +1,13 @@
 """Utility of the private paths: held-out perplexity against epsilon for DP-SGD and PMixED (SmolLM2-135M).
 
 The same held-out Shakespeare as ``bench.pmixed``'s quality part (4 owners holding disjoint works,
-the last 10% of every work held out, a fixed random choice of 64-token blocks). Methods:
+the last 10% of every work held out, a fixed random choice of 64-token blocks). Every method trains
+the same adapter, LoRA of rank ``lora_r`` on every linear layer of the top ``k_top`` blocks (all but
+the first), with AdamW for ``steps`` steps of ``batch`` records:
 
 - public: SmolLM2 as shipped.
-- fine_tuned: non-private LoRA on all owners' training records, the same adapter, steps, batch and
-  learning rate as DP-SGD (a fixed batch of ``batch`` records per step, no clipping, no noise).
+- fine_tuned: non-private, on all owners' training records (a fixed batch drawn at random per step,
+  no clipping, no noise).
 - dpsgd: record-level DP-SGD (``privtune.common.dpsgd.train_round``) at epsilon 1, 3, 8, delta 1e-5.
   A record is a blank-line separated paragraph (a speech, in the plays) of an owner's training
   text, as ``client/data.py``'s ``dp-records paragraphs`` builds it, its first ``record_tokens``
@@ -13,25 +15,28 @@ the last 10% of every work held out, a fixed random choice of 64-token blocks). 
   sampled at rate batch / records and epsilon comes from Opacus' RDP accountant for that rate.
 - pmixed: PMixED over owners x m members, member i of an owner trained from the public model on the
   i-th of its m shards alone (``client/data.py``'s ``member_shards``: whole works dealt round
-  robin), non-privately; the guarantee is PMixED's: (epsilon, 1e-5)-DP per member shard (a set of
-  whole works) over T = 1024 queries, from ``common/pmixed/accountant.py`` for the exact (alpha, q,
-  N) scored. Perplexity is the evaluator's view: a fresh Poisson S at every held-out position and
-  the mixture's probability of the true token (``bench.heldout.mixture_nll``).
+  robin), non-privately, the members sharing one run's records (each ``batch // members`` per
+  step); the guarantee is PMixED's: (epsilon, 1e-5)-DP per member shard (a set of whole works)
+  over T = 1024 queries, from ``common/pmixed/accountant.py`` for the exact (alpha, q, N) scored.
+  Perplexity is the evaluator's view: a fresh Poisson S at every held-out position and the
+  mixture's probability of the true token (``bench.heldout.mixture_nll``).
 
 ``gap_recovered[method][eps] = (public - method) / (public - fine_tuned)``.
 
-DP-SGD's learning rate and clipping norm come from a sweep on PUBLIC data only (Milton's works,
-split into paragraph records with their own held-out tail, DP-SGD at epsilon 8 with the same
-batch, steps and adapter), then are applied unchanged to the owners' records: the choice depends on
-no private record, so it costs no privacy. PMixED's (m, q, alpha) grid is scored on the held-out
-Shakespeare itself and every point is reported; the headline per epsilon is the best point, a
-selection among the grid's points on the evaluation text (stated in the JSON).
+DP-SGD's learning rate comes from a sweep on PUBLIC data only (Milton's works, split into paragraph
+records with their own held-out tail, DP-SGD with the same batch, steps, adapter and clipping and
+the noise multiplier of the owners' epsilon-8 plan), then is applied unchanged to the owners'
+records: the choice depends on no private record, so it costs no privacy. The clipping norm is not
+swept: it lies far below every per-record gradient norm, so every record is clipped to it, and
+under Adam a common scale of all gradients and of the noise does not change the step. PMixED's
+(m, q, alpha) grid is scored on the held-out Shakespeare itself and every point is reported; the
+headline per epsilon is the best point, a selection among the grid's points on the evaluation text
+(stated in the JSON).
 
-Compute (2 shared CPU cores) is the constraint: a training token costs a full forward of the
-135M-parameter model, so records are capped at ``record_tokens`` tokens, the adapter is LoRA of
-rank ``lora_r`` on the top ``k_top`` block(s) only (few parameters, the literature's advice for DP:
-the noise grows with the parameter count), and all held-out scoring runs the frozen blocks below
-the adapter once and only the adapter blocks and the head per model (``TopScorer``).
+Compute (2 shared CPU cores) is the constraint: a training token costs a forward and a backward
+through 29 blocks and the 49k-word head, so records are capped at ``record_tokens`` tokens and the
+runs are short; held-out scoring runs the frozen first block once and only the adapted blocks and
+the head per model (``TopScorer``).
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ from bench.harness import RESULTS_DIR, peak_rss_mb, print_table, write_results
 from bench.heldout import heldout_blocks, mixture_nll, owner_splits
 from privtune.client.data import encode_records, member_shards
 from privtune.common.corpus import Document, public_corpus
-from privtune.common.dpsgd import PAD, DpSgdConfig, lm_per_sample_loss, record_unit, train_round
+from privtune.common.dpsgd import (
+    PAD,
+    DpSgdConfig,
+    lm_per_sample_loss,
+    noise_multiplier_for,
+    record_unit,
+    train_round,
+)
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import get_blocks, num_blocks, stem_of
 from privtune.common.models import load_model
@@ -71,6 +83,8 @@ QUERIES = 1024
 PROJECTION_TOL = 1e-3
 """The projection's bisection bracket when scoring (the service uses 1e-7): same guarantee, 10 steps instead of 24."""
 RECORDS = "paragraphs"
+PHYSICAL_BATCH = 64
+"""Per-record gradients are computed 64 records at a time (Opacus' accumulation: the same step, less memory)."""
 
 
 @dataclass(frozen=True)
@@ -80,17 +94,20 @@ class Settings:
     eval_blocks: int = 8
     """8 blocks of 64 tokens: 504 scored positions, within PMixED's budget of T = 1024 queries."""
     sweep_eval_blocks: int = 8
-    record_tokens: int = 32
-    batch: int = 32
-    steps: int = 12
-    k_top: int = 1
-    lora_r: int = 1
-    sweep: tuple[tuple[float, float], ...] = ((1e-3, 0.1), (3e-3, 0.1), (1e-2, 0.1), (3e-3, 1.0))
-    """(learning rate, clipping norm) points tried on public data."""
-    member_steps: int = 6
-    member_batch: int = 8
-    shards: tuple[int, ...] = (1, 2, 4)
-    qs: tuple[float, ...] = (0.01, 0.02, 0.04)
+    record_tokens: int = 16
+    batch: int = 128
+    """Records per step: DP-SGD's expected (Poisson) batch, fine-tuned's fixed batch, split among PMixED's members."""
+    steps: int = 6
+    k_top: int = 29
+    """All blocks but the first: the split needs one block outside the adapter."""
+    lora_r: int = 8
+    clip: float = 0.1
+    """Far below the per-record gradient norms (the smallest of 48 public records' at the start is 1.6): every
+    record is clipped, and under Adam the norm then only scales gradients and noise alike."""
+    sweep_lrs: tuple[float, ...] = (1e-3, 3e-3)
+    """Learning rates tried on public data."""
+    shards: tuple[int, ...] = (4, 8)
+    qs: tuple[float, ...] = (0.02, 0.04, 0.08)
     alpha_candidates: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
     alphas_kept: int = 1
     """Per (epsilon, q, N), the Rényi orders scored: those of largest ball radius alpha * beta (data-independent)."""
@@ -101,6 +118,10 @@ class Settings:
             k_bottom=0, k_top=self.k_top, n_emulator=1, adapter="lora", lora_r=self.lora_r, lora_alpha=2 * self.lora_r
         )
 
+    def member_batch(self, members: int) -> int:
+        """Each PMixED member's batch: the members together process as many records as one fine-tuning run."""
+        return max(1, self.batch // members)
+
 
 QUICK = Settings(
     owners=4,
@@ -109,9 +130,9 @@ QUICK = Settings(
     record_tokens=8,
     batch=4,
     steps=2,
-    sweep=((3e-3, 1.0), (1e-2, 0.1)),
-    member_steps=1,
-    member_batch=2,
+    k_top=2,
+    lora_r=2,
+    sweep_lrs=(3e-3,),
     shards=(1, 2),
     qs=(0.04,),
     alphas_kept=1,
@@ -168,6 +189,11 @@ class TopScorer:
         """(L-1, V) float64 next-token distributions at the positions of held-out block ``row``."""
         return torch.softmax(self.logits(top, slice(row, row + 1))[0, :-1].to(torch.float64), dim=-1)
 
+    def next_logits(self, top: list[nn.Module]) -> torch.Tensor:
+        """(blocks, L-1, V) logits at every held-out position, as computed (float32): ``probs`` of any row is
+        their float64 softmax, so keeping these for many models costs half the memory and loses nothing."""
+        return torch.cat([self.logits(top, slice(row, row + 1))[:, :-1] for row in range(len(self.blocks))])
+
 
 def top_blocks(base: nn.Module, model: nn.Module, first: int) -> list[nn.Module]:
     """The adapted model's blocks from ``first`` on, LoRA merged (``plug_in``), detached from the full copy."""
@@ -222,12 +248,16 @@ def train_nonprivate(model: nn.Module, rows: torch.Tensor, steps: int, batch: in
     return Run(steps, batch, steps * min(batch, len(rows)), tokens, time.perf_counter() - start, lr)
 
 
+def owners_config(settings: Settings, epsilon: float) -> DpSgdConfig:
+    """The owners' DP-SGD plan: ``settings.steps`` steps reaching ``epsilon`` per record (delta 1e-5)."""
+    return DpSgdConfig(max_grad_norm=settings.clip, delta=DELTA, target_epsilon=epsilon, total_steps=settings.steps)
+
+
 def train_private(
-    model: nn.Module, rows: torch.Tensor, settings: Settings, epsilon: float, lr: float, clip: float, seed: int
+    model: nn.Module, rows: torch.Tensor, settings: Settings, config: DpSgdConfig, lr: float, seed: int
 ) -> Run:
-    """Record-level DP-SGD for ``settings.steps`` steps at expected batch ``settings.batch``, planned to ``epsilon``."""
+    """Record-level DP-SGD for ``settings.steps`` steps at expected batch ``settings.batch`` under ``config``."""
     optimizer = torch.optim.AdamW(trainable(model), lr=lr)
-    config = DpSgdConfig(max_grad_norm=clip, delta=DELTA, target_epsilon=epsilon, total_steps=settings.steps)
     start = time.perf_counter()
     result = train_round(
         model,
@@ -239,6 +269,7 @@ def train_private(
         config=config,
         seed=seed,
         unit=record_unit(RECORDS, settings.record_tokens),
+        max_physical_batch=PHYSICAL_BATCH,
     )
     model.eval()
     expected = settings.batch * settings.steps
@@ -249,7 +280,7 @@ def train_private(
         expected * record_tokens(rows),
         time.perf_counter() - start,
         lr,
-        clip,
+        config.max_grad_norm,
         result.epsilon,
         result.plan.noise_multiplier,
         result.plan.sample_rate,
@@ -258,8 +289,13 @@ def train_private(
 
 
 # ----------------------------------------------------------------------------------------- stages
-def sweep_public(base: nn.Module, tokenizer, settings: Settings, first: int) -> dict[str, Any]:
-    """DP-SGD at epsilon 8 on Milton's paragraph records for each (lr, clip); scored on Milton's held-out tail."""
+def sweep_public(base: nn.Module, tokenizer, settings: Settings, first: int, noise_multiplier: float) -> dict[str, Any]:
+    """DP-SGD on Milton's paragraph records at each learning rate, scored on Milton's held-out tail.
+
+    Same adapter, batch, steps and clipping as the owners' runs, and the noise multiplier of their
+    epsilon-8 plan: Milton has far fewer records, so planning epsilon 8 on them would add more noise
+    than the owners' runs see. The choice depends on no private record, so it costs no privacy.
+    """
     split = holdout_split(public_corpus(), 0.1)
     rows = paragraph_records(split.train, tokenizer, settings.record_tokens)
     heldout = pack(split.heldout, tokenizer, settings.block)
@@ -267,22 +303,23 @@ def sweep_public(base: nn.Module, tokenizer, settings: Settings, first: int) -> 
         torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: settings.sweep_eval_blocks]
     ]
     scorer = TopScorer(base, heldout, first)
-    points = [{"lr": None, "max_grad_norm": None, "ppl": scorer.perplexity(public_top(base, first))}]
-    for i, (lr, clip) in enumerate(settings.sweep):
+    config = DpSgdConfig(max_grad_norm=settings.clip, delta=DELTA, noise_multiplier=noise_multiplier)
+    points: list[dict[str, Any]] = [{"lr": None, "ppl": scorer.perplexity(public_top(base, first))}]
+    for i, lr in enumerate(settings.sweep_lrs):
         model = fresh_adapter(base, settings, seed=300 + i)
-        run = train_private(model, rows, settings, max(EPSILONS), lr, clip, seed=300 + i)
+        run = train_private(model, rows, settings, config, lr, seed=300 + i)
         points.append(
-            {"lr": lr, "max_grad_norm": clip, "ppl": scorer.perplexity(top_blocks(base, model, first))}
-            | {"run": dataclasses.asdict(run)}
+            {"lr": lr, "ppl": scorer.perplexity(top_blocks(base, model, first)), "run": dataclasses.asdict(run)}
         )
         del model
-        print(f"  sweep lr={lr:g} clip={clip:g}: public held-out ppl {points[-1]['ppl']:.2f}")
+        print(f"  sweep lr={lr:g}: public held-out ppl {points[-1]['ppl']:.2f} ({run.seconds:.0f} s)")
     best = min(points[1:], key=lambda p: p["ppl"])
     return {
         "data": f"public corpus (Milton): {len(rows)} paragraph records, {len(heldout)} held-out blocks",
-        "epsilon": max(EPSILONS),
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": settings.clip,
         "points": points,
-        "chosen": {"lr": best["lr"], "max_grad_norm": best["max_grad_norm"]},
+        "chosen": {"lr": best["lr"], "max_grad_norm": settings.clip},
     }
 
 
@@ -296,29 +333,34 @@ def pmixed_grid(
     m: int,
     lr: float,
 ) -> dict[str, Any]:
-    """Train owners x m members (each on its own shard, from the public model, at the fine-tuned run's ``lr``)
-    and score the (eps, alpha, q) grid."""
-    tops, runs = [], []
+    """Train owners x m members (each on its own shard, from the public model, at the fine-tuned run's ``lr``
+    and steps, the batch split among them) and score the (eps, alpha, q) grid.
+
+    Each member's logits on the held-out blocks are kept, not the member: 29 adapted blocks per member
+    would not fit in memory for 32 members.
+    """
+    members = settings.owners * m
+    batch = settings.member_batch(members)
+    logits, runs = [], []
     for owner, (documents, rows) in enumerate(owner_rows):
         for shard, shard_rows in enumerate(member_shards(rows, documents, examples, m)):
             model = fresh_adapter(base, settings, seed=1000 * m + 10 * owner + shard)
-            runs.append(
-                train_nonprivate(model, shard_rows, settings.member_steps, settings.member_batch, lr, seed=owner)
-            )
-            tops.append(top_blocks(base, model, first))
+            runs.append(train_nonprivate(model, shard_rows, settings.steps, batch, lr, seed=owner))
+            logits.append(scorer.next_logits(top_blocks(base, model, first)))
             del model
-    budgets = pmixed_budgets(settings, len(tops))
+    public = scorer.next_logits(public_top(base, first))
+    budgets = pmixed_budgets(settings, members)
     rngs = {key: np.random.default_rng(1) for key in budgets}
     nll = dict.fromkeys(budgets, 0.0)
-    member_nll = [0.0] * len(tops)
+    member_nll = [0.0] * members
     count = 0
     start = time.perf_counter()
     for row in range(len(scorer.blocks)):
-        probs = torch.stack([scorer.probs(top, row) for top in [public_top(base, first), *tops]])
+        stacked = torch.softmax(torch.stack([public[row], *[x[row] for x in logits]]).to(torch.float64), dim=-1)
         targets = scorer.blocks[row, 1:]
-        for key, total in mixture_nll(probs, targets, budgets, rngs, PROJECTION_TOL).items():
+        for key, total in mixture_nll(stacked, targets, budgets, rngs, PROJECTION_TOL).items():
             nll[key] += total
-        picked = probs[1:, torch.arange(len(targets)), targets]
+        picked = stacked[1:, torch.arange(len(targets)), targets]
         member_nll = [a - float(torch.log(p).sum()) for a, p in zip(member_nll, picked)]
         count += len(targets)
     points = [
@@ -333,7 +375,7 @@ def pmixed_grid(
     ]
     return {
         "m": m,
-        "members": len(tops),
+        "members": members,
         "members_ppl_mean": float(np.mean([math.exp(x / count) for x in member_nll])),
         "points": points,
         "member_runs": {
@@ -448,7 +490,8 @@ def main() -> None:
     results: dict[str, Any] = {
         "model": MODEL,
         "settings": dataclasses.asdict(settings),
-        "adapter": f"LoRA r={settings.lora_r} on the top {settings.k_top} block(s) of the full model",
+        "adapter": f"LoRA r={settings.lora_r} on every linear layer (attention and MLP) of the top {settings.k_top} "
+        "of the model's blocks",
         "delta": DELTA,
         "pmixed_queries_T": QUERIES,
         "privacy_units": {
@@ -456,9 +499,15 @@ def main() -> None:
             "a whole work gets only group privacy over its paragraphs",
             "pmixed": "one member's whole shard (a set of whole works of one owner)",
         },
-        "hyperparameters": "DP-SGD lr and clipping norm chosen by the sweep on public data (Milton), applied "
-        "unchanged to the owners' records; fine-tuned uses the same lr, steps and batch. PMixED's headline per "
-        "epsilon is the best (m, alpha, q) point measured on the held-out text (all points reported)",
+        "compute_per_method": f"{settings.steps} AdamW steps of {settings.batch} records (expected, Poisson, for "
+        f"DP-SGD; fixed for fine-tuned) of at most {settings.record_tokens} tokens each; PMixED's owners x m members "
+        "share that budget: each takes the same steps at batch (batch // members) on its own shard",
+        "hyperparameters": "DP-SGD's learning rate chosen by the sweep on public data (Milton) at the owners' "
+        "epsilon-8 noise multiplier, applied unchanged to the owners' records; the clipping norm is fixed far below "
+        "the per-record gradient norms (the smallest of 48 public records' at the start: 1.6), so under Adam it "
+        "only scales gradients and noise alike; fine-tuned and the PMixED "
+        "members use the same lr, steps and adapter. PMixED's headline per epsilon is the best (m, alpha, q) point "
+        "measured on the held-out text (all points reported)",
     }
 
     def stage(**figures: Any) -> None:
@@ -480,8 +529,9 @@ def main() -> None:
     ppl: dict[str, Any] = {"public": scorer.perplexity(public_top(base, first))}
     print(f"public {ppl['public']:.2f}; {len(union)} owner records, {record_tokens(union):.1f} tokens each")
 
-    sweep = sweep_public(base, tokenizer, settings, first)
-    lr, clip = sweep["chosen"]["lr"], sweep["chosen"]["max_grad_norm"]
+    noise_at_8 = noise_multiplier_for(owners_config(settings, max(EPSILONS)), settings.batch / len(union))
+    sweep = sweep_public(base, tokenizer, settings, first, noise_at_8)
+    lr = sweep["chosen"]["lr"]
     stage(ppl=ppl, sweep=sweep)
 
     runs: dict[str, Any] = {}
@@ -497,7 +547,7 @@ def main() -> None:
     ppl["dpsgd"], runs["dpsgd"] = {}, {}
     for eps in sorted(EPSILONS, reverse=True):
         model = fresh_adapter(base, settings, seed=200)
-        run = train_private(model, union, settings, eps, lr, clip, seed=200)
+        run = train_private(model, union, settings, owners_config(settings, eps), lr, seed=200)
         ppl["dpsgd"][str(eps)] = scorer.perplexity(top_blocks(base, model, first))
         runs["dpsgd"][str(eps)] = dataclasses.asdict(run)
         del model

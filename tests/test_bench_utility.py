@@ -10,7 +10,7 @@ import torch
 
 from bench import utility
 from bench.heldout import mixture_nll
-from privtune.common.dpsgd import PAD
+from privtune.common.dpsgd import PAD, noise_multiplier_for
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import num_blocks
 from privtune.common.models import load_model
@@ -41,6 +41,8 @@ def test_top_scorer_matches_the_full_forward_of_an_adapted_model(family):
         public = torch.softmax(base(blocks).logits[1, :-1].double(), dim=-1)
     adapted = scorer.probs(utility.top_blocks(base, model, first), 1)
     assert torch.allclose(adapted, expected, atol=1e-5)
+    logits = scorer.next_logits(utility.top_blocks(base, model, first))
+    assert torch.equal(torch.softmax(logits[1].double(), dim=-1), adapted)
     assert torch.allclose(scorer.probs(utility.public_top(base, first), 1), public, atol=1e-5)
     assert not torch.allclose(adapted, public, atol=1e-3)
 
@@ -98,3 +100,19 @@ def test_targets_state_the_gain_the_ratio_divides_by():
     verdict = utility.targets_reached(ppl, gap, {"dpsgd": 0.6, "pmixed": 0.4})
     assert verdict["fine_tuning_gain_ppl"] == 1.0
     assert verdict["dpsgd"]["reached"] and not verdict["pmixed"]["reached"]
+
+
+def test_pmixed_members_share_one_fine_tuning_run_of_records():
+    settings = utility.Settings(batch=128)
+    assert settings.member_batch(16) * 16 == 128
+    assert settings.member_batch(8) * 8 == 128
+    assert settings.member_batch(256) == 1  # never an empty batch
+
+
+def test_the_owners_plan_adds_less_noise_at_a_larger_epsilon_with_the_fixed_clip():
+    settings = utility.Settings()
+    configs = [utility.owners_config(settings, eps) for eps in utility.EPSILONS]
+    noise = [noise_multiplier_for(config, settings.batch / 30_000) for config in configs]
+    assert noise == sorted(noise, reverse=True) and len(set(noise)) == len(noise)
+    assert {config.max_grad_norm for config in configs} == {settings.clip}
+    assert {config.total_steps for config in configs} == {settings.steps}
