@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from privtune.common.errors import PrivtuneError
@@ -150,8 +151,19 @@ class EmbeddingSpace:
 
         The squared distances are exact (module docstring); the square root is torch's, as in :meth:`distances`.
         """
-        sq = pair_squared_distances(self.points.numpy(), self.sq_norms.numpy(), rows.numpy(), others.numpy())
+        units, sq_units = self.grid_integers
+        sq = pair_squared_distances(units, sq_units, rows.numpy(), others.numpy(), self.grid_unit**2)
         return torch.from_numpy(sq).clamp_min_(0.0).sqrt_()
+
+    @cached_property
+    def grid_integers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The points as int32 numbers of grid units and their squared norms in squared units (float64, exact).
+
+        Coordinates are at most 2^25 units in magnitude (:func:`grid_unit`), so int32 holds them; a
+        proposal gathers half the bytes it would from the float64 points and computes the same value.
+        """
+        units = torch.round(self.points / self.grid_unit)
+        return units.to(torch.int32).numpy(), (units * units).sum(dim=1).numpy()
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of ``text`` inside the space: out-of-vocabulary ids mapped to ``unknown_id`` or refused."""

@@ -45,9 +45,11 @@ from privtune.common.ldp.sampling import cumulative, quantize, sample_rows, scal
 CENTRES = 256
 COVER_VERSION = 1
 COVER_SEED = 0  # the centres are a fixed pseudo-random choice of token ids: public, independent of any text
-PROPOSAL_COST = 20.0
-"""Row entries that one proposal costs (a gathered dot product against an entry of a matrix product); see bench.ldp."""
+PROPOSAL_COST = 16.0
+"""Row entries that one proposal costs (a dot product of two gathered rows, with its share of the round's vector
+operations, against an entry of a matrix product and its weight), measured on SmolLM2 on the 2-core machine."""
 PROPOSAL_BATCH_BYTES = 32 << 20
+PROPOSAL_BYTES = 32  # per proposal and batch: its distance, then weight, and its input and output ids
 MAX_TRIES = 64  # proposals per pending draw and round
 EXP_SLACK_BITS = 50
 MARGIN_ROUNDINGS = 4.0  # the triangle inequality on computed distances loses at most 3 roundings
@@ -70,9 +72,10 @@ def exp_slack_units(width: int) -> int:
 def single_threaded() -> Iterator[None]:
     """Run torch's CPU operations on one thread, then restore the count.
 
-    A proposal round is many gathers of a few KB each, memory-bound: intra-op threads add only
-    their synchronisation (66k proposals on SmolLM2 measured ~11-17 us each on one thread and ~100 us on
-    two, on a loaded 2-core machine, while whole rows cost the same either way).
+    A proposal round is a compiled single-threaded loop of dot products (``kernels``) between
+    vector operations of modest size: intra-op threads add mostly their synchronisation (322k draws
+    on SmolLM2, about 1.6M proposals, took 5.6 s on one thread and 12.6-15 s on two, on the 2-core
+    machine at load 8-9), while whole rows cost the same either way.
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -210,8 +213,8 @@ class ProposalSampler:
         return residue < weight, proposal
 
     def proposal_weights(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
-        """K of each (input, output) pair, in batches of gathered points of moderate size."""
-        batch = max(1, min(PROPOSAL_BATCH_BYTES, self.memory_cap_bytes) // (2 * 8 * self.space.dim))
+        """K of each (input, output) pair, in batches of moderate size."""
+        batch = max(1, min(PROPOSAL_BATCH_BYTES, self.memory_cap_bytes) // PROPOSAL_BYTES)
         pieces = [
             self.weights(self.space.pair_distances(inputs[i : i + batch], outputs[i : i + batch]))
             for i in range(0, len(inputs), batch)

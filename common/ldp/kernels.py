@@ -1,9 +1,10 @@
 """Compiled loops for the two steps of the samplers that torch can only do through large temporaries.
 
 Why: a proposal needs one dot product of two gathered embedding rows, and a draw one binary search
-in one row's cumulative sums. In torch both go through gathered copies (two 576-wide rows per
-proposal, one padded rectangle per batch of searches), which cost more than the arithmetic; here
-each is a loop that reads only what it needs. Neither loop changes a value the law depends on:
+in one row's cumulative sums. In torch both go through gathered copies (two 576-wide float64 rows
+per proposal, one padded rectangle per batch of searches), which cost more than the arithmetic;
+here each is a loop that reads only what it needs (the rows as int32 grid integers). Neither loop
+changes a value the law depends on:
 
 - :func:`pair_squared_distances` returns exact squared distances (integers of squared grid units,
   ``embedding.EmbeddingSpace``: exact in float64 in any summation order, which is why the compiler
@@ -21,17 +22,22 @@ import numpy as np
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 def pair_squared_distances(
-    points: np.ndarray, sq_norms: np.ndarray, rows: np.ndarray, others: np.ndarray
+    units: np.ndarray, sq_units: np.ndarray, rows: np.ndarray, others: np.ndarray, scale: float
 ) -> np.ndarray:
-    """|points[rows[i]] - points[others[i]]|^2 as |x|^2 + |y|^2 - 2 x.y for each i, not clamped at 0."""
+    """|x - y|^2 = |x|^2 + |y|^2 - 2 x.y for x = units[rows[i]], y = units[others[i]], times ``scale``.
+
+    ``units`` are the points as integers of grid units (int32: half the bytes to gather of float64),
+    ``sq_units`` their squared norms and ``scale`` the squared grid unit, a power of two: every step
+    is exact in float64, so the result is the exact squared distance, not clamped at 0.
+    """
     out = np.empty(len(rows), dtype=np.float64)
-    dim = points.shape[1]
+    dim = units.shape[1]
     for i in range(len(rows)):
         x, y = rows[i], others[i]
         dot = 0.0
         for k in range(dim):
-            dot += points[x, k] * points[y, k]
-        out[i] = -2.0 * dot + sq_norms[y] + sq_norms[x]
+            dot += np.float64(units[x, k]) * np.float64(units[y, k])
+        out[i] = (-2.0 * dot + sq_units[y] + sq_units[x]) * scale
     return out
 
 

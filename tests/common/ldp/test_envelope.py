@@ -87,6 +87,19 @@ def test_grid_distances_are_exact_in_any_order_and_within_the_bound_of_the_given
     assert float(np.abs(batched.numpy() - given).max()) <= space.rounding_bound
 
 
+@pytest.mark.parametrize("dim", [1, 2, 7, 600])
+def test_grid_integers_hold_the_points_exactly_and_pairs_match_rows_at_every_grid_width(dim):
+    """Narrow embeddings get the widest grid (25-bit coordinates): int32 must still hold them exactly."""
+    space, _ = random_space(120, dim, 7, spread=2.0)
+    units, sq_units = space.grid_integers
+    assert torch.equal(torch.from_numpy(units).double() * space.grid_unit, space.points)
+    assert int(np.abs(units).max()) >= 2 ** int((51 - math.log2(dim)) // 2 - 1)
+    assert torch.equal(torch.from_numpy(sq_units) * space.grid_unit**2, space.sq_norms)
+    rows = torch.arange(120).repeat_interleave(120)
+    pairs = space.pair_distances(rows, torch.arange(120).repeat(120)).view(120, 120)
+    assert torch.equal(pairs, space.distances(torch.arange(120)))
+
+
 def test_exactly_k_of_the_residues_naming_an_output_accept_it():
     """Enumerate every offset of every cluster: output y is accepted for exactly K_y offsets."""
     weights = torch.tensor([5, 0, 3, 7, 1, 2, 6])
