@@ -50,7 +50,9 @@ PROPOSAL_COST = 16.0
 operations, against an entry of a matrix product and its weight), measured on SmolLM2 on the 2-core machine."""
 PROPOSAL_BATCH_BYTES = 32 << 20
 PROPOSAL_BYTES = 32  # per proposal and batch: its distance, then weight, and its input and output ids
-MAX_TRIES = 64  # proposals per pending draw and round
+MAX_TRIES = 64  # proposals per pending draw and round, unless the round has room for more (ROUND_PROPOSALS)
+ROUND_PROPOSALS = 1 << 20
+STEADY_ROUNDS = 4  # rounds at the estimated number of proposals per draw before a pending draw doubles it
 EXP_SLACK_BITS = 50
 MARGIN_ROUNDINGS = 4.0  # the triangle inequality on computed distances loses at most 3 roundings
 
@@ -174,7 +176,10 @@ class ProposalSampler:
         Each round makes about the expected number of proposals for every pending draw, in sequence,
         and keeps the first accepted one (the first success of independent proposals has the law of
         one accepted proposal), so few rounds are needed; the rows still pending are compacted
-        first, so a round costs what its pending draws need.
+        first, so a round costs what its pending draws need. The expected number is an estimate
+        (centre distances stand in for the row): a draw still pending after ``STEADY_ROUNDS`` doubles
+        its proposals each round, up to ``ROUND_PROPOSALS`` per round in all, so an estimate that is
+        far too low costs a few more rounds, not thousands.
         """
         out = torch.empty_like(rows)
         with single_threaded():
@@ -183,10 +188,14 @@ class ProposalSampler:
 
     def _rounds(self, envelope: Envelope, owners: torch.Tensor, out: torch.Tensor, generator: torch.Generator) -> None:
         pending = torch.arange(len(owners))
+        rounds = 0
         while len(pending):
             used, owners = torch.unique(owners, return_inverse=True)
             envelope = envelope.restricted(used)
-            tries = envelope.expected_proposals[owners].ceil().clamp(1, MAX_TRIES).long()
+            growth = 2.0 ** max(0, rounds - STEADY_ROUNDS)
+            cap = max(MAX_TRIES, ROUND_PROPOSALS // len(owners))
+            tries = (envelope.expected_proposals[owners] * growth).ceil_().clamp_(1, cap).long()
+            rounds += 1
             slot = torch.repeat_interleave(torch.arange(len(owners)), tries)
             accepted, proposal = self._propose(envelope, owners[slot], generator)
             first = torch.full((len(owners),), len(slot), dtype=torch.long)
