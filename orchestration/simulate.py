@@ -156,7 +156,11 @@ def federation_key_path(out: Path) -> Path:
 
 
 def prepare_ult_federation(
-    cfg: FederationConfig, owners: int, out: Path, nodes: dict[int, dict[str, Any]]
+    cfg: FederationConfig,
+    owners: int,
+    out: Path,
+    nodes: dict[int, dict[str, Any]],
+    shared_key: Path | None = None,
 ) -> FederationConfig:
     """The data owners' out-of-band part of a ULT federation, done once for all simulated owners.
 
@@ -164,6 +168,8 @@ def prepare_ult_federation(
     ships with the ULT-ready model. As key holders they also encode held-out text into ids for the
     model owner's per-round evaluation: ids only, which the model owner can score but not read. Each
     owner's held-out part comes from its own documents (its data folder, or its embedded partition).
+    ``shared_key``: the key of another run of the same owners (the demo's non-private reference takes
+    its private run's key, so both are scored on the same ids); a fresh key otherwise.
     """
     import dataclasses
 
@@ -173,7 +179,7 @@ def prepare_ult_federation(
     from privtune.client.site import SiteConfig, cap_characters, site_documents
     from privtune.common.models import ULT_TABLE_FILE
     from privtune.common.packing import holdout_split, pack
-    from privtune.common.ult.keys import new_key_file
+    from privtune.common.ult.keys import load_key_file, new_key_file
     from privtune.common.ult.tokenizer import UltTokenizer
 
     table = Path(cfg.model) / ULT_TABLE_FILE
@@ -185,7 +191,7 @@ def prepare_ult_federation(
     key = federation_key_path(out)
     if not key.exists():
         key.parent.mkdir(parents=True, exist_ok=True)
-        new_key_file(key)
+        new_key_file(key, secret=None if shared_key is None else load_key_file(shared_key).secret)
     for node in nodes.values():
         node.setdefault("ult-table", str(table))
         node.setdefault("ult-key", str(key))
@@ -238,6 +244,7 @@ def simulate(
     out: Path,
     node_overrides: dict[int, dict[str, Any]] | None = None,
     gpus_per_owner: float = DEFAULT_GPUS_PER_OWNER,
+    shared_key: Path | None = None,
 ) -> dict[str, Any]:
     """Run the federation in simulation; returns the metrics written to ``out/metrics.json``.
 
@@ -261,7 +268,7 @@ def simulate(
     identity = {**run_identity(cfg), "owners": owners, "node-overrides": node_overrides or {}}
     bind_run(out, identity, SIMULATION_ENTRIES, overwrite=cfg.overwrite)
     if cfg.encoding == "ult":
-        cfg = prepare_ult_federation(cfg, owners, out, nodes)
+        cfg = prepare_ult_federation(cfg, owners, out, nodes, shared_key)
     overrides = cfg.to_run_config()
     run_simulation(
         server_app=build_server(overrides),
