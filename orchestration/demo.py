@@ -33,6 +33,9 @@ SMOLLM2_SETTINGS: dict[str, Any] = {
     "model": "smollm2",
     "encoding": "raw",
     "dp-epsilon": 8.0,
+    # A record is a paragraph; its first 64 tokens train (72% of the owners' text here, and the unit and
+    # epsilon are unchanged). The longest paragraph would otherwise pad every DP-SGD example to 148 tokens.
+    "dp-record-max-tokens": 64,
     "k-bottom": 2,
     "k-top": 2,
     "n-emulator": 2,

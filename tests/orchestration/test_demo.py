@@ -61,6 +61,7 @@ def test_the_reference_is_the_same_ult_federation_without_privacy_on_the_same_he
         "max-train-blocks": 16,
     }
     private = tmp_path / "demo" / "ult"
+    federation_key_path(private).parent.mkdir(parents=True)
     new_key_file(federation_key_path(private))
     nodes = {i: {"workspace": str(private / "owners" / f"owner-{i}")} for i in range(2)}
     private_cfg = FederationConfig.from_run_config({**settings, "run-dir": str(private / "server")})
