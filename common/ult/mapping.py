@@ -17,7 +17,9 @@ meaning: it becomes :data:`INVALID_MARK`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import numba
 import numpy as np
 
 from privtune.common.errors import PrivtuneError
@@ -38,7 +40,6 @@ from privtune.common.ult.table import LookupTable
 _DROP = -5  # pad/bos/eos and escape ids: no content of their own
 _DIGIT = -6
 _MAX_DIGITS = 15  # 60 bits: any code a codec makes, and no int64 overflow from model output
-_BLOCK = 1 << 16
 
 
 Canonical = Callable[[np.ndarray], np.ndarray]
@@ -114,8 +115,8 @@ class SymbolMapper:
         every other id sequence has a stream (see the module docstring).
         """
         arrays = [np.asarray(seq).reshape(-1) for seq in sequences]
-        # Signed integers of 32 or 64 bits pass as they are (clipping below needs room for the vocabulary).
-        arrays = [a if a.dtype.kind == "i" and a.dtype.itemsize >= 4 else a.astype(np.int64) for a in arrays]
+        # Signed integers pass as they are (the lookup clips them to the vocabulary in 64 bits).
+        arrays = [a if a.dtype.kind == "i" else a.astype(np.int64) for a in arrays]
         lengths = np.array([a.size for a in arrays], dtype=np.int64)
         seq_starts = np.cumsum(lengths + 1) - lengths - 1
         if len(arrays) == 1:
@@ -124,15 +125,13 @@ class SymbolMapper:
             joined = np.empty(int(lengths.sum()) + len(arrays) - 1, dtype=np.result_type(*arrays))
             for start, array in zip(seq_starts.tolist(), arrays):
                 joined[start : start + array.size] = array
+            joined[seq_starts[1:] - 1] = SEP_ID  # where the breaks go: an id that needs no spelling
         stream = np.empty(joined.size, dtype=self._by_id.dtype)
-        for lo in range(0, joined.size, _BLOCK):  # whole-stream indices would be fresh (widened) arrays
-            index = np.clip(joined[lo : lo + _BLOCK], -1, self.vocab_size)
-            index += 1
-            self._by_id.take(index, out=stream[lo : lo + _BLOCK])
+        special = _read_ids(joined, self._by_id, stream)
         stream[seq_starts[1:] - 1] = BREAK_MARK
         if strict:
             self._refuse_invalid(stream, arrays, seq_starts)
-        if not (stream <= _DROP).any():  # nothing to drop or spell (markers below _DROP are _DIGIT only)
+        if not special:  # nothing to drop or spell (markers below _DROP are _DIGIT only)
             return stream
         if (stream == _DIGIT).any():
             stream = stream.astype(np.int64)  # spelled codes may take more than 32 bits
@@ -173,58 +172,62 @@ class SymbolMapper:
 class _CodeIndex:
     """Hash index from codes to ids (Fibonacci hashing, linear probing, load factor <= 1/4).
 
-    Encoding looks up millions of codes; one vectorised probe round here costs about a fifth of
-    a ``searchsorted`` over the sorted table, and with this load factor few codes need a second.
+    Encoding looks up millions of codes: one compiled probe loop, no per-code Python.
     """
-
-    _GOLDEN = np.uint32(0x9E3779B9)
 
     def __init__(self, codes: np.ndarray, ids: np.ndarray) -> None:
         bits = max(4, int(4 * codes.size).bit_length())
-        self._mask = (1 << bits) - 1
-        self._shift = np.uint32(32 - bits)
+        self._shift = 32 - bits
         self._codes = np.full(1 << bits, -1, dtype=np.int64)
         self._ids = np.zeros(1 << bits, dtype=np.int32)
-        self._max_probe = 0
-        for code, id_, slot in zip(codes.tolist(), ids.tolist(), self._slots(codes).tolist()):
-            probe = 0
-            while self._codes[(slot + probe) & self._mask] != -1:
-                probe += 1
-            self._codes[(slot + probe) & self._mask] = code
-            self._ids[(slot + probe) & self._mask] = id_
-            self._max_probe = max(self._max_probe, probe)
-
-    def _slots(self, codes: np.ndarray) -> np.ndarray:
-        """Fibonacci hash of the code's two 32-bit halves xor-ed (32-bit streams skip the fold, to the same slots)."""
-        if codes.dtype.itemsize > 4:
-            high = (codes >> 32) - (codes >> 63)  # 0 for every value that fits 32 bits, negative ones too
-            codes = (codes ^ high).astype(np.uint32)
-        return ((codes.view(np.uint32) * self._GOLDEN) >> self._shift).astype(np.intp)
+        _insert(codes.astype(np.int64), ids.astype(np.int32), self._codes, self._ids, self._shift)
 
     def lookup(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of ``codes`` and whether each was found (ids of missing codes are meaningless).
-
-        Block by block: a block's temporaries (slots, held codes) stay in cache, where whole-stream
-        ones would be fresh pages of memory.
-        """
+        """Ids of ``codes`` and whether each was found (ids of missing codes are meaningless)."""
         ids = np.empty(codes.size, dtype=np.int32)
-        found = np.empty(codes.size, dtype=bool)
-        for lo in range(0, codes.size, _BLOCK):
-            self._lookup_block(codes[lo : lo + _BLOCK], ids[lo : lo + _BLOCK], found[lo : lo + _BLOCK])
+        found = np.empty(codes.size, dtype=np.bool_)
+        _probe(codes, self._codes, self._ids, self._shift, ids, found)
         return ids, found
 
-    def _lookup_block(self, codes: np.ndarray, ids: np.ndarray, found: np.ndarray) -> None:
-        slot = self._slots(codes)
-        self._ids.take(slot, out=ids)
-        held = self._codes[slot]
-        np.equal(held, codes, out=found)
-        pending = np.flatnonzero(~found)  # missing codes (escapes) are rare: probing them costs less than a test
-        for probe in range(1, self._max_probe + 1):
-            if not pending.size:
-                break
-            at = (slot[pending] + probe) & self._mask
-            held = self._codes[at]
-            hit = held == codes[pending]
-            ids[pending[hit]] = self._ids[at[hit]]
-            found[pending[hit]] = True
-            pending = pending[~hit & (held != -1)]
+
+@numba.njit(cache=True, inline="always")
+def _slot(code: Any, shift: int) -> int:
+    """Fibonacci hash of the code's two 32-bit halves xor-ed."""
+    folded = (code ^ (code >> 32)) & 0xFFFFFFFF
+    return ((folded * 0x9E3779B9) & 0xFFFFFFFF) >> shift
+
+
+@numba.njit(cache=True)
+def _insert(codes: Any, ids: Any, held: Any, held_ids: Any, shift: int) -> None:
+    mask = held.size - 1
+    for i in range(codes.size):
+        at = _slot(codes[i], shift)
+        while held[at] != -1:
+            at = (at + 1) & mask
+        held[at] = codes[i]
+        held_ids[at] = ids[i]
+
+
+@numba.njit(cache=True)
+def _probe(codes: Any, held: Any, held_ids: Any, shift: int, ids: Any, found: Any) -> None:
+    mask = held.size - 1
+    for i in range(codes.size):
+        code = np.int64(codes[i])
+        at = _slot(code, shift)
+        while held[at] != code and held[at] != -1:
+            at = (at + 1) & mask
+        ids[i] = held_ids[at]
+        found[i] = held[at] == code
+
+
+@numba.njit(cache=True)
+def _read_ids(joined: Any, by_id: Any, stream: Any) -> bool:
+    """``stream[i]``: the entry of id ``joined[i]`` (``by_id`` is indexed by id + 1, clipped to the
+    vocabulary's two ends); whether any entry needs dropping or spelling."""
+    top = by_id.size - 1
+    special = False
+    for i in range(joined.size):
+        entry = by_id[min(max(np.int64(joined[i]) + 1, 0), top)]
+        stream[i] = entry
+        special |= entry <= _DROP
+    return special

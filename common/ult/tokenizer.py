@@ -97,11 +97,12 @@ class UltTokenizer:
 
 
 def _id_array(ids: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Ids as an integer array; a list converts fastest straight into 32 bits, where its ids fit."""
+    """Ids as an integer array; a list converts fastest straight into the narrowest type its ids fit."""
     if isinstance(ids, list):
-        try:
-            return np.fromiter(ids, dtype=np.int32, count=len(ids))
-        except (OverflowError, TypeError, ValueError):
-            pass
+        for dtype in (np.int16, np.int32):
+            try:
+                return np.fromiter(ids, dtype=dtype, count=len(ids))
+            except (OverflowError, TypeError, ValueError):
+                pass
     array = np.asarray(ids)
     return array if np.issubdtype(array.dtype, np.integer) else array.astype(np.int64)

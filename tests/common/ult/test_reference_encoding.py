@@ -1,4 +1,5 @@
-"""Encoding is pinned: it equals a one-patch-at-a-time reference, and on the benchmark corpus its digest."""
+"""Codec output is pinned: encoding equals a one-patch-at-a-time reference and, on the benchmark corpus,
+a digest; decoding fixed id sequences gives texts of a pinned digest."""
 
 import hashlib
 
@@ -46,3 +47,16 @@ def test_corpus_slices_match_the_reference_with_in_table_and_escaped_symbols():
 def test_any_texts_match_the_reference(texts, patch_size):
     tok = tokenizer(patch_size, keyed=True)
     assert tok.encode_batch(texts) == [reference_encode(t, tok.table, KEY) for t in texts]
+
+
+DECODED_SHA256 = "3d6fcfe3190420ca051be7805223bb83fff4e99c1ebcbc7cf4ade27902a00854"
+"""Texts of fixed random id sequences (ids outside the table, digits, slots longer than a patch)."""
+
+
+def test_any_id_sequences_decode_to_the_pinned_texts():
+    tok = tokenizer(8, keyed=True)
+    rng = np.random.default_rng(18)
+    sequences = [rng.integers(-3, 560, int(n)).tolist() for n in rng.integers(0, 400, 24)]
+    sequences.append([i for i in rng.integers(5, 560, 300).tolist() if i != 3])  # no separator: one long slot
+    texts = tok.decode_batch(sequences)
+    assert hashlib.sha256("\x00".join(texts).encode("utf-8", "surrogatepass")).hexdigest() == DECODED_SHA256
