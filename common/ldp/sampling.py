@@ -107,7 +107,7 @@ def columns_for(cumsum: torch.Tensor, residues: torch.Tensor, rows: torch.Tensor
 
     ``cumsum`` is one row, or a matrix searched in rows[i] for residues[i].
     """
-    matrix = cumsum.view(1, -1) if cumsum.dim() == 1 else cumsum
+    matrix = cumsum.reshape(1, -1) if cumsum.dim() == 1 else cumsum
     rows = torch.zeros_like(residues) if rows is None else rows
     return torch.from_numpy(search_rows(matrix.contiguous().numpy(), rows.numpy(), residues.numpy()))
 
