@@ -7,10 +7,11 @@ transform of exactly one string of length n, so :func:`inverse_bwts_batch` accep
 which is what lets a model's output always decode.
 
 Patches are 8–16 characters and a corpus holds millions of them: per-patch work has to be a few
-hundred machine instructions, not Python calls. :func:`bwts_into` and :func:`inverse_bwts_into`
-transform one row with caller-owned scratch, so the codec's kernels (:mod:`.text`) call
-them patch after patch with no allocation; :func:`bwts_batch` and :func:`inverse_bwts_batch`
-are the same on whole ``(k, n)`` arrays.
+hundred machine instructions, not Python calls. The forward transform of one row (two steps:
+:func:`bwts_by_keys`, inlined so that a caller's constant patch length unrolls its loops, and
+:func:`bwts_by_comparison` where that declines) and :func:`inverse_bwts_into` work in caller-owned
+scratch, so the codec's kernels (:mod:`.text`) call them patch after patch with no allocation;
+:func:`bwts_batch` and :func:`inverse_bwts_batch` are the same on whole ``(k, n)`` arrays.
 """
 
 from __future__ import annotations
@@ -109,13 +110,6 @@ def scratch(n: int) -> tuple[Any, Any, Any, Any]:
     )
 
 
-@numba.njit(cache=True)
-def bwts_into(s: Any, n: int, out: Any, work: Any) -> None:
-    """BWTS of ``s[:n]`` into ``out[:n]``; ``work``: :func:`scratch` for n or more characters."""
-    if not _bwts_by_keys(s, n, out, work[0], work[1], work[2]):
-        _bwts_by_comparison(s, n, out, work[0], work[1], work[2], work[3])
-
-
 @numba.njit(cache=True, inline="always")
 def _bit_length(value: int) -> int:
     bits = 1
@@ -125,8 +119,9 @@ def _bit_length(value: int) -> int:
 
 
 @numba.njit(cache=True, inline="always")
-def _bwts_by_keys(s: Any, n: int, out: Any, rank: Any, key: Any, size: Any) -> bool:
-    """The common case, in a few passes of simple arithmetic: characters as ranks >= 1 (themselves + 1
+def bwts_by_keys(s: Any, n: int, out: Any, rank: Any, key: Any, size: Any) -> bool:
+    """BWTS of ``s[:n]`` into ``out[:n]`` (``rank``, ``key``, ``size``: int64 scratch of n+) in the
+    common case, in a few passes of simple arithmetic: characters as ranks >= 1 (themselves + 1
     where n of them fit 62 bits, else their ranks in the patch), each rotation's first n ranks packed
     into one int64 key, each rotation's place found by counting the smaller keys. False (nothing
     written) when even n ranks in the patch do not fit."""
@@ -193,8 +188,9 @@ def _bwts_by_keys(s: Any, n: int, out: Any, rank: Any, key: Any, size: Any) -> b
 
 
 @numba.njit(cache=True)
-def _bwts_by_comparison(s: Any, n: int, out: Any, order: Any, spare: Any, begin: Any, length: Any) -> None:
-    """Any patch: rotations sorted by comparing their repetitions character by character."""
+def bwts_by_comparison(s: Any, n: int, out: Any, order: Any, spare: Any, begin: Any, length: Any) -> None:
+    """BWTS of ``s[:n]`` into ``out[:n]`` for any patch (scratch as for :func:`bwts_by_keys`): rotations
+    sorted by comparing their repetitions character by character."""
     _lyndon_factors(s, n, length)
     i = 0
     while i < n:
@@ -211,9 +207,9 @@ def _bwts_by_comparison(s: Any, n: int, out: Any, order: Any, spare: Any, begin:
         out[r] = s[p - 1] if p > begin[p] else s[p + length[p] - 1]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, inline="always")
 def inverse_bwts_into(column: Any, m: int, out: Any, work: Any) -> None:
-    """The patch whose BWTS is ``column[:m]``, into ``out[:m]``; ``work`` as for :func:`bwts_into`.
+    """The patch whose BWTS is ``column[:m]``, into ``out[:m]``; ``work``: :func:`scratch` for m or more characters.
 
     Each cycle of the standard permutation is one Lyndon factor, and the text holds the factors in
     reverse order of their first positions. Walking each cycle backwards (position j to its rank
@@ -248,9 +244,11 @@ def inverse_bwts_into(column: Any, m: int, out: Any, work: Any) -> None:
 
 @numba.njit(cache=True)
 def _bwts_rows(patches: Any, out: Any) -> None:
-    work = scratch(patches.shape[1])
+    n = patches.shape[1]
+    a, b, c, d = scratch(n)
     for row in range(patches.shape[0]):
-        bwts_into(patches[row], patches.shape[1], out[row], work)
+        if not bwts_by_keys(patches[row], n, out[row], a, b, c):
+            bwts_by_comparison(patches[row], n, out[row], a, b, c, d)
 
 
 @numba.njit(cache=True)
