@@ -72,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--middle-lora-r", type=int, default=0)
     parser.add_argument("--train-steps", type=int, default=20, help="steps for every trained row of the ppl table")
     parser.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning and full adapter blocks")
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lora-lr",
+        type=float,
+        default=3e-3,
+        help="data owners' LoRA rate (swept: ceiling 0.86 of full FT, 1e-3: 0.64)",
+    )
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument(
         "--compare-variants",
