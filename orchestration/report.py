@@ -53,6 +53,16 @@ def privacy_label(config: dict[str, Any]) -> str:
     return " + ".join(paths) or "no privacy"
 
 
+def reference_value(reference: float | None, public: float | None) -> float | str | None:
+    """The reference's perplexity, saying so when it is above the public model's (the shared settings are the
+    private path's; without clipping and noise they may overshoot)."""
+    if reference is None or public is None or reference <= public:
+        return reference
+    return (
+        f"{reference:.2f} (above the public model's: at these shared settings, training without privacy did not help)"
+    )
+
+
 def perplexity_rows(
     metrics: dict[str, Any], reference: dict[str, Any] | None = None, extra: tuple[tuple[str, str], ...] = ()
 ) -> list[str]:
@@ -60,7 +70,7 @@ def perplexity_rows(
     ``extra`` rows (label, text) for paths whose perplexity is not a number here."""
     rows: list[tuple[str, Any]] = [(label, metrics.get(key)) for key, label in PERPLEXITIES]
     if reference is not None:
-        rows.append((REFERENCE_LABEL, reference.get("plugin_ppl")))
+        rows.append((REFERENCE_LABEL, reference_value(reference.get("plugin_ppl"), metrics.get("zero_shot_ppl"))))
     private = privacy_label(metrics.get("config", {}))
     rows += [(f"full model + aggregated adapter (plug-in), {private}", metrics.get("plugin_ppl")), *extra]
     lines = ["| held-out perplexity | value |", "|---|---|"]

@@ -62,3 +62,10 @@ def test_a_missing_figure_says_so_and_guarantees_and_plots_follow(tmp_path):
     assert "| full model + aggregated adapter (plug-in), DP-SGD (8, 1e-05) per record | not measured |" in text
     assert "| owner-0 | DP-SGD | record | training data | (8, 1e-5)-DP |" in text
     assert "![loss](smollm2-loss.png)" in text and (tmp_path / "report" / "smollm2-loss.png").read_bytes() == b"png"
+
+
+def test_a_reference_worse_than_the_public_model_says_so(tmp_path):
+    private = run_folder(tmp_path, "smollm2", {"dp-epsilon": 8.0}, plugin=39.5)
+    reference = run_folder(tmp_path, "smollm2-reference", {}, plugin=45.0)
+    shown = table(markdown_run_section("S", private, tmp_path, reference))[REFERENCE_LABEL]
+    assert shown.startswith("45.00 (above the public model's")
