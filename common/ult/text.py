@@ -111,21 +111,31 @@ def _encode(chars: Any, lengths: Any, shape: tuple[int, ...], stream: Any, per_t
             n = min(size, stop - pos)
             patch = chars[pos : pos + n]
             # The constant length where the patch is whole: the compiler unrolls that copy's loops.
-            if not (
-                bwts_by_keys(patch, size, column, a, b, c) if n == size else bwts_by_keys(patch, n, column, a, b, c)
-            ):
-                bwts_by_comparison(patch, n, column, a, b, c, d)
-            run = 0
-            for i in range(1, n + 1):
-                if i == n or column[i] != column[run]:
-                    stream[at] = (i - run - 1) << CHAR_BITS | column[run]
-                    at += 1
-                    run = i
+            if n == size:
+                if not bwts_by_keys(patch, size, column, a, b, c):
+                    bwts_by_comparison(patch, size, column, a, b, c, d)
+                at = _emit_runs(column, size, stream, at)
+            else:
+                if not bwts_by_keys(patch, n, column, a, b, c):
+                    bwts_by_comparison(patch, n, column, a, b, c, d)
+                at = _emit_runs(column, n, stream, at)
             pos += n
             if pos < stop:
                 stream[at] = SEP_MARK
                 at += 1
         per_text[t] = at - first
+    return at
+
+
+@numba.njit(cache=True, inline="always")
+def _emit_runs(column: Any, n: int, stream: Any, at: int) -> int:
+    """The run codes of ``column[:n]`` into ``stream`` from ``at``; where they end."""
+    run = 0
+    for i in range(1, n + 1):
+        if i == n or column[i] != column[run]:
+            stream[at] = (i - run - 1) << CHAR_BITS | column[run]
+            at += 1
+            run = i
     return at
 
 
