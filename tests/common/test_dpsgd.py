@@ -33,14 +33,7 @@ from privtune.common.models import TinySpec, tiny_model
 SPEC = TinySpec(n_layers=4, hidden=32, heads=4, max_positions=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models' ops take microseconds: a thread pool only adds synchronisation, which on a
-    busy shared machine costs milliseconds per op (a 32-wide linear took 6 ms with 2 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LORA_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj", "fc1"]}

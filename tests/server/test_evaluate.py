@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from privtune.cli import main
 from privtune.common.corpus import local_documents
@@ -9,13 +8,7 @@ from privtune.common.models import load_model
 from privtune.common.offsite.evaluate import perplexity
 from privtune.common.packing import holdout_split, pack, pack_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_evaluate_scores_only_the_responses_of_conversations(tmp_path):

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from privtune.cli import main
 from privtune.common.corpus import Document
@@ -34,12 +33,7 @@ PREPARE_ARGS = [
 TEXT = "Of Man's first disobedience, and the fruit of that forbidden tree whose mortal taste brought death. " * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
