@@ -15,9 +15,10 @@ the first), with AdamW for ``steps`` steps of ``batch`` records:
   sampled at rate batch / records and epsilon comes from Opacus' RDP accountant for that rate.
 - pmixed: PMixED over owners x m members, member i of an owner trained from the public model on the
   i-th of its m shards alone (``client/data.py``'s ``member_shards``: whole works dealt round
-  robin), non-privately, the members sharing one run's records (each ``batch // members`` per
-  step); the guarantee is PMixED's: (epsilon, 1e-5)-DP per member shard (a set of whole works)
-  over T = 1024 queries, from ``common/pmixed/accountant.py`` for the exact (alpha, q, N) scored.
+  robin), non-privately, the members sharing one run's records (``steps * batch / members`` each,
+  at the step count and learning rate the public member sweep chose for that m); the guarantee
+  is PMixED's: (epsilon, 1e-5)-DP per member shard (a set of whole works) over T = 1024 queries,
+  from ``common/pmixed/accountant.py`` for the exact (alpha, q, N) scored.
   Perplexity is the evaluator's view: a fresh Poisson S at every held-out position and the
   mixture's probability of the true token (``bench.heldout.mixture_nll``).
 
@@ -28,7 +29,13 @@ records with their own held-out tail, DP-SGD with the same batch, steps, adapter
 the noise multiplier of the owners' epsilon-8 plan), then is applied unchanged to the owners'
 records: the choice depends on no private record, so it costs no privacy. The clipping norm is not
 swept: it lies far below every per-record gradient norm, so every record is clipped to it, and
-under Adam a common scale of all gradients and of the noise does not change the step. PMixED's
+under Adam a common scale of all gradients and of the noise does not change the step.
+
+PMixED's members train at their own batch (a few records), where DP-SGD's learning rate is not
+the right one, so their recipe (learning rate, and steps x f at batch / f: the same records in
+more, smaller steps) comes from a second sweep on the same public data: members trained on
+shards of Milton's paragraph records at the member batch, scored on Milton's held-out tail; the
+recipe of lowest mean member perplexity is applied unchanged to the owners' members. PMixED's
 (m, q, alpha) grid is scored on the held-out Shakespeare itself and every point is reported; the
 headline per epsilon is the best point, a selection among the grid's points on the evaluation text
 (stated in the JSON).
@@ -47,7 +54,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,9 +112,15 @@ class Settings:
     """Far below the per-record gradient norms (the smallest of 48 public records' at the start is 1.6): every
     record is clipped, and under Adam the norm then only scales gradients and noise alike."""
     sweep_lrs: tuple[float, ...] = (1e-3, 3e-3)
-    """Learning rates tried on public data."""
-    shards: tuple[int, ...] = (4, 8)
-    qs: tuple[float, ...] = (0.02, 0.04, 0.08)
+    """DP-SGD's learning rates tried on public data."""
+    member_lrs: tuple[float, ...] = (3e-4, 1e-3, 2e-3, 3e-3)
+    """PMixED members' learning rates tried on public data (3e-3 is what the DP-SGD sweep picks at batch 128)."""
+    member_step_factors: tuple[int, ...] = (1, 2)
+    """Member schedules tried on public data: ``steps * f`` steps at batch ``member_batch // f`` (same records)."""
+    sweep_members: int = 2
+    """Public members trained per recipe in the member sweep (on as many of Milton's shards); their mean is scored."""
+    shards: tuple[int, ...] = (2, 4, 8)
+    qs: tuple[float, ...] = (0.04, 0.08, 0.12, 0.16, 0.25)
     alpha_candidates: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
     alphas_kept: int = 1
     """Per (epsilon, q, N), the Rényi orders scored: those of largest ball radius alpha * beta (data-independent)."""
@@ -122,6 +135,11 @@ class Settings:
         """Each PMixED member's batch: the members together process as many records as one fine-tuning run."""
         return max(1, self.batch // members)
 
+    def member_schedules(self, members: int) -> list[tuple[int, int]]:
+        """(steps, batch) a member may train with: ``member_batch``'s records, in ``f`` times more steps of 1/f."""
+        batch = self.member_batch(members)
+        return [(self.steps * f, batch // f) for f in self.member_step_factors if batch % f == 0]
+
 
 QUICK = Settings(
     owners=4,
@@ -133,6 +151,7 @@ QUICK = Settings(
     k_top=2,
     lora_r=2,
     sweep_lrs=(3e-3,),
+    member_lrs=(1e-3, 3e-3),
     shards=(1, 2),
     qs=(0.04,),
     alphas_kept=1,
@@ -223,6 +242,15 @@ class Run:
     records: int | None = None
 
 
+@dataclass(frozen=True)
+class MemberRecipe:
+    """How each PMixED member trains (non-privately, from the public model, on its shard alone)."""
+
+    lr: float
+    steps: int
+    batch: int
+
+
 def fresh_adapter(base: nn.Module, settings: Settings, seed: int) -> nn.Module:
     return prepare_adapter(copy.deepcopy(base), settings.split(), seed=seed)
 
@@ -289,13 +317,22 @@ def train_private(
 
 
 # ----------------------------------------------------------------------------------------- stages
-def sweep_public(base: nn.Module, tokenizer, settings: Settings, first: int, noise_multiplier: float) -> dict[str, Any]:
-    """DP-SGD on Milton's paragraph records at each learning rate, scored on Milton's held-out tail.
+@dataclass
+class PublicTask:
+    """The public data the hyperparameter sweeps see: Milton's paragraph records and a scorer of its held-out tail.
 
-    Same adapter, batch, steps and clipping as the owners' runs, and the noise multiplier of their
-    epsilon-8 plan: Milton has far fewer records, so planning epsilon 8 on them would add more noise
-    than the owners' runs see. The choice depends on no private record, so it costs no privacy.
+    Nothing in it comes from an owner, so a choice made on it costs no privacy.
     """
+
+    rows: torch.Tensor
+    scorer: TopScorer
+    public_ppl: float
+
+    def describe(self) -> str:
+        return f"public corpus (Milton): {len(self.rows)} paragraph records, {len(self.scorer.blocks)} held-out blocks"
+
+
+def public_task(base: nn.Module, tokenizer, settings: Settings, first: int) -> PublicTask:
     split = holdout_split(public_corpus(), 0.1)
     rows = paragraph_records(split.train, tokenizer, settings.record_tokens)
     heldout = pack(split.heldout, tokenizer, settings.block)
@@ -303,24 +340,84 @@ def sweep_public(base: nn.Module, tokenizer, settings: Settings, first: int, noi
         torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[: settings.sweep_eval_blocks]
     ]
     scorer = TopScorer(base, heldout, first)
-    config = DpSgdConfig(max_grad_norm=settings.clip, delta=DELTA, noise_multiplier=noise_multiplier)
-    points: list[dict[str, Any]] = [{"lr": None, "ppl": scorer.perplexity(public_top(base, first))}]
-    for i, lr in enumerate(settings.sweep_lrs):
-        model = fresh_adapter(base, settings, seed=300 + i)
-        run = train_private(model, rows, settings, config, lr, seed=300 + i)
-        points.append(
-            {"lr": lr, "ppl": scorer.perplexity(top_blocks(base, model, first)), "run": dataclasses.asdict(run)}
-        )
-        del model
-        print(f"  sweep lr={lr:g}: public held-out ppl {points[-1]['ppl']:.2f} ({run.seconds:.0f} s)")
-    best = min(points[1:], key=lambda p: p["ppl"])
+    return PublicTask(rows, scorer, scorer.perplexity(public_top(base, first)))
+
+
+Trainer = Callable[[dict[str, Any], int], Iterator[tuple[nn.Module, Run]]]
+"""Trains the models of one sweep candidate (with the given seed), yielding each as soon as it is trained."""
+
+
+def sweep(
+    base: nn.Module, first: int, task: PublicTask, candidates: list[dict[str, Any]], train: Trainer, seed: int
+) -> dict[str, Any]:
+    """Each candidate's models, trained by ``train`` and scored on the public held-out tail; the lowest mean wins.
+
+    Models are scored and dropped one at a time: each is a full copy of the model.
+    """
+    points: list[dict[str, Any]] = []
+    for i, candidate in enumerate(candidates):
+        ppls, runs = [], []
+        for model, run in train(candidate, seed + i):
+            ppls.append(task.scorer.perplexity(top_blocks(base, model, first)))
+            runs.append(dataclasses.asdict(run))
+            del model
+        points.append({**candidate, "ppl": float(np.mean(ppls)), "ppls": ppls, "runs": runs})
+        seconds = sum(r["seconds"] for r in runs)
+        print(f"  sweep {candidate}: public held-out ppl {points[-1]['ppl']:.2f} ({seconds:.0f} s)")
+    best = min(points, key=lambda p: p["ppl"])
     return {
-        "data": f"public corpus (Milton): {len(rows)} paragraph records, {len(heldout)} held-out blocks",
-        "noise_multiplier": noise_multiplier,
-        "max_grad_norm": settings.clip,
+        "data": task.describe(),
+        "public_ppl": task.public_ppl,
         "points": points,
-        "chosen": {"lr": best["lr"], "max_grad_norm": settings.clip},
+        "chosen": {key: best[key] for key in candidates[0]},
     }
+
+
+def sweep_dpsgd(
+    base: nn.Module, task: PublicTask, settings: Settings, first: int, noise_multiplier: float
+) -> dict[str, Any]:
+    """DP-SGD on Milton's paragraph records at each learning rate, scored on Milton's held-out tail.
+
+    Same adapter, batch, steps and clipping as the owners' runs, and the noise multiplier of their
+    epsilon-8 plan: Milton has far fewer records, so planning epsilon 8 on them would add more noise
+    than the owners' runs see.
+    """
+    config = DpSgdConfig(max_grad_norm=settings.clip, delta=DELTA, noise_multiplier=noise_multiplier)
+
+    def train(candidate: dict[str, Any], seed: int) -> Iterator[tuple[nn.Module, Run]]:
+        model = fresh_adapter(base, settings, seed=seed)
+        yield model, train_private(model, task.rows, settings, config, candidate["lr"], seed=seed)
+
+    result = sweep(base, first, task, [{"lr": lr} for lr in settings.sweep_lrs], train, seed=300)
+    return {**result, "noise_multiplier": noise_multiplier, "max_grad_norm": settings.clip}
+
+
+def sweep_members(base: nn.Module, task: PublicTask, settings: Settings, first: int, m: int) -> dict[str, Any]:
+    """The owners' members' recipe for m shards each, chosen on public data at the owners' member batch.
+
+    Public member j trains from the public model on the j-th of m shards of Milton's paragraph
+    records (dealt round robin: Milton has 7 works, too few to shard by work, and a member sees
+    only ``steps * batch`` of its shard's records either way), at every learning rate and schedule
+    of the same records (``member_schedules``); the recipe of lowest mean held-out perplexity wins.
+    """
+    members = settings.owners * m
+    candidates = [
+        {"lr": lr, "steps": steps, "batch": batch}
+        for steps, batch in settings.member_schedules(members)
+        for lr in settings.member_lrs
+    ]
+
+    def train(candidate: dict[str, Any], seed: int) -> Iterator[tuple[nn.Module, Run]]:
+        for shard in range(min(settings.sweep_members, m)):
+            model = fresh_adapter(base, settings, seed=100 * seed + shard)
+            shard_rows = task.rows[shard::m]
+            yield (
+                model,
+                train_nonprivate(model, shard_rows, candidate["steps"], candidate["batch"], candidate["lr"], seed),
+            )
+
+    result = sweep(base, first, task, candidates, train, seed=500 + 10 * m)
+    return {**result, "m": m, "members": members, "shard_records": len(task.rows) // m}
 
 
 def pmixed_grid(
@@ -331,21 +428,20 @@ def pmixed_grid(
     examples: Callable[[list[Document]], torch.Tensor],
     settings: Settings,
     m: int,
-    lr: float,
+    recipe: MemberRecipe,
 ) -> dict[str, Any]:
-    """Train owners x m members (each on its own shard, from the public model, at the fine-tuned run's ``lr``
-    and steps, the batch split among them) and score the (eps, alpha, q) grid.
+    """Train owners x m members (each on its own shard, from the public model, by ``recipe``) and score the
+    (eps, alpha, q) grid.
 
     Each member's logits on the held-out blocks are kept, not the member: 29 adapted blocks per member
     would not fit in memory for 32 members.
     """
     members = settings.owners * m
-    batch = settings.member_batch(members)
     logits, runs = [], []
     for owner, (documents, rows) in enumerate(owner_rows):
         for shard, shard_rows in enumerate(member_shards(rows, documents, examples, m)):
             model = fresh_adapter(base, settings, seed=1000 * m + 10 * owner + shard)
-            runs.append(train_nonprivate(model, shard_rows, settings.steps, batch, lr, seed=owner))
+            runs.append(train_nonprivate(model, shard_rows, recipe.steps, recipe.batch, recipe.lr, seed=owner))
             logits.append(scorer.next_logits(top_blocks(base, model, first)))
             del model
     public = scorer.next_logits(public_top(base, first))
@@ -377,6 +473,7 @@ def pmixed_grid(
         "m": m,
         "members": members,
         "members_ppl_mean": float(np.mean([math.exp(x / count) for x in member_nll])),
+        "member_recipe": dataclasses.asdict(recipe),
         "points": points,
         "member_runs": {
             "each": dataclasses.asdict(runs[0]),
@@ -501,13 +598,19 @@ def main() -> None:
         },
         "compute_per_method": f"{settings.steps} AdamW steps of {settings.batch} records (expected, Poisson, for "
         f"DP-SGD; fixed for fine-tuned) of at most {settings.record_tokens} tokens each; PMixED's owners x m members "
-        "share that budget: each takes the same steps at batch (batch // members) on its own shard",
+        f"share that budget of {settings.steps * settings.batch} records: each processes "
+        f"{settings.steps} x (batch // members) records of its own shard, in {settings.steps} x f steps of "
+        f"(batch // members) / f records, f in {list(settings.member_step_factors)} chosen by the public member "
+        "sweep (more, smaller steps: the same records and tokens, more optimiser steps). The public sweeps' "
+        "training is not counted in any method's budget: it touches no owner's record",
         "hyperparameters": "DP-SGD's learning rate chosen by the sweep on public data (Milton) at the owners' "
         "epsilon-8 noise multiplier, applied unchanged to the owners' records; the clipping norm is fixed far below "
         "the per-record gradient norms (the smallest of 48 public records' at the start: 1.6), so under Adam it "
-        "only scales gradients and noise alike; fine-tuned and the PMixED "
-        "members use the same lr, steps and adapter. PMixED's headline per epsilon is the best (m, alpha, q) point "
-        "measured on the held-out text (all points reported)",
+        "only scales gradients and noise alike; fine-tuned uses DP-SGD's lr, steps and adapter. The PMixED "
+        "members' recipe (lr, and f above), per m, chosen by a second sweep on public data only: members trained "
+        "at the owners' member batch on shards of Milton's paragraph records, scored on Milton's held-out tail "
+        "(lowest mean member perplexity), applied unchanged to the owners' members. PMixED's headline per epsilon "
+        "is the best (m, alpha, q) point measured on the held-out text (all points reported)",
     }
 
     def stage(**figures: Any) -> None:
@@ -530,9 +633,10 @@ def main() -> None:
     print(f"public {ppl['public']:.2f}; {len(union)} owner records, {record_tokens(union):.1f} tokens each")
 
     noise_at_8 = noise_multiplier_for(owners_config(settings, max(EPSILONS)), settings.batch / len(union))
-    sweep = sweep_public(base, tokenizer, settings, first, noise_at_8)
-    lr = sweep["chosen"]["lr"]
-    stage(ppl=ppl, sweep=sweep)
+    task = public_task(base, tokenizer, settings, first)
+    dpsgd_sweep = sweep_dpsgd(base, task, settings, first, noise_at_8)
+    lr = dpsgd_sweep["chosen"]["lr"]
+    stage(ppl=ppl, sweep=dpsgd_sweep)
 
     runs: dict[str, Any] = {}
     model = fresh_adapter(base, settings, seed=100)
@@ -554,9 +658,13 @@ def main() -> None:
         print(f"DP-SGD eps {run.epsilon:.3g} (sigma {run.noise_multiplier:.3g}): {ppl['dpsgd'][str(eps)]:.2f}")
         stage(ppl=ppl, runs=runs, gap_recovered=gaps(ppl))
 
-    grids = []
+    grids, member_sweeps = [], []
     for m in settings.shards:
-        grids.append(pmixed_grid(base, scorer, first, owner_rows, examples, settings, m, lr))
+        member_sweeps.append(sweep_members(base, task, settings, first, m))
+        recipe = MemberRecipe(**member_sweeps[-1]["chosen"])
+        print(f"PMixED m={m}: member recipe {recipe} (public sweep)")
+        stage(member_sweeps=member_sweeps)
+        grids.append(pmixed_grid(base, scorer, first, owner_rows, examples, settings, m, recipe))
         best = best_pmixed(grids)
         ppl["pmixed"] = {str(eps): point["ppl"] for eps, point in sorted(best.items())}
         print(f"PMixED m={m}: " + ", ".join(f"eps {e:g}: {p['ppl']:.2f}" for e, p in sorted(best.items())))
