@@ -116,3 +116,36 @@ def test_the_owners_plan_adds_less_noise_at_a_larger_epsilon_with_the_fixed_clip
     assert noise == sorted(noise, reverse=True) and len(set(noise)) == len(noise)
     assert {config.max_grad_norm for config in configs} == {settings.clip}
     assert {config.total_steps for config in configs} == {settings.steps}
+
+
+def test_member_schedules_process_the_member_batch_records_in_more_smaller_steps():
+    settings = utility.Settings(batch=128, steps=6, member_step_factors=(1, 2, 3))
+    assert settings.member_schedules(16) == [(6, 8), (12, 4)]  # 8 records do not split in 3
+    assert all(steps * batch == 6 * 8 for steps, batch in settings.member_schedules(16))
+    assert settings.member_schedules(256) == [(6, 1)]
+
+
+def test_a_sweep_scores_every_model_of_a_candidate_and_picks_the_lowest_mean():
+    torch.manual_seed(0)
+    base = load_model("tiny-llama").model.eval()
+    settings = utility.Settings(k_top=1, lora_r=2)
+    first = num_blocks(base) - settings.k_top
+    scorer = utility.TopScorer(base, torch.randint(0, 50, (2, 12)), first)
+    task = utility.PublicTask(torch.randint(0, 50, (6, 4)), scorer, scorer.perplexity(utility.public_top(base, first)))
+
+    def train(candidate, seed):
+        for shard in range(2):
+            model = utility.fresh_adapter(base, settings, seed=seed)
+            with torch.no_grad():
+                for p in utility.trainable(model):
+                    p.add_(candidate["scale"] * (shard + 1) * torch.randn_like(p))
+            yield model, utility.Run(1, 1, 1.0, 4.0, 0.0, candidate["scale"])
+
+    result = utility.sweep(base, first, task, [{"scale": 0.0}, {"scale": 3.0}], train, seed=0)
+    untouched, perturbed = result["points"]
+    assert untouched["ppls"] == [pytest.approx(task.public_ppl)] * 2
+    assert (
+        perturbed["ppl"] == pytest.approx(np.mean(perturbed["ppls"])) and perturbed["ppls"][0] != perturbed["ppls"][1]
+    )
+    assert perturbed["ppl"] > untouched["ppl"]  # random adapter weights make a random model's guesses worse
+    assert result["chosen"] == {"scale": 0.0} and len(perturbed["runs"]) == 2
