@@ -26,7 +26,15 @@ from typing import Any
 import numba
 import numpy as np
 
-from privtune.common.ult.bwt import bwts_by_comparison, bwts_by_keys, inverse_bwts_into, scratch
+from privtune.common.ult.bwt import (
+    LANE_PATCH_MAX,
+    LANES,
+    bwts_into,
+    bwts_lanes,
+    inverse_bwts_into,
+    lane_scratch,
+    scratch,
+)
 from privtune.common.ult.markers import BREAK_MARK, INVALID_MARK, SEP_MARK
 
 CODE_POINTS = 0x110000
@@ -99,30 +107,37 @@ def _encode(chars: Any, lengths: Any, shape: tuple[int, ...], stream: Any, per_t
     """Fill ``stream`` with the runs of every patch, separators between a text's patches; its used length.
 
     The patch size comes as the length of ``shape``, which is part of a tuple's type: each size gets
-    its own compiled kernel, in which full patches have a constant length (unrolled loops, ~25% faster).
+    its own compiled kernel, in which whole patches have a constant length (unrolled loops, ~25% faster).
+    A text's whole patches go through the lanes :data:`LANES` at a time where they pay off, the rest
+    (and any patch the lanes decline) one by one.
     """
     size = len(shape)
-    column = np.empty(size, dtype=np.int64)
-    a, b, c, d = scratch(size)
+    lanes = size <= LANE_PATCH_MAX
+    columns = np.empty((LANES, size), dtype=np.int64)
+    fits = np.zeros(LANES, dtype=np.bool_)
+    lane_work, work = lane_scratch(size), scratch(size)
     at = pos = 0
     for t in range(lengths.size):
         first, stop = at, pos + lengths[t]
         while pos < stop:
-            n = min(size, stop - pos)
-            patch = chars[pos : pos + n]
-            # The constant length where the patch is whole: the compiler unrolls that copy's loops.
-            if n == size:
-                if not bwts_by_keys(patch, size, column, a, b, c):
-                    bwts_by_comparison(patch, size, column, a, b, c, d)
-                at = _emit_runs(column, size, stream, at)
-            else:
-                if not bwts_by_keys(patch, n, column, a, b, c):
-                    bwts_by_comparison(patch, n, column, a, b, c, d)
-                at = _emit_runs(column, n, stream, at)
-            pos += n
-            if pos < stop:
-                stream[at] = SEP_MARK
-                at += 1
+            count = min(LANES, (stop - pos) // size) if lanes else 0
+            if count:
+                bwts_lanes(chars, pos, count, size, columns, fits, lane_work)
+            for k in range(max(count, 1)):
+                n = min(size, stop - pos)
+                column = columns[k]
+                # The constant length where the patch is whole: the compiler unrolls that copy's loops.
+                if n == size:
+                    if not (count and fits[k]):
+                        bwts_into(chars[pos : pos + size], size, column, work)
+                    at = _emit_runs(column, size, stream, at)
+                else:
+                    bwts_into(chars[pos : pos + n], n, column, work)
+                    at = _emit_runs(column, n, stream, at)
+                pos += n
+                if pos < stop:
+                    stream[at] = SEP_MARK
+                    at += 1
         per_text[t] = at - first
     return at
 
