@@ -60,3 +60,14 @@ def test_long_and_short_columns_in_one_call_shape():
 def test_characters_that_sort_below_everything_and_the_top_code_point():
     patches = np.array([[10, 9, 0, 0x10FFFF, 0, 10, 10, 9]])  # \n \t NUL U+10FFFF
     assert np.array_equal(inverse_bwts_batch(bwts_batch(patches)), patches)
+
+
+def test_lanes_and_their_one_by_one_fallback_agree_across_lane_blocks():
+    # More rows than one block of lanes; rows the lanes take (small characters) mixed with rows they
+    # decline (a character too wide for the key, or negative) in the same block.
+    rng = np.random.default_rng(7)
+    for n in (1, 5, 8, 9, 16):
+        patches = rng.integers(0, 100, (150, n))
+        patches[rng.random(150) < 0.2, 0] = 0x10FFFF
+        patches[rng.random(150) < 0.05, -1] = -3
+        assert bwts_batch(patches).tolist() == [naive_bwts(row) for row in patches.tolist()]

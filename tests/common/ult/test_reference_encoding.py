@@ -4,6 +4,7 @@ a digest; decoding fixed id sequences gives texts of a pinned digest."""
 import hashlib
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,18 @@ def test_corpus_slices_match_the_reference_with_in_table_and_escaped_symbols():
 def test_any_texts_match_the_reference(texts, patch_size):
     tok = tokenizer(patch_size, keyed=True)
     assert tok.encode_batch(texts) == [reference_encode(t, tok.table, KEY) for t in texts]
+
+
+@pytest.mark.parametrize("wide", ["", "\x7f", "é", "\U0001f600"])
+def test_long_texts_whose_patches_the_lanes_take_and_decline_match_the_reference(wide):
+    # Texts longer than one block of lanes; "~" is the widest character the lanes take at patch 8,
+    # DEL the narrowest they decline; one wide character makes the whole batch four bytes a character.
+    rng = np.random.default_rng(5)
+    alphabet = np.array([*"abcdefgh ,.~\n", *wide])
+    texts = ["".join(rng.choice(alphabet, size=n)) for n in (0, 7, 8, 9, 513, 1300)]
+    for patch_size in (4, 8, 10):
+        tok = tokenizer(patch_size, keyed=True)
+        assert tok.encode_batch(texts) == [reference_encode(t, tok.table, KEY) for t in texts]
 
 
 DECODED_SHA256 = "3d6fcfe3190420ca051be7805223bb83fff4e99c1ebcbc7cf4ade27902a00854"
