@@ -41,6 +41,10 @@ floor under M', no finite bound exists once another member can sit in S; the flo
 S = ∅ branch is what makes the guarantee finite, so the bound depends on N (its leading term grows
 like κ²/π0 ≈ e^(Nq)/N² once Nq is large) and is conservative rather than tight.
 
+The box projection (``box``, ``box_bound``) is the other choice of ``PMixedBudget.projection``:
+a max-divergence box whose lower side floors every mixture, so it needs no S = ∅ branch and
+allows q = 1; its bound and proof are in ``box_bound``.
+
 Conversion to (ε, δ)-DP: :mod:`privtune.common.privacy.rdp` (Balle et al. 2020, Thm 21), the one
 conversion the ledger uses too. RDP composes additively over queries (Mironov 2017, Prop. 1), also
 adaptively.
@@ -55,7 +59,12 @@ from dataclasses import dataclass
 from scipy.optimize import brentq
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.pmixed import box_bound
+from privtune.common.pmixed.box import Box
 from privtune.common.privacy.rdp import epsilon_to_rdp, rdp_to_epsilon
+
+PROJECTIONS = ("box", "renyi")
+"""``box``: members in a max-divergence box around p0 (``box_bound``); ``renyi``: the two-sided Rényi ball."""
 
 
 def _check_order(alpha: float) -> int:
@@ -135,19 +144,37 @@ def epsilon_spent(queries: int, alpha: int, beta: float, q: float, delta: float,
 class PMixedBudget:
     """A PMixED service budget: (ε, δ)-DP over T queries at Rényi order α, rate q, N members.
 
-    ``n_members`` is needed because the bound valid for every |S| depends on P(S = ∅) = (1-q)^N.
+    ``n_members`` is needed because both bounds depend on N (through P(S = ∅) = (1-q)^N for the
+    Rényi ball, through the mixing weight κ for the box). ``projection`` picks the constraint put
+    on each member (``PROJECTIONS``); for the box, ``split`` is the share of its width above p0,
+    b / (a + b), a data-independent choice the bound does not depend on.
     """
 
     epsilon: float
     delta: float
-    alpha: int
+    alpha: float
     T: int
     q: float
     n_members: int
+    projection: str = "renyi"
+    split: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_order(self.alpha)
-        _check_rate(self.q, self.n_members)
+        if self.projection not in PROJECTIONS:
+            raise PrivtuneError(
+                f"unknown PMixED projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}"
+            )
+        if self.projection == "renyi":
+            _check_order(self.alpha)
+            _check_rate(self.q, self.n_members)
+        else:
+            box_bound.check_order(self.alpha)
+            box_bound.mixing_weight(self.q, self.n_members)
+            if not 0.0 < self.split < 1.0:
+                raise PrivtuneError(
+                    f"the box split (share of its width above p0) must be in (0, 1), got {self.split}: a box with "
+                    "one side of width 0 holds p0 alone"
+                )
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise PrivtuneError(f"PMixED epsilon must be a finite number > 0, got {self.epsilon}")
         if not 0 < self.delta < 1:
@@ -168,10 +195,79 @@ class PMixedBudget:
         """RDP at order α each query may spend: rdp_total / T."""
         return self.rdp_total() / self.T
 
+    def _require(self, projection: str) -> None:
+        if self.projection != projection:
+            raise PrivtuneError(f"this budget is for the {self.projection} projection, not the {projection} one")
+
     def beta(self) -> float:
-        """β whose per-query RDP bound equals rdp_per_query() (never exceeds it)."""
+        """β whose per-query RDP bound equals rdp_per_query() (never exceeds it); Rényi ball only."""
+        self._require("renyi")
         return solve_beta(self.rdp_per_query(), int(self.alpha), self.q, self.n_members)
 
+    def width(self) -> float:
+        """The box's width a + b whose per-query RDP bound is at most rdp_per_query(); box only."""
+        self._require("box")
+        return box_bound.solve_width(self.rdp_per_query(), float(self.alpha), self.q, self.n_members)
+
+    def box(self) -> Box:
+        """The box the members are projected into: width() split into b = split · width above p0, a below."""
+        width = self.width()
+        return Box(lower=(1.0 - self.split) * width, upper=self.split * width)
+
+    def rdp_spent_per_query(self) -> float:
+        """The per-query bound at the solved β or width: what one release really costs (<= rdp_per_query())."""
+        if self.projection == "box":
+            return box_bound.per_query_rdp(self.alpha, self.width(), self.q, self.n_members)
+        return per_query_rdp(int(self.alpha), self.beta(), self.q, self.n_members)
+
+    def parameters(self) -> dict[str, float | str]:
+        """The projection and its solved constraint, for status and results (all data-independent)."""
+        if self.projection == "box":
+            box = self.box()
+            return {"projection": "box", "split": self.split, "lower": box.lower, "upper": box.upper}
+        return {"projection": "renyi", "beta": self.beta()}
+
     def epsilon_after(self, queries: int) -> float:
-        """ε of (ε, δ)-DP after ``queries`` releases at beta(); equals epsilon at T."""
-        return epsilon_spent(queries, self.alpha, self.beta(), self.q, self.delta, self.n_members)
+        """ε of (ε, δ)-DP after ``queries`` releases at beta() or width(); at most epsilon at T."""
+        if queries < 0:
+            raise PrivtuneError(f"queries must be >= 0, got {queries}")
+        return rdp_to_epsilon(queries * self.rdp_spent_per_query(), self.delta, self.alpha)
+
+
+ORDERS = (1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32, 64)
+"""The Rényi orders ``best_budget`` chooses among (the Rényi ball takes the integer ones)."""
+
+
+def room(budget: PMixedBudget) -> float:
+    """How far the budget lets a member move from p0: the box's width, or the Rényi ball's radius α·β."""
+    return budget.width() if budget.projection == "box" else budget.alpha * budget.beta()
+
+
+def best_budget(
+    epsilon: float,
+    delta: float,
+    T: int,
+    q: float,
+    n_members: int,
+    projection: str = "box",
+    split: float = 0.5,
+    orders: tuple[float, ...] = ORDERS,
+) -> PMixedBudget:
+    """The budget at the order of ``orders`` that gives the members the most ``room``.
+
+    The choice looks at the accountant only, never at data, so it costs no privacy. Orders at which
+    epsilon cannot be met are skipped; none left is refused.
+    """
+    candidates = []
+    for alpha in orders:
+        if projection == "renyi" and not float(alpha).is_integer():
+            continue
+        try:
+            candidates.append(PMixedBudget(epsilon, delta, alpha, T, q, n_members, projection, split))
+        except PrivtuneError:
+            continue
+    if not candidates:
+        raise PrivtuneError(
+            f"no Rényi order of {orders} meets epsilon={epsilon} at delta={delta} over {T} queries; raise epsilon"
+        )
+    return max(candidates, key=room)

@@ -7,10 +7,12 @@ includes timing: the caller passes the distributions of ALL N members, every mem
 and the average over S is one fixed-size product with S's indicator, so the work per query does
 not depend on S (see ``EnsembleSession.private_next_token``).
 
-The mean over S is computed in float64 (relative error at most (N + 1) u per entry, u = 2^-53),
-which moves a Rényi divergence by orders of magnitude less than the margin the projection keeps
-(``projection.FEASIBILITY_SLACK``). The token is then drawn from exactly that float64 vector
-(``sample_token``): no output of positive probability is ever impossible, and none is rounded.
+The projection is the budget's: the Rényi ball (``projection``) or the box (``box``). The mean
+over S is computed in float64 (relative error at most (N + 1) u per entry, u = 2^-53), which moves
+a Rényi divergence by orders of magnitude less than the margin the ball's projection keeps
+(``projection.FEASIBILITY_SLACK``); the box's bound charges for it (``box``'s docstring). The
+token is then drawn from exactly that float64 vector (``sample_token``): no output of positive
+probability is ever impossible, and none is rounded.
 Counting queries against T and refusing after T is the service's ledger's job, not this module's.
 """
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.box import project_rows
 from privtune.common.pmixed.divergence import Probs, as_distribution
 from privtune.common.pmixed.projection import DEFAULT_TOL, project
 from privtune.common.pmixed.subsample import poisson_subsample, secure_rng
@@ -38,7 +41,7 @@ class TokenRelease:
 
     token: int
     rdp: float
-    alpha: int
+    alpha: float
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,23 @@ def mixture_distribution(
     if member_probs is None or len(member_probs) == 0:
         return p0
     return project(member_probs, p0, alpha, beta, tol).mixed.mean(dim=0)
+
+
+def project_members(members: torch.Tensor, public: torch.Tensor, budget: PMixedBudget, tol: float) -> torch.Tensor:
+    """Each row of ``members`` (renormalised float64) under the budget's projection, around exactly ``public``."""
+    if budget.projection == "box":
+        return project_rows(members, public, budget.box())
+    return project(members, public, budget.alpha, budget.beta(), tol).mixed
+
+
+def release_distribution(
+    member_probs: Probs | None, public_probs: Probs, budget: PMixedBudget, tol: float = DEFAULT_TOL
+) -> torch.Tensor:
+    """``mixture_distribution`` under the budget's projection: the members of S projected and averaged."""
+    p0 = as_distribution(public_probs, "public_probs")
+    if member_probs is None or len(member_probs) == 0:
+        return p0
+    return project_members(as_distribution(member_probs, "member_probs"), p0, budget, tol).mean(dim=0)
 
 
 def buckets(probs: Probs) -> Buckets:
@@ -114,6 +134,18 @@ def sample_token(probs: Probs, rng: np.random.Generator) -> int:
             return int(b.support[member])
 
 
+def subset_distribution(projected: torch.Tensor, public: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
+    """The float64 vector a query samples from: the mean of the ``chosen`` rows of ``projected``, or ``public``.
+
+    One fixed-size product with S's indicator (members outside S contribute exact zeros), so neither the
+    work nor the rounding of the members in S depends on which others were left out.
+    """
+    selector = torch.zeros(projected.shape[0], dtype=torch.float64)
+    selector[torch.from_numpy(chosen)] = 1.0 / max(len(chosen), 1)
+    empty = torch.tensor(float(len(chosen) == 0), dtype=torch.float64)
+    return selector @ projected + empty * public
+
+
 def next_token(
     public_probs: Probs,
     member_probs: Probs,
@@ -134,9 +166,5 @@ def next_token(
             "every member's distribution, every query"
         )
     chosen = poisson_subsample(budget.n_members, budget.q, rng)
-    projected = project(members, p0, budget.alpha, budget.beta(), tol).mixed
-    selector = torch.zeros(budget.n_members, dtype=torch.float64)
-    selector[torch.from_numpy(chosen)] = 1.0 / max(len(chosen), 1)
-    empty = torch.tensor(float(len(chosen) == 0), dtype=torch.float64)
-    dist = selector @ projected + empty * p0
-    return TokenRelease(token=sample_token(dist, rng), rdp=budget.rdp_per_query(), alpha=int(budget.alpha))
+    dist = subset_distribution(project_members(members, p0, budget, tol), p0, chosen)
+    return TokenRelease(token=sample_token(dist, rng), rdp=budget.rdp_per_query(), alpha=budget.alpha)
