@@ -234,8 +234,8 @@ class PMixedBudget:
         return rdp_to_epsilon(queries * self.rdp_spent_per_query(), self.delta, self.alpha)
 
 
-ORDERS = (1.5, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32, 64)
-"""The Rényi orders ``best_budget`` chooses among (the Rényi ball takes the integer ones)."""
+ORDERS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32, 64)
+"""The Rényi orders ``best_budget`` chooses among: integers, as the ball's bound and the service's status need."""
 
 
 def room(budget: PMixedBudget) -> float:
@@ -256,16 +256,14 @@ def best_budget(
     """The budget at the order of ``orders`` that gives the members the most ``room``.
 
     The choice looks at the accountant only, never at data, so it costs no privacy. Orders at which
-    epsilon cannot be met are skipped; none left is refused.
+    epsilon cannot be met (no positive RDP budget) are skipped; none left is refused, and so is any
+    other invalid setting.
     """
-    candidates = []
-    for alpha in orders:
-        if projection == "renyi" and not float(alpha).is_integer():
-            continue
-        try:
-            candidates.append(PMixedBudget(epsilon, delta, alpha, T, q, n_members, projection, split))
-        except PrivtuneError:
-            continue
+    candidates = [
+        PMixedBudget(epsilon, delta, alpha, T, q, n_members, projection, split)
+        for alpha in orders
+        if epsilon_to_rdp(epsilon, delta, alpha) > 0
+    ]
     if not candidates:
         raise PrivtuneError(
             f"no Rényi order of {orders} meets epsilon={epsilon} at delta={delta} over {T} queries; raise epsilon"

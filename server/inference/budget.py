@@ -1,9 +1,10 @@
 """The service's privacy budget: one PMixED ledger entry, spent one query per released token.
 
-Each query costs the per-query RDP at order α that β was solved for (``PMixedBudget``); the ledger
-holds the (ε, δ, α) budget and refuses, atomically, the spend that would exceed it. Because what is
-added up is RDP at one order, a restart with another T or q is still accounted correctly: each
-query spends what it actually cost. A restart with another (ε, δ, α) is refused, so a budget
+Each query costs the per-query RDP at order α that the projection's constraint (the Rényi ball's
+β or the box's width) was solved for (``PMixedBudget``); its ledger entry names the projection. The
+ledger holds the (ε, δ, α) budget and refuses, atomically, the spend that would exceed it. Because
+what is added up is RDP at one order, a restart with another T, q or projection is still accounted
+correctly: each query spends what it actually cost. A restart with another (ε, δ, α) is refused, so a budget
 cannot be reset by accident by changing flags; raising it is a deliberate ledger command.
 """
 
@@ -41,6 +42,10 @@ class BudgetKeeper:
     """
 
     def __init__(self, ledger_path: str, budget: PMixedBudget, artefacts: dict[str, str], registry: str) -> None:
+        if not float(budget.alpha).is_integer():
+            raise PrivtuneError(
+                f"the service reports its Rényi order as an integer; alpha={budget.alpha} is not one (use e.g. 4)"
+            )
         self.budget = budget
         self.ledger = Ledger(ledger_path, owner=LEDGER_OWNER)
         bind(Path(registry), self.ledger, artefacts)
@@ -72,7 +77,12 @@ class BudgetKeeper:
     def spend(self) -> int:
         """Charge one query; returns the queries left after it, or raises BudgetExceededError."""
         try:
-            record = self.ledger.spend(KIND, self.per_query, alpha=float(self.budget.alpha), details={"queries": 1})
+            record = self.ledger.spend(
+                KIND,
+                self.per_query,
+                alpha=float(self.budget.alpha),
+                details={"queries": 1, "projection": self.budget.projection},
+            )
         except BudgetExceededError:
             raise BudgetExceededError(self._exhausted_message()) from None
         return self._queries_left(record.total)
@@ -108,7 +118,7 @@ class BudgetKeeper:
             "epsilon_spent": rdp_to_epsilon(spent_rdp, b.delta, b.alpha),
             "n_members": b.n_members,
             "q": b.q,
-            "beta": b.beta(),
+            **b.parameters(),
             "ledger": str(self.ledger.path),
             "exhausted": left == 0,
         }

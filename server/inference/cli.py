@@ -19,13 +19,15 @@ import grpc
 from privtune.common.errors import PrivtuneError
 from privtune.common.ledger.registry import default_registry
 from privtune.common.paths import cache_dir
-from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.accountant import ORDERS, PROJECTIONS, PMixedBudget, best_budget
 from privtune.server.inference.members import ServedModel, from_arguments
 
 if TYPE_CHECKING:
     from privtune.server.inference.service import PMixedService, ServiceConfig
 
 DEFAULT_LEDGER_NAME = "pmixed-ledger.sqlite"
+DEFAULT_Q = {"box": 1.0, "renyi": 0.03}
+"""The box needs no empty subsets (every member, every query); the Rényi ball's bound rests on them."""
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
 
@@ -41,9 +43,11 @@ class ServeConfig:
     # privacy budget (PMixED)
     epsilon: float = 8.0
     delta: float = 1e-5
-    alpha: int = 3
+    alpha: int | None = None  # None: the order of ORDERS that gives the members the most room (accountant only)
     queries: int = 1024
-    q: float = 0.03
+    q: float | None = None  # None: DEFAULT_Q of the projection
+    projection: str = "box"
+    split: float = 0.5  # the box's share of its width above p0
     ledger: str | None = None
     registry: str | None = None  # which ledger pays for which members; default: the privtune cache's
     # Ray
@@ -98,7 +102,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--epsilon", type=_finite, default=DEFAULTS.epsilon, help="total epsilon over all queries (default 8)"
     )
     budget.add_argument("--delta", type=_finite, default=DEFAULTS.delta, help="delta (default 1e-5)")
-    budget.add_argument("--alpha", type=int, default=DEFAULTS.alpha, help="Renyi order of the accounting (default 3)")
+    budget.add_argument(
+        "--projection",
+        choices=PROJECTIONS,
+        default=DEFAULTS.projection,
+        help="how each member is kept close to the public model: 'box' (every token's probability within "
+        "[e^-a, e^b] x p0's, the default) or 'renyi' (the two-sided Renyi ball)",
+    )
+    budget.add_argument(
+        "--alpha",
+        type=int,
+        default=DEFAULTS.alpha,
+        help=f"Renyi order of the accounting (default: the one of {list(ORDERS)} that gives the members the most "
+        "room for this budget; a restarted service must keep its ledger's order)",
+    )
     budget.add_argument(
         "--queries",
         "-T",
@@ -108,7 +125,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="queries (= released tokens) the budget is split over (default 1024)",
     )
     budget.add_argument(
-        "--q", type=_finite, default=DEFAULTS.q, help="Poisson subsampling rate of members (default 0.03)"
+        "--q",
+        type=_finite,
+        default=DEFAULTS.q,
+        help="Poisson subsampling rate of members (default 1 for the box: every member each query; 0.03 for renyi)",
+    )
+    budget.add_argument(
+        "--split",
+        type=_finite,
+        default=DEFAULTS.split,
+        help=f"box only: the share b / (a + b) of the box's width above p0 (default {DEFAULTS.split})",
     )
     budget.add_argument(
         "--ledger",
@@ -171,23 +197,27 @@ def service_config(config: ServeConfig) -> ServiceConfig:
     from privtune.server.inference.service import ServiceConfig
 
     served = from_arguments(config.run, config.model, list(config.adapters) or None, config.public_embeddings)
-    budget = PMixedBudget(
-        epsilon=config.epsilon,
-        delta=config.delta,
-        alpha=config.alpha,
-        T=config.queries,
-        q=config.q,
-        n_members=served.n_members,
-    )
     return ServiceConfig(
         served,
-        budget,
+        serving_budget(config, served.n_members),
         str(ledger_path(config, served)),
         config.num_replicas,
         config.cpus_per_replica,
         config.registry or str(default_registry()),
         config.device,
         config.gpus_per_replica,
+    )
+
+
+def serving_budget(config: ServeConfig, n_members: int) -> PMixedBudget:
+    """The config's budget; without --alpha, at the order that gives the members the most room (data-independent)."""
+    if config.projection not in DEFAULT_Q:
+        raise PrivtuneError(f"unknown PMixED projection {config.projection!r}; choose one of {', '.join(PROJECTIONS)}")
+    q = DEFAULT_Q[config.projection] if config.q is None else config.q
+    if config.alpha is None:
+        return best_budget(config.epsilon, config.delta, config.queries, q, n_members, config.projection, config.split)
+    return PMixedBudget(
+        config.epsilon, config.delta, config.alpha, config.queries, q, n_members, config.projection, config.split
     )
 
 
@@ -265,8 +295,9 @@ def run(args: argparse.Namespace) -> int:
         f"privtune serve: {running.service.n_members} members of {running.service.config.served.model} on "
         f"{config.num_replicas} replica(s), gRPC{' (TLS)' if config.tls_cert else ''} on "
         f"{config.host}:{running.port}; budget {budget['queries_left']} of "
-        f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP, ledger "
-        f"{budget['ledger']}); Ctrl-C stops",
+        f"{budget['queries_total']} queries left (({budget['epsilon']:g}, {budget['delta']:g})-DP at order "
+        f"{budget['alpha']}, {budget['projection']} projection, q={budget['q']:g}; ledger {budget['ledger']}); "
+        "Ctrl-C stops",
         flush=True,
     )
     stopped = threading.Event()

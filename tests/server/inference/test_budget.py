@@ -56,6 +56,23 @@ def test_spending_survives_a_restart_and_the_budget_cannot_be_reset_by_flags(tmp
         keeper(str(tmp_path / "owner.sqlite"))
 
 
+def test_a_box_budget_and_a_ball_budget_share_one_ledger_and_each_entry_names_its_projection(tmp_path):
+    path = str(tmp_path / "ledger.sqlite")
+    box_budget = PMixedBudget(6.0, 1e-5, 3, T=10, q=1.0, n_members=4, projection="box", split=0.7)
+    box = keeper(path, box_budget)
+    box.spend()
+    status = box.status()
+    box_solved = box_budget.box()
+    assert "beta" not in status and status["projection"] == "box" and status["split"] == 0.7
+    assert (status["lower"], status["upper"]) == (box_solved.lower, box_solved.upper)
+    ball = keeper(path)  # the same (epsilon, delta, alpha): RDP at one order adds up whatever the projection
+    ball.spend()
+    assert ball.status()["beta"] == BUDGET.beta() and ball.status()["queries_spent"] == 2
+    assert [r.details["projection"] for r in Ledger(path).records("pmixed")] == ["box", "renyi"]
+    with pytest.raises(PrivtuneError, match="integer"):
+        keeper(str(tmp_path / "other.sqlite"), PMixedBudget(6.0, 1e-5, 3.5, T=10, q=1.0, n_members=4, projection="box"))
+
+
 def _spend_all(path: str, out) -> None:
     spender = keeper(path)
     count = 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from privtune.common.errors import PrivtuneError
+from privtune.common.pmixed import PMixedBudget, best_budget
 from privtune.server.inference import cli
 from privtune.server.inference.members import ServedModel
 from tests.server.inference.running import MODEL, make_adapters
@@ -36,7 +37,8 @@ def test_arguments_make_the_typed_config_budget_and_ledger(tmp_path):
     assert parse(["--model", MODEL]) == cli.ServeConfig(model=MODEL)  # the CLI's defaults are the config's
     service = cli.service_config(config)
     assert service.budget.n_members == 2 and service.budget.T == 12 and service.budget.q == 0.25
-    assert service.budget.epsilon == 6 and service.budget.alpha == 3 and service.num_replicas == 3
+    assert service.budget.epsilon == 6 and service.budget.projection == "box" and service.num_replicas == 3
+    assert service.budget == best_budget(6.0, 1e-5, 12, 0.25, 2, "box", 0.5)  # the order of widest box
     assert service.ledger == str(tmp_path / "l.sqlite")
     with pytest.raises(PrivtuneError, match="num-replicas"):
         cli.service_config(parse(["--model", MODEL, "--adapters", *adapters, "--num-replicas", "0"]))
@@ -44,7 +46,23 @@ def test_arguments_make_the_typed_config_budget_and_ledger(tmp_path):
         cli.service_config(parse(["--model", MODEL, "--adapters", *adapters, "--q", "1.5"]))
 
 
-@pytest.mark.parametrize("flag", ["--epsilon", "--delta", "--q", "--cpus-per-replica"])
+def test_the_projection_its_split_order_and_default_rate_reach_the_budget(tmp_path):
+    adapters = make_adapters(tmp_path / "a", n=2)
+    base = ["--model", MODEL, "--adapters", *adapters]
+    box = cli.service_config(parse([*base, "--split", "0.7", "--alpha", "5"])).budget
+    assert box == PMixedBudget(8.0, 1e-5, 5, 1024, 1.0, 2, "box", 0.7)  # q = 1: every member, every query
+    renyi = cli.service_config(parse([*base, "--projection", "renyi", "--alpha", "3"])).budget
+    assert renyi == PMixedBudget(8.0, 1e-5, 3, 1024, 0.03, 2, "renyi")
+    assert cli.service_config(parse([*base, "--projection", "renyi"])).budget.projection == "renyi"
+    with pytest.raises(PrivtuneError, match="split"):
+        cli.service_config(parse([*base, "--split", "1"]))
+    with pytest.raises(PrivtuneError, match=r"q must be in \(0, 1\)"):
+        cli.service_config(parse([*base, "--projection", "renyi", "--q", "1"]))
+    with pytest.raises(SystemExit):
+        parse([*base, "--projection", "ball"])
+
+
+@pytest.mark.parametrize("flag", ["--epsilon", "--delta", "--q", "--split", "--cpus-per-replica"])
 def test_non_finite_numbers_are_refused(flag):
     for value in ("inf", "nan"):
         with pytest.raises(SystemExit):

@@ -36,10 +36,13 @@ def test_health_and_budget_status(service):
     with InferenceClient(service.address) as client:
         health, budget = client.health(), client.budget_status()
     assert health == {"status": "SERVING", "replicas": 2, "n_members": 4, "model": "tiny-llama", "vocab_size": 259}
-    assert budget["queries_total"] == T and budget["alpha"] == 3 and budget["n_members"] == 4
+    assert budget["queries_total"] == T and budget["alpha"] == service.budget.alpha and budget["n_members"] == 4
     assert budget["rdp_total"] == pytest.approx(service.budget.rdp_total())
-    assert budget["beta"] == pytest.approx(service.budget.beta())
+    assert budget["beta"] == 0.0  # the default box projection has no beta; the proto's field is left unset
     assert budget["ledger"] == str(service.ledger)
+    box = service.budget.box()
+    local = service.service.budget_status()
+    assert local["projection"] == "box" and (local["lower"], local["upper"]) == (box.lower, box.upper)
 
 
 def test_each_released_token_is_one_query(service):
@@ -98,7 +101,7 @@ def test_two_concurrent_clients_spend_the_budget_and_never_more(service):
     assert released[0] and released[1]  # both clients were served, by a shared budget
     ledger = Ledger(service.ledger)
     records = ledger.records("pmixed")
-    assert len(records) == T
+    assert len(records) == T and {r.details["projection"] for r in records} == {"box"}
     assert records[-1].total <= ledger.budget("pmixed").cap * (1 + RELATIVE_TOLERANCE)
 
 
