@@ -15,7 +15,7 @@ import torch
 
 from privtune.common.corpus import private_partitions
 from privtune.common.packing import Split, holdout_split, pack
-from privtune.common.pmixed import DEFAULT_TOL, PMixedBudget, mixture_distribution, poisson_subsample
+from privtune.common.pmixed import DEFAULT_TOL, PMixedBudget, poisson_subsample, release_distribution
 from privtune.common.text_tokenizer import TextTokenizer
 
 HELDOUT_FRACTION = 0.1
@@ -42,16 +42,17 @@ def mixture_nll(
     """Summed -log mixture(true token) over positions, per budget: the evaluator's view of PMixED.
 
     ``probs`` is (1 + N, L, V): p0 then every member at each of L positions; ``targets`` (L,). At each
-    position a fresh Poisson S is drawn (the budget's q and N) and the mixture of the projected
-    members of S (p0 alone when S is empty) is scored; nothing is sampled or released. ``tol`` is the
-    projection's bisection bracket: any tolerance keeps the guarantee (the feasible end is used), a
-    coarser one only leaves each lambda up to ``tol`` below the largest feasible.
+    position a fresh Poisson S is drawn (the budget's q and N) and the mixture of the members of S,
+    under the budget's projection (p0 alone when S is empty), is scored; nothing is sampled or
+    released. ``tol`` is the Rényi ball projection's bisection bracket: any tolerance keeps the
+    guarantee (the feasible end is used), a coarser one only leaves each lambda up to ``tol`` below
+    the largest feasible.
     """
     nll = dict.fromkeys(budgets, 0.0)
     for t in range(len(targets)):
         for key, budget in budgets.items():
             chosen = poisson_subsample(budget.n_members, budget.q, rngs[key])
             members = probs[1 + chosen, t] if chosen.size else None
-            dist = mixture_distribution(members, probs[0, t], budget.alpha, budget.beta(), tol)
+            dist = release_distribution(members, probs[0, t], budget, tol)
             nll[key] -= math.log(float(dist[targets[t]]))
     return nll

@@ -51,10 +51,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ from privtune.common.families import get_blocks, num_blocks, stem_of
 from privtune.common.models import load_model
 from privtune.common.offsite import OffsiteConfig, adapter_manifest, adapter_state, plug_in, prepare_adapter
 from privtune.common.packing import holdout_split, pack
-from privtune.common.pmixed import PMixedBudget
+from privtune.common.pmixed import Box, PMixedBudget, best_budget, project_box
 
 MODEL = "smollm2"
 NAME = "utility"
@@ -124,6 +125,11 @@ class Settings:
     alpha_candidates: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
     alphas_kept: int = 1
     """Per (epsilon, q, N), the Rényi orders scored: those of largest ball radius alpha * beta (data-independent)."""
+    box_qs: tuple[float, ...] = (1.0,)
+    """The box allows q = 1 (every member, every query); below 1 its mixing weight (1-(1-q)^N)/N barely falls once
+    qN is a few, while the mixture only gets noisier, so q = 1 alone is scored."""
+    box_splits: tuple[float, ...] = (0.5, 0.7, 0.85, 0.95)
+    """Shares b / (a + b) of the box's width above p0 tried on public data; per (m, epsilon, q) the best is scored."""
 
     def split(self) -> OffsiteConfig:
         """The adapter on the full (unthinned) model; n_emulator only matters for a thinned one."""
@@ -420,7 +426,7 @@ def sweep_members(base: nn.Module, task: PublicTask, settings: Settings, first: 
     return {**result, "m": m, "members": members, "shard_records": len(task.rows) // m}
 
 
-def pmixed_grid(
+def member_logits(
     base: nn.Module,
     scorer: TopScorer,
     first: int,
@@ -429,14 +435,11 @@ def pmixed_grid(
     settings: Settings,
     m: int,
     recipe: MemberRecipe,
-) -> dict[str, Any]:
-    """Train owners x m members (each on its own shard, from the public model, by ``recipe``) and score the
-    (eps, alpha, q) grid.
+) -> tuple[list[torch.Tensor], list[Run]]:
+    """Train owners x m members (each on its own shard, from the public model, by ``recipe``); their held-out logits.
 
-    Each member's logits on the held-out blocks are kept, not the member: 29 adapted blocks per member
-    would not fit in memory for 32 members.
+    The logits are kept, not the members: 29 adapted blocks per member would not fit in memory for 32 members.
     """
-    members = settings.owners * m
     logits, runs = [], []
     for owner, (documents, rows) in enumerate(owner_rows):
         for shard, shard_rows in enumerate(member_shards(rows, documents, examples, m)):
@@ -444,54 +447,135 @@ def pmixed_grid(
             runs.append(train_nonprivate(model, shard_rows, recipe.steps, recipe.batch, recipe.lr, seed=owner))
             logits.append(scorer.next_logits(top_blocks(base, model, first)))
             del model
-    public = scorer.next_logits(public_top(base, first))
-    budgets = pmixed_budgets(settings, members)
-    rngs = {key: np.random.default_rng(1) for key in budgets}
+    return logits, runs
+
+
+def stacked_probs(public: torch.Tensor, members: list[torch.Tensor], row: int) -> torch.Tensor:
+    """(1 + members, L-1, V) float64 distributions of held-out block ``row``: p0 first."""
+    return torch.softmax(torch.stack([public[row], *[x[row] for x in members]]).to(torch.float64), dim=-1)
+
+
+def pmixed_grid(
+    scorer: TopScorer,
+    public: torch.Tensor,
+    logits: list[torch.Tensor],
+    budgets: list[PMixedBudget],
+) -> dict[str, Any]:
+    """Score each budget's PMixED (its projection, q and order) on the held-out blocks; the members' own perplexity."""
+    rngs = {budget: np.random.default_rng(1) for budget in budgets}
     nll = dict.fromkeys(budgets, 0.0)
-    member_nll = [0.0] * members
+    member_nll = [0.0] * len(logits)
     count = 0
     start = time.perf_counter()
     for row in range(len(scorer.blocks)):
-        stacked = torch.softmax(torch.stack([public[row], *[x[row] for x in logits]]).to(torch.float64), dim=-1)
+        stacked = stacked_probs(public, logits, row)
         targets = scorer.blocks[row, 1:]
-        for key, total in mixture_nll(stacked, targets, budgets, rngs, PROJECTION_TOL).items():
-            nll[key] += total
+        for budget, total in mixture_nll(stacked, targets, budgets_by_key(budgets), rngs, PROJECTION_TOL).items():
+            nll[budget] += total
         picked = stacked[1:, torch.arange(len(targets)), targets]
         member_nll = [a - float(torch.log(p).sum()) for a, p in zip(member_nll, picked)]
         count += len(targets)
-    points = [
-        {
-            "epsilon": eps,
-            "alpha": alpha,
-            "q": q,
-            "beta": budgets[eps, alpha, q].beta(),
-            "ppl": math.exp(nll[eps, alpha, q] / count),
-        }
-        for eps, alpha, q in budgets
-    ]
     return {
-        "m": m,
-        "members": members,
+        "points": [{**grid_point(budget), "ppl": math.exp(nll[budget] / count)} for budget in budgets],
         "members_ppl_mean": float(np.mean([math.exp(x / count) for x in member_nll])),
-        "member_recipe": dataclasses.asdict(recipe),
-        "points": points,
-        "member_runs": {
-            "each": dataclasses.asdict(runs[0]),
-            "records_processed": sum(r.records_processed for r in runs),
-            "tokens_processed": sum(r.tokens_processed for r in runs),
-            "seconds": sum(r.seconds for r in runs),
-        },
         "score_seconds": time.perf_counter() - start,
     }
 
 
-def pmixed_budgets(settings: Settings, n_members: int) -> dict[tuple[float, int, float], PMixedBudget]:
-    """The (epsilon, alpha, q) points scored: per epsilon and q, the ``alphas_kept`` feasible orders of largest radius.
+def budgets_by_key(budgets: list[PMixedBudget]) -> dict[PMixedBudget, PMixedBudget]:
+    """A budget is its own key (frozen dataclass): one rng and one total per budget."""
+    return {budget: budget for budget in budgets}
+
+
+def grid_point(budget: PMixedBudget) -> dict[str, Any]:
+    """What a scored point used: epsilon, order, q, the projection and its solved constraint."""
+    return {"epsilon": budget.epsilon, "alpha": budget.alpha, "q": budget.q, **budget.parameters()}
+
+
+def runs_summary(runs: list[Run]) -> dict[str, Any]:
+    return {
+        "each": dataclasses.asdict(runs[0]),
+        "records_processed": sum(r.records_processed for r in runs),
+        "tokens_processed": sum(r.tokens_processed for r in runs),
+        "seconds": sum(r.seconds for r in runs),
+    }
+
+
+def box_budgets(settings: Settings, n_members: int, splits: Mapping[tuple[float, float], float]) -> list[PMixedBudget]:
+    """Per (epsilon, q) the box budget of ``splits[epsilon, q]`` at the order of widest box (``best_budget``)."""
+    return [
+        best_budget(eps, DELTA, QUERIES, q, n_members, "box", splits[eps, q])
+        for eps in EPSILONS
+        for q in settings.box_qs
+    ]
+
+
+def box_nll(probs: torch.Tensor, targets: torch.Tensor, boxes: Mapping[Any, Box]) -> dict[Any, float]:
+    """Summed -log of the mean of every member projected into each box (PMixED at q = 1), over positions."""
+    nll = dict.fromkeys(boxes, 0.0)
+    for t in range(len(targets)):
+        for key, box in boxes.items():
+            dist = project_box(probs[1:, t], probs[0, t], box).mean(dim=0)
+            nll[key] -= math.log(float(dist[targets[t]]))
+    return nll
+
+
+def choose_splits(
+    base: nn.Module, task: PublicTask, settings: Settings, first: int, m: int, recipe: MemberRecipe
+) -> dict[str, Any]:
+    """The box's split per (epsilon, q) for owners x m members, chosen on public data (Milton) alone.
+
+    ``sweep_members`` public members train by the owners' recipe on shards of Milton's paragraph
+    records, as in the member sweep. For each epsilon and q, every split's box at the width the
+    owners' budget allows (their N) is applied to the public members, and their mean scored on
+    Milton's held-out tail; the split of lowest perplexity wins. No owner's record is looked at.
+    """
+    members = settings.owners * m
+    logits = []
+    for shard in range(min(settings.sweep_members, m)):
+        model = fresh_adapter(base, settings, seed=700 + 10 * m + shard)
+        train_nonprivate(model, task.rows[shard::m], recipe.steps, recipe.batch, recipe.lr, seed=shard)
+        logits.append(task.scorer.next_logits(top_blocks(base, model, first)))
+        del model
+    public = task.scorer.next_logits(public_top(base, first))
+    boxes = {
+        (eps, q, split): best_budget(eps, DELTA, QUERIES, q, members, "box", split).box()
+        for eps in EPSILONS
+        for q in settings.box_qs
+        for split in settings.box_splits
+    }
+    nll = dict.fromkeys(boxes, 0.0)
+    count = 0
+    for row in range(len(task.scorer.blocks)):
+        targets = task.scorer.blocks[row, 1:]
+        for key, total in box_nll(stacked_probs(public, logits, row), targets, boxes).items():
+            nll[key] += total
+        count += len(targets)
+    points = [{"epsilon": e, "q": q, "split": s, "public_ppl": math.exp(nll[e, q, s] / count)} for e, q, s in boxes]
+    chosen = {
+        (eps, q): min((p for p in points if (p["epsilon"], p["q"]) == (eps, q)), key=lambda p: p["public_ppl"])["split"]
+        for eps in EPSILONS
+        for q in settings.box_qs
+    }
+    return {
+        "m": m,
+        "data": task.describe() + f", {len(logits)} public members by the owners' recipe",
+        "points": points,
+        "chosen": [{"epsilon": e, "q": q, "split": s} for (e, q), s in chosen.items()],
+    }
+
+
+def chosen_splits(choice: dict[str, Any]) -> dict[tuple[float, float], float]:
+    return {(c["epsilon"], c["q"]): c["split"] for c in choice["chosen"]}
+
+
+def pmixed_budgets(settings: Settings, n_members: int) -> list[PMixedBudget]:
+    """The Rényi ball's points scored: per epsilon and q, the ``alphas_kept`` feasible orders of largest radius.
 
     An order at which the epsilon cannot be met (the budget refuses it) is left out; the choice looks
     at the accountant only, never at data.
     """
-    budgets = {}
+    budgets = []
     for eps in EPSILONS:
         for q in settings.qs:
             feasible = []
@@ -500,8 +584,7 @@ def pmixed_budgets(settings: Settings, n_members: int) -> dict[tuple[float, int,
                     feasible.append(PMixedBudget(eps, DELTA, alpha, QUERIES, q, n_members))
                 except PrivtuneError:
                     continue
-            for budget in sorted(feasible, key=lambda b: -b.alpha * b.beta())[: settings.alphas_kept]:
-                budgets[eps, budget.alpha, q] = budget
+            budgets += sorted(feasible, key=lambda b: -b.alpha * b.beta())[: settings.alphas_kept]
     return budgets
 
 
@@ -534,11 +617,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
             eps = sorted(float(e) for e in ppl[method])
             ax.plot(eps, [ppl[method][str(e)] for e in eps], style, label=method)
     for grid in results.get("pmixed_grids", []):
-        by_eps: dict[float, float] = {}
-        for point in grid["points"]:
-            by_eps[point["epsilon"]] = min(by_eps.get(point["epsilon"], math.inf), point["ppl"])
-        eps = sorted(by_eps)
-        ax.plot(eps, [by_eps[e] for e in eps], ".:", alpha=0.6, label=f"pmixed m={grid['m']} (N={grid['members']})")
+        for projection, style in (("renyi", ".:"), ("box", "x--")):
+            by_eps: dict[float, float] = {}
+            for point in grid["points"]:
+                if point["projection"] == projection:
+                    by_eps[point["epsilon"]] = min(by_eps.get(point["epsilon"], math.inf), point["ppl"])
+            eps = sorted(by_eps)
+            label = f"pmixed {projection} m={grid['m']} (N={grid['members']})"
+            ax.plot(eps, [by_eps[e] for e in eps], style, alpha=0.6, label=label)
     ax.set_xscale("log")
     ax.set_xticks(list(EPSILONS), [f"{e:g}" for e in EPSILONS])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -571,15 +657,67 @@ def targets_reached(ppl: dict[str, Any], gap: dict[str, dict[str, float]], targe
     }
 
 
+def carried_results(settings: Settings, name: str) -> dict[str, Any]:
+    """The figures ``--pmixed-only`` does not measure again, from the complete results file of the same settings.
+
+    Public, fine-tuned and DP-SGD rows, the DP-SGD and member sweeps (public data; their chosen recipes are
+    reused), and each grid's Rényi ball points with the members' mean perplexity they were scored with. A grid
+    measured with the box under these very settings is carried whole; an m the file has no grid for is measured
+    in full.
+    """
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        raise PrivtuneError(f"--pmixed-only carries the other rows from {path}, which does not exist: run it in full")
+    old = json.loads(path.read_text())
+    now = {k: v for k, v in dataclasses.asdict(settings).items() if not k.startswith("box_") and k != "shards"}
+    then = {k: v for k, v in old["settings"].items() if not k.startswith("box_") and k != "shards"}
+    if not old.get("complete") or json.loads(json.dumps(now)) != then:
+        raise PrivtuneError(f"{path} is incomplete or has other settings; run bench.utility in full")
+    ppl = {k: old["ppl"][k] for k in ("public", "fine_tuned", "dpsgd")}
+    renyi = {
+        grid["m"]: {
+            "members_ppl_mean": grid["members_ppl_mean"],
+            "points": [{**p, "projection": p.get("projection", "renyi")} for p in grid["points"] if "beta" in p],
+        }
+        for grid in old["pmixed_grids"]
+    }
+    current = json.loads(json.dumps(dataclasses.asdict(settings)))
+    same_box = all(old["settings"].get(k) == v for k, v in current.items() if k != "shards")
+    done = {
+        grid["m"]: grid
+        for grid in old["pmixed_grids"]
+        if same_box and any(p.get("projection") == "box" for p in grid["points"])
+    }
+    return {
+        "ppl": ppl,
+        "runs": old["runs"],
+        "sweep": old["sweep"],
+        "member_sweeps": {sweep["m"]: sweep for sweep in old["member_sweeps"]},
+        "renyi": renyi,
+        "grids": done,
+        "box_split_choices": {
+            choice["m"]: choice for choice in old.get("box_split_choices", []) if choice["m"] in done
+        },
+        "source": {k: old.get(k) for k in ("command", "measured_at", "wall_seconds", "carried")},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings, to check the pipeline (minutes)")
+    parser.add_argument(
+        "--pmixed-only",
+        action="store_true",
+        help="measure PMixED again (members retrained by the same seeds and recipes); carry the public, fine-tuned "
+        "and DP-SGD rows, the sweeps and the Rényi ball points from the existing results file",
+    )
     args = parser.parse_args()
     settings = QUICK if args.quick else Settings()
     name = f"{NAME}_quick" if args.quick else NAME
     torch.manual_seed(0)
     torch.set_num_threads(1)  # on a shared, oversubscribed 2-core machine one thread per process contends least
     began = time.perf_counter()
+    carried = carried_results(settings, name) if args.pmixed_only else None
     loaded = load_model(MODEL)
     base, tokenizer = loaded.model, loaded.tokenizer
     base.eval()
@@ -609,8 +747,17 @@ def main() -> None:
         "only scales gradients and noise alike; fine-tuned uses DP-SGD's lr, steps and adapter. The PMixED "
         "members' recipe (lr, and f above), per m, chosen by a second sweep on public data only: members trained "
         "at the owners' member batch on shards of Milton's paragraph records, scored on Milton's held-out tail "
-        "(lowest mean member perplexity), applied unchanged to the owners' members. PMixED's headline per epsilon "
-        "is the best (m, alpha, q) point measured on the held-out text (all points reported)",
+        "(lowest mean member perplexity), applied unchanged to the owners' members. The box projection's split "
+        "(share of its width above p0), per (m, epsilon, q), chosen on public data too (``box_splits``: public "
+        "members by the owners' recipe, their box mixture scored on Milton's held-out tail); its Rényi order is "
+        "the one of widest box for the budget (accountant only). PMixED's headline per epsilon is the best "
+        "(projection, m, alpha, q) point measured on the held-out text (all points reported)",
+        "pmixed_projections": {
+            "renyi": "each member mixed with p0 into the two-sided Rényi ball of radius alpha*beta "
+            "(common/pmixed/accountant.py); q below 1, the S = empty branch floors the output",
+            "box": "each member projected (KL) into the box e^-a p0 <= p <= e^b p0 (common/pmixed/box.py), "
+            "width a + b from common/pmixed/box_bound.py, valid for every realised S; q = 1: the mean of all members",
+        },
     }
 
     def stage(**figures: Any) -> None:
@@ -629,45 +776,108 @@ def main() -> None:
 
     owner_rows = [(s.train, examples(s.train)) for s in splits]
     union = torch.cat([_pad_to(rows, settings.record_tokens) for _, rows in owner_rows])
+    public_logits = scorer.next_logits(public_top(base, first))
     ppl: dict[str, Any] = {"public": scorer.perplexity(public_top(base, first))}
     print(f"public {ppl['public']:.2f}; {len(union)} owner records, {record_tokens(union):.1f} tokens each")
-
-    noise_at_8 = noise_multiplier_for(owners_config(settings, max(EPSILONS)), settings.batch / len(union))
     task = public_task(base, tokenizer, settings, first)
-    dpsgd_sweep = sweep_dpsgd(base, task, settings, first, noise_at_8)
-    lr = dpsgd_sweep["chosen"]["lr"]
-    stage(ppl=ppl, sweep=dpsgd_sweep)
 
-    runs: dict[str, Any] = {}
-    model = fresh_adapter(base, settings, seed=100)
-    runs["fine_tuned"] = dataclasses.asdict(
-        train_nonprivate(model, union, settings.steps, settings.batch, lr, seed=100)
-    )
-    ppl["fine_tuned"] = scorer.perplexity(top_blocks(base, model, first))
-    del model
-    print(f"fine-tuned {ppl['fine_tuned']:.2f}")
-    stage(ppl=ppl, runs=runs)
+    if carried is not None:
+        if not math.isclose(ppl["public"], carried["ppl"]["public"], rel_tol=1e-9):
+            raise PrivtuneError(
+                f"public perplexity {ppl['public']} differs from the carried {carried['ppl']['public']}"
+            )
+        ppl, runs = carried["ppl"], carried["runs"]
+        stage(
+            ppl=ppl,
+            runs=runs,
+            sweep=carried["sweep"],
+            carried={
+                **carried["source"],
+                "figures": ["ppl.public", "ppl.fine_tuned", "ppl.dpsgd", "runs", "sweep", "member_sweeps"],
+                "carried_grids_m": sorted(carried["grids"]),
+                "note": "PMixED measured again; the rest carried from the run above. Members retrained by the same "
+                "seeds and recipes; each grid's Rényi ball points are carried when the retrained members' mean "
+                "perplexity equals the carried one (same members), else scored again; grids already measured with "
+                "the box under the same settings (carried_grids_m) are carried whole, with their sweeps and splits",
+            },
+        )
+    else:
+        noise_at_8 = noise_multiplier_for(owners_config(settings, max(EPSILONS)), settings.batch / len(union))
+        dpsgd_sweep = sweep_dpsgd(base, task, settings, first, noise_at_8)
+        lr = dpsgd_sweep["chosen"]["lr"]
+        stage(ppl=ppl, sweep=dpsgd_sweep)
 
-    ppl["dpsgd"], runs["dpsgd"] = {}, {}
-    for eps in sorted(EPSILONS, reverse=True):
-        model = fresh_adapter(base, settings, seed=200)
-        run = train_private(model, union, settings, owners_config(settings, eps), lr, seed=200)
-        ppl["dpsgd"][str(eps)] = scorer.perplexity(top_blocks(base, model, first))
-        runs["dpsgd"][str(eps)] = dataclasses.asdict(run)
+        runs = {}
+        model = fresh_adapter(base, settings, seed=100)
+        runs["fine_tuned"] = dataclasses.asdict(
+            train_nonprivate(model, union, settings.steps, settings.batch, lr, seed=100)
+        )
+        ppl["fine_tuned"] = scorer.perplexity(top_blocks(base, model, first))
         del model
-        print(f"DP-SGD eps {run.epsilon:.3g} (sigma {run.noise_multiplier:.3g}): {ppl['dpsgd'][str(eps)]:.2f}")
-        stage(ppl=ppl, runs=runs, gap_recovered=gaps(ppl))
+        print(f"fine-tuned {ppl['fine_tuned']:.2f}")
+        stage(ppl=ppl, runs=runs)
 
-    grids, member_sweeps = [], []
+        ppl["dpsgd"], runs["dpsgd"] = {}, {}
+        for eps in sorted(EPSILONS, reverse=True):
+            model = fresh_adapter(base, settings, seed=200)
+            run = train_private(model, union, settings, owners_config(settings, eps), lr, seed=200)
+            ppl["dpsgd"][str(eps)] = scorer.perplexity(top_blocks(base, model, first))
+            runs["dpsgd"][str(eps)] = dataclasses.asdict(run)
+            del model
+            print(f"DP-SGD eps {run.epsilon:.3g} (sigma {run.noise_multiplier:.3g}): {ppl['dpsgd'][str(eps)]:.2f}")
+            stage(ppl=ppl, runs=runs, gap_recovered=gaps(ppl))
+
+    grids: list[dict[str, Any]] = []
+    member_sweeps: list[dict[str, Any]] = []
+    split_choices: list[dict[str, Any]] = []
     for m in settings.shards:
-        member_sweeps.append(sweep_members(base, task, settings, first, m))
+        if carried is not None and m in carried["grids"]:
+            member_sweeps.append(carried["member_sweeps"][m])
+            split_choices.append(carried["box_split_choices"][m])
+            grids.append(carried["grids"][m])
+            print(f"PMixED m={m}: carried")
+            continue
+        if carried is not None and m in carried["member_sweeps"]:
+            member_sweeps.append(carried["member_sweeps"][m])
+        else:
+            member_sweeps.append(sweep_members(base, task, settings, first, m))
         recipe = MemberRecipe(**member_sweeps[-1]["chosen"])
         print(f"PMixED m={m}: member recipe {recipe} (public sweep)")
-        stage(member_sweeps=member_sweeps)
-        grids.append(pmixed_grid(base, scorer, first, owner_rows, examples, settings, m, recipe))
+        split_choices.append(choose_splits(base, task, settings, first, m, recipe))
+        print(f"PMixED m={m}: box splits {split_choices[-1]['chosen']} (public data)")
+        stage(member_sweeps=member_sweeps, box_split_choices=split_choices)
+        members = settings.owners * m
+        logits, member_runs = member_logits(base, scorer, first, owner_rows, examples, settings, m, recipe)
+        scored = pmixed_grid(
+            scorer, public_logits, logits, box_budgets(settings, members, chosen_splits(split_choices[-1]))
+        )
+        points, seconds = scored["points"], scored["score_seconds"]
+        previous = carried["renyi"].get(m) if carried is not None else None
+        if previous is not None and math.isclose(
+            previous["members_ppl_mean"], scored["members_ppl_mean"], rel_tol=1e-9
+        ):
+            points = previous["points"] + points
+        else:
+            renyi = pmixed_grid(scorer, public_logits, logits, pmixed_budgets(settings, members))
+            points, seconds = renyi["points"] + points, seconds + renyi["score_seconds"]
+        del logits
+        grids.append(
+            {
+                "m": m,
+                "members": members,
+                "members_ppl_mean": scored["members_ppl_mean"],
+                "member_recipe": dataclasses.asdict(recipe),
+                "points": points,
+                "member_runs": runs_summary(member_runs),
+                "score_seconds": seconds,
+            }
+        )
         best = best_pmixed(grids)
         ppl["pmixed"] = {str(eps): point["ppl"] for eps, point in sorted(best.items())}
-        print(f"PMixED m={m}: " + ", ".join(f"eps {e:g}: {p['ppl']:.2f}" for e, p in sorted(best.items())))
+        print(
+            f"PMixED m={m}: "
+            + ", ".join(f"eps {e:g}: {p['ppl']:.2f} ({p['projection']})" for e, p in sorted(best.items()))
+        )
         stage(
             ppl=ppl,
             runs=runs,

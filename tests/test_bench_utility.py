@@ -14,7 +14,7 @@ from privtune.common.dpsgd import PAD, noise_multiplier_for
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import num_blocks
 from privtune.common.models import load_model
-from privtune.common.pmixed import PMixedBudget
+from privtune.common.pmixed import Box, PMixedBudget, best_budget, project_box
 
 
 def test_gap_recovered_is_the_share_of_the_fine_tuning_gain_kept():
@@ -80,9 +80,9 @@ def test_owners_record_tensors_pad_to_one_width():
 def test_pmixed_budgets_keep_the_feasible_orders_of_largest_radius():
     settings = utility.Settings(qs=(0.02,), alphas_kept=2)
     budgets = utility.pmixed_budgets(settings, 8)
-    assert {eps for eps, _, _ in budgets} == set(utility.EPSILONS)
+    assert {b.epsilon for b in budgets} == set(utility.EPSILONS) and {b.projection for b in budgets} == {"renyi"}
     for eps in utility.EPSILONS:
-        kept = {alpha for e, alpha, _ in budgets if e == eps}
+        kept = {b.alpha for b in budgets if b.epsilon == eps}
         assert len(kept) == 2
         radius = {}
         for alpha in settings.alpha_candidates:
@@ -91,7 +91,7 @@ def test_pmixed_budgets_keep_the_feasible_orders_of_largest_radius():
             except PrivtuneError:
                 continue
         assert kept == set(sorted(radius, key=radius.get)[-2:])
-    assert all(alpha > 3 for e, alpha, _ in budgets if e == 1.0)  # epsilon 1 is out of reach at order 3
+    assert all(b.alpha > 3 for b in budgets if b.epsilon == 1.0)  # epsilon 1 is out of reach at order 3
 
 
 def test_targets_state_the_gain_the_ratio_divides_by():
@@ -149,3 +149,41 @@ def test_a_sweep_scores_every_model_of_a_candidate_and_picks_the_lowest_mean():
     )
     assert perturbed["ppl"] > untouched["ppl"]  # random adapter weights make a random model's guesses worse
     assert result["chosen"] == {"scale": 0.0} and len(perturbed["runs"]) == 2
+
+
+def test_box_budgets_use_the_chosen_split_at_the_order_of_widest_box():
+    settings = utility.Settings(box_qs=(1.0,))
+    splits = {(eps, 1.0): split for eps, split in zip(utility.EPSILONS, (0.3, 0.5, 0.85))}
+    budgets = utility.box_budgets(settings, 16, splits)
+    assert [(b.epsilon, b.split, b.projection, b.q) for b in budgets] == [
+        (eps, split, "box", 1.0) for eps, split in zip(utility.EPSILONS, (0.3, 0.5, 0.85))
+    ]
+    for budget in budgets:
+        assert budget == best_budget(budget.epsilon, 1e-5, utility.QUERIES, 1.0, 16, "box", budget.split)
+        assert utility.grid_point(budget) == {
+            "epsilon": budget.epsilon,
+            "alpha": budget.alpha,
+            "q": 1.0,
+            "projection": "box",
+            "split": budget.split,
+            "lower": budget.box().lower,
+            "upper": budget.box().upper,
+        }
+
+
+def test_box_nll_scores_the_mean_of_the_projected_members_and_mixture_nll_agrees_at_q_one():
+    generator = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(4, 6, 9, generator=generator, dtype=torch.float64), dim=-1)
+    targets = torch.tensor([0, 3, 8, 1, 2, 5])
+    budget = PMixedBudget(8.0, 1e-5, 4, 1024, 1.0, 3, projection="box", split=0.7)
+    box = budget.box()
+    expected = -sum(
+        math.log(float(project_box(probs[1:, t], probs[0, t], box).mean(dim=0)[targets[t]])) for t in range(6)
+    )
+    assert utility.box_nll(probs, targets, {"b": box})["b"] == pytest.approx(expected, rel=1e-12)
+    assert mixture_nll(probs, targets, {"b": budget}, {"b": np.random.default_rng(0)})["b"] == pytest.approx(
+        expected, rel=1e-12
+    )
+    narrow = utility.box_nll(probs, targets, {"n": Box(1e-4, 1e-4)})["n"]
+    public_nll = -float(torch.log(probs[0, torch.arange(6), targets]).sum())
+    assert narrow == pytest.approx(public_nll, rel=1e-3) and expected != pytest.approx(public_nll, rel=1e-3)
