@@ -47,7 +47,7 @@ class ServeConfig:
     queries: int = 1024
     q: float | None = None  # None: DEFAULT_Q of the projection
     projection: str = "box"
-    split: float = 0.5  # the box's share of its width above p0
+    split: float = 0.85  # the box's share of its width above p0: bench.utility's choice on public data (Milton)
     ledger: str | None = None
     registry: str | None = None  # which ledger pays for which members; default: the privtune cache's
     # Ray

@@ -38,7 +38,7 @@ def test_arguments_make_the_typed_config_budget_and_ledger(tmp_path):
     service = cli.service_config(config)
     assert service.budget.n_members == 2 and service.budget.T == 12 and service.budget.q == 0.25
     assert service.budget.epsilon == 6 and service.budget.projection == "box" and service.num_replicas == 3
-    assert service.budget == best_budget(6.0, 1e-5, 12, 0.25, 2, "box", 0.5)  # the order of widest box
+    assert service.budget == best_budget(6.0, 1e-5, 12, 0.25, 2, "box", 0.85)  # the order of widest box
     assert service.ledger == str(tmp_path / "l.sqlite")
     with pytest.raises(PrivtuneError, match="num-replicas"):
         cli.service_config(parse(["--model", MODEL, "--adapters", *adapters, "--num-replicas", "0"]))
@@ -52,7 +52,7 @@ def test_the_projection_its_split_order_and_default_rate_reach_the_budget(tmp_pa
     box = cli.service_config(parse([*base, "--split", "0.7", "--alpha", "5"])).budget
     assert box == PMixedBudget(8.0, 1e-5, 5, 1024, 1.0, 2, "box", 0.7)  # q = 1: every member, every query
     renyi = cli.service_config(parse([*base, "--projection", "renyi", "--alpha", "3"])).budget
-    assert renyi == PMixedBudget(8.0, 1e-5, 3, 1024, 0.03, 2, "renyi")
+    assert renyi == PMixedBudget(8.0, 1e-5, 3, 1024, 0.03, 2, "renyi", cli.DEFAULTS.split)  # split: box only
     assert cli.service_config(parse([*base, "--projection", "renyi"])).budget.projection == "renyi"
     with pytest.raises(PrivtuneError, match="split"):
         cli.service_config(parse([*base, "--split", "1"]))
