@@ -140,9 +140,10 @@ def _project_kernel(
             p[t] = (1.0 - SUPPORT_SHARE) * probs[row, t] + SUPPORT_SHARE * public[t]
         lo, hi = np.inf, 0.0
         for t in range(vocab):
-            safe = max(p[t], tiny)
-            lo = min(lo, low[t] / safe)  # every token clipped low there: g = Σ low < 1
-            hi = max(hi, high[t] / safe)  # every token clipped high there: g = Σ high > 1
+            if public[t] > 0:  # tokens outside p0's support stay 0 whatever c is
+                safe = max(p[t], tiny)
+                lo = min(lo, low[t] / safe)  # every token clipped low there: g = Σ low < 1
+                hi = max(hi, high[t] / safe)  # every token clipped high there: g = Σ high > 1
         c = min(max(1.0, lo), hi)
         converged = False
         for _ in range(max_steps):

@@ -59,6 +59,8 @@ def test_public_with_zeros_keeps_them_zero():
     members = torch.tensor([[0.1, 0.6, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
     rows = project_box(members, public, Box(0.4, 0.4))
     _assert_in_box(rows, public, Box(0.4, 0.4))
+    outside = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # all its mass where p0 has none
+    _assert_in_box(project_box(outside, public, Box(0.4, 0.4)), public, Box(0.4, 0.4))
 
 
 def test_a_member_inside_the_box_is_kept_and_p0_maps_to_itself():
