@@ -14,12 +14,14 @@ import torch
 from scipy import stats
 
 from privtune.common.pmixed.accountant import PMixedBudget
+from privtune.common.pmixed.box import project_box
 from privtune.common.pmixed.mechanism import (
     TokenRelease,
     buckets,
     mixture_distribution,
     next_token,
     sample_token,
+    subset_distribution,
     uniform_below,
 )
 from privtune.common.pmixed.projection import project
@@ -123,3 +125,28 @@ def test_bad_member_shape_is_rejected():
     budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=3, T=1024, q=0.99, n_members=3)
     with pytest.raises(ValueError):
         next_token(np.full(4, 0.25), np.full((3, 5), 0.2), budget, secure_rng(15))
+
+
+@pytest.mark.parametrize("q", [1.0, 0.5])
+def test_released_tokens_follow_the_box_law(q):
+    """The box budget's query: every member projected into the box, the mean over S sampled exactly."""
+    rng_data = np.random.default_rng(21)
+    vocab, n = 6, 3
+    public = rng_data.dirichlet(np.full(vocab, 2.0))
+    members = rng_data.dirichlet(np.full(vocab, 0.3), size=n)
+    budget = PMixedBudget(epsilon=8.0, delta=1e-5, alpha=4, T=2, q=q, n_members=n, projection="box", split=0.7)
+    p0 = torch.as_tensor(public) / float(np.sum(public))
+    projected = project_box(members, p0, budget.box())
+    law = np.zeros(vocab)
+    for mask in itertools.product([False, True], repeat=n):
+        k = sum(mask)
+        dist = subset_distribution(projected, p0, np.flatnonzero(mask)).numpy()
+        law += q**k * (1 - q) ** (n - k) * dist / dist.sum()
+    assert np.abs(law - public).max() > 0.05  # the members move the law visibly
+
+    rng = secure_rng(22)
+    draws = 3000
+    releases = [next_token(public, members, budget, rng) for _ in range(draws)]
+    assert {(r.rdp, r.alpha) for r in releases} == {(budget.rdp_per_query(), 4)}
+    counts = np.bincount([r.token for r in releases], minlength=vocab)
+    assert stats.chisquare(counts, draws * law).pvalue > SIGNIFICANCE
