@@ -186,6 +186,8 @@ class PMixedBudget:
                 f"epsilon={self.epsilon} is too small for delta={self.delta} at alpha={self.alpha}: the RDP budget "
                 f"{self.rdp_total():.4g} is not positive; raise epsilon or delta, or change alpha"
             )
+        if self.projection == "box":
+            self.box()  # refuses, here rather than at the first query, a box with a side too narrow to project into
 
     def rdp_total(self) -> float:
         """RDP at order α available to the whole service."""

@@ -169,3 +169,8 @@ def test_a_budget_below_the_rounding_cost_is_refused_and_projections_do_not_mix(
         PMixedBudget(8.0, 1e-5, 3, 1024, 0.1, 8).width()
     with pytest.raises(PrivtuneError, match=r"q must be in \(0, 1\)"):
         PMixedBudget(8.0, 1e-5, 3, 1024, 1.0, 8)  # q = 1 stays refused for the Rényi ball
+
+
+def test_a_box_with_a_side_too_narrow_is_refused_when_the_budget_is_made():
+    with pytest.raises(PrivtuneError, match="lower log-width"):
+        PMixedBudget(1.0, 1e-5, 20, 1024, 1.0, 2, "box", split=1 - 1e-9)
