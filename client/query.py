@@ -232,6 +232,16 @@ def print_status(health: dict, budget: dict) -> None:
         f"({budget['epsilon']:g}, {budget['delta']:g})-DP at alpha {budget['alpha']} "
         f"(RDP {budget['rdp_spent']:.4g} of {budget['rdp_total']:.4g}, epsilon spent so far "
         f"{budget['epsilon_spent']:.4g}); "
-        f"q={budget['q']:g}, beta={budget['beta']:.4g}; ledger {budget['ledger']}"
+        f"q={budget['q']:g}, {projection_text(budget)}; ledger {budget['ledger']}"
         + ("; EXHAUSTED" if budget["exhausted"] else "")
     )
+
+
+def projection_text(budget: dict) -> str:
+    """How far the service lets a member move from the public model, in the terms of its projection."""
+    if budget["projection"] == "box":
+        return (
+            f"box projection: every member's token probabilities within e^-{budget['box_lower']:.3g} to "
+            f"e^{budget['box_upper']:.3g} times the public model's"
+        )
+    return f"Renyi-ball projection, beta={budget['beta']:.4g}"

@@ -128,7 +128,7 @@ def print_ledgers(out: Path, owners: int) -> None:
 
 
 ULT_SERVING = DemoServing()
-SMOLLM2_SERVING = DemoServing(tokens=24, q=0.5)
+SMOLLM2_SERVING = DemoServing(tokens=24)
 
 
 def pmixed_row(settings: DemoServing) -> tuple[str, str]:

@@ -27,11 +27,11 @@ class KeyHolder:
 
 @dataclass(frozen=True)
 class DemoServing:
-    """The service's budget: T and q sized so that a demo can pay for three continuations."""
+    """The service's budget: T sized so that a demo can pay for three continuations; the service's own default
+    projection and member sampling rate."""
 
     tokens: int = 32
     queries: int = 128
-    q: float = 0.25
     epsilon: float = 8.0
 
 
@@ -61,7 +61,6 @@ def serve_and_sample(run: Path, settings: DemoServing, key_holder: KeyHolder | N
         run=str(run),
         public_embeddings=public_embeddings,
         queries=settings.queries,
-        q=settings.q,
         epsilon=settings.epsilon,
         num_cpus=2,
         port=0,
@@ -69,7 +68,7 @@ def serve_and_sample(run: Path, settings: DemoServing, key_holder: KeyHolder | N
     print(
         f"\n[demo] PMixED service over {run}: each owner's member adapter (trained from the public start on "
         f"that owner's data alone) with the public model as p0; ({settings.epsilon:g}, {config.delta:g})-DP per "
-        f"member's data over {settings.queries} queries, member sampling rate q={settings.q:g}",
+        f"member's data over {settings.queries} queries, {config.projection} projection",
         flush=True,
     )
     served = Served()
@@ -108,6 +107,8 @@ def serve_and_sample(run: Path, settings: DemoServing, key_holder: KeyHolder | N
 
 
 def markdown_served(title: str, served: Served) -> list[str]:
+    from privtune.client.query import projection_text
+
     lines = [f"## {title}", ""]
     if served.note:
         lines += [served.note, ""]
@@ -119,6 +120,6 @@ def markdown_served(title: str, served: Served) -> list[str]:
             f"Budget: {budget['queries_spent']} of {budget['queries_total']} queries spent; "
             f"({budget['epsilon']:g}, {budget['delta']:g})-DP per member's data over all queries "
             f"(epsilon spent so far {budget['epsilon_spent']:.3g}); member sampling rate q={budget['q']:g}, "
-            f"projection radius beta={budget['beta']:.3g}.",
+            f"{projection_text(budget)}.",
         ]
     return lines + [""]

@@ -87,6 +87,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def BudgetStatus(self, request: pb.BudgetStatusRequest, context: grpc.ServicerContext) -> pb.BudgetStatusResponse:
         with _status(context):
             status = self.service.budget_status()
+            if status.get("projection") == "box":
+                status = {**status, "box_lower": status["lower"], "box_upper": status["upper"]}
             fields = pb.BudgetStatusResponse.DESCRIPTOR.fields_by_name
             return pb.BudgetStatusResponse(**{f: status[f] for f in fields if f in status})  # no beta for the box
 

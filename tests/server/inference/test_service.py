@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from privtune.cli import main as privtune
-from privtune.client.query import InferenceClient
+from privtune.client.query import InferenceClient, projection_text
 from privtune.common.errors import BudgetExceededError, PrivtuneError
 from privtune.common.inference_api import MAX_PROMPT_TEXT_BYTES
 from privtune.common.ledger import RELATIVE_TOLERANCE, Ledger
@@ -43,6 +43,8 @@ def test_health_and_budget_status(service):
     box = service.budget.box()
     local = service.service.budget_status()
     assert local["projection"] == "box" and (local["lower"], local["upper"]) == (box.lower, box.upper)
+    assert budget["projection"] == "box" and (budget["box_lower"], budget["box_upper"]) == (box.lower, box.upper)
+    assert f"e^-{box.lower:.3g} to e^{box.upper:.3g} times" in projection_text(budget)
 
 
 def test_each_released_token_is_one_query(service):

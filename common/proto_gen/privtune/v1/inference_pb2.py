@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5privtune/common/proto_gen/privtune/v1/inference.proto\x12\x0bprivtune.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.privtune.v1.TokenIdsH\x00\x42\x06\n\x04kind\"7\n\x10NextTokenRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.privtune.v1.Prompt\"c\n\x0fGenerateRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.privtune.v1.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bstop_at_eos\x18\x03 \x01(\x08\"<\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x19\n\x11queries_remaining\x18\x03 \x01(\x04\"\x15\n\x13\x42udgetStatusRequest\"\xff\x01\n\x14\x42udgetStatusResponse\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\r\n\x05\x61lpha\x18\x03 \x01(\r\x12\x15\n\rqueries_total\x18\x04 \x01(\x04\x12\x15\n\rqueries_spent\x18\x05 \x01(\x04\x12\x11\n\trdp_total\x18\x06 \x01(\x01\x12\x11\n\trdp_spent\x18\x07 \x01(\x01\x12\x15\n\repsilon_spent\x18\x08 \x01(\x01\x12\x11\n\tn_members\x18\t \x01(\r\x12\t\n\x01q\x18\n \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x0b \x01(\x01\x12\x0e\n\x06ledger\x18\x0c \x01(\t\x12\x11\n\texhausted\x18\r \x01(\x08\"\x0f\n\rHealthRequest\"\xcc\x01\n\x0eHealthResponse\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".privtune.v1.HealthResponse.Status\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x11\n\tn_members\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xa3\x02\n\tInference\x12>\n\tNextToken\x12\x1d.privtune.v1.NextTokenRequest\x1a\x12.privtune.v1.Token\x12>\n\x08Generate\x12\x1c.privtune.v1.GenerateRequest\x1a\x12.privtune.v1.Token0\x01\x12S\n\x0c\x42udgetStatus\x12 .privtune.v1.BudgetStatusRequest\x1a!.privtune.v1.BudgetStatusResponse\x12\x41\n\x06Health\x12\x1a.privtune.v1.HealthRequest\x1a\x1b.privtune.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5privtune/common/proto_gen/privtune/v1/inference.proto\x12\x0bprivtune.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"L\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.privtune.v1.TokenIdsH\x00\x42\x06\n\x04kind\"7\n\x10NextTokenRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.privtune.v1.Prompt\"c\n\x0fGenerateRequest\x12#\n\x06prompt\x18\x01 \x01(\x0b\x32\x13.privtune.v1.Prompt\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x13\n\x0bstop_at_eos\x18\x03 \x01(\x08\"<\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x19\n\x11queries_remaining\x18\x03 \x01(\x04\"\x15\n\x13\x42udgetStatusRequest\"\xb9\x02\n\x14\x42udgetStatusResponse\x12\x0f\n\x07\x65psilon\x18\x01 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x02 \x01(\x01\x12\r\n\x05\x61lpha\x18\x03 \x01(\r\x12\x15\n\rqueries_total\x18\x04 \x01(\x04\x12\x15\n\rqueries_spent\x18\x05 \x01(\x04\x12\x11\n\trdp_total\x18\x06 \x01(\x01\x12\x11\n\trdp_spent\x18\x07 \x01(\x01\x12\x15\n\repsilon_spent\x18\x08 \x01(\x01\x12\x11\n\tn_members\x18\t \x01(\r\x12\t\n\x01q\x18\n \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\x0b \x01(\x01\x12\x0e\n\x06ledger\x18\x0c \x01(\t\x12\x11\n\texhausted\x18\r \x01(\x08\x12\x12\n\nprojection\x18\x0e \x01(\t\x12\x11\n\tbox_lower\x18\x0f \x01(\x01\x12\x11\n\tbox_upper\x18\x10 \x01(\x01\"\x0f\n\rHealthRequest\"\xcc\x01\n\x0eHealthResponse\x12\x32\n\x06status\x18\x01 \x01(\x0e\x32\".privtune.v1.HealthResponse.Status\x12\x10\n\x08replicas\x18\x02 \x01(\r\x12\x11\n\tn_members\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\">\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\x32\xa3\x02\n\tInference\x12>\n\tNextToken\x12\x1d.privtune.v1.NextTokenRequest\x1a\x12.privtune.v1.Token\x12>\n\x08Generate\x12\x1c.privtune.v1.GenerateRequest\x1a\x12.privtune.v1.Token0\x01\x12S\n\x0c\x42udgetStatus\x12 .privtune.v1.BudgetStatusRequest\x1a!.privtune.v1.BudgetStatusResponse\x12\x41\n\x06Health\x12\x1a.privtune.v1.HealthRequest\x1a\x1b.privtune.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGETSTATUSREQUEST']._serialized_start=393
   _globals['_BUDGETSTATUSREQUEST']._serialized_end=414
   _globals['_BUDGETSTATUSRESPONSE']._serialized_start=417
-  _globals['_BUDGETSTATUSRESPONSE']._serialized_end=672
-  _globals['_HEALTHREQUEST']._serialized_start=674
-  _globals['_HEALTHREQUEST']._serialized_end=689
-  _globals['_HEALTHRESPONSE']._serialized_start=692
-  _globals['_HEALTHRESPONSE']._serialized_end=896
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=834
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=896
-  _globals['_INFERENCE']._serialized_start=899
-  _globals['_INFERENCE']._serialized_end=1190
+  _globals['_BUDGETSTATUSRESPONSE']._serialized_end=730
+  _globals['_HEALTHREQUEST']._serialized_start=732
+  _globals['_HEALTHREQUEST']._serialized_end=747
+  _globals['_HEALTHRESPONSE']._serialized_start=750
+  _globals['_HEALTHRESPONSE']._serialized_end=954
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=892
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=954
+  _globals['_INFERENCE']._serialized_start=957
+  _globals['_INFERENCE']._serialized_end=1248
 # @@protoc_insertion_point(module_scope)

@@ -52,7 +52,7 @@ class BudgetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BudgetStatusResponse(_message.Message):
-    __slots__ = ("epsilon", "delta", "alpha", "queries_total", "queries_spent", "rdp_total", "rdp_spent", "epsilon_spent", "n_members", "q", "beta", "ledger", "exhausted")
+    __slots__ = ("epsilon", "delta", "alpha", "queries_total", "queries_spent", "rdp_total", "rdp_spent", "epsilon_spent", "n_members", "q", "beta", "ledger", "exhausted", "projection", "box_lower", "box_upper")
     EPSILON_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,9 @@ class BudgetStatusResponse(_message.Message):
     BETA_FIELD_NUMBER: _ClassVar[int]
     LEDGER_FIELD_NUMBER: _ClassVar[int]
     EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    BOX_LOWER_FIELD_NUMBER: _ClassVar[int]
+    BOX_UPPER_FIELD_NUMBER: _ClassVar[int]
     epsilon: float
     delta: float
     alpha: int
@@ -79,7 +82,10 @@ class BudgetStatusResponse(_message.Message):
     beta: float
     ledger: str
     exhausted: bool
-    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., alpha: _Optional[int] = ..., queries_total: _Optional[int] = ..., queries_spent: _Optional[int] = ..., rdp_total: _Optional[float] = ..., rdp_spent: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., n_members: _Optional[int] = ..., q: _Optional[float] = ..., beta: _Optional[float] = ..., ledger: _Optional[str] = ..., exhausted: _Optional[bool] = ...) -> None: ...
+    projection: str
+    box_lower: float
+    box_upper: float
+    def __init__(self, epsilon: _Optional[float] = ..., delta: _Optional[float] = ..., alpha: _Optional[int] = ..., queries_total: _Optional[int] = ..., queries_spent: _Optional[int] = ..., rdp_total: _Optional[float] = ..., rdp_spent: _Optional[float] = ..., epsilon_spent: _Optional[float] = ..., n_members: _Optional[int] = ..., q: _Optional[float] = ..., beta: _Optional[float] = ..., ledger: _Optional[str] = ..., exhausted: _Optional[bool] = ..., projection: _Optional[str] = ..., box_lower: _Optional[float] = ..., box_upper: _Optional[float] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
