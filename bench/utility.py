@@ -120,7 +120,7 @@ class Settings:
     """Member schedules tried on public data: ``steps * f`` steps at batch ``member_batch // f`` (same records)."""
     sweep_members: int = 2
     """Public members trained per recipe in the member sweep (on as many of Milton's shards); their mean is scored."""
-    shards: tuple[int, ...] = (2, 4, 8)
+    shards: tuple[int, ...] = (2, 4, 8, 10)
     qs: tuple[float, ...] = (0.04, 0.08, 0.12, 0.16, 0.25)
     alpha_candidates: tuple[int, ...] = (3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
     alphas_kept: int = 1
