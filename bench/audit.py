@@ -52,15 +52,12 @@ FIGURES = ("auc", "tpr_at_1pct_fpr", "exposure", "bounds", "violations", "second
 
 @dataclass(frozen=True)
 class ServiceSettings:
-    """The PMixED deployment attacked: epsilon 8 over exactly the queries the attack spends.
-
-    q = 0.25 (as the demo) rather than the service's default 0.03: with two members a smaller rate
-    answers almost every query from the public model alone, and the audit would measure p0.
-    """
+    """The PMixED deployment attacked: epsilon 8 over exactly the queries the attack spends, with the service's
+    default projection and member sampling rate (``q`` None), as the demo serves."""
 
     epsilon: float = 8.0
     delta: float = 1e-5
-    q: float = 0.25
+    q: float | None = None
     records: int = 142  # member and as many non-member records; POSITIONS queries each
 
 
