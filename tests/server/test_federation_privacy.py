@@ -221,7 +221,7 @@ def test_the_demo_serves_continuations_until_its_budget_cannot_pay(ult_run, caps
     from privtune.demo_serving import PROMPTS, DemoServing, KeyHolder, serve_and_sample
 
     node, run = ult_run.nodes[0], ult_run.root / "server"
-    settings = DemoServing(tokens=3, queries=8, q=0.5)
+    settings = DemoServing(tokens=3, queries=8)
     holder = KeyHolder(Path(ult_run.cfg.model), Path(ult_run.cfg.model) / ULT_TABLE_FILE, Path(node["ult-key"]))
     serve_and_sample(run, settings, holder)
     first = capsys.readouterr().out
