@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kd-weight", type=float, default=30.0)
     parser.add_argument("--logit-kd-weight", type=float, default=0.0)
     parser.add_argument("--middle-lora-r", type=int, default=0)
+    parser.add_argument(
+        "--align-budgets",
+        default="",
+        help="steps of a KD-only alignment stage (no LM loss, logit KD) after the largest budget, comma-separated",
+    )
+    parser.add_argument("--align-logit-kd-weight", type=float, default=1.0)
     parser.add_argument("--train-steps", type=int, default=20, help="steps for every trained row of the ppl table")
     parser.add_argument("--lr", type=float, default=1e-4, help="full fine-tuning and full adapter blocks")
     parser.add_argument(
@@ -377,18 +383,60 @@ def distilled_stages(
     (the middle blocks and the seconds they took), keyed by model, split, settings and data; a stage
     stopped midway resumes from its checkpoint (its seconds then count only the resumed part).
     """
-    from privtune.common.checkpoint import remove_checkpoint
-    from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator
-    from privtune.common.offsite.digest import tensors_digest
-    from privtune.common.offsite.distill import load_middle_state, middle_state
-    from privtune.common.paths import cache_dir
+    from privtune.common.offsite import OffsiteConfig, build_emulator_model
 
     emulator = build_emulator_model(full, OffsiteConfig(**SPLIT))
     settings = distill_settings(args, variant)
+    yield from _stages(full, emulator, public, budgets, settings, stages_folder(full, public, settings))
+
+
+def aligned_stages(
+    full, emulator, public: torch.Tensor, start: tuple[int, float], budgets: list[int], args: argparse.Namespace
+) -> Iterator[tuple[int, Any, float]]:
+    """The alignment stages that continue ``emulator`` (the main curve's last point, ``start`` = its
+    steps and seconds): knowledge distillation only, no LM loss, with logit KD.
+
+    The LM term fits the emulator to the public corpus itself; without it the middle is trained only
+    to reproduce the full model, which carries further from that corpus (see the README).
+    """
+    done, seconds = start
+    settings = {**distill_settings(args), "lm_weight": 0.0, "logit_kd_weight": args.align_logit_kd_weight}
+    folder = stages_folder(full, public, distill_settings(args)) / f"align-from-{done}-{_digest(settings)[:12]}"
+    cumulative = [done + steps for steps in budgets]
+    yield from _stages(full, emulator, public, cumulative, settings, folder, done, seconds)
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    from privtune.common.offsite.digest import tensors_digest
+
+    return tensors_digest({}, settings)
+
+
+def stages_folder(full, public: torch.Tensor, settings: dict[str, Any]) -> Path:
+    from privtune.common.offsite.digest import tensors_digest
+    from privtune.common.paths import cache_dir
+
     model = tensors_digest(full.state_dict())
-    key = tensors_digest({"ids": public}, {"model": model, "split": SPLIT, "settings": settings})[:24]
-    folder = cache_dir("bench-offsite", key)
-    done, seconds = 0, 0.0
+    return cache_dir(
+        "bench-offsite", tensors_digest({"ids": public}, {"model": model, "split": SPLIT, "settings": settings})[:24]
+    )
+
+
+def _stages(
+    full,
+    emulator,
+    public: torch.Tensor,
+    budgets: list[int],
+    settings: dict[str, Any],
+    folder: Path,
+    done: int = 0,
+    seconds: float = 0.0,
+) -> Iterator[tuple[int, Any, float]]:
+    from privtune.common.checkpoint import remove_checkpoint
+    from privtune.common.offsite import DistillConfig, distill_emulator
+    from privtune.common.offsite.distill import load_middle_state, middle_state
+
+    folder.mkdir(parents=True, exist_ok=True)
     for steps in sorted(set(budgets)):
         cached = folder / f"{steps}.pt"
         if cached.exists():
@@ -437,6 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     full, tokenizer = loaded.model, loaded.tokenizer
     private = holdout_split(shakespeare_works(), 0.1)
     budgets = _numbers(args.distill_budgets, int)
+    align = _numbers(args.align_budgets, int)
     public_split = holdout_split(public_corpus(), 0.02)
     batch = args.batch_size
     data = {
@@ -493,9 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     stage(ppl=dict(refs), ceiling_gain_recovered_lora=ceiling_gain)
 
     curve: list[dict[str, Any]] = []
-    emulator = None
-    for steps, emulator, seconds in distilled_stages(full, data["public"], budgets, args):
-        curve.append({"distill_steps": steps, "distill_seconds": seconds})
+
+    def point(steps: int, emulator, seconds: float, kind: str) -> None:
+        curve.append({"distill_steps": steps, "distill_seconds": seconds, "stage": kind})
         curve[-1].update(quality_point(full, emulator, lora, data, batch, refs))
         curve[-1]["plugin_over_ceiling_lora"] = curve[-1]["plugin_gain_recovered_lora"] / ceiling_gain
         stage(
@@ -511,7 +560,14 @@ def main(argv: list[str] | None = None) -> None:
             plugin_gain_recovered_lora=curve[-1]["plugin_gain_recovered_lora"],
             plugin_over_ceiling_lora=curve[-1]["plugin_over_ceiling_lora"],
         )
+
+    emulator = None
+    for steps, emulator, seconds in distilled_stages(full, data["public"], budgets, args):
+        point(steps, emulator, seconds, "LM + KD")
     assert emulator is not None
+    start = (curve[-1]["distill_steps"], curve[-1]["distill_seconds"])
+    for steps, aligned, seconds in aligned_stages(full, emulator, data["public"], start, align, args):
+        point(steps, aligned, seconds, "KD only (alignment)")
     last = curve[-1]
     sweep = []
     for recipe in recipes[1:]:
@@ -591,6 +647,8 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
             "logit_kd_weight": args.logit_kd_weight,
             "middle_lora_r": args.middle_lora_r,
             "warmup": "10% of steps, then cosine",
+            "align_budgets": _numbers(args.align_budgets, int),
+            "align": {"lm_weight": 0.0, "kd_weight": args.kd_weight, "logit_kd_weight": args.align_logit_kd_weight},
         },
         "train_steps": args.train_steps,
         "lr": args.lr,
@@ -646,8 +704,8 @@ def report_quality(args: argparse.Namespace, refs: dict, curve: list, variants: 
         f"perplexity on held-out Shakespeare ({args.eval_blocks}x{args.block_size} tokens), {args.train_steps} "
         f"training steps: zero-shot {refs['zero_shot']:.2f}, full FT {refs['full_ft']:.2f}, "
         f"LoRA on the full model {refs['ceiling_lora']:.2f}",
-        ["distill steps", "seconds", *columns],
-        [[p["distill_steps"], p["distill_seconds"], *row(p)] for p in curve],
+        ["distill steps", "stage", "seconds", *columns],
+        [[p["distill_steps"], p.get("stage", ""), p["distill_seconds"], *row(p)] for p in curve],
     )
     if variants:
         print_table(

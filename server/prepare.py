@@ -12,6 +12,12 @@ with the same inputs reuses them in seconds; an interrupted one resumes from its
 same cache folder. The package records the emulator's quality: its perplexity next to the full
 model's on held-out public text.
 
+Distillation runs in two stages: ``--distill-steps`` of LM loss + hidden-state KD, then
+``--align-steps`` of KD alone (hidden state and next-token logits, no LM loss). The LM term fits the
+emulator to the public corpus; the KD-only stage makes it imitate the full model instead, which is
+what data owners' adapters need when their text is not like the public corpus (on SmolLM2 2-8-2 it
+raised the plug-in's share of full fine-tuning's gain from 0.35 to 0.46, README).
+
 Distillation and the quality check compute on ``--device`` (bf16 autocast on CUDA); digests,
 the cache and the package are made from the host copies.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,10 @@ from torch import nn
 from privtune.common.device import DevicePolicy, add_device_argument
 from privtune.common.errors import PrivtuneError
 
+DISTILL_STEPS = 1000
+ALIGN_STEPS = 150
+"""Both measured on SmolLM2 2-8-2 (README, offsite-tuning): 1000 steps bring the emulator to 1.4x the
+full model's public perplexity, and the KD-only stage is what makes adapters carry over."""
 PACKAGE_DIR = "emulator"
 TOKENIZER_DIR = "tokenizer"
 MODEL_REFERENCE = "model.json"
@@ -56,7 +67,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     distill = parser.add_mutually_exclusive_group()
     distill.add_argument(
-        "--distill-steps", type=int, default=300, help="emulator distillation steps on the public corpus (default 300)"
+        "--distill-steps",
+        type=int,
+        default=DISTILL_STEPS,
+        help=f"emulator distillation steps on the public corpus, LM + hidden KD (default {DISTILL_STEPS})",
     )
     distill.add_argument(
         "--no-distill",
@@ -70,6 +84,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-kd-weight", type=float, default=0.0, help="KL to the full model's next-token logits")
     parser.add_argument(
         "--middle-lora-r", type=int, default=0, help="distil low-rank updates of the middle blocks (0: the blocks)"
+    )
+    parser.add_argument(
+        "--align-steps",
+        type=int,
+        default=ALIGN_STEPS,
+        help=f"a final distillation stage without the LM loss, hidden + logit KD only (default {ALIGN_STEPS}; 0: none)",
+    )
+    parser.add_argument(
+        "--align-logit-kd-weight", type=float, default=1.0, help="logit KD weight of the alignment stage (default 1)"
     )
     parser.add_argument(
         "--public-data",
@@ -129,10 +152,24 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             checkpoint_every=args.checkpoint_every,
         )
-        train = pack(public.train, loaded.tokenizer, block_size, max_blocks=steps * dcfg.batch_size)
+        align = max(args.align_steps, 0)
+        train = pack(public.train, loaded.tokenizer, block_size, max_blocks=(steps + align) * dcfg.batch_size)
         cache = args.distill_cache if args.distill_cache else _default_cache()
-        distillation = distil_cached(full, emulator, train, dcfg, cache, out, policy)
+        distillation = distil_cached(full, emulator, train, dcfg, cache, policy)
+        if align:
+            acfg = replace(
+                dcfg,
+                steps=align,
+                warmup_steps=max(1, align // 10),
+                lm_weight=0.0,
+                logit_kd_weight=args.align_logit_kd_weight,
+                seed=args.seed + steps,
+            )
+            aligned = distil_cached(full, emulator, train, acfg, cache, policy)
+            distillation["history"] = distillation["history"] + aligned.pop("history")
+            distillation["align"] = aligned
         distillation["corpus"] = args.public_data.name if args.public_data else "embedded Milton"
+        plot_losses(distillation["history"], out / DISTILLATION_PLOT)
         (out / DISTILLATION_JSON).write_text(json.dumps(distillation, indent=1) + "\n")
     with policy.hosting({args.model: full, "emulator": emulator}):
         quality = emulator_quality(full, emulator, heldout.to(policy.device))
@@ -176,14 +213,18 @@ def _manifest_entry(distillation: dict[str, Any] | None) -> dict[str, Any] | Non
 
 
 def distillation_key(full: nn.Module, emulator: nn.Module, train: torch.Tensor, dcfg: Any) -> str:
-    """What a cached distillation depends on: the full model's weights, the split, settings and data."""
+    """What a cached distillation depends on: the full model's weights, the split, the middle it starts
+    from (an alignment stage continues the main one), settings and data."""
     from privtune.common.offsite.digest import tensors_digest
+    from privtune.common.offsite.distill import middle_state
     from privtune.common.offsite.split import split_of
 
     split = split_of(emulator)
     assert split is not None
     weights = tensors_digest(full.state_dict())
-    return tensors_digest({"ids": train}, {"model": weights, "split": split.to_dict(), "config": dcfg.fingerprint()})
+    start = tensors_digest(middle_state(emulator))
+    extra = {"model": weights, "split": split.to_dict(), "start": start, "config": dcfg.fingerprint()}
+    return tensors_digest({"ids": train}, extra)
 
 
 def distil_cached(
@@ -192,7 +233,6 @@ def distil_cached(
     train: torch.Tensor,
     dcfg: Any,
     cache: Path,
-    out: Path,
     policy: DevicePolicy,
 ) -> dict[str, Any]:
     """Distil ``emulator`` in place, or load the cached result of the same distillation."""
@@ -234,7 +274,6 @@ def distil_cached(
         record_file.write_text(json.dumps(record) + "\n")
         remove_checkpoint(folder / CHECKPOINT)
         print(f"distillation: {result.steps} steps (resumed at {result.resumed_from}), cached in {folder}")
-    plot_losses(record["history"], out / DISTILLATION_PLOT)
     return record
 
 

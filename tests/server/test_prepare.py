@@ -26,6 +26,8 @@ PREPARE_ARGS = [
     "2",
     "--distill-steps",
     "4",
+    "--align-steps",
+    "2",
     "--block-size",
     "32",
     "--public-data",
@@ -54,14 +56,18 @@ def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, ca
     assert package.split.kept == [0, 1, 4, 5]
     distillation = package.manifest["distillation"]
     assert distillation["steps"] == 4 and distillation["corpus"] == "text" and "history" not in distillation
+    align = distillation["align"]  # the KD-only stage that continues the main one
+    assert align["steps"] == 2 and align["lm_weight"] == 0.0 and align["logit_kd_weight"] == 1.0
     quality = package.manifest["emulator_quality"]
     assert quality["ratio"] == pytest.approx(quality["emulator_ppl"] / quality["full_ppl"]) and quality["ratio"] > 0
-    assert len(json.loads((out / "distillation.json").read_text())["history"]) == 4
+    assert len(json.loads((out / "distillation.json").read_text())["history"]) == 4 + 2
     assert (out / "distillation.png").read_bytes().startswith(b"\x89PNG")
     reference = json.loads((out / "model.json").read_text())
     assert reference["source"] == "tiny-llama" and reference["package_hash"] == package.content_hash
-    (cached,) = cache.iterdir()  # the distilled middle, its record and curve; the checkpoint is gone
-    assert sorted(p.name for p in cached.iterdir()) == ["distillation.json", "distillation.png", "middle.safetensors"]
+    stages = list(cache.iterdir())  # each stage's distilled middle, its record and curve; no checkpoint left
+    assert len(stages) == 2
+    for cached in stages:
+        assert sorted(p.name for p in cached.iterdir()) == ["distillation.json", "distillation.png", "middle.safetensors"]
     printed = capsys.readouterr().out
     assert "emulator quality on held-out public text" in printed and "(resumed at 0)" in printed
 
