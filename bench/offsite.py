@@ -394,11 +394,8 @@ def aligned_stages(
     full, emulator, public: torch.Tensor, start: tuple[int, float], budgets: list[int], args: argparse.Namespace
 ) -> Iterator[tuple[int, Any, float]]:
     """The alignment stages that continue ``emulator`` (the main curve's last point, ``start`` = its
-    steps and seconds): knowledge distillation only, no LM loss, with logit KD.
-
-    The LM term fits the emulator to the public corpus itself; without it the middle is trained only
-    to reproduce the full model, which carries further from that corpus (see the README).
-    """
+    steps and seconds): hidden + logit KD without the LM loss, as
+    :func:`privtune.common.offsite.distill.alignment_config` sets up for ``privtune prepare``."""
     done, seconds = start
     settings = {**distill_settings(args), "lm_weight": 0.0, "logit_kd_weight": args.align_logit_kd_weight}
     folder = stages_folder(full, public, distill_settings(args)) / f"align-from-{done}-{_digest(settings)[:12]}"

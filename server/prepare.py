@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     from privtune.common.corpus import local_documents, public_corpus
     from privtune.common.models import load_model
     from privtune.common.offsite import DistillConfig, EmulatorPackage, OffsiteConfig, build_emulator_model
+    from privtune.common.offsite.distill import alignment_config
     from privtune.common.offsite.evaluate import emulator_quality
     from privtune.common.packing import holdout_split, pack
 
@@ -157,14 +157,7 @@ def run(args: argparse.Namespace) -> int:
         cache = args.distill_cache if args.distill_cache else _default_cache()
         distillation = distil_cached(full, emulator, train, dcfg, cache, policy)
         if align:
-            acfg = replace(
-                dcfg,
-                steps=align,
-                warmup_steps=max(1, align // 10),
-                lm_weight=0.0,
-                logit_kd_weight=args.align_logit_kd_weight,
-                seed=args.seed + steps,
-            )
+            acfg = alignment_config(dcfg, align, args.align_logit_kd_weight)
             aligned = distil_cached(full, emulator, train, acfg, cache, policy)
             distillation["history"] = distillation["history"] + aligned.pop("history")
             distillation["align"] = aligned

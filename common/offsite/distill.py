@@ -21,7 +21,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,23 @@ class DistillConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share (not how often it logs or saves)."""
         return {k: v for k, v in asdict(self).items() if k not in ("checkpoint_every", "log_every")}
+
+
+def alignment_config(main: DistillConfig, steps: int, logit_kd_weight: float = 1.0) -> DistillConfig:
+    """The stage that follows ``main``: knowledge distillation alone (hidden state and logits).
+
+    The LM term fits the emulator to the public corpus itself; without it the middle only learns to
+    reproduce the full model, which carries to text unlike that corpus. Its own warmup and cosine, and
+    a data order that does not replay the main stage's.
+    """
+    return replace(
+        main,
+        steps=steps,
+        warmup_steps=max(1, steps // 10),
+        lm_weight=0.0,
+        logit_kd_weight=logit_kd_weight,
+        seed=main.seed + main.steps,
+    )
 
 
 @dataclass

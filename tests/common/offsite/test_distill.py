@@ -4,7 +4,8 @@ import torch
 from privtune.common.errors import PrivtuneError
 from privtune.common.families import blocks_prefix
 from privtune.common.offsite import DistillConfig, OffsiteConfig, build_emulator_model, distill_emulator, middle_kd
-from privtune.common.offsite.distill import kd_loss, load_middle_state, logit_kd_loss, middle_state
+from privtune.common.offsite.distill import alignment_config, kd_loss, load_middle_state, logit_kd_loss, middle_state
+from privtune.common.offsite.lm import forward_logits
 from tests.common.offsite.conftest import snapshot, tiny, token_blocks
 
 CFG = OffsiteConfig(k_bottom=1, k_top=1, n_emulator=2)
@@ -147,3 +148,25 @@ def test_middle_state_carries_a_distillation_into_a_fresh_emulator():
     load_middle_state(fresh, middle_state(distilled))
     assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in distilled.state_dict().items())
     assert {k.split(".")[0] for k in middle_state(distilled)} == {"1", "2"}  # only the kept middle blocks
+
+
+def test_the_alignment_stage_continues_the_main_one_on_kd_alone(family):
+    """KD-only stage after an LM + KD one: lowers the logit KL further without the LM term driving it."""
+    full = tiny(family)
+    emulator = build_emulator_model(full, CFG)
+    blocks, heldout = token_blocks(32, 24, seed=0), token_blocks(8, 24, seed=1)
+    main = DistillConfig(steps=10, batch_size=4, lr=1e-3, seed=3)
+    distill_emulator(full, emulator, blocks, main, progress=False)
+    align = alignment_config(main, 20, logit_kd_weight=2.0)
+    assert (align.lm_weight, align.logit_kd_weight, align.kd_weight) == (0.0, 2.0, main.kd_weight)
+    assert (align.steps, align.warmup_steps, align.seed, align.lr) == (20, 2, 13, main.lr)
+    result = distill_emulator(full, emulator, blocks, align, progress=False)
+    assert result.logit_kd_losses[-1] > 0  # the stage computes the full model's logits
+    before = heldout_kl(full, emulator, heldout)
+    distill_emulator(full, emulator, blocks, alignment_config(align, 20), progress=False)
+    assert heldout_kl(full, emulator, heldout) < before
+
+
+@torch.no_grad()
+def heldout_kl(full, emulator, blocks) -> float:
+    return logit_kd_loss(forward_logits(full, blocks), forward_logits(emulator, blocks)).item()
