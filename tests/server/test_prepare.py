@@ -66,8 +66,8 @@ def test_prepare_distils_and_writes_a_loadable_package(tmp_path, text_folder, ca
     assert reference["source"] == "tiny-llama" and reference["package_hash"] == package.content_hash
     stages = list(cache.iterdir())  # each stage's distilled middle, its record and curve; no checkpoint left
     assert len(stages) == 2
-    for cached in stages:
-        assert sorted(p.name for p in cached.iterdir()) == ["distillation.json", "distillation.png", "middle.safetensors"]
+    files = ["distillation.json", "distillation.png", "middle.safetensors"]
+    assert all(sorted(p.name for p in cached.iterdir()) == files for cached in stages)
     printed = capsys.readouterr().out
     assert "emulator quality on held-out public text" in printed and "(resumed at 0)" in printed
 
