@@ -394,11 +394,15 @@ def aligned_stages(
     full, emulator, public: torch.Tensor, start: tuple[int, float], budgets: list[int], args: argparse.Namespace
 ) -> Iterator[tuple[int, Any, float]]:
     """The alignment stages that continue ``emulator`` (the main curve's last point, ``start`` = its
-    steps and seconds): hidden + logit KD without the LM loss, as
-    :func:`privtune.common.offsite.distill.alignment_config` sets up for ``privtune prepare``."""
+    steps and seconds), with the loss weights of ``privtune prepare``'s
+    :func:`~privtune.common.offsite.distill.alignment_config`."""
+    from privtune.common.offsite.distill import DistillConfig, alignment_config
+
     done, seconds = start
-    settings = {**distill_settings(args), "lm_weight": 0.0, "logit_kd_weight": args.align_logit_kd_weight}
-    folder = stages_folder(full, public, distill_settings(args)) / f"align-from-{done}-{_digest(settings)[:12]}"
+    base = distill_settings(args)
+    recipe = alignment_config(DistillConfig(**base), 1, args.align_logit_kd_weight)
+    settings = {**base, "lm_weight": recipe.lm_weight, "logit_kd_weight": recipe.logit_kd_weight}
+    folder = stages_folder(full, public, base) / f"align-from-{done}-{_digest(settings)[:12]}"
     cumulative = [done + steps for steps in budgets]
     yield from _stages(full, emulator, public, cumulative, settings, folder, done, seconds)
 
