@@ -2,7 +2,8 @@
 
 ``python -m bench.offsite_cuda --device cuda --model bench/configs/llama-1b.json`` builds a randomly
 initialised LLaMA-style model of about 1.1 B parameters from the config in the repository (no
-download); ``--model smollm2`` takes the packaged SmolLM2-135M. Both sides train as privtune does on
+download); ``--model bench/configs/smollm2-135m.json`` is SmolLM2-135M's architecture with random
+weights, ``--model smollm2`` the packaged SmolLM2-135M itself. Both sides train as privtune does on
 a GPU (:mod:`privtune.common.device`): float32 trainable weights and optimiser state, forward passes
 under bf16 autocast, the same batches of random token ids (throughput and memory do not depend on
 what the tokens say). The configurations:

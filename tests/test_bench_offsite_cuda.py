@@ -27,6 +27,23 @@ def test_the_1b_config_builds_a_llama_of_about_a_billion_parameters():
     assert offsite_cuda.emulator_split(config.num_hidden_layers, None) == {"k_bottom": 2, "k_top": 2, "n_emulator": 9}
 
 
+@pytest.mark.slow
+def test_the_smollm2_config_has_the_packaged_models_architecture(smollm2):
+    """Timings of the random-init config stand for the packaged model only if every weight has the same shape."""
+    from transformers import AutoModelForCausalLM
+
+    config = offsite_cuda.model_config(offsite_cuda.CONFIGS_DIR / "smollm2-135m.json")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in smollm2.model.state_dict().items()}
+    assert parameter_count(model) == parameter_count(smollm2.model)
+    packaged = smollm2.model.config
+    for key in ("rms_norm_eps", "tie_word_embeddings", "hidden_act", "head_dim", "num_key_value_heads"):
+        assert getattr(config, key) == pytest.approx(getattr(packaged, key)), key
+    assert config.rope_parameters["rope_theta"] == packaged.rope_parameters["rope_theta"]
+
+
 def test_without_cuda_it_exits_with_a_message_not_a_traceback():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
