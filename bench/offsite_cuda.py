@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from bench.harness import print_table, write_results
+from privtune.common.offsite.lm import HEAD_CHUNK
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 K_ADAPTER = 2
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timed-steps", type=int, default=5, help="timed optimizer steps per configuration")
     parser.add_argument("--n-emulator", type=int, help="middle blocks the emulator keeps (default: half of them)")
     parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument(
+        "--head-chunk",
+        type=int,
+        default=HEAD_CHUNK,
+        help=f"tokens per LM-head chunk, chunked-head rows (default {HEAD_CHUNK}; more: fewer kernels, more memory)",
+    )
     parser.add_argument(
         "--quantize",
         choices=["none", "4bit"],
@@ -160,7 +167,9 @@ def measure(
         optimizer = torch.optim.AdamW(trainable_parameters(model), lr=setting.lr)
         on_device = blocks.to(device.policy.device)
         batches = shuffled_batches(on_device, args.batch_size, seed=args.seed)
-        cfg = TrainConfig(steps=1, batch_size=args.batch_size, lr=setting.lr, lean=setting.lean)
+        cfg = TrainConfig(
+            steps=1, batch_size=args.batch_size, lr=setting.lr, lean=setting.lean, head_chunk=args.head_chunk
+        )
         with device.policy.autocast():
             results = [
                 train_adapter(model, on_device, cfg, optimizer=optimizer, batches=batches, progress=False)

@@ -58,7 +58,7 @@ def test_without_cuda_it_exits_with_a_message_not_a_traceback():
 def test_every_configuration_trains_and_is_compared_on_the_host():
     """The same code path as on the GPU, with the CPU standing in (no peak memory there)."""
     args = argparse.Namespace(
-        batch_size=2, block_size=16, timed_steps=1, n_emulator=None, lora_r=4, seed=0, quantize="none"
+        batch_size=2, block_size=16, timed_steps=1, n_emulator=None, lora_r=4, seed=0, quantize="none", head_chunk=7
     )
     full = offsite_cuda.build_model("tiny-llama", seed=0)
     blocks = offsite_cuda.random_blocks(full.config.vocab_size, 4, args.block_size, seed=0)

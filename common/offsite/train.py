@@ -8,6 +8,7 @@ Poisson ``DPDataLoader`` as ``batches``, and the loop stays the same.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import secrets
@@ -21,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from privtune.common.errors import PrivtuneError
-from privtune.common.offsite.lm import lean_lm_loss, lm_loss, recompute_blocks, supports_lean
+from privtune.common.offsite.lm import HEAD_CHUNK, lean_lm_loss, lm_loss, recompute_blocks, supports_lean
 from privtune.common.tokens import TokenRows
 
 DTYPES = ("fp32", "bf16")
@@ -52,12 +53,16 @@ class TrainConfig:
     weight_decay: float = 0.0
     lean: bool = True
     """Chunked LM head and recomputed frozen blocks (:func:`lean_lm_loss`) where the model allows it."""
+    head_chunk: int = HEAD_CHUNK
+    """Tokens per LM-head chunk of the lean loss: fewer hold less memory, more launch fewer kernels."""
     gradient_checkpointing: bool = False
     """Recompute the trainable blocks in the backward too: their activations are then the only ones kept
     per block besides its input, for a longer forward; gradients are the same."""
 
     def __post_init__(self) -> None:
         check_loop_settings("training", self.dtype, self.steps, self.batch_size, self.lr)
+        if self.head_chunk < 1:
+            raise PrivtuneError(f"training: head_chunk must be at least 1 token, got {self.head_chunk}")
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,8 @@ def train_adapter(
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(62)
         batches = shuffled_batches(rows, cfg.batch_size, seed)
     stream = iter(batches)
-    loss_of = lean_lm_loss if cfg.lean and supports_lean(model) else lm_loss
+    lean = cfg.lean and supports_lean(model)
+    loss_of = functools.partial(lean_lm_loss, chunk=cfg.head_chunk) if lean else lm_loss
     recomputed = contextlib.ExitStack()
     if cfg.gradient_checkpointing:
         recomputed.enter_context(checkpointed_adapter_blocks(model))

@@ -134,6 +134,17 @@ def _saved_for_backward(model, fn) -> tuple[int, list[tuple[int, ...]]]:
     return sum(storages.values()), shapes
 
 
+def test_the_configured_head_chunk_sets_how_many_tokens_each_head_checkpoint_keeps():
+    model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
+    hidden = model.config.hidden_size
+    cfg = TrainConfig(steps=1, batch_size=2, seed=0, head_chunk=7)
+    _, shapes = _saved_for_backward(model, lambda: train_adapter(model, token_blocks(2, 24), cfg, progress=False))
+    tokens = {s[0] for s in shapes if len(s) == 2 and s[1] == hidden} - {2 * 24}  # [48, hidden]: inside blocks
+    assert tokens == {7, 4}  # 2 x 23 targets in six chunks of 7 and one of 4
+    with pytest.raises(PrivtuneError, match="head_chunk"):
+        TrainConfig(head_chunk=0)
+
+
 def test_lean_training_keeps_no_logits_and_only_block_inputs_of_the_frozen_middle():
     model = EmulatorPackage.build(tiny("llama"), CFG).instantiate(seed=0)
     vocab = model.config.vocab_size
