@@ -69,12 +69,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def running_module(name: str) -> str:
+    """The module ``python -m`` ran (a results name need not be its module's), else ``bench.<name>``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else f"bench.{name}"
+
+
 def write_results(name: str, figures: dict[str, Any]) -> Path:
     """Write ``bench/results/<name>.json`` with the figures, the machine and the command."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = dict(figures)
     payload["machine"] = machine_info()
-    payload["command"] = "python -m " + f"bench.{name} " + " ".join(sys.argv[1:])
+    payload["command"] = " ".join(["python -m", running_module(name), *sys.argv[1:]])
     payload["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
